@@ -1,0 +1,111 @@
+"""The rule contract: declared parameters, explicit state, a pure `update`.
+
+A rule never does I/O and never stores anything on itself between steps: the stream layer
+keeps the state (JSON-serialisable, so it can live in a changelog-backed store) and feeds
+records in. That makes every rule testable with `run_rule(rule, records)` and no Kafka.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tensorpulse.errors import ConfigError
+from tensorpulse.wire import StepRecord
+
+State = dict[str, Any]
+
+SEVERITIES = ("info", "warning", "critical")
+
+
+class RuleParams(BaseModel):
+    """Base for a rule's parameters: typed, validated, immutable; unknown names are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """What a rule concluded at one step.
+
+    `firing=True` means the condition holds now; `firing=False` means it was checked and is
+    healthy. A rule returns None from `update` when it checked nothing at this step (not enough
+    data yet, not a check step): the firing state then stays as it was.
+    """
+
+    firing: bool
+    value: float | None = None
+    threshold: float | None = None
+    tensors: tuple[str, ...] = ()
+    message: str = ""
+
+
+class Rule:
+    """Base class of every rule. Subclasses set `name`, `Params`, and implement `update`."""
+
+    #: The rule's name in the catalogue (SageMaker Debugger's name where one exists).
+    name: ClassVar[str] = ""
+    #: The pydantic model of the parameters.
+    Params: ClassVar[type[RuleParams]] = RuleParams
+    #: Modes whose records the rule sees (others are not passed to `update`).
+    modes: ClassVar[frozenset[str]] = frozenset({"train"})
+    #: Default severity of the alerts it raises.
+    severity: ClassVar[str] = "warning"
+    #: For the docs: what the hook must capture for the rule to work.
+    needs: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        try:
+            self.params = self.Params(**params)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(f"rule {self.name}: invalid parameters ({problems})") from exc
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-parameter validation; raise ConfigError with a clear message."""
+
+    def initialize(self) -> State:
+        """A fresh state (JSON-serialisable)."""
+        return {}
+
+    def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
+        raise NotImplementedError(f"{type(self).__name__}.update")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        return f"{type(self).__name__}({args})"
+
+
+def compile_regex(pattern: str | None, what: str) -> re.Pattern[str] | None:
+    """Compile a user regex or raise ConfigError naming the parameter."""
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{what}: invalid regular expression {pattern!r}: {exc}") from exc
+
+
+def run_rule(
+    rule: Rule, records: Iterable[StepRecord], state: State | None = None
+) -> list[tuple[int, Finding]]:
+    """Drive one rule over records (as the stream layer would) and return (step, finding) pairs.
+
+    Records of modes the rule does not watch are skipped. Meant for tests and back-testing.
+    """
+    state = rule.initialize() if state is None else state
+    out: list[tuple[int, Finding]] = []
+    for record in records:
+        if record.kind != "step" or record.mode not in rule.modes:
+            continue
+        state, finding = rule.update(state, record)
+        if finding is not None:
+            out.append((record.step, finding))
+    return out

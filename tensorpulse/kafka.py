@@ -1,0 +1,49 @@
+"""Kafka client settings for every tensorpulse client (hook, worker, CLI), built in one place.
+
+Precedence: explicit arguments, then environment, then defaults. Any librdkafka property can be
+passed through the environment as TENSORPULSE_KAFKA_<PROPERTY> with dots written as underscores,
+e.g. TENSORPULSE_KAFKA_SECURITY_PROTOCOL=SSL, TENSORPULSE_KAFKA_SASL_MECHANISM=SCRAM-SHA-512.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+BOOTSTRAP_ENV = "TENSORPULSE_BOOTSTRAP"
+KAFKA_ENV_PREFIX = "TENSORPULSE_KAFKA_"
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+_SECRET_WORDS = ("password", "secret", "key", "token", "jaas")
+
+
+def resolve_bootstrap(bootstrap: str | None) -> str:
+    """The bootstrap servers: the argument, else $TENSORPULSE_BOOTSTRAP, else $KAFKA_BOOTSTRAP, else loopback:9092."""
+    return (
+        bootstrap or os.environ.get(BOOTSTRAP_ENV) or os.environ.get("KAFKA_BOOTSTRAP") or DEFAULT_BOOTSTRAP
+    )
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """librdkafka properties given as TENSORPULSE_KAFKA_* environment variables."""
+    environ = os.environ if environ is None else environ
+    return {
+        k[len(KAFKA_ENV_PREFIX) :].lower().replace("_", "."): v
+        for k, v in environ.items()
+        if k.startswith(KAFKA_ENV_PREFIX) and len(k) > len(KAFKA_ENV_PREFIX)
+    }
+
+
+def client_config(bootstrap: str | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Base configuration shared by producers, consumers and admin clients."""
+    conf: dict[str, Any] = {"bootstrap.servers": resolve_bootstrap(bootstrap)}
+    conf.update(env_overrides())
+    if overrides:
+        conf.update(overrides)
+    return conf
+
+
+def redact(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy safe to log: values of secret-looking properties replaced."""
+    return {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in conf.items()}

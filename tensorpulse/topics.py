@@ -1,0 +1,67 @@
+"""Topic names: one place that turns a job id into the topics it owns.
+
+Job ids become part of Kafka topic names, so they are validated strictly: this is also
+what keeps one job from writing into another job's topic name space (ACLs are granted
+per prefix, see docs/security.md).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import ConfigError
+
+DEFAULT_PREFIX = "tensorpulse."
+ALERTS_TOPIC = "tensorpulse.alerts"
+DEADLETTER_TOPIC = "tensorpulse.deadletter"
+
+# Kafka allows [a-zA-Z0-9._-] up to 249 characters; we keep '.' for our own separators.
+_JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+_SANITISE_RE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def validate_job(job: str) -> str:
+    """Return `job` unchanged if it is a valid job id, else raise ConfigError."""
+    if not isinstance(job, str) or not _JOB_RE.match(job):
+        raise ConfigError(
+            f"invalid job id {job!r}: expected 1-128 characters of letters, digits, '_' or '-', "
+            "starting with a letter or digit (try tensorpulse.topics.sanitise_job())"
+        )
+    return job
+
+
+def sanitise_job(name: str) -> str:
+    """Map any run name (e.g. 'resnet50 / lr=0.1') to a valid job id ('resnet50-lr-0-1')."""
+    job = _SANITISE_RE.sub("-", name).strip("-_")[:128]
+    if not job:
+        raise ConfigError(f"cannot derive a job id from {name!r}: no letters or digits")
+    return job
+
+
+def validate_prefix(prefix: str) -> str:
+    if not _PREFIX_RE.match(prefix):
+        raise ConfigError(f"invalid topic prefix {prefix!r}: use at most 64 of [A-Za-z0-9._-]")
+    return prefix
+
+
+def reductions_topic(job: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The topic that carries a job's per-step statistics."""
+    return f"{validate_prefix(prefix)}reductions.{validate_job(job)}"
+
+
+def control_topic(job: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The topic on which actions (stop, checkpoint) for a job are published."""
+    return f"{validate_prefix(prefix)}control.{validate_job(job)}"
+
+
+def reductions_pattern(prefix: str = DEFAULT_PREFIX) -> re.Pattern[str]:
+    """Matches reductions topics and captures the job id."""
+    return re.compile(
+        "^" + re.escape(validate_prefix(prefix)) + r"reductions\.([A-Za-z0-9][A-Za-z0-9_-]{0,127})$"
+    )
+
+
+def job_of_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
+    m = reductions_pattern(prefix).match(topic)
+    return m.group(1) if m else None
