@@ -315,7 +315,7 @@ def decode(payload: bytes, schemas: MutableMapping[tuple[str, int, int], Any] | 
 
     raw_scalars = rec.get("s", {})
     if not isinstance(raw_scalars, dict) or len(raw_scalars) > MAX_SCALARS:
-        raise DecodeError("wrong_type", "'s' (scalars) must be a map of at most %d names" % MAX_SCALARS)
+        raise DecodeError("wrong_type", f"'s' (scalars) must be a map of at most {MAX_SCALARS} names")
     scalars: dict[str, float] = {}
     for name, value in raw_scalars.items():
         if not isinstance(name, str) or len(name) > MAX_NAME_LEN:
