@@ -1,0 +1,165 @@
+"""Prometheus metrics of a stream worker.
+
+Per-tensor statistics are not set gauge by gauge on the hot path (hundreds of label look-ups per
+record): the worker keeps each (job, rank, mode)'s latest record and a custom collector turns it
+into metric families at scrape time, applying the per-job cardinality bound there. Step numbers
+are values, never labels. A finished job's series are removed.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tensorpulse.wire import StepRecord
+
+#: Statistics exported per tensor (attribute names of TensorStats).
+EXPORTED_STATS = ("mean", "std", "min", "max", "l2", "abs_mean", "zero_frac", "nan", "inf")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _num(x: float) -> float:
+    return float(x) if isinstance(x, (int, float)) else math.nan
+
+
+class _LatestRecords(Collector):
+    """Builds tensor and scalar gauges at scrape time from the latest record per (job, rank, mode)."""
+
+    def __init__(self, max_tensors_per_job: int) -> None:
+        self.max_tensors_per_job = max_tensors_per_job
+        self._latest: dict[tuple[str, int, str], StepRecord] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, record: StepRecord) -> None:
+        with self._lock:
+            self._latest[(record.job, record.rank, record.mode)] = record
+
+    def forget(self, job: str) -> None:
+        with self._lock:
+            for key in [k for k in self._latest if k[0] == job]:
+                del self._latest[key]
+
+    def collect(self) -> Iterator[Metric]:
+        tensor = GaugeMetricFamily(
+            "tensorpulse_tensor_stat",
+            "Latest statistic of a captured tensor (stat: mean, std, min, max, l2, abs_mean, zero_frac, nan, inf).",
+            labels=["job", "rank", "mode", "collection", "tensor", "stat"],
+        )
+        scalar = GaugeMetricFamily(
+            "tensorpulse_scalar",
+            "Latest value of a step scalar (loss, metrics).",
+            labels=["job", "rank", "mode", "name"],
+        )
+        step = GaugeMetricFamily(
+            "tensorpulse_last_step", "Last step evaluated.", labels=["job", "rank", "mode"]
+        )
+        dropped = GaugeMetricFamily(
+            "tensorpulse_tensor_series_over_limit",
+            "Tensors of a job not exported now because the job exceeds the per-job series bound.",
+            labels=["job"],
+        )
+        with self._lock:
+            items = sorted(self._latest.items())
+        per_job: dict[str, int] = {}
+        over: dict[str, int] = {}
+        for (job, rank, mode), rec in items:
+            labels = [job, str(rank), mode]
+            step.add_metric(labels, rec.step)
+            for name, value in rec.scalars.items():
+                scalar.add_metric([*labels, name], _num(value))
+            budget = self.max_tensors_per_job - per_job.get(job, 0)
+            shown = rec.tensors[: max(budget, 0)]
+            per_job[job] = per_job.get(job, 0) + len(shown)
+            if len(shown) < len(rec.tensors):
+                over[job] = over.get(job, 0) + len(rec.tensors) - len(shown)
+            for t in shown:
+                base = [*labels, t.collection, t.name]
+                for stat in EXPORTED_STATS:
+                    tensor.add_metric([*base, stat], _num(getattr(t, stat)))
+        for job, n in sorted(over.items()):
+            dropped.add_metric([job], n)
+        yield tensor
+        yield scalar
+        yield step
+        yield dropped
+
+
+class WorkerMetrics:
+    """Every metric a worker exports, on an injectable registry (tests use a fresh one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, max_tensors_per_job: int = 256) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.latest = _LatestRecords(max_tensors_per_job)
+        r.register(self.latest)
+        self.records = Counter("tensorpulse_records", "Records evaluated.", ["job", "mode"], registry=r)
+        self.decode_errors = Counter(
+            "tensorpulse_decode_errors", "Records that failed to decode, by reason.", ["reason"], registry=r
+        )
+        self.deadletters = Counter(
+            "tensorpulse_deadletter",
+            "Records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.alerts = Counter(
+            "tensorpulse_alerts",
+            "Alert transitions emitted.",
+            ["job", "rule", "severity", "status"],
+            registry=r,
+        )
+        self.actions = Counter(
+            "tensorpulse_actions", "Actions published to jobs.", ["job", "action"], registry=r
+        )
+        self.rule_firing = Gauge(
+            "tensorpulse_rule_firing",
+            "1 while a rule is firing for a job and rank.",
+            ["job", "rule", "rank"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "tensorpulse_publish_to_eval_seconds",
+            "Time from the hook creating a record to the worker having evaluated it.",
+            ["job"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lag = Gauge(
+            "tensorpulse_consumer_lag", "Records not yet consumed (sum over partitions).", ["job"], registry=r
+        )
+        self.jobs = Gauge("tensorpulse_jobs", "Jobs this worker is subscribed to.", registry=r)
+        self.finished = Counter("tensorpulse_jobs_finished", "Jobs whose end record was seen.", registry=r)
+        self.up_since = Gauge(
+            "tensorpulse_worker_start_time_seconds", "Unix time the worker started.", registry=r
+        )
+        self.up_since.set(time.time())
+        self._per_job = (self.records, self.alerts, self.actions, self.rule_firing, self.latency, self.lag)
+
+    def observe(self, record: StepRecord, now: float) -> None:
+        self.records.labels(record.job, record.mode).inc()
+        self.latency.labels(record.job).observe(max(now - record.ts, 0.0))
+        self.latest.observe(record)
+
+    def alert(self, job: str, rule: str, severity: str, status: str, rank: int) -> None:
+        self.alerts.labels(job, rule, severity, status).inc()
+        self.rule_firing.labels(job, rule, str(rank)).set(1 if status == "firing" else 0)
+
+    def remove_job(self, job: str) -> None:
+        """Drop every series labelled with `job` (called when the job's end record arrives)."""
+        for metric in self._per_job:
+            metric.remove_by_labels({"job": job})
+        self.latest.forget(job)
+
+    def set_jobs(self, jobs: Iterable[str]) -> None:
+        self.jobs.set(len(list(jobs)))
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Expose /metrics over HTTP (loopback unless told otherwise)."""
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -1,0 +1,58 @@
+"""Finding job topics: the worker follows every reductions topic under the prefix.
+
+Quix Streams subscribes to a fixed topic list, so the worker polls the cluster's topic list and
+rebuilds its application when a new job appears (within `discovery_interval` plus a group rejoin).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any
+
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from tensorpulse.topics import job_of_topic
+
+
+class JobDiscovery:
+    def __init__(self, admin_config: dict[str, Any], prefix: str, jobs_regex: str | None = None) -> None:
+        self._admin = AdminClient(admin_config)
+        self.prefix = prefix
+        self._filter = re.compile(jobs_regex) if jobs_regex else None
+        self.partitions: dict[str, int] = {}
+
+    def jobs(self, timeout: float = 5.0) -> dict[str, str]:
+        """job id -> reductions topic, for every job topic the cluster has now."""
+        meta = self._admin.list_topics(timeout=timeout)
+        out = {}
+        self.partitions = {}
+        for topic, info in meta.topics.items():
+            job = job_of_topic(topic, self.prefix)
+            if job and (self._filter is None or self._filter.search(job)):
+                out[job] = topic
+                self.partitions[topic] = max(len(info.partitions), 1)
+        return out
+
+    def ensure_topics(
+        self,
+        names: list[str],
+        retention_ms: int,
+        *,
+        partitions: int = 1,
+        compact: bool = False,
+        timeout: float = 5.0,
+    ) -> None:
+        """Create topics that do not exist yet (explicit retention; already-existing is fine)."""
+        if not names:
+            return
+        config = {"retention.ms": str(retention_ms)}
+        if compact:
+            config.update({"cleanup.policy": "compact", "retention.bytes": "-1"})
+        futures = self._admin.create_topics(
+            [NewTopic(n, partitions, 1, config=config) for n in names], request_timeout=timeout
+        )
+        for fut in futures.values():
+            # Exists already, or Quix will create it and report any problem clearly.
+            with contextlib.suppress(Exception):
+                fut.result(timeout)

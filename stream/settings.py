@@ -1,0 +1,63 @@
+"""Worker settings: one frozen object, built once at the edge (CLI flags, environment, defaults)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tensorpulse.kafka import resolve_bootstrap
+from tensorpulse.topics import DEFAULT_PREFIX, validate_prefix
+
+#: Environment variables a worker reads (flags win over them).
+ENV = {
+    "bootstrap": "TENSORPULSE_BOOTSTRAP",
+    "group": "TENSORPULSE_GROUP",
+    "rules_file": "TENSORPULSE_RULES",
+    "metrics_port": "TENSORPULSE_METRICS_PORT",
+    "metrics_addr": "TENSORPULSE_METRICS_ADDR",
+    "state_dir": "TENSORPULSE_STATE_DIR",
+    "topic_prefix": "TENSORPULSE_TOPIC_PREFIX",
+    "guarantee": "TENSORPULSE_GUARANTEE",
+}
+
+
+class WorkerSettings(BaseModel):
+    """Everything a stream worker needs; immutable once built."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap: str = Field(default_factory=lambda: resolve_bootstrap(None))
+    group: str = "tensorpulse-workers"
+    rules_file: Path | None = None
+    metrics_port: int | None = 9464
+    metrics_addr: str = "127.0.0.1"
+    state_dir: Path = Path("state")
+    topic_prefix: str = DEFAULT_PREFIX
+    guarantee: Literal["exactly-once", "at-least-once"] = "exactly-once"
+    commit_interval: float = 0.5
+    discovery_interval: float = 0.5
+    lag_interval: float = 5.0
+    session_timeout_ms: int = 6000
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    jobs_regex: str | None = None
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    kafka_config: dict[str, Any] = Field(default_factory=dict)
+    loglevel: str = "WARNING"
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return validate_prefix(v)
+
+    @classmethod
+    def from_env(cls, **flags: Any) -> WorkerSettings:
+        """Flags that are not None win; then TENSORPULSE_* environment variables; then defaults."""
+        values: dict[str, Any] = {}
+        for name, var in ENV.items():
+            if var in os.environ and os.environ[var] != "":
+                values[name] = os.environ[var]
+        values.update({k: v for k, v in flags.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,5 @@
+"""`python -m tensorpulse` is the `tensorpulse` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,251 @@
+"""`tensorpulse demo`: the whole pipeline on one machine, with nothing but the package installed.
+
+Embedded broker -> a `tensorpulse stream` worker (a separate process, as in production) -> a
+PyTorch training loop with a TorchHook and an injected fault -> alerts printed as they arrive,
+the stop action honoured by the loop, and a summary at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from .broker import EmbeddedBroker, free_port
+from .errors import ConfigError, TensorpulseError
+from .events import AlertEvent
+
+DEMO_RULES = """\
+# The default rule set, plus: ExplodingTensor asks the job to stop.
+defaults: true
+rules:
+  - rule: ExplodingTensor
+    severity: critical
+    action: stop
+"""
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _build_model(fault: str):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if fault == "vanishing":
+        layers: list[nn.Module] = [nn.Linear(32, 64), nn.Sigmoid()]
+        for _ in range(14):
+            layers += [nn.Linear(64, 64), nn.Sigmoid()]
+        layers.append(nn.Linear(64, 4))
+        return nn.Sequential(*layers)
+    return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4))
+
+
+def _data():
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4096, 32, generator=g)
+    w = torch.randn(32, 4, generator=g)
+    y = (x @ w + 0.3 * torch.randn(4096, 4, generator=g)).argmax(dim=1)
+    return x, y
+
+
+def _inject(fault: str, model, opt) -> str:
+    import torch
+
+    if fault == "exploding":
+        for group in opt.param_groups:
+            group["lr"] *= 2000.0
+        return "learning rate raised 2000x"
+    if fault == "dead-relu":
+        with torch.no_grad():
+            model[0].bias.fill_(-50.0)
+            model[2].bias.fill_(-50.0)
+        return "ReLU biases pushed to -50 (units die)"
+    return "none"
+
+
+def _wait_for_metrics(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TensorpulseError(f"the stream worker exited with code {proc.returncode} at start")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=1) as r:
+                body = r.read().decode()
+            if "tensorpulse_jobs 1.0" in body:
+                return
+        time.sleep(0.2)
+
+
+def run_demo(
+    *, steps: int = 400, fault: str = "exploding", bootstrap: str | None = None, keep_going: bool = False
+) -> int:
+    try:
+        import torch
+    except ImportError as exc:
+        raise ConfigError("the demo trains a PyTorch model: pip install 'tensorpulse[demo]'") from exc
+    from .producers.torch import TorchHook
+    from .sinks.alerts import read_alerts
+
+    torch.set_num_threads(1)
+    job = f"demo-{fault}-{uuid.uuid4().hex[:6]}"
+    workdir = Path(tempfile.mkdtemp(prefix="tensorpulse-demo-"))
+    broker = None
+    worker = None
+    stop_reading = threading.Event()
+    alerts: list[AlertEvent] = []
+    t_start = time.monotonic()
+    try:
+        _say("tensorpulse demo")
+        if bootstrap is None:
+            broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
+            bootstrap = broker.bootstrap
+            _say(f"  broker    embedded Tansu at {bootstrap} (in-memory)")
+        else:
+            _say(f"  broker    {bootstrap}")
+        rules = workdir / "rules.yaml"
+        rules.write_text(DEMO_RULES)
+        metrics_port = free_port()
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        hook = TorchHook(job, bootstrap, save_interval=1)  # creates the job's topic
+        log = open(workdir / "worker.log", "wb")  # noqa: SIM115
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tensorpulse",
+                "stream",
+                "--bootstrap",
+                bootstrap,
+                "--rules",
+                str(rules),
+                "--metrics-port",
+                str(metrics_port),
+                "--state-dir",
+                str(workdir / "state"),
+                "--group",
+                f"tensorpulse-{job}",
+                "--jobs",
+                f"^{job}$",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _say(f"  worker    pid {worker.pid}, metrics at {metrics_url}")
+        _wait_for_metrics(metrics_url, worker, 30)
+        _say(f"  job       {job}: MLP, SGD, {steps} steps, fault '{fault}' at step {int(steps * 0.4)}")
+        _say("")
+
+        def reader() -> None:
+            for ev in read_alerts(bootstrap, job=job, follow=True, stop=stop_reading):
+                alerts.append(ev)
+                _say(f"  ALERT  {ev.format()}")
+
+        t = threading.Thread(target=reader, name="alerts", daemon=True)
+        t.start()
+
+        model = _build_model(fault)
+        x, y = _data()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05 if fault != "vanishing" else 0.5)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        hook.attach(model, opt)
+        fault_step = int(steps * 0.4)
+        stopped_at = None
+        last_loss = float("nan")
+        for step in range(steps):
+            if step == fault_step and fault != "none":
+                _say(f"  step {step:4d}  injecting fault: {_inject(fault, model, opt)}")
+            idx = torch.randint(0, x.shape[0], (64,))
+            opt.zero_grad()
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            hook.step(step, loss=loss)
+            if step % 50 == 0 or step == steps - 1:
+                last_loss = float(loss)
+                _say(f"  step {step:4d}  loss {last_loss:10.4g}")
+            if hook.should_stop and not keep_going:
+                stopped_at = step
+                _say(
+                    f"  step {step:4d}  tensorpulse asked this job to stop; stopping (checkpoint here in real code)"
+                )
+                break
+            time.sleep(0.01)  # a real step takes longer; lets the pipeline keep pace visibly
+        hook.close()
+        hstats = hook.stats()
+        # Give the worker a moment to evaluate the last steps.
+        deadline = time.monotonic() + (20 if fault != "none" else 5)
+        while time.monotonic() < deadline:
+            if fault != "none" and alerts and time.monotonic() > deadline - 15:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+        stop_reading.set()
+        t.join(5)
+        return _summary(
+            job, fault, steps, stopped_at, hstats, alerts, metrics_url, time.monotonic() - t_start
+        )
+    finally:
+        stop_reading.set()
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        if broker is not None:
+            broker.stop()
+
+
+def _summary(job, fault, steps, stopped_at, hstats, alerts, metrics_url, elapsed) -> int:
+    firing = [a for a in alerts if a.status == "firing"]
+    latencies = sorted(a.ts - a.publish_ts for a in firing if a.publish_ts)
+    _say("")
+    _say("summary")
+    _say(f"  job               {job}")
+    _say(
+        f"  steps trained     {stopped_at + 1 if stopped_at is not None else steps}"
+        + (f" (stopped by tensorpulse at step {stopped_at})" if stopped_at is not None else "")
+    )
+    _say(
+        f"  records published {hstats.get('sent', hstats.get('published', '?'))}, dropped {hstats.get('dropped', 0)}"
+    )
+    by_rule = Counter(a.rule for a in firing)
+    _say(
+        f"  alerts fired      {len(firing)}"
+        + (f" ({', '.join(f'{r} x{n}' for r, n in by_rule.items())})" if by_rule else "")
+    )
+    if latencies:
+        _say(
+            f"  step->alert       {latencies[0] * 1000:.0f} ms fastest, {latencies[-1] * 1000:.0f} ms slowest (publish to evaluation)"
+        )
+    _say(f"  metrics           {metrics_url} (while the worker ran)")
+    _say(f"  wall time         {elapsed:.1f} s")
+    if fault == "none":
+        ok = not firing
+        _say(
+            "  result            "
+            + ("healthy run, no alert (as expected)" if ok else "UNEXPECTED alerts on a healthy run")
+        )
+    else:
+        ok = bool(firing)
+        _say(
+            "  result            " + ("the fault was caught" if ok else "NO ALERT: the fault was not caught")
+        )
+    return 0 if ok else 1

@@ -1,0 +1,145 @@
+"""Helpers for integration tests: real topics, a real worker process, real consumers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from tensorpulse.broker import free_port
+
+RETENTION = {"retention.ms": str(7 * 24 * 3600 * 1000)}
+
+
+def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for fut in admin.create_topics([NewTopic(name, partitions, 1, config=RETENTION)]).values():
+        with contextlib.suppress(Exception):
+            fut.result(10)
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def read_topic(bootstrap: str, topic: str, *, timeout: float = 3.0, committed_only: bool = True) -> list[Any]:
+    """Every message currently in `topic` (assign, no group join)."""
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"t-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed" if committed_only else "read_uncommitted",
+        }
+    )
+    try:
+        meta = c.list_topics(topic, timeout=10)
+        t = meta.topics.get(topic)
+        if t is None or t.error is not None:
+            return []
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in t.partitions])
+        out, idle = [], time.monotonic()
+        while time.monotonic() - idle < timeout:
+            msgs = c.consume(1000, 0.2)
+            for m in msgs:
+                if m.error() is None:
+                    out.append(m)
+            if msgs:
+                idle = time.monotonic()
+        return out
+    finally:
+        c.close()
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """Value of the first sample `name{labels...}` in exposition text."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@contextlib.contextmanager
+def worker_process(
+    bootstrap: str,
+    tmp: Path,
+    *,
+    group: str,
+    rules: Path | None = None,
+    jobs_regex: str | None = None,
+    extra: list[str] | None = None,
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`tensorpulse stream` as a separate process; yields (process, metrics URL)."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "tensorpulse",
+        "stream",
+        "--bootstrap",
+        bootstrap,
+        "--group",
+        group,
+        "--metrics-port",
+        str(port),
+        "--state-dir",
+        str(tmp / f"state-{group}"),
+        "--log-level",
+        "INFO",
+    ]
+    if rules:
+        cmd += ["--rules", str(rules)]
+    if jobs_regex:
+        cmd += ["--jobs", jobs_regex]
+    cmd += extra or []
+    log_path = tmp / f"worker-{group}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        wait_for(lambda: _up(url, proc), 30, "the worker's /metrics endpoint")
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if os.environ.get("TENSORPULSE_TEST_SHOW_LOGS"):
+            print(log_path.read_text(errors="replace")[-5000:])
+
+
+def _up(url: str, proc: subprocess.Popen) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"worker exited with code {proc.returncode}")
+    try:
+        scrape(url)
+        return True
+    except OSError:
+        return False
