@@ -1,0 +1,154 @@
+"""Small pure functions behind the rules: window arithmetic, tolerance tests, stat selections.
+
+Nothing here keeps state or does I/O; every function maps its arguments to a result, so each
+can be tested on its own and the rule classes stay thin. Losses are plain Python floats; tensor
+statistics arrive as `TensorStats`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+from tensorpulse.wire import ACTIVITY_EDGES, TensorStats
+
+#: The fingerprint of a tensor that UnchangedTensor compares between saved steps.
+FINGERPRINT_FIELDS = ("mean", "std", "min", "max", "abs_mean")
+
+
+# --- windows and means ----------------------------------------------------------------------
+
+
+def push_window(window: Sequence[float], value: float, size: int) -> list[float]:
+    """A new list: `window` with `value` appended, keeping only the newest `size` values."""
+    out = [*window, float(value)]
+    return out[-size:] if size > 0 else []
+
+
+def mean(values: Sequence[float]) -> float:
+    """Arithmetic mean; NaN for an empty sequence."""
+    return math.fsum(values) / len(values) if values else math.nan
+
+
+def improved(new: float, best: float, percent: float) -> bool:
+    """True if `new` is lower than `best` by at least `percent` % of |best|."""
+    return new <= best - abs(best) * percent / 100.0
+
+
+def rose(new: float, previous: float, percent: float) -> bool:
+    """True if `new` exceeds `previous` by more than `percent` % of |previous|."""
+    return new > previous + abs(previous) * percent / 100.0
+
+
+def relative_gap(eval_loss: float, train_loss: float) -> float:
+    """(eval − train) / |train|; ±inf (or 0) when the train loss is exactly 0."""
+    diff = eval_loss - train_loss
+    if train_loss == 0.0:
+        return 0.0 if diff == 0.0 else math.copysign(math.inf, diff)
+    return diff / abs(train_loss)
+
+
+def consecutive(count: int, condition: bool) -> int:
+    """A run length: `count + 1` while the condition holds, 0 once it does not."""
+    return count + 1 if condition else 0
+
+
+def is_new_step(last_step: int | None, step: int) -> bool:
+    """True if `step` comes after the last step a rule took into account (or none was)."""
+    return last_step is None or step > last_step
+
+
+# --- tolerance comparisons ------------------------------------------------------------------
+
+
+def close(a: float, b: float, rtol: float, atol: float, equal_nan: bool = False) -> bool:
+    """numpy.isclose for two floats: |a − b| <= atol + rtol·|b|; NaN equals NaN only if equal_nan."""
+    if math.isnan(a) or math.isnan(b):
+        return equal_nan and math.isnan(a) and math.isnan(b)
+    if a == b:  # also covers inf == inf
+        return True
+    if math.isinf(a) or math.isinf(b):
+        return False
+    return abs(a - b) <= atol + rtol * abs(b)
+
+
+def fingerprint(t: TensorStats) -> list[float]:
+    """(mean, std, min, max, abs_mean) of a tensor as a JSON-friendly list."""
+    return [float(getattr(t, f)) for f in FINGERPRINT_FIELDS]
+
+
+def fingerprints_close(
+    a: Sequence[float], b: Sequence[float], rtol: float, atol: float, equal_nan: bool = False
+) -> bool:
+    """True if every fingerprint component of `a` is close to that of `b` (see `close`)."""
+    return len(a) == len(b) and all(close(x, y, rtol, atol, equal_nan) for x, y in zip(a, b, strict=True))
+
+
+# --- tensor and scalar predicates -----------------------------------------------------------
+
+
+def nonfinite_count(t: TensorStats, only_nan: bool = False) -> int:
+    """Non-finite elements of a tensor from its exact NaN/inf counts (never from sum, mean or l2).
+
+    As a cross-check, a NaN min or max with a zero NaN count counts as one NaN: torch's min/max
+    propagate NaN, and a finite tensor can never produce one.
+    """
+    nan = t.nan
+    if nan == 0 and (math.isnan(t.min) or math.isnan(t.max)):
+        nan = 1
+    return nan if only_nan else nan + t.inf
+
+
+def scalar_nonfinite(value: float, only_nan: bool = False) -> bool:
+    """True if a scalar is NaN (or ±inf unless only_nan)."""
+    return math.isnan(value) or (not only_nan and math.isinf(value))
+
+
+def select_scalars(scalars: Mapping[str, float], regex: re.Pattern[str] | None = None) -> dict[str, float]:
+    """Scalars whose name matches `regex` (re.search), all of them when regex is None."""
+    return {k: float(v) for k, v in scalars.items() if regex is None or regex.search(k)}
+
+
+def loss_value(scalars: Mapping[str, float], regex: re.Pattern[str] | None = None) -> float | None:
+    """The loss of one record: scalar "loss", or the sum of scalars matching `regex`; None if absent."""
+    if regex is None:
+        value = scalars.get("loss")
+        return None if value is None else float(value)
+    matched = select_scalars(scalars, regex)
+    return math.fsum(matched.values()) if matched else None
+
+
+def below(tensors: Iterable[TensorStats], threshold: float) -> list[TensorStats]:
+    """Non-empty tensors whose abs_mean is below `threshold`, smallest first (NaN never counts)."""
+    hits = [t for t in tensors if t.n > 0 and not math.isnan(t.abs_mean) and t.abs_mean < threshold]
+    return sorted(hits, key=lambda t: (t.abs_mean, t.name))
+
+
+def activity_edge(percent: float) -> float | None:
+    """The ACTIVITY_EDGES entry equal to `percent` / 100, or None if there is none."""
+    for edge in ACTIVITY_EDGES:
+        if math.isclose(edge * 100.0, percent, rel_tol=1e-9):
+            return edge
+    return None
+
+
+def variance_ratio(variances: Sequence[float]) -> float | None:
+    """max / min of the finite variances; None with fewer than two; inf if only the minimum is 0."""
+    finite = [v for v in variances if math.isfinite(v)]
+    if len(finite) < 2:
+        return None
+    lo, hi = min(finite), max(finite)
+    if lo <= 0.0:
+        return math.inf if hi > 0.0 else 1.0
+    return hi / lo
+
+
+def quantile_spread(quantiles: tuple[float, float]) -> float:
+    """p95 − p5."""
+    return float(quantiles[1]) - float(quantiles[0])
+
+
+def is_constant(t: TensorStats) -> bool:
+    """True if a tensor of more than one element holds a single value (min == max, or std == 0)."""
+    return t.n > 1 and (t.min == t.max or t.std == 0.0)

@@ -1,0 +1,97 @@
+"""UnchangedTensor: a tensor that stays the same over several saved steps."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from tensorpulse.wire import StepRecord
+
+from . import functional as F
+from .base import Finding, Rule, RuleParams, State, compile_regex
+
+DEFAULT_COLLECTIONS = ("weights", "biases")
+
+
+class UnchangedTensorParams(RuleParams):
+    collection_names: list[str] | None = None
+    tensor_regex: str | None = None
+    num_steps: int = Field(3, ge=2)
+    rtol: float = Field(1e-5, ge=0.0)
+    atol: float = Field(1e-8, ge=0.0)
+    equal_nan: bool = False
+
+
+class UnchangedTensor(Rule):
+    """Fires while a selected tensor has been equal over the last `num_steps` saved train steps.
+
+    Our definition compares each tensor's fingerprint (mean, std, min, max, abs_mean): two
+    consecutive saved steps of a tensor are equal when every component satisfies
+    |a − b| <= atol + rtol·|b| (b the older value; NaN equals NaN only if equal_nan). The rule
+    fires while some tensor has num_steps − 1 consecutive equal pairs (with num_steps=3: at the
+    3rd equal step, not the 2nd) and resolves at the first step where none has. Tensors are
+    those of `collection_names` (default "weights" and "biases" when neither collection_names
+    nor tensor_regex is given) matching `tensor_regex` (re.search); tensors = the unchanged ones
+    (record order); value = the longest run of equal steps, threshold = num_steps. Repeated or
+    older steps are ignored; the state keeps per tensor only its last fingerprint and run length.
+    It returns None until some tensor has a previous fingerprint to compare with.
+    A fingerprint can miss a change that preserves all five statistics (e.g. a permutation);
+    issue 3 will add an exact on-device allclose of consecutive saved tensors.
+    The hook must capture mean, std, min, max and abs_mean of the selected tensors.
+    """
+
+    name: ClassVar[str] = "UnchangedTensor"
+    Params: ClassVar[type[RuleParams]] = UnchangedTensorParams
+    modes: ClassVar[frozenset[str]] = frozenset({"train"})
+    severity: ClassVar[str] = "warning"
+    needs: ClassVar[str] = "mean, std, min, max and abs_mean of the selected tensors (weights, biases)"
+
+    def _check(self) -> None:
+        p = self.params
+        self._regex: re.Pattern[str] | None = compile_regex(p.tensor_regex, "tensor_regex")
+        names = p.collection_names
+        if names is None and p.tensor_regex is None:
+            names = list(DEFAULT_COLLECTIONS)
+        self._collections = None if names is None else frozenset(names)
+
+    def initialize(self) -> State:
+        return {"last_step": None, "tensors": {}}
+
+    def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
+        p = self.params
+        if not F.is_new_step(state["last_step"], record.step):
+            return state, None
+        selected = [t for t in record.select(self._collections, self._regex) if t.n > 0]
+        tensors: dict[str, Any] = dict(state["tensors"])
+        compared = False
+        longest = 0
+        unchanged: list[str] = []
+        for t in selected:
+            fp = F.fingerprint(t)
+            prev = tensors.get(t.name)
+            run = 0
+            if prev is not None:
+                compared = True
+                equal = F.fingerprints_close(fp, prev["fp"], p.rtol, p.atol, p.equal_nan)
+                run = F.consecutive(prev["run"], equal)
+            tensors[t.name] = {"fp": fp, "run": run}
+            longest = max(longest, run + 1)
+            if run >= p.num_steps - 1:
+                unchanged.append(t.name)
+        state = {"last_step": record.step, "tensors": tensors}
+        if not compared:
+            return state, None
+        if not unchanged:
+            return state, Finding(False, value=float(longest), threshold=float(p.num_steps))
+        return state, Finding(
+            True,
+            value=float(longest),
+            threshold=float(p.num_steps),
+            tensors=tuple(unchanged),
+            message=(
+                f"{len(unchanged)} tensor(s) unchanged over the last {p.num_steps} saved steps at step "
+                f"{record.step}, e.g. {unchanged[0]}"
+            ),
+        )
