@@ -33,8 +33,11 @@ class Overfit(Rule):
     step form one check whose eval loss E is the mean of their losses: the check is evaluated
     at each of them on the running mean (a later record of the same step revises it rather than
     counting as a new check), and is committed when an eval record of another step arrives. A
-    check holds when (E − T)/|T| > ratio_threshold AND E >= best − min_delta, with best the
-    lowest E of the committed checks (the first check never holds: nothing to compare). The rule
+    check holds when (E − T)/|T| > ratio_threshold AND E >= best − min_delta AND T is below the
+    train mean measured at the check that set best (validation stopped improving while training
+    still improves), with best the lowest E of the committed checks (the first check never
+    holds: nothing to compare). A run whose train loss stalls too is not overfitting (it has
+    converged or diverged; LossNotDecreasing speaks to that). The rule
     fires when `patience` consecutive checks held and resolves at the first check that does not.
     patience defaults to 3, not SageMaker's 1: one noisy uptick of the validation loss while a
     normal generalisation gap exists is not overfitting.
@@ -58,6 +61,7 @@ class Overfit(Rule):
             "train_step": None,  # last train step taken into the window
             "train": [],  # window of the last num_steps train losses
             "best": None,  # lowest eval loss of the committed checks
+            "train_at_best": None,  # train window mean when that best eval loss was measured
             "held": 0,  # consecutive committed checks that held
             "check": None,  # the open check: {"step", "sum", "count", "held"}
         }
@@ -81,7 +85,8 @@ class Overfit(Rule):
             return state, None  # an older evaluation delivered again
         if check is not None and check["step"] != record.step:
             e_prev = check["sum"] / check["count"]
-            state["best"] = e_prev if state["best"] is None else min(state["best"], e_prev)
+            if state["best"] is None or e_prev < state["best"]:
+                state["best"], state["train_at_best"] = e_prev, check.get("train")
             state["held"] = check["held"]
             check = None
         if check is None:
@@ -92,8 +97,10 @@ class Overfit(Rule):
         gap = F.relative_gap(e, t)
         best = state["best"]
         stalled = best is not None and e >= best - p.min_delta
-        held = F.consecutive(state["held"], gap > p.ratio_threshold and stalled)
-        state["check"] = {"step": record.step, "sum": total, "count": count, "held": held}
+        train_at_best = state.get("train_at_best")
+        train_improving = train_at_best is None or t < train_at_best
+        held = F.consecutive(state["held"], gap > p.ratio_threshold and stalled and train_improving)
+        state["check"] = {"step": record.step, "sum": total, "count": count, "held": held, "train": t}
         if held < p.patience:
             return state, Finding(False, value=gap, threshold=p.ratio_threshold)
         return state, Finding(

@@ -21,12 +21,14 @@ class JobDiscovery:
         self.prefix = prefix
         self._filter = re.compile(jobs_regex) if jobs_regex else None
         self.partitions: dict[str, int] = {}
+        self.existing: set[str] = set()
 
     def jobs(self, timeout: float = 5.0) -> dict[str, str]:
         """job id -> reductions topic, for every job topic the cluster has now."""
         meta = self._admin.list_topics(timeout=timeout)
         out = {}
         self.partitions = {}
+        self.existing = set(meta.topics)
         for topic, info in meta.topics.items():
             job = job_of_topic(topic, self.prefix)
             if job and (self._filter is None or self._filter.search(job)):
@@ -44,6 +46,7 @@ class JobDiscovery:
         timeout: float = 5.0,
     ) -> None:
         """Create topics that do not exist yet (explicit retention; already-existing is fine)."""
+        names = [n for n in names if n not in self.existing]
         if not names:
             return
         config = {"retention.ms": str(retention_ms)}

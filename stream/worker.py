@@ -96,6 +96,7 @@ class Worker:
         self._next: tuple[dict[str, str], Application] | None = None  # built ahead by the watcher
         self._warned: dict[str, float] = {}
         self.ready = threading.Event()  # set once the first application is running
+        self._joined = threading.Event()  # the running application completed a group join
         base = client_config(settings.bootstrap, settings.kafka_config)
         self._base_config = base
         self._discovery = JobDiscovery(base, settings.topic_prefix, settings.jobs_regex)
@@ -114,14 +115,20 @@ class Worker:
         watcher = threading.Thread(target=self._watch, name="tensorpulse-discovery", daemon=True)
         watcher.start()
         while not self._stop.is_set():
-            jobs = self._wait_for_jobs()
-            if jobs is None:
-                break
-            self._rebuild.clear()
             prepared, self._next = self._next, None
-            app = prepared[1] if prepared is not None and prepared[0] == jobs else self._build(jobs)
+            if prepared is not None:
+                jobs, app = prepared  # built by the watcher while the previous one ran
+            else:
+                found = self._wait_for_jobs()
+                if found is None:
+                    break
+                jobs, app = found, self._build(found)
             self._jobs = jobs
             self.metrics.set_jobs(jobs)
+            # Order matters: clear the flag before publishing the app, so that the watcher never
+            # mistakes its repeated stop of the old app for one of the new app.
+            self._rebuild.clear()
+            self._joined.clear()
             self._app = app
             log.info("following %d job(s): %s", len(jobs), ", ".join(sorted(jobs)))
             self.ready.set()
@@ -163,17 +170,25 @@ class Worker:
             app = self._app
             if app is None:
                 continue
+            if self._rebuild.is_set():
+                # A stop that reaches Quix before its run() started is forgotten: repeat it until
+                # the main loop has switched to the prepared application.
+                app.stop()
+                continue
             try:
                 jobs = self._discovery.jobs()
             except Exception as exc:
                 log.debug("topic listing failed: %s", exc)
                 continue
             new = sorted(set(jobs) - set(self._jobs))
+            if new and not self._joined.is_set():
+                # Leaving a group in the middle of its first join can wedge a broker's group
+                # (seen on Tansu); wait for the running application's join to complete.
+                continue
             if new:
                 log.info("new job(s): %s; re-subscribing", ", ".join(new))
                 # Build the next application (which creates its topics) while this one still
                 # runs: the switch-over then costs only the group rejoin.
-                self._prepare_topics(new, jobs)
                 try:
                     self._next = (jobs, self._build(jobs))
                 except Exception as exc:
@@ -186,7 +201,7 @@ class Worker:
                 self._lag.poll(self._jobs)
 
     def _prepare_topics(self, new: list[str], jobs: dict[str, str]) -> None:
-        """Create a new job's control and changelog topics ahead of Quix (which polls 1 s per batch).
+        """Create jobs' control and changelog topics in one batch, ahead of Quix (1 s per topic).
 
         The changelog name follows Quix Streams 3.x (`changelog__<group>--<topic>--default`); should
         it ever differ, Quix simply creates its own and only this shortcut is lost.
@@ -229,6 +244,8 @@ class Worker:
             on_processing_error=self._on_processing_error,
             consumer_poll_timeout=0.1,  # also bounds how long a stop (for a rebuild) takes
         )
+        self._watch_assignments(app)
+        self._prepare_topics(sorted(jobs), jobs)
         cfg = TopicConfig(
             num_partitions=1, replication_factor=1, extra_config={"retention.ms": str(s.retention_ms)}
         )
@@ -247,6 +264,26 @@ class Worker:
             out.apply(lambda r: r[1], expand=True).to_topic(dead)
             out.apply(lambda r: r[2], expand=True).to_topic(control)
         return app
+
+    def _watch_assignments(self, app: Application) -> None:
+        """Set `_joined` when the application's consumer completes a rebalance.
+
+        Quix Streams has no public hook for it, so this wraps its partition-assignment callback
+        (quixstreams 3.x). Should that ever change, the worker falls back to a fixed grace period.
+        """
+        original = getattr(app, "_on_assign", None)
+        if original is None:
+            threading.Timer(2.0 * self.settings.session_timeout_ms / 1000, self._joined.set).start()
+            return
+
+        def on_assign(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if self._app is app:
+                    self._joined.set()
+
+        app._on_assign = on_assign
 
     def _evaluator(self, job: str) -> JobEvaluator:
         ev = self._evaluators.get(job)
