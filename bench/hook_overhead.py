@@ -96,10 +96,13 @@ def main() -> int:
             for interval in args.intervals:
                 r = measure(kind, interval, bs, args.steps, args.warmup, args.reps)
                 results.append(r)
-                print(f"{kind:4s} interval {interval:3d}: step time ratio hook/no-hook  mean {r['mean_ratio'][0]:.3f}"
-                      f" (median over reps {r['mean_ratio'][1]:.3f}), median-step ratio {r['median_ratio'][1]:.3f};"
-                      f" baseline {r['baseline_ms']:.2f} ms/step; published {r['hook_stats'].get('published')},"
-                      f" dropped {r['hook_stats'].get('dropped')}", flush=True)
+                print(
+                    f"{kind:4s} interval {interval:3d}: step time ratio hook/no-hook  mean {r['mean_ratio'][0]:.3f}"
+                    f" (median over reps {r['mean_ratio'][1]:.3f}), median-step ratio {r['median_ratio'][1]:.3f};"
+                    f" baseline {r['baseline_ms']:.2f} ms/step; published {r['hook_stats'].get('published')},"
+                    f" dropped {r['hook_stats'].get('dropped')}",
+                    flush=True,
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

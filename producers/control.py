@@ -5,7 +5,7 @@ Message format (JSON, UTF-8, one object per Kafka message, keyed by job id):
     {"v": 1, "action": "stop" | "checkpoint", "job": str, "rule": str, "alert_id": str,
      "step": int | null, "reason": str, "ts": float (unix seconds)}
 
-`encode_action` / `decode_action` are the one codec; the stream side reuses them. The listener
+The codec is tensorpulse.actions (re-exported here). The listener
 reads the whole topic from the beginning without a consumer group (explicit assignment, no
 commits), so a hook that starts after an action was sent still sees it, and it ignores actions
 older than its own start (minus a grace period) so that a restarted job is not stopped by an
@@ -16,101 +16,24 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
-import math
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tensorpulse.errors import ConfigError, DecodeError
+from tensorpulse.actions import decode_action
+from tensorpulse.errors import DecodeError
 from tensorpulse.kafka import client_config
 from tensorpulse.topics import DEFAULT_PREFIX, control_topic, validate_job
 
 log = logging.getLogger("tensorpulse.producers")
 
-ACTIONS = ("stop", "checkpoint")
-ACTION_VERSION = 1
-MAX_ACTION_BYTES = 64 * 1024
 #: Actions older than the listener's start minus this many seconds are ignored.
 GRACE_S = 5.0
 
 ActionCallback = Callable[[dict[str, Any]], None]
-
-
-def encode_action(
-    action: str,
-    job: str,
-    *,
-    rule: str = "",
-    alert_id: str = "",
-    step: int | None = None,
-    reason: str = "",
-    ts: float | None = None,
-) -> bytes:
-    """The control message for `action` on `job` (ConfigError on invalid arguments)."""
-    if action not in ACTIONS:
-        raise ConfigError(f"unknown action {action!r}; expected one of {ACTIONS}")
-    validate_job(job)
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ConfigError(f"step must be a non-negative integer or None, got {step!r}")
-    ts = time.time() if ts is None else float(ts)
-    if not math.isfinite(ts):
-        raise ConfigError(f"ts must be finite, got {ts!r}")
-    msg = {
-        "v": ACTION_VERSION,
-        "action": action,
-        "job": job,
-        "rule": str(rule),
-        "alert_id": str(alert_id),
-        "step": step,
-        "reason": str(reason),
-        "ts": ts,
-    }
-    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def decode_action(payload: bytes) -> dict[str, Any]:
-    """Decode and validate a control message; DecodeError (with a stable reason) on bad input.
-
-    Unknown extra fields (and "v") are dropped so newer senders can add fields without breaking
-    hooks; messages without "v" are accepted too.
-    """
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise DecodeError("wrong_type", f"payload is {type(payload).__name__}, expected bytes")
-    if len(payload) > MAX_ACTION_BYTES:
-        raise DecodeError("too_large", f"control message of {len(payload)} bytes, limit {MAX_ACTION_BYTES}")
-    try:
-        msg = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise DecodeError("not_json", f"control message is not UTF-8 JSON: {exc}") from exc
-    if not isinstance(msg, dict):
-        raise DecodeError("not_a_record", f"control message is a {type(msg).__name__}, expected an object")
-    action = msg.get("action")
-    if action not in ACTIONS:
-        raise DecodeError("bad_value", f"action {action!r} is not one of {ACTIONS}")
-    job = msg.get("job")
-    try:
-        validate_job(job)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise DecodeError("bad_job", str(exc)) from exc
-    ts = msg.get("ts")
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
-        raise DecodeError("wrong_type", f"'ts' is {ts!r}, expected a finite number")
-    step = msg.get("step")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise DecodeError("wrong_type", f"'step' is {step!r}, expected a non-negative integer or null")
-    out: dict[str, Any] = {"action": action, "job": job, "step": step, "ts": float(ts)}
-    for key in ("rule", "alert_id", "reason"):
-        value = msg.get(key, "")
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            raise DecodeError("wrong_type", f"'{key}' is {type(value).__name__}, expected a string")
-        out[key] = value
-    return out
 
 
 class ControlListener:

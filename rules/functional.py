@@ -144,9 +144,33 @@ def variance_ratio(variances: Sequence[float]) -> float | None:
     return hi / lo
 
 
+def adjacent_variance_ratio(variances: Sequence[float]) -> tuple[float, int] | None:
+    """Largest ratio between the variances of neighbouring layers, and the index of the first of the pair.
+
+    None with fewer than two finite values; inf when one of a pair is 0 and the other is not.
+    """
+    best: tuple[float, int] | None = None
+    for i in range(len(variances) - 1):
+        a, b = variances[i], variances[i + 1]
+        if not (math.isfinite(a) and math.isfinite(b)):
+            continue
+        lo, hi = min(a, b), max(a, b)
+        r = (math.inf if hi > 0 else 1.0) if lo <= 0 else hi / lo
+        if best is None or r > best[0]:
+            best = (r, i)
+    return best
+
+
 def quantile_spread(quantiles: tuple[float, float]) -> float:
     """p95 − p5."""
     return float(quantiles[1]) - float(quantiles[0])
+
+
+def relative_spread(quantiles: tuple[float, float]) -> float:
+    """(p95 − p5) / max(|p5|, |p95|): 0 when the values are (nearly) all the same; 0 for all zeros."""
+    lo, hi = float(quantiles[0]), float(quantiles[1])
+    scale = max(abs(lo), abs(hi))
+    return (hi - lo) / scale if scale > 0 else 0.0
 
 
 def is_constant(t: TensorStats) -> bool:

@@ -25,6 +25,7 @@ class LossNotDecreasingParams(RuleParams):
     mode: Literal["train", "eval", "predict", "global"] = "train"
     window: int | None = Field(None, ge=1)
     patience: int = Field(3, ge=1)
+    converged_percent: float | None = Field(50.0, gt=0.0, le=100.0)
 
 
 class LossNotDecreasing(Rule):
@@ -39,6 +40,11 @@ class LossNotDecreasing(Rule):
     stalled when R > E·(1 − diff_percent/100) and rising when R > E·(1 + increase_threshold_percent/100)
     (|E| for negative losses). The rule fires when `patience` consecutive checks were stalled or
     rising, and resolves at the first check that improved. It returns None between checks.
+    Convergence is not a stall: while R is at or below `converged_percent` % of the first window
+    mean E of the run (default 50; None disables), checks count as healthy, since a healthy run that
+    has already more than halved its loss and levelled off has converged (a frozen learning rate
+    later in a run is UnchangedTensor's to catch). A loss that climbs back above that level is
+    judged again.
     The loss of a record is scalar "loss" (or the sum of the scalars matching `tensor_regex`);
     NaN/inf losses (ExplodingTensor's business) and repeated or older steps are ignored.
     value = decrease of R against E in percent (negative when it rose), threshold = diff_percent.
@@ -73,7 +79,7 @@ class LossNotDecreasing(Rule):
             )
 
     def initialize(self) -> State:
-        return {"last_step": None, "losses": [], "since": 0, "bad": 0}
+        return {"last_step": None, "losses": [], "since": 0, "bad": 0, "first": None}
 
     def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
         p = self.params
@@ -90,6 +96,14 @@ class LossNotDecreasing(Rule):
             return state, None
         state["since"] = 0
         earlier, recent = F.mean(losses[:w]), F.mean(losses[w:])
+        first = state.get("first")
+        if first is None:
+            first = state["first"] = earlier
+        if p.converged_percent is not None and first > 0 and recent <= first * p.converged_percent / 100:
+            state["bad"] = 0  # converged: a plateau this far below the start is not a stall
+            return state, Finding(
+                False, value=100.0 * (earlier - recent) / abs(earlier), threshold=p.diff_percent
+            )
         stalled = not F.improved(recent, earlier, p.diff_percent)
         rising = F.rose(recent, earlier, p.increase_threshold_percent)
         bad = F.consecutive(state["bad"], stalled or rising)

@@ -20,6 +20,8 @@ class OverfitParams(RuleParams):
     patience: int = Field(3, ge=1)
     ratio_threshold: float = Field(0.1, ge=0.0)
     min_delta: float = Field(0.0, ge=0.0)
+    min_rise_percent: float = Field(5.0, ge=0.0)
+    eval_window: int = Field(3, ge=1)
     num_steps: int = Field(10, ge=1)
 
 
@@ -33,14 +35,18 @@ class Overfit(Rule):
     step form one check whose eval loss E is the mean of their losses: the check is evaluated
     at each of them on the running mean (a later record of the same step revises it rather than
     counting as a new check), and is committed when an eval record of another step arrives. A
-    check holds when (E − T)/|T| > ratio_threshold AND E >= best − min_delta AND T is below the
+    check holds when (E − T)/|T| > ratio_threshold AND E >= best·(1 + min_rise_percent/100) − min_delta
+    (the validation loss rose above its best: on healthy runs it wobbles by a few percent around
+    its plateau, which is where early stopping would stop, not overfitting) AND T is below the
     train mean measured at the check that set best (validation stopped improving while training
     still improves), with best the lowest E of the committed checks (the first check never
     holds: nothing to compare). A run whose train loss stalls too is not overfitting (it has
     converged or diverged; LossNotDecreasing speaks to that). The rule
     fires when `patience` consecutive checks held and resolves at the first check that does not.
-    patience defaults to 3, not SageMaker's 1: one noisy uptick of the validation loss while a
-    normal generalisation gap exists is not overfitting.
+    E is smoothed: the mean eval loss of the last `eval_window` checks (default 3), and best is
+    the lowest smoothed E so far. patience defaults to 3, not SageMaker's 1. Both because one
+    noisy uptick of the validation loss while a normal generalisation gap exists is not
+    overfitting: on healthy 1000-step MLP runs here the unsmoothed check fired on wobble.
     value = (E − T)/|T|, threshold = ratio_threshold. It returns None on train records and on
     eval records it cannot check (no loss, before start_step, no train loss seen yet, or a
     step older than the open check's).
@@ -62,6 +68,7 @@ class Overfit(Rule):
             "train": [],  # window of the last num_steps train losses
             "best": None,  # lowest eval loss of the committed checks
             "train_at_best": None,  # train window mean when that best eval loss was measured
+            "evals": [],  # eval losses of the last committed checks (for the smoothed E)
             "held": 0,  # consecutive committed checks that held
             "check": None,  # the open check: {"step", "sum", "count", "held"}
         }
@@ -85,22 +92,31 @@ class Overfit(Rule):
             return state, None  # an older evaluation delivered again
         if check is not None and check["step"] != record.step:
             e_prev = check["sum"] / check["count"]
-            if state["best"] is None or e_prev < state["best"]:
-                state["best"], state["train_at_best"] = e_prev, check.get("train")
+            state["evals"] = F.push_window(state.get("evals", []), e_prev, max(p.eval_window - 1, 0))
+            e_smooth = check.get("smooth", e_prev)
+            if state["best"] is None or e_smooth < state["best"]:
+                state["best"], state["train_at_best"] = e_smooth, check.get("train")
             state["held"] = check["held"]
             check = None
         if check is None:
             check = {"step": record.step, "sum": 0.0, "count": 0, "held": 0}
         total, count = check["sum"] + loss, check["count"] + 1
-        e = total / count
+        e = F.mean([*state.get("evals", []), total / count][-p.eval_window :])
         t = F.mean(state["train"])
         gap = F.relative_gap(e, t)
         best = state["best"]
-        stalled = best is not None and e >= best - p.min_delta
+        stalled = best is not None and e >= best * (1 + p.min_rise_percent / 100) - p.min_delta
         train_at_best = state.get("train_at_best")
         train_improving = train_at_best is None or t < train_at_best
         held = F.consecutive(state["held"], gap > p.ratio_threshold and stalled and train_improving)
-        state["check"] = {"step": record.step, "sum": total, "count": count, "held": held, "train": t}
+        state["check"] = {
+            "step": record.step,
+            "sum": total,
+            "count": count,
+            "held": held,
+            "train": t,
+            "smooth": e,
+        }
         if held < p.patience:
             return state, Finding(False, value=gap, threshold=p.ratio_threshold)
         return state, Finding(

@@ -21,7 +21,7 @@ class PoorWeightInitializationParams(RuleParams):
     activation_inputs_regex: str = ".*relu_input"
     threshold: float = Field(10.0, gt=0.0)
     distribution_range: float = Field(0.001, ge=0.0)
-    patience: int = Field(5, ge=1)
+    patience: int | None = Field(None, ge=1)
     steps: int = Field(10, ge=1)
     constant_weights_exclude_regex: str | None = NORM_WEIGHTS_REGEX
 
@@ -32,15 +32,24 @@ class PoorWeightInitialization(Rule):
     Our definition: counting from the first train step seen (index i = step − first step), at
     each new train step with i < `steps` the rule evaluates what the record carries:
     (a) over tensors of collection "activation_inputs" matching `activation_inputs_regex`
-        (re.search), max variance / min variance > `threshold` (skipped with fewer than two
-        such tensors; a zero minimum with a non-zero maximum is an infinite ratio);
-    (b) over gradient tensors carrying quantiles, min(p95 − p5) < `distribution_range`;
+        (re.search), in capture order, the largest variance ratio between neighbouring layers
+        > `threshold` (skipped with fewer than two such tensors; a zero variance next to a
+        non-zero one is an infinite ratio). Neighbours, not max/min over the whole network:
+        PyTorch's default init shrinks ReLU pre-activation variance ~6x per layer by design,
+        so a global ratio fires on every healthy default-initialised net deeper than 2 layers;
+    (b) over gradient tensors carrying quantiles, min of the *relative* spread
+        (p95 − p5) / max(|p5|, |p95|) < `distribution_range`: gradient values (nearly) all
+        equal, the symmetry a constant initialisation causes. The absolute spread SageMaker
+        describes depends on the loss scale and fired on healthy 6-layer nets here;
     (w) [ours] on the first record with weights (the initial ones, logged before the forward
         pass), a tensor of collection "weights" with n > 1 that is constant (min == max or
         std == 0), except names matching `constant_weights_exclude_regex` (norm-layer scales,
         which start at 1 by design; set it to null to check every weight);
     (c) the loss (scalar "loss") of the first step it was seen is not beaten by a later loss
-        once `patience` steps have passed since then.
+        once `patience` steps have passed since then. Off by default (patience=None; SageMaker's
+        default is 5): healthy runs here, default-initialised 4-6 layer ReLU nets and 2-layer
+        MLPs at small learning rates, often had not beaten a noisy first minibatch loss after
+        5-8 steps. Set patience to enable it.
     A verdict of (a) or (b) stands until a later record carries that data again; (w) is decided
     once. The rule fires if any verdict holds (the message says which; tensors = the constant
     weights, then the extreme-variance inputs, then the narrowest gradient) and resolves when
@@ -89,14 +98,12 @@ class PoorWeightInitialization(Rule):
             return state, None
 
         inputs = record.select(["activation_inputs"], self._inputs)
-        ratio = F.variance_ratio([t.variance for t in inputs])
-        if ratio is not None:
-            finite = [t for t in inputs if math.isfinite(t.variance)]
-            hi = max(finite, key=lambda t: t.variance).name
-            lo = min(finite, key=lambda t: t.variance).name
-            state["var"] = [ratio, hi, lo]
+        adjacent = F.adjacent_variance_ratio([t.variance for t in inputs])
+        if adjacent is not None:
+            ratio, k = adjacent
+            state["var"] = [ratio, inputs[k].name, inputs[k + 1].name]
         spreads = [
-            (F.quantile_spread(t.quantiles), t.name) for t in record.select(["gradients"]) if t.quantiles
+            (F.relative_spread(t.quantiles), t.name) for t in record.select(["gradients"]) if t.quantiles
         ]
         spreads = [s for s in spreads if math.isfinite(s[0])]
         if spreads:
@@ -137,19 +144,26 @@ class PoorWeightInitialization(Rule):
             hit(f"constant initial weights: {', '.join(constant[:5])}", constant, len(constant), 0.0)
         if var is not None and var[0] > p.threshold:
             hit(
-                f"activation input variance ratio {var[0]:.3g} > {p.threshold:g} ({var[1]} vs {var[2]})",
+                f"activation input variance changes {var[0]:.3g}x between neighbouring layers "
+                f"(> {p.threshold:g}: {var[1]} vs {var[2]})",
                 [var[1], var[2]],
                 var[0],
                 p.threshold,
             )
         if spread is not None and spread[0] < p.distribution_range:
             hit(
-                f"gradient p95 - p5 of {spread[1]} is {spread[0]:.3g} < {p.distribution_range:g}",
+                f"gradient values of {spread[1]} are nearly identical: (p95 - p5) / max(|p5|, |p95|) = "
+                f"{spread[0]:.3g} < {p.distribution_range:g}",
                 [spread[1]],
                 spread[0],
                 p.distribution_range,
             )
-        if loss0 is not None and not state["decreased"] and i - loss0[0] >= p.patience:
+        if (
+            p.patience is not None
+            and loss0 is not None
+            and not state["decreased"]
+            and i - loss0[0] >= p.patience
+        ):
             hit(
                 f"loss did not decrease below its first value {loss0[1]:.4g} within {p.patience} steps",
                 [],

@@ -17,7 +17,7 @@ from tensorpulse.topics import control_topic, reductions_topic
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from tensorpulse.producers.control import encode_action  # noqa: E402
+from tensorpulse.actions import encode_action  # noqa: E402
 from tensorpulse.producers.torch import TorchHook  # noqa: E402
 
 pytestmark = pytest.mark.integration

@@ -61,9 +61,23 @@ def test_frozen_learning_rate_fires() -> None:
 def test_plateau_fires_after_it_starts(seed: int) -> None:
     """A noisy loss that decays until step 400 and then stays flat fires after step 400, never before."""
     base = np.exp(-np.minimum(STEPS, 400) / 200)
-    fired = firing_steps(LossNotDecreasing(), losses(noisy(base, seed)))
+    fired = firing_steps(LossNotDecreasing(converged_percent=None), losses(noisy(base, seed)))
     assert fired, f"seed {seed} never fired"
     assert 400 < fired[0] <= 400 + 250
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_convergence_is_not_a_stall(seed: int) -> None:
+    """By default the same run is quiet: its plateau lies far below half of where it started."""
+    base = np.exp(-np.minimum(STEPS, 400) / 200)
+    assert firing_steps(LossNotDecreasing(), losses(noisy(base, seed))) == []
+
+
+def test_plateau_above_the_convergence_level_still_fires() -> None:
+    """A run that stalls after losing only 20 % of its loss is stalled, not converged."""
+    base = 0.8 + 0.2 * np.exp(-np.minimum(STEPS, 200) / 50)
+    fired = firing_steps(LossNotDecreasing(), losses(noisy(base, 0)))
+    assert fired and fired[0] > 200
 
 
 def test_rising_loss_fires_with_rose() -> None:

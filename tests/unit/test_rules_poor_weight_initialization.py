@@ -55,10 +55,10 @@ def test_kaiming_mlp_does_not_fire_and_constant_mlp_does() -> None:
 
 
 def test_tiny_init_fires_on_variance_ratio_and_narrow_gradients() -> None:
-    """A real MLP with N(0, 1e-3²) weights shows a collapsing variance across layers and narrow grads."""
+    """A real MLP with N(0, 1e-3²) weights shows the variance collapsing from one layer to the next."""
     _, out = replay(PoorWeightInitialization(), mlp_run(steps=12, init="small", eval_every=0))
     assert out[0][1].firing
-    assert "variance ratio" in out[0][1].message and "p95 - p5" in out[0][1].message
+    assert "variance changes" in out[0][1].message
 
 
 @pytest.mark.parametrize(
@@ -71,11 +71,20 @@ def test_tiny_init_fires_on_variance_ratio_and_narrow_gradients() -> None:
         ({"b1": make_stats("net.0.bias", "biases", np.full(64, 0.1))}, False, ""),  # biases may be
         ({"w2": make_stats("net.2.norm.weight", "weights", np.ones(64))}, False, ""),  # norm scales
         ({"w2": make_stats("layer1.bn1.weight", "weights", np.ones(64))}, False, ""),
-        ({"x2": relu_input("net.3/relu_input", 4.0)}, True, "variance ratio"),  # ratio 16
+        ({"x2": relu_input("net.3/relu_input", 4.0)}, True, "variance changes"),  # ratio 16
         ({"x2": relu_input("net.3/relu_input", 3.0)}, False, ""),  # ratio 9
-        ({"x2": make_stats("net.3/relu_input", "activation_inputs", np.zeros(64))}, True, "variance ratio"),
+        ({"x2": make_stats("net.3/relu_input", "activation_inputs", np.zeros(64))}, True, "variance changes"),
         ({"x2": relu_input("net.3/tanh_input", 100.0)}, False, ""),  # not a ReLU input: one left
-        ({"g2": gradient("gradient/net.2.weight", 0.0005)}, True, "p95 - p5"),
+        ({"g2": gradient("gradient/net.2.weight", 0.0005)}, False, ""),  # small but spread out
+        (
+            {
+                "g2": make_stats(
+                    "gradient/net.2.weight", "gradients", 0.01 + RNG.normal(0, 1e-7, 4096), quantiles=True
+                )
+            },
+            True,
+            "nearly identical",
+        ),
         ({"g2": make_stats("gradient/net.2.weight", "gradients", np.zeros(100))}, False, ""),  # no quantiles
     ],
 )
