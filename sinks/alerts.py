@@ -42,7 +42,7 @@ def read_alerts(
             "group.id": f"tensorpulse-alerts-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
-            "fetch.wait.max.ms": 50,
+            "fetch.wait.max.ms": 10,
             **(kafka_config or {}),
         },
     )
@@ -66,7 +66,7 @@ def read_alerts(
         consumer.assign(parts)
         last = time.monotonic()
         while stop is None or not stop.is_set():
-            msgs = consumer.consume(500, 0.2)
+            msgs = consumer.consume(500, 0.02)  # returns at the timeout when fewer: keep it short
             for m in msgs:
                 if m.error():
                     if m.error().fatal():

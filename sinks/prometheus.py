@@ -109,6 +109,12 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
+        self.rule_errors = Counter(
+            "tensorpulse_rule_errors",
+            "Rule evaluations that raised (the rule's state was reset).",
+            ["rule"],
+            registry=r,
+        )
         self.alerts = Counter(
             "tensorpulse_alerts",
             "Alert transitions emitted.",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +50,14 @@ class JobEvaluator:
         return {"r": {}}
 
     def process(
-        self, state: JobState | None, record: StepRecord, *, now: float | None = None
+        self,
+        state: JobState | None,
+        record: StepRecord,
+        *,
+        now: float | None = None,
+        on_rule_error: Callable[[str, StepRecord, Exception], None] | None = None,
     ) -> tuple[JobState, list[Transition]]:
+        """Feed one record to every rule; a rule that raises is reset (and reported), the others go on."""
         state = self.initialize() if state is None else state
         if record.kind != "step":
             return state, []
@@ -66,7 +72,14 @@ class JobEvaluator:
             slot = rule_states.get(key)
             if slot is None:
                 slot = rule_states[key] = {"s": rule.initialize(), "f": False}
-            new_state, finding = rule.update(slot["s"], record)
+            try:
+                new_state, finding = rule.update(slot["s"], record)
+            except Exception as exc:
+                slot["s"] = rule.initialize()
+                if on_rule_error is None:
+                    raise
+                on_rule_error(spec.name, record, exc)
+                continue
             slot["s"] = new_state
             if finding is None or finding.firing == slot["f"]:
                 continue

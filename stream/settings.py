@@ -37,7 +37,7 @@ class WorkerSettings(BaseModel):
     state_dir: Path = Path("state")
     topic_prefix: str = DEFAULT_PREFIX
     guarantee: Literal["exactly-once", "at-least-once"] = "exactly-once"
-    commit_interval: float = 0.5
+    commit_interval: float = 0.25
     discovery_interval: float = 0.5
     lag_interval: float = 5.0
     session_timeout_ms: int = 6000

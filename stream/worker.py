@@ -9,6 +9,7 @@ the jobs' partitions; run more of them to scale out.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -319,12 +320,18 @@ class Worker:
                 self.metrics.finished.inc()
             return [], [], []
         try:
-            eval_state, transitions = self._evaluator(job).process(state.get(_EVAL_KEY), record, now=now)
-        except Exception as exc:  # a bug in one rule must not stop the pipeline: keep the record
+            stored = state.get(_EVAL_KEY)
+            # Rule state travels as JSON text: it may hold NaN/inf (they are data), which the
+            # state store's own JSON serialiser would turn into null.
+            eval_state = None if stored is None else json.loads(stored)
+            eval_state, transitions = self._evaluator(job).process(
+                eval_state, record, now=now, on_rule_error=self._on_rule_error
+            )
+        except Exception as exc:  # a bug here must not stop the pipeline: keep the record
             log.exception("rule evaluation failed for job %s step %d", job, record.step)
             err = DecodeError("processing_error", f"{type(exc).__name__}: {exc}")
             return [], [self._reject(err, job, key, value, ctx)], []
-        state.set(_EVAL_KEY, eval_state)
+        state.set(_EVAL_KEY, json.dumps(eval_state, separators=(",", ":")))
         alerts, actions = [], []
         for tr in transitions:
             ev = tr.event
@@ -363,6 +370,21 @@ class Worker:
             key=key,
             payload=bytes(payload),
         )
+
+    def _on_rule_error(self, rule: str, record: wire.StepRecord, exc: Exception) -> None:
+        self.metrics.rule_errors.labels(rule).inc()
+        key = f"rule:{rule}"
+        if time.monotonic() - self._warned.get(key, 0.0) > 10:
+            self._warned[key] = time.monotonic()
+            log.error(
+                "rule %s failed on job %s rank %d step %d and was reset: %s: %s",
+                rule,
+                record.job,
+                record.rank,
+                record.step,
+                type(exc).__name__,
+                exc,
+            )
 
     def _on_processing_error(self, exc: Exception, row: Any, logger: logging.Logger) -> bool:
         """Last-resort boundary: a bug in a rule must not stop every other job. Count and go on."""

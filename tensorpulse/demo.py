@@ -107,6 +107,7 @@ def run_demo(
     worker = None
     stop_reading = threading.Event()
     alerts: list[AlertEvent] = []
+    received: dict[str, float] = {}  # alert id -> time this process received it
     t_start = time.monotonic()
     try:
         _say("tensorpulse demo")
@@ -154,6 +155,7 @@ def run_demo(
 
         def reader() -> None:
             for ev in read_alerts(bootstrap, job=job, follow=True, stop=stop_reading):
+                received[ev.id] = time.time()
                 alerts.append(ev)
                 _say(f"  ALERT  {ev.format()}")
 
@@ -178,7 +180,7 @@ def run_demo(
             opt.step()
             hook.step(step, loss=loss)
             if step % 50 == 0 or step == steps - 1:
-                last_loss = float(loss)
+                last_loss = loss.item()
                 _say(f"  step {step:4d}  loss {last_loss:10.4g}")
             if hook.should_stop and not keep_going:
                 stopped_at = step
@@ -213,9 +215,9 @@ def run_demo(
             broker.stop()
 
 
-def _summary(job, fault, steps, stopped_at, hstats, alerts, metrics_url, elapsed) -> int:
+def _summary(job, fault, steps, stopped_at, hstats, alerts, received, metrics_url, elapsed) -> int:
     firing = [a for a in alerts if a.status == "firing"]
-    latencies = sorted(a.ts - a.publish_ts for a in firing if a.publish_ts)
+    latencies = sorted(received[a.id] - a.publish_ts for a in firing if a.publish_ts and a.id in received)
     _say("")
     _say("summary")
     _say(f"  job               {job}")

@@ -36,6 +36,8 @@ def _record(job: str, step: int, *, nan: int = 0, announce: bool = False, loss: 
     ).astype(np.float32)
     nans = np.zeros(k, dtype=np.int64)
     nans[2] = nan
+    if nan:  # NaN propagates into the statistics, as it does in a real hook; rule state must keep it
+        floats[2, :] = np.nan
     block = wire.TensorBlock(NAMES, COLLS, np.full(k, 1000), floats, np.zeros(k, dtype=np.int64), nan=nans)
     return wire.encode(
         job=job,

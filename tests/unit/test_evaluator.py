@@ -84,3 +84,28 @@ def test_end_records_and_other_modes_are_ignored() -> None:
     state, out = ev.process(None, _rec(0, 5.0, kind="end"))
     state, out2 = ev.process(state, _rec(0, 5.0, mode="eval"))
     assert out == [] and out2 == [] and state == {"r": {}}
+
+
+class Broken(Rule):
+    """Test rule: raises on odd steps."""
+
+    name = "Broken"
+
+    def update(self, state, record):
+        if record.step % 2:
+            raise ZeroDivisionError("boom")
+        return state, None
+
+
+def test_a_failing_rule_is_reset_and_reported_while_others_go_on() -> None:
+    """One rule raising does not stop the other rules; the error is handed to the callback."""
+    ev = JobEvaluator(
+        [
+            RuleSpec("broken", Broken(), None, "warning", "none"),
+            RuleSpec("loss-high", LossAbove(threshold=1.0), None, "critical", "none"),
+        ]
+    )
+    errors = []
+    state, out = ev.process(None, _rec(0, 5.0), on_rule_error=lambda *a: errors.append(a[0]))
+    state, out2 = ev.process(state, _rec(1, 5.0), on_rule_error=lambda *a: errors.append(a[0]))
+    assert [t.event.rule for t in out] == ["loss-high"] and errors == ["broken"]
