@@ -199,10 +199,16 @@ def alerts(bootstrap, job, follow, as_json, new) -> None:
 
 
 @main.command(name="rules")
-def rules_cmd() -> None:
+@click.option("--markdown", is_flag=True, help="Print the full reference (docs/rules.md) instead of a list.")
+def rules_cmd(markdown: bool) -> None:
     """List the rule catalogue: names, parameters and defaults."""
     from .rules import REGISTRY
 
+    if markdown:
+        from .rules.reference import render
+
+        click.echo(render(), nl=False)
+        return
     for name, cls in sorted(REGISTRY.items()):
         params = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
         click.echo(f"{name}({params})")

@@ -1,0 +1,53 @@
+"""The rule reference (docs/rules.md), generated from the registry so that it cannot drift."""
+
+from __future__ import annotations
+
+import inspect
+
+from . import REGISTRY
+from .base import Rule
+
+HEADER = """# Rule reference
+
+Generated from the rule registry by `tensorpulse rules --markdown > docs/rules.md`; a unit test
+fails when this file is out of date. Names and parameter names follow SageMaker Debugger's
+built-in rules; where our definition differs from a literal reading of its documentation, the
+rule's text says how and why (see also `../shared/spec/rules.md` in the project workspace).
+
+Select rules and parameters with a rules file (`tensorpulse stream --rules rules.yaml`):
+
+```yaml
+defaults: true              # the rules below, with their defaults
+rules:
+  - rule: LossNotDecreasing
+    params: {num_steps: 20, patience: 5}
+  - rule: ExplodingTensor
+    action: stop            # ask the job to stop when it fires
+```
+"""
+
+
+def _params_table(cls: type[Rule]) -> list[str]:
+    fields = cls.Params.model_fields
+    if not fields:
+        return ["No parameters.", ""]
+    lines = ["| parameter | default |", "|---|---|"]
+    for name, f in fields.items():
+        lines.append(f"| `{name}` | `{f.default!r}` |")
+    return [*lines, ""]
+
+
+def render() -> str:
+    """The whole reference as markdown."""
+    out = [HEADER]
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        doc = inspect.cleandoc(cls.__doc__ or "")
+        summary, _, body = doc.partition("\n")
+        out += [f"## {name}", "", summary, ""]
+        out += [f"- modes: {', '.join(sorted(cls.modes))}", f"- severity: {cls.severity}"]
+        out += [f"- the hook must capture: {cls.needs}" if cls.needs else "", ""]
+        out += _params_table(cls)
+        if body.strip():
+            out += [body.strip(), ""]
+    return "\n".join(out).rstrip() + "\n"
