@@ -54,7 +54,7 @@ class ControlListener:
         start_ts: float | None = None,
         grace_s: float = GRACE_S,
         group_id: str | None = None,
-        poll_interval_s: float = 0.2,
+        poll_interval_s: float = 0.05,
     ) -> None:
         self.job = validate_job(job)
         self.topic = control_topic(job, prefix)
@@ -73,7 +73,7 @@ class ControlListener:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 100,
+                "fetch.wait.max.ms": 20,
             }
         )
         self._assigned = threading.Event()

@@ -201,7 +201,7 @@ def run_demo(
         stop_reading.set()
         t.join(5)
         return _summary(
-            job, fault, steps, stopped_at, hstats, alerts, metrics_url, time.monotonic() - t_start
+            job, fault, steps, stopped_at, hstats, alerts, received, metrics_url, time.monotonic() - t_start
         )
     finally:
         stop_reading.set()
@@ -235,7 +235,8 @@ def _summary(job, fault, steps, stopped_at, hstats, alerts, received, metrics_ur
     )
     if latencies:
         _say(
-            f"  step->alert       {latencies[0] * 1000:.0f} ms fastest, {latencies[-1] * 1000:.0f} ms slowest (publish to evaluation)"
+            f"  step->alert       {latencies[0] * 1000:.0f} ms fastest, {latencies[-1] * 1000:.0f} ms slowest"
+            " (the hook created the record -> this demo read the alert)"
         )
     _say(f"  metrics           {metrics_url} (while the worker ran)")
     _say(f"  wall time         {elapsed:.1f} s")
