@@ -104,6 +104,12 @@ def test_worker_alerts_dead_letters_and_metrics(kafka_bootstrap: str, unique: st
         assert metric_value(text, "tensorpulse_last_step", job=job, mode="train") == 39
         assert metric_value(text, "tensorpulse_publish_to_eval_seconds_count", job=job) == 40
 
+        def lag_reported():
+            return metric_value(scrape(url), "tensorpulse_consumer_lag", job=job)
+
+        wait_for(lambda: lag_reported() is not None, 20, "the consumer lag gauge")
+        assert lag_reported() >= 0
+
         end = wire.encode(job=job, rank=0, world=1, step=40, mode="train", ts=time.time(), kind="end")
         producer.produce(topic, key=job.encode(), value=end)
         producer.flush(10)
