@@ -30,6 +30,7 @@ from common import broker, percentile
 from tensorpulse.broker import free_port
 from tensorpulse.producers import Hook
 from tensorpulse.sinks.alerts import read_alerts
+from tensorpulse.stream.process import worker_command
 
 
 def main() -> int:
@@ -48,26 +49,14 @@ def main() -> int:
         hook.publish()
         port = free_port()
         worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tensorpulse",
-                "stream",
-                "--bootstrap",
+            worker_command(
                 bs,
-                "--group",
-                f"g-{job}",
-                "--metrics-port",
-                str(port),
-                "--state-dir",
-                os.path.join(work, "state"),
-                "--jobs",
-                f"^{job}$",
-                "--guarantee",
-                args.guarantee,
-                "--log-level",
-                "WARNING",
-            ],
+                group=f"g-{job}",
+                state_dir=os.path.join(work, "state"),
+                metrics_port=port,
+                jobs_regex=f"^{job}$",
+                guarantee=args.guarantee,
+            ),
             stdout=open(os.path.join(work, "worker.log"), "wb"),  # noqa: SIM115 (closed with the process)
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Where results go: Prometheus metrics and the alerts topic."""

@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from .broker import EmbeddedBroker, free_port
 from .errors import ConfigError, TensorpulseError
 from .events import AlertEvent
+from .stream.process import worker_command
 
 DEMO_RULES = """\
 # The default rule set, plus: ExplodingTensor asks the job to stop.
@@ -124,26 +124,14 @@ def run_demo(
         hook = TorchHook(job, bootstrap, save_interval=1)  # creates the job's topic
         log = open(workdir / "worker.log", "wb")  # noqa: SIM115
         worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tensorpulse",
-                "stream",
-                "--bootstrap",
+            worker_command(
                 bootstrap,
-                "--rules",
-                str(rules),
-                "--metrics-port",
-                str(metrics_port),
-                "--state-dir",
-                str(workdir / "state"),
-                "--group",
-                f"tensorpulse-{job}",
-                "--jobs",
-                f"^{job}$",
-                "--log-level",
-                "WARNING",
-            ],
+                group=f"tensorpulse-{job}",
+                state_dir=workdir / "state",
+                metrics_port=metrics_port,
+                rules=rules,
+                jobs_regex=f"^{job}$",
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

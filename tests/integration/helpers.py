@@ -6,7 +6,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -18,6 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tensorpulse.broker import free_port
+from tensorpulse.stream.process import worker_command
 
 RETENTION = {"retention.ms": str(7 * 24 * 3600 * 1000)}
 
@@ -95,26 +95,15 @@ def worker_process(
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """`tensorpulse stream` as a separate process; yields (process, metrics URL)."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "tensorpulse",
-        "stream",
-        "--bootstrap",
+    cmd = worker_command(
         bootstrap,
-        "--group",
-        group,
-        "--metrics-port",
-        str(port),
-        "--state-dir",
-        str(tmp / f"state-{group}"),
-        "--log-level",
-        "INFO",
-    ]
-    if rules:
-        cmd += ["--rules", str(rules)]
-    if jobs_regex:
-        cmd += ["--jobs", jobs_regex]
+        group=group,
+        state_dir=tmp / f"state-{group}",
+        metrics_port=port,
+        rules=rules,
+        jobs_regex=jobs_regex,
+        log_level="INFO",
+    )
     cmd += extra or []
     log_path = tmp / f"worker-{group}.log"
     with open(log_path, "wb") as log:
