@@ -65,7 +65,6 @@ def measure(kind: str, interval: int, bootstrap: str, steps: int, warmup: int, r
     hook.flush(30)
     stats = hook.stats()
     hook.close(10)
-    saved = max(stats.get("published", stats.get("enqueued", 1)), 1)
     return {
         "model": kind,
         "interval": interval,
@@ -73,7 +72,6 @@ def measure(kind: str, interval: int, bootstrap: str, steps: int, warmup: int, r
         "median_ratio": summary(median_ratios),
         "ratios": [round(r, 4) for r in mean_ratios],
         "baseline_ms": statistics.fmean(tb) * 1000,
-        "bytes_per_saved_step": stats.get("bytes_sent", 0) / saved if stats.get("bytes_sent") else None,
         "hook_stats": stats,
     }
 

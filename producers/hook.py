@@ -132,6 +132,7 @@ class Hook:
         self._callbacks: list[ActionCallback] = []
         # Encoder state: touched only on the publisher thread.
         self._announced: OrderedDict[int, int] = OrderedDict()
+        self._schema_ids: dict[tuple[tuple[str, ...], tuple[str, ...]], int] = {}
 
         self._publisher: Publisher | None = None
         self._listener: ControlListener | None = None
@@ -400,7 +401,12 @@ class Hook:
             block = merged.to_block(names, colls)
         announce = False
         if block is not None:
-            sid = wire.schema_id(block.names, block.collections)
+            key = (tuple(block.names), tuple(block.collections))
+            sid = self._schema_ids.get(key)
+            if sid is None:
+                if len(self._schema_ids) >= 256:
+                    self._schema_ids.clear()
+                sid = self._schema_ids[key] = wire.schema_id(block.names, block.collections)
             last = self._announced.get(sid)
             announce = last is None or rec.seq - last >= self.announce_every
             if announce:

@@ -83,6 +83,8 @@ class Publisher:
     `submit(item)` never blocks and never raises. Items are bytes, or any object that `encode`
     (run on the background thread) turns into bytes. `produce_fn(topic, value, key)` replaces
     Kafka entirely (tests, custom transports): a call that returns counts as delivered.
+    The thread drains the queue in batches, every `batch_delay_s` (0: as soon as a record
+    arrives), or at once when the queue is half full, on flush() and close().
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class Publisher:
         admin_timeout_s: float = 10.0,
         produce_fn: ProduceFn | None = None,
         name: str = "tensorpulse-publisher",
+        batch_delay_s: float = 0.02,
     ) -> None:
         if max_queued < 1:
             raise ConfigError(f"max_queued must be >= 1, got {max_queued}")
@@ -112,6 +115,9 @@ class Publisher:
         self._topics = list(topics)
         self._admin_timeout_s = admin_timeout_s
         self._produce_fn = produce_fn
+        self._batch_delay_s = max(0.0, float(batch_delay_s))
+        # Wake the thread at once when the queue is this full (else it drains every batch_delay_s).
+        self._wake_at = max(1, max_queued // 2) if self._batch_delay_s > 0 else 1
         self._queue: collections.deque[Any] = collections.deque(maxlen=max_queued)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -163,7 +169,9 @@ class Publisher:
                 self.dropped_queue_full += 1
             self._queue.append(item)
             self.enqueued += 1
-        self._wake.set()
+            wake = len(self._queue) >= self._wake_at
+        if wake:
+            self._wake.set()
         return True
 
     def pending(self) -> int:
@@ -240,13 +248,20 @@ class Publisher:
             while not self._stop.is_set():
                 item = self._pop()
                 if item is None:
-                    if self._producer is not None and len(self._producer):
+                    if self._batch_delay_s:
+                        # Idle until the next batch (or a full queue, flush, close): waking up for
+                        # every record would hand the GIL to and fro with the training thread on
+                        # every step. Delivery callbacks are served once per batch.
+                        if self._producer is not None:
+                            self._producer.poll(0)
+                        self._wake.wait(self._batch_delay_s)
+                    elif self._producer is not None and len(self._producer):
                         self._producer.poll(0.01)  # serve delivery callbacks while records are in flight
                     else:
                         if self._producer is not None:
                             self._producer.poll(0)
                         self._wake.wait(0.05)
-                        self._wake.clear()
+                    self._wake.clear()
                     continue
                 try:
                     self._send(item)

@@ -5,13 +5,19 @@ torch reductions on CPU and GPU are plain sums, dots and amin/amax over float te
 count_nonzero, isnan().sum() and other bool reductions are several times slower on CPU, see
 shared/bench). So:
 
-1. `reduce_on_device(t)` queues a handful of reductions per tensor and keeps only tiny device
-   tensors: [x0, sum(x - x0), sum((x - x0)^2), min, max, sum|x|] in float32 plus int64 counts
-   (non-zero count as a float sum of |sign(x)|, activity histogram). Shifting by the first element x0 keeps the variance
-   free of catastrophic cancellation; a constant tensor gives std exactly 0.
-2. `transfer(stats, extras)` concatenates everything of one device (int64 counts travel as
-   their float32 bit pattern) and copies it with ONE `.cpu()` per device; scalars such as the
-   loss ride along, so nobody calls `.item()`.
+1. `reduce_on_device(t)` queues a few reductions per chunk of a tensor and keeps only 0-d
+   device scalars: S = sum(x - x0), SS = sum((x - x0)^2), min, max, sum|x| = x . sign(x) and the
+   non-zero count sign(x) . sign(x). On a GPU x0 is the first element: shifting by it keeps the
+   variance free of catastrophic cancellation and gives a constant tensor std exactly 0. On CPU
+   (synchronous: reading a result costs no device sync) x0 = 0, which saves a write pass; the
+   plain sums are checked on the host and the shifted ones recomputed for the few tensors whose
+   mean dwarfs their spread (MAX_PLAIN_RATIO). Temporaries go to one reused scratch buffer per
+   thread on CPU, where fresh large temporaries cost page faults on every step, and chunks are
+   cache-sized there. Counts are float sums of 0/1 values, exact per chunk (< 2**24 elements).
+   `reduce_many` reduces small tensors together, as the rows of one padded matrix.
+2. `transfer(stats, extras)` stacks every scalar of one device (shifts, activity counts and
+   scalars such as the loss ride along) and copies it with ONE `.cpu()` per device, so nobody
+   calls `.item()`; chunks are combined on the host in float64.
 3. NaN/inf are detected on the host from a non-finite sum, sum of squares, min, max or sum|x|.
    Only for those tensors a second pass computes exact nan/inf counts, or rescaled moments
    when the values were finite but their float32 sums overflowed. That pass costs a second
@@ -21,14 +27,17 @@ shared/bench). So:
 
 Activation outputs are reduced inside forward hooks and the activation itself is not kept, so
 there is no tensor left for a second pass: for them (`exact_nonfinite=True`) the nan/inf
-counts are computed up front with float indicator sums, at the price of two extra cheap passes.
+counts are computed up front with float indicator sums (on CPU only when sum|x| is not finite).
 Values that are finite but overflow float32 sums (|x| > ~1e19) are not rescaled for them: their
 mean / std / abs_mean may then read inf (never NaN, which would claim a NaN element).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,30 +52,60 @@ from .stats_numpy import Columns, activity_thresholds
 
 #: Tensors larger than this are reduced in chunks, bounding the temporaries to 16 MiB (float32).
 CHUNK = 1 << 22
+#: On CPU, chunks of this many elements (512 KiB in float32) keep a chunk and the scratch buffer
+#: in the L2 cache across the handful of passes; larger chunks run at memory bandwidth.
+CPU_CHUNK = 1 << 17
 #: Quantiles are estimated from a strided subsample of at most this many elements.
 MAX_QUANTILE_SAMPLES = 16384
 #: Float32 counts are exact up to 2**24; beyond that per-unit activity counts use int64.
 _EXACT_F32 = 1 << 24
 _NA = len(ACTIVITY_EDGES)
-_HALF = (torch.float16, torch.bfloat16)
+#: Values per chunk: S, SS, min, max, sum|x|, nonzero.
+_W = 6
+_R6 = np.arange(6)
+_R2 = np.arange(2)
+#: Device types whose sign() maps NaN to 0 ((0 < x) - (x < 0)); elsewhere NaN signs are zeroed explicitly.
+_SIGN_NAN_IS_ZERO = frozenset({"cpu", "cuda"})
+#: Device types whose ops run synchronously on the host: reading a result costs no device sync,
+#: so some work is decided on the host right away (tests empty this set to run the device path).
+_HOST_DEVICES = frozenset({"cpu"})
+#: reduce_many reduces float tensors of at most this many elements together, as matrix rows.
+SMALL = 1 << 13
+#: Padding allowed beyond half of a row matrix (elements).
+ROWS_SLACK = 1 << 12
+_ROW_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(slots=True, eq=False)
 class DeviceStats:
-    """The per-tensor reductions still on the device (a few scalars), waiting for `transfer`."""
+    """The per-tensor reductions still on the device (0-d scalars), waiting for `transfer`."""
 
     n: int
-    floats: torch.Tensor | None = None  # float32 [6]: x0, S, SS, min, max, sum|x|
-    counts: torch.Tensor | None = None  # int64: nonzero (not 0, not NaN)[, nan, inf][, activity x5]
-    quant: torch.Tensor | None = None  # float32 [2]: p5, p95
+    #: 0-d device scalars: per chunk [S, SS, min, max, sum|x|, nonzero] around x0, then [not-NaN,
+    #: finite] per chunk if counted, then (p5, p95) if quantiles.
+    vals: list[torch.Tensor] = field(default_factory=list)
+    #: [1] the shift x0 (the first element in the compute dtype); None for an empty tensor.
+    x0: torch.Tensor | None = None
+    chunks: int = 0
+    #: For small tensors reduced together by `reduce_many`: the shared rows and this tensor's row.
+    rows: _Rows | None = None
+    row: int = 0
+    activity: torch.Tensor | None = None  # [5] units below each activity edge
     units: int = 0  # > 0 when activity was computed
+    quantiles: bool = False
     exact_nonfinite: bool = False
+    #: The vals hold [not-NaN, finite] counts per chunk after the chunk rows.
+    counted: bool = False
+    #: S and SS are plain sums of a kept CPU tensor: `transfer` checks them for cancellation.
+    check_shift: bool = False
     #: The source tensor, kept only for the rare second pass (None for activations).
     tensor: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device | None:
-        return None if self.floats is None else self.floats.device
+        if self.rows is not None:
+            return self.rows.x0.device
+        return None if self.x0 is None else self.x0.device
 
 
 @dataclass(slots=True)
@@ -87,40 +126,53 @@ class HostStats:
         return len(self.n)
 
     def finish(self) -> Columns:
-        """Mean, std, min, max, abs_mean (float64), zeros, nan, inf, as numpy's IEEE semantics give."""
+        """Mean, std, min, max, abs_mean (float64), zeros, nan, inf, as numpy's IEEE semantics give.
+
+        Runs on the publisher thread, which competes with training for the GIL: a fixed number of
+        vectorised numpy calls, Python loops only over rescaled or non-finite rows (rare).
+        """
         k = len(self.n)
-        n = self.n.astype(np.float64)
-        nn = np.maximum(n, 1.0)
-        x0, s, ss, mn, mx, a = (self.raw[:, j] for j in range(6))
+        raw = self.raw
+        floats = np.empty((k, 5), dtype=np.float64)
+        nn = np.maximum(self.n, 1)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            m = s / nn
-            mean = x0 + m
-            std = np.sqrt(np.maximum(ss / nn - m * m, 0.0))
-            abs_mean = a / nn
+            m = raw[:, 1] / nn
+            np.add(raw[:, 0], m, out=floats[:, 0])
+            var = raw[:, 2] / nn
+            var -= m * m
+            np.sqrt(np.maximum(var, 0.0, out=var), out=floats[:, 1])
+            floats[:, 2:4] = raw[:, 3:5]
+            np.divide(raw[:, 5], nn, out=floats[:, 4])
+            mean, std, mn, mx, abs_mean = floats.T
             for i, (scale, y0, ys, yss, ya) in self.rescaled.items():
                 ym = ys / nn[i]
                 mean[i] = scale * (y0 + ym)
                 std[i] = scale * math.sqrt(max(yss / nn[i] - ym * ym, 0.0))
                 abs_mean[i] = scale * (ya / nn[i])
-            # Finite values whose float32 sums overflowed and could not be rescaled (activations):
-            # report an infinite spread rather than NaN, which would claim a NaN element.
-            overflow = (self.nan == 0) & (self.inf == 0) & ~np.isfinite(std)
-            std[overflow] = math.inf
-            for i in np.flatnonzero((self.nan > 0) | (self.inf > 0)):
-                if self.nan[i]:
-                    mean[i] = std[i] = abs_mean[i] = math.nan
-                else:
-                    pos, neg = mx[i] == math.inf, mn[i] == -math.inf
-                    mean[i] = math.nan if pos and neg else (math.inf if pos else -math.inf)
-                    std[i] = math.nan
-                    abs_mean[i] = math.inf
-        floats = np.stack([mean, std, mn, mx, abs_mean], axis=1) if k else np.zeros((0, 5))
+            bad = None
+            if self.nan.any() or self.inf.any():
+                bad = (self.nan > 0) | (self.inf > 0)
+            if not np.isfinite(std).all():
+                # Finite values whose float32 sums overflowed and could not be rescaled
+                # (activations): report an infinite spread rather than NaN, which would claim a
+                # NaN element.
+                over = ~np.isfinite(std) if bad is None else ~bad & ~np.isfinite(std)
+                std[over] = math.inf
+            if bad is not None:
+                for i in np.flatnonzero(bad):
+                    if self.nan[i]:
+                        mean[i] = std[i] = abs_mean[i] = math.nan
+                    else:
+                        pos, neg = mx[i] == math.inf, mn[i] == -math.inf
+                        mean[i] = math.nan if pos and neg else (math.inf if pos else -math.inf)
+                        std[i] = math.nan
+                        abs_mean[i] = math.inf
         return Columns(
-            self.n.astype(np.int64),
+            self.n,
             floats,
-            (self.n - self.nonzero - self.nan).astype(np.int64),
-            self.nan.astype(np.int64),
-            self.inf.astype(np.int64),
+            self.n - self.nonzero - self.nan,
+            self.nan,
+            self.inf,
             dict(self.activity),
             dict(self.quantiles),
         )
@@ -140,56 +192,79 @@ class _DeviceConstants:
         self.max_entries = max_entries
 
     def get(self, key: tuple[Any, ...], values: Sequence[float], device: torch.device, dtype: torch.dtype):
-        full = (str(device), dtype, *key)
+        full = (device, dtype, *key)
         t = self._d.get(full)
         if t is None:
-            t = torch.tensor(list(values), dtype=dtype, device=device)
+            with torch.inference_mode(False):
+                t = torch.tensor(list(values), dtype=dtype, device=device)
             self._d[full] = t
             while len(self._d) > self.max_entries:
                 self._d.popitem(last=False)
         else:
-            self._d.move_to_end(full)
+            with contextlib.suppress(KeyError):  # evicted meanwhile by another thread
+                self._d.move_to_end(full)
         return t
 
 
 _CONSTANTS = _DeviceConstants()
+_LOCAL = threading.local()
 
 
-def _moments(flat: torch.Tensor, ct: torch.dtype, x0: torch.Tensor, exact: bool = False) -> torch.Tensor:
-    """[S, SS, min, max, sum|x|, nonzero(, nonfinite, nan)] of one chunk as one small device tensor.
+def _scratch(role: int, m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1-d work buffer of `m` elements, overwritten by the next call with the same role.
 
-    Counts are float sums of 0/1 indicators (exact per chunk: CHUNK < 2**24). Indicators are
-    built with float ops, several times faster on CPU than count_nonzero or isnan().sum() on
-    real data; nan_to_num_ maps NaN to 0 wherever an op (sign) might return NaN for NaN.
+    On CPU a fresh temporary of a few hundred KiB costs page faults on every step (the allocator
+    returns it to the OS), so each thread keeps one buffer per (role, dtype), at most a chunk
+    long. Elsewhere the caching allocator is cheap and stream-safe: a fresh tensor.
     """
-    xf = flat.to(ct)
-    d = xf - x0
-    s, ss = d.sum(), torch.dot(d, d)
-    del d
-    a = xf.abs()
-    out = [s, ss, xf.amin(), xf.amax(), a.sum(), a.sign_().nan_to_num_(nan=0.0).sum()]
-    del a
-    if exact:
-        out.append((xf * 0).nan_to_num_(nan=1.0).sum())  # 0 for finite, NaN for inf and NaN
-        out.append(xf.clamp(-1, 1).mul_(0).nan_to_num_(nan=1.0).sum())  # clamp keeps only NaN non-finite
-    return torch.stack(out)
+    if device.type not in _HOST_DEVICES:
+        return torch.empty(m, dtype=dtype, device=device)
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None:
+        bufs = _LOCAL.bufs = {}
+    buf = bufs.get((role, dtype))
+    if buf is None or buf.numel() < m:
+        with torch.inference_mode(False):  # usable (out=) inside and outside inference mode
+            buf = bufs[(role, dtype)] = torch.empty(m, dtype=dtype)
+    return buf[:m]
 
 
-def _activity_counts(x: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
-    """int64 [5]: number of units (dim 1) active (> 0) in fewer than each edge of the samples."""
-    units = x.shape[1]
-    samples = x.numel() // units
-    dims = [0, *range(2, x.ndim)]
-    if samples <= _EXACT_F32:
-        # clamp + sign is a fast indicator of x > 0 (nan_to_num_: NaN is not > 0, whatever
-        # sign(NaN) gives on a device); float32 sums of 0/1 are exact below 2**24.
-        cdt = torch.float32 if ct != torch.float64 else ct
-        active = x.to(cdt).clamp(min=0).sign_().nan_to_num_(nan=0.0).sum(dim=dims)
+@functools.lru_cache(maxsize=1024)
+def _quantile_ranks(m: int) -> tuple[int, int]:
+    """1-based ranks of p5 / p95 among `m` values, as numpy's method="nearest" rounds them."""
+    return round((m - 1) * 0.05) + 1, round((m - 1) * 0.95) + 1
+
+
+@functools.lru_cache(maxsize=1024)
+def _thresholds(samples: int) -> tuple[int, ...]:
+    return tuple(activity_thresholds(samples))
+
+
+def _quantiles(flat: torch.Tensor, ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-rank (p5, p95) of a strided subsample of <= MAX_QUANTILE_SAMPLES elements, 0-d each.
+
+    Like torch.quantile, a NaN anywhere in the subsample makes both NaN.
+    """
+    n = flat.numel()
+    step = -(-n // MAX_QUANTILE_SAMPLES)
+    qdt = torch.float64 if ct == torch.float64 else torch.float32
+    sub = flat[::step] if step > 1 else flat
+    if sub.dtype != qdt:
+        sub = sub.to(qdt)
+    if sub.device.type not in _HOST_DEVICES:
+        q = _CONSTANTS.get(("q",), (0.05, 0.95), sub.device, qdt)
+        return tuple(torch.quantile(sub, q, interpolation="nearest").unbind())  # type: ignore[return-value]
+    # On the host: two single-rank partitions (introselect, O(n)) instead of torch.quantile's
+    # sort, several times faster; the ranks are numpy's method="nearest".
+    a = sub.numpy(force=True)
+    if np.isnan(a).any():
+        lo = hi = math.nan
     else:
-        cdt = torch.int64
-        active = (x > 0).sum(dim=dims)
-    thr = _CONSTANTS.get(("act", samples), activity_thresholds(samples), x.device, cdt)
-    return (active.unsqueeze(1) < thr.unsqueeze(0)).sum(dim=0)
+        k5, k95 = _quantile_ranks(a.size)
+        part = np.partition(a, k5 - 1)[k5 - 1 :]
+        lo = part[0]
+        hi = np.partition(part, k95 - k5)[k95 - k5]
+    return torch.tensor(float(lo), dtype=qdt), torch.tensor(float(hi), dtype=qdt)
 
 
 def reduce_on_device(
@@ -215,52 +290,255 @@ def reduce_on_device(
     if n == 0:
         return DeviceStats(n=0)
     ct = _compute_dtype(x.dtype)
+    dev = x.device
     flat = x.reshape(-1)
-    x0 = flat[:1].to(ct)
-    if n <= CHUNK:
-        m = _moments(flat, ct, x0, exact_nonfinite)
-        ints = m[5:].to(torch.int64)
-    else:
-        parts = torch.stack([_moments(c, ct, x0, exact_nonfinite) for c in flat.split(CHUNK)])
-        m = torch.stack(
-            [parts[:, 0].sum(), parts[:, 1].sum(), parts[:, 2].amin(), parts[:, 3].amax(), parts[:, 4].sum()]
-        )
-        ints = parts[:, 5:].to(torch.int64).sum(dim=0)
-    floats = torch.cat([x0, m[:5]]).to(torch.float32)
-    if exact_nonfinite:  # [nonzero, nonfinite, nan] -> [nonzero, nan, inf]
-        ints = torch.stack([ints[0], ints[2], ints[1] - ints[2]])
-    counts = [ints]
-    units = 0
-    if activity and x.ndim >= 2 and x.shape[1] > 0:
-        units = x.shape[1]
-        counts.append(_activity_counts(x, ct))
-    quant = None
-    if quantiles:
-        step = -(-n // MAX_QUANTILE_SAMPLES)
-        qdt = torch.float64 if ct == torch.float64 else torch.float32
-        sub = flat[::step].to(qdt)
-        q = _CONSTANTS.get(("q",), (0.05, 0.95), x.device, qdt)
-        quant = torch.quantile(sub, q, interpolation="nearest").to(torch.float32)
     keep = (not exact_nonfinite) if keep_tensor is None else keep_tensor
+    cpu = dev.type in _HOST_DEVICES
+    # Elsewhere every reduction is queued and copied once: sums shifted by the first element and
+    # nan/inf counted up front when the tensor will be gone. On CPU there is no device to wait
+    # for: plain sums (no shift pass), checked for cancellation on the host -- at the transfer for
+    # kept tensors, here for the others, which also count nan/inf only when sum|x| is not finite.
+    check_now = cpu and (exact_nonfinite or not keep)
+    shift = not cpu
+    # the shift: a copy unless the tensor is kept until the transfer; 0 for plain sums
+    x0 = flat[:1].to(ct, copy=not keep) if shift else _CONSTANTS.get(("zero",), (0.0,), dev, ct)
+    chunk = CHUNK if not cpu else min(CHUNK, CPU_CHUNK)
+    units = x.shape[1] if activity and x.ndim >= 2 and x.shape[1] > 0 else 0
+    samples = n // units if units else 0
+    fast_activity = 0 < samples <= _EXACT_F32
+    if fast_activity:
+        # chunks of whole samples (dim 0), so that per-unit sums of chunks add up
+        row = n // x.shape[0]
+        chunk = max(1, chunk // row) * row
+        unit_shape = (-1, *x.shape[1:])
+        dims = [0, *range(2, x.ndim)]
+    fix_sign = exact_nonfinite and dev.type not in _SIGN_NAN_IS_ZERO
+    count_now = exact_nonfinite and not cpu
+    vals: list[torch.Tensor] = []
+    counts: list[torch.Tensor] = []
+    active = None
+    if n <= chunk:
+        pieces: Sequence[torch.Tensor] = (flat,)
+        m = n
+    else:
+        pieces = flat.split(chunk)
+        m = chunk
+    work = _scratch(0, m, ct, dev)
+    conv = None if x.dtype == ct else _scratch(1, m, ct, dev)
+
+    def chunks():
+        """(chunk in the compute dtype, work buffer of its size) for each chunk."""
+        for c in pieces:
+            m = c.numel()
+            w = work if m == work.numel() else work[:m]
+            if conv is None:
+                yield c, w
+            else:
+                xf = conv if m == conv.numel() else conv[:m]
+                xf.copy_(c)
+                yield xf, w
+
+    for xf, w in chunks():
+        if shift:
+            # Shifting by x0 keeps the variance free of cancellation; a constant tensor gives SS = 0.
+            torch.sub(xf, x0, out=w)
+            vals += (w.sum(), torch.dot(w, w), xf.amin(), xf.amax())
+        else:
+            vals += (xf.sum(), torch.dot(xf, xf), xf.amin(), xf.amax())
+        # sign(x) in {-1, 0, 1} (NaN -> 0): x . sign(x) = sum|x|, sign . sign = non-zero count.
+        torch.sign(xf, out=w)
+        if fix_sign:
+            w.nan_to_num_(nan=0.0)
+        vals += (torch.dot(xf, w), torch.dot(w, w))
+        if fast_activity:
+            # clamp(sign, 0) is the indicator of x > 0 (NaN is not > 0); float sums are exact < 2**24.
+            part = w.clamp_(min=0).view(unit_shape).sum(dim=dims)
+            active = part if active is None else active.add_(part)
+        if count_now:
+            counts += _count_nonfinite(xf, w)
+    if check_now:
+        got = torch.stack(vals).tolist()  # CPU values: no device sync
+        if not math.isfinite(math.fsum(got[4::_W])):  # sum|x|: a NaN or inf somewhere
+            counts = [v for xf, w in chunks() for v in _count_nonfinite(xf, w)]
+        elif _cancels(math.fsum(got[0::_W]), math.fsum(got[1::_W]), n):
+            x0 = flat[:1].to(ct, copy=True)
+            for j, (xf, w) in enumerate(chunks()):
+                torch.sub(xf, x0, out=w)
+                vals[j * _W] = w.sum()
+                vals[j * _W + 1] = torch.dot(w, w)
+    counted = bool(counts)
+    vals += counts
+    units_counts = None
+    if units:
+        if active is None:  # more samples per unit than float32 counts exactly
+            active = (x > 0).sum(dim=[0, *range(2, x.ndim)])
+        thr = _CONSTANTS.get(("act", samples), _thresholds(samples), dev, active.dtype)
+        units_counts = (active.unsqueeze(1) < thr).sum(dim=0)
+    if quantiles:
+        vals += _quantiles(flat, ct)
     return DeviceStats(
         n=n,
-        floats=floats,
-        counts=torch.cat(counts).to(torch.int64),
-        quant=quant,
+        vals=vals,
+        x0=x0,
+        chunks=len(pieces),
+        activity=units_counts,
         units=units,
+        quantiles=quantiles,
         exact_nonfinite=exact_nonfinite,
+        counted=counted,
+        check_shift=cpu and not check_now,
         tensor=x if keep else None,
     )
 
 
-def _scalar_f32(v: torch.Tensor) -> torch.Tensor:
-    return v.detach().reshape(-1)[:1].to(torch.float32)
+def _count_nonfinite(xf: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of not-NaN and of finite elements of `xf` (0-d float sums of 0/1; `w`: scratch).
+
+    Comparison ops writing 0/1 floats: several times faster on CPU than isnan().sum() or
+    count_nonzero.
+    """
+    notnan = torch.eq(xf, xf, out=w).sum()
+    torch.mul(xf, 0, out=w)  # 0 for finite values, NaN for inf and NaN
+    return notnan, torch.eq(w, 0, out=w).sum()
+
+
+def _cancels(s: float, ss: float, n: int) -> bool:
+    """Plain sums s = sum(x), ss = sum(x^2) lose the variance to cancellation (finite sums only)."""
+    if not (math.isfinite(s) and math.isfinite(ss)):
+        return False  # non-finite values or overflow: handled elsewhere
+    m = s / n
+    return m * m > MAX_PLAIN_RATIO * (ss / n - m * m)
+
+
+class _Rows:
+    """The reductions of several small tensors computed together: [k, 6] rows and [k] shifts."""
+
+    __slots__ = ("rows", "x0")
+
+    def __init__(self, rows: torch.Tensor, x0: torch.Tensor) -> None:
+        self.rows = rows
+        self.x0 = x0
+
+
+class _Layouts:
+    """Gather indices and masks that pad k flattened tensors into a [k, L] matrix, per size list."""
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self._d: OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, int]] = OrderedDict()
+        self.max_entries = max_entries
+
+    def get(self, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+        key = (sizes, device, dtype)
+        got = self._d.get(key)
+        if got is not None:
+            with contextlib.suppress(KeyError):  # evicted meanwhile by another thread
+                self._d.move_to_end(key)
+            return got
+        width = max(sizes)
+        col = np.arange(width)
+        starts = np.cumsum((0, *sizes[:-1]))
+        n = np.array(sizes)[:, None]
+        # Padding repeats each row's first element: it shifts to exactly 0 and leaves min and max
+        # alone; the mask removes it from sum|x| and the non-zero count.
+        index = (starts[:, None] + np.where(col < n, col, 0)).reshape(-1)
+        with torch.inference_mode(False):
+            got = (
+                torch.from_numpy(index).to(device),
+                torch.from_numpy(col < n).to(device=device, dtype=dtype),
+                width,
+            )
+        self._d[key] = got
+        while len(self._d) > self.max_entries:
+            self._d.popitem(last=False)
+        return got
+
+
+_LAYOUTS = _Layouts()
+
+
+def _reduce_rows(xs: list[torch.Tensor]) -> _Rows:
+    """[S, SS, min, max, sum|x|, nonzero] of k small float tensors of one device and dtype, as rows."""
+    index, mask, width = _LAYOUTS.get(tuple(x.numel() for x in xs), xs[0].device, xs[0].dtype)
+    x = torch.cat([t.reshape(-1) for t in xs]).index_select(0, index).view(len(xs), width)
+    d = x - x[:, :1]
+    s_sum = d.sum(1)
+    ss = d.mul_(d).sum(1)
+    a = x.abs().mul_(mask)  # the mask drops the padding
+    abs_sum = a.sum(1)
+    nonzero = a.sign_().sum(1)  # |x| > 0 (sign of NaN is 0; a NaN row goes to the second pass anyway)
+    return _Rows(torch.stack([s_sum, ss, x.amin(1), x.amax(1), abs_sum, nonzero], 1), x[:, 0])
+
+
+def _row_groups(sizes: list[tuple[int, int]]) -> list[list[int]]:
+    """Group (n, i) pairs into padded matrices that waste at most about half their elements."""
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    width = total = 0
+    for n, i in sorted(sizes, reverse=True):
+        if cur and (len(cur) + 1) * width > 2 * (total + n) + ROWS_SLACK:
+            groups.append(cur)
+            cur, total = [], 0
+        if not cur:
+            width = n
+        cur.append(i)
+        total += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def reduce_many(
+    tensors: Sequence[torch.Tensor], *, quantiles: bool | Sequence[bool] = False
+) -> list[DeviceStats]:
+    """`reduce_on_device` of each tensor (kept for the second pass), with fewer ops per small tensor.
+
+    Float tensors of at most SMALL elements of one device and dtype are reduced together, as the
+    rows of one padded matrix: a fixed number of ops for any number of them (per-op overhead, not
+    memory traffic, is what small tensors cost). Larger tensors are reduced one by one.
+    `quantiles`: for all tensors, or one flag per tensor.
+    """
+    qs = [quantiles] * len(tensors) if isinstance(quantiles, bool) else [bool(q) for q in quantiles]
+    out: list[DeviceStats | None] = [None] * len(tensors)
+    xs: list[torch.Tensor] = []
+    small: dict[tuple[torch.device, torch.dtype], list[tuple[int, int]]] = {}
+    for i, t in enumerate(tensors):
+        x = t.detach()
+        xs.append(x)
+        n = x.numel()
+        if 0 < n <= SMALL and x.dtype in _ROW_DTYPES:
+            small.setdefault((x.device, x.dtype), []).append((n, i))
+        else:
+            out[i] = reduce_on_device(x, quantiles=qs[i])
+    for sizes in small.values():
+        for group in _row_groups(sizes):
+            if len(group) == 1:
+                i = group[0]
+                out[i] = reduce_on_device(xs[i], quantiles=qs[i])
+                continue
+            rows = _reduce_rows([xs[i] for i in group])
+            for r, i in enumerate(group):
+                x = xs[i]
+                out[i] = DeviceStats(
+                    n=x.numel(),
+                    vals=list(_quantiles(x.reshape(-1), x.dtype)) if qs[i] else [],
+                    chunks=1,
+                    rows=rows,
+                    row=r,
+                    quantiles=qs[i],
+                    tensor=x,
+                )
+    return out  # type: ignore[return-value]
+
+
+def _scalar_1d(v: torch.Tensor) -> torch.Tensor:
+    v = v.detach()
+    return v.reshape(1) if v.dim() == 0 else v.reshape(-1)[:1]
 
 
 def _copy_to_host(floats: list[torch.Tensor], ints: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """One `.cpu()` for float32 and int64 parts of one device; returns (float32, int64) arrays."""
+    """One `.cpu()` for float32 and int64 parts of one device; returns (float64, int64) arrays."""
     nf = sum(int(f.numel()) for f in floats)
-    parts = list(floats)
+    parts = [f.to(torch.float32) for f in floats]
     if ints:
         parts.append(torch.cat(ints).view(torch.float32))
     host = torch.cat(parts).cpu().numpy()
@@ -276,7 +554,7 @@ def transfer(
     statistics and the extras as floats, in order.
     """
     k = len(stats)
-    n = np.array([s.n for s in stats], dtype=np.int64)
+    n = np.fromiter((s.n for s in stats), dtype=np.int64, count=k)
     raw = np.zeros((k, 6), dtype=np.float64)
     nonzero = np.zeros(k, dtype=np.int64)
     nan = np.zeros(k, dtype=np.int64)
@@ -287,59 +565,165 @@ def transfer(
 
     groups: dict[torch.device, tuple[list[int], list[int]]] = {}
     for i, s in enumerate(stats):
-        if s.floats is not None:
-            groups.setdefault(s.device, ([], []))[0].append(i)
+        if s.n:
+            dev = s.device
+            g = groups.get(dev)  # type: ignore[arg-type]
+            if g is None:
+                g = groups[dev] = ([], [])  # type: ignore[index]
+            g[0].append(i)
     for j, e in enumerate(extras):
         if isinstance(e, torch.Tensor):
-            groups.setdefault(e.device, ([], []))[1].append(j)
+            if e.numel():
+                groups.setdefault(e.device, ([], []))[1].append(j)
         else:
             extra_values[j] = float(e)
 
     for idx, ext in groups.values():
-        floats = [stats[i].floats for i in idx]
-        quant = [stats[i].quant for i in idx if stats[i].quant is not None]
-        scal = [_scalar_f32(extras[j]) for j in ext]  # type: ignore[arg-type]
-        fl, ints = _copy_to_host(floats + quant + scal, [stats[i].counts for i in idx])
-        raw[idx] = fl[: 6 * len(idx)].reshape(-1, 6)
-        off = 6 * len(idx)
-        for i in idx:
-            if stats[i].quant is not None:
-                quantiles[i] = (float(fl[off]), float(fl[off + 1]))
-                off += 2
-        for j in ext:
-            extra_values[j] = float(fl[off])
-            off += 1
-        c = 0
-        for i in idx:
+        # ONE copy of: section A, the 0-d scalars of every tensor, stacked; section B, 1-d pieces
+        # (x0 shifts, row blocks of small tensors, activity counts, extras), concatenated.
+        scal: list[torch.Tensor] = []
+        vecs: list[torch.Tensor] = []
+        nb = 0  # length of section B so far
+        rowoff: list[int] = []  # offset of every chunk's [S, SS, min, max, sum|x|, nonzero]
+        rowb: list[bool] = []  # ... in section B (else A)
+        seg: list[int] = []  # each tensor's first entry in rowoff
+        x0_at: list[int] = []  # in section B
+        xrow: list[int] = []  # exact_nonfinite tensors: [not-NaN, finite] of every chunk (A)
+        xseg: list[int] = []
+        exact: list[int] = []  # positions in idx
+        quant: list[tuple[int, int]] = []  # (tensor, offset of p5 in A)
+        acts: list[tuple[int, int]] = []  # (tensor, offset of its activity counts in B)
+        plain: list[int] = []  # unshifted sums
+        blocks: dict[int, tuple[int, int]] = {}
+        for p, i in enumerate(idx):
             s = stats[i]
-            nonzero[i] = ints[c]
-            c += 1
-            if s.exact_nonfinite:
-                nan[i], inf[i] = ints[c], ints[c + 1]
-                c += 2
-            if s.units:
-                activity[i] = (s.units, *(int(v) for v in ints[c : c + _NA]))
-                c += _NA
+            seg.append(len(rowoff))
+            if s.rows is None:
+                a = len(scal)
+                scal += s.vals
+                end = a + s.chunks * _W
+                if s.chunks == 1:
+                    rowoff.append(a)
+                    rowb.append(False)
+                else:
+                    rowoff += range(a, end, _W)
+                    rowb += [False] * s.chunks
+                if s.counted:
+                    exact.append(p)
+                    xseg.append(len(xrow))
+                    xrow += range(end, end + 2 * s.chunks, 2)
+                    end += 2 * s.chunks
+                if s.quantiles:
+                    quant.append((i, end))
+                vecs.append(s.x0)  # type: ignore[arg-type]
+                x0_at.append(nb)
+                nb += 1
+            else:
+                at = blocks.get(id(s.rows))
+                if at is None:
+                    r = s.rows
+                    vecs += (r.rows.view(-1), r.x0)
+                    at = blocks[id(r)] = (nb, nb + r.rows.numel())
+                    nb = at[1] + r.x0.numel()
+                rowoff.append(at[0] + s.row * _W)
+                rowb.append(True)
+                x0_at.append(at[1] + s.row)
+                if s.quantiles:
+                    quant.append((i, len(scal)))
+                    scal += s.vals
+            if s.activity is not None:
+                acts.append((i, nb))
+                vecs.append(s.activity)
+                nb += _NA
+            if s.check_shift:
+                plain.append(i)
+        vecs += [_scalar_1d(extras[j]) for j in ext]  # type: ignore[arg-type]
+        ns = len(scal)
+        host = torch.cat([torch.stack(scal), *vecs] if scal else vecs).cpu().numpy().astype(np.float64)
 
-    host = HostStats(n, raw, nonzero, nan, inf, {}, activity, quantiles)
-    _second_pass(stats, host)
-    return host, extra_values
+        if idx:
+            ia = np.array(idx)
+            ro = np.array(rowoff) + ns * np.array(rowb)
+            rows = host[ro[:, None] + _R6]  # [chunks, 6]
+            if len(ro) > len(idx):  # some tensors came in several chunks: combine them
+                sg = np.array(seg)
+                mins = np.minimum.reduceat(rows[:, 2], sg)  # NaN propagates, as in amin / amax
+                maxs = np.maximum.reduceat(rows[:, 3], sg)
+                rows = np.add.reduceat(rows, sg, axis=0)
+                rows[:, 2] = mins
+                rows[:, 3] = maxs
+            raw[ia, 0] = host[np.array(x0_at) + ns]
+            raw[ia, 1:] = rows[:, :5]
+            nonzero[ia] = rows[:, 5]
+            if exact:
+                xr = host[np.array(xrow)[:, None] + _R2]
+                if len(xrow) > len(exact):
+                    xr = np.add.reduceat(xr, np.array(xseg), axis=0)
+                ei = ia[exact]
+                nan[ei] = n[ei] - xr[:, 0]
+                inf[ei] = xr[:, 0] - xr[:, 1]
+        for i, q in quant:
+            quantiles[i] = (float(host[q]), float(host[q + 1]))
+        for i, a in acts:
+            activity[i] = (stats[i].units, *(int(v) for v in host[ns + a : ns + a + _NA]))
+        off = ns + nb
+        for j in ext:
+            extra_values[j] = float(host[off])
+            off += 1
+        if plain:
+            _reshift(stats, raw, n, np.array(plain))
+
+    hs = HostStats(n, raw, nonzero, nan, inf, {}, activity, quantiles)
+    _second_pass(stats, hs)
+    return hs, extra_values
+
+
+#: Plain float32 sums give the variance to about 3e-7 * (1 + mean^2 / var) (relative); beyond
+#: this ratio the sums are recomputed around the first element.
+MAX_PLAIN_RATIO = 16.0
+
+
+def _reshift(stats: Sequence[DeviceStats], raw: np.ndarray, n: np.ndarray, idx: np.ndarray) -> None:
+    """Shifted S, SS for the (CPU) tensors `idx` whose plain sums lose the variance to cancellation."""
+    s, ss = raw[idx, 1], raw[idx, 2]
+    nn = n[idx]
+    with np.errstate(over="ignore", invalid="ignore"):
+        m = s / nn
+        # not-finite sums are left to the second pass
+        todo = idx[np.isfinite(ss) & np.isfinite(s) & (m * m > MAX_PLAIN_RATIO * (ss / nn - m * m))]
+    if not len(todo):
+        return
+    out = []
+    for i in todo:
+        x = stats[i].tensor
+        flat = x.reshape(-1)  # type: ignore[union-attr]
+        ct = _compute_dtype(flat.dtype)
+        x0 = flat[:1].to(ct)
+        parts = []
+        for c in flat.split(CHUNK):
+            d = c.to(ct) - x0
+            parts += (d.sum(), torch.dot(d, d))
+        out.append(torch.stack([x0[0], torch.stack(parts[0::2]).sum(), torch.stack(parts[1::2]).sum()]))
+    # CPU tensors: numpy() reads them in place, no device copy.
+    vals = torch.stack([v.to(torch.float64) for v in out]).numpy()
+    raw[todo, :3] = vals
 
 
 def _second_pass(stats: Sequence[DeviceStats], host: HostStats) -> None:
     """Exact nan/inf counts or rescaled moments for tensors whose first-pass sums were non-finite."""
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(host.raw[:, 1:]).all(axis=1)
-    todo = [i for i in np.flatnonzero(bad) if stats[i].tensor is not None and not stats[i].exact_nonfinite]
-    if not todo:
+    if not bad.any():
         return
     groups: dict[torch.device, list[tuple[int, str, float]]] = {}
-    for i in todo:
+    for i in np.flatnonzero(bad):
+        if stats[i].tensor is None:
+            continue
         mn, mx = host.raw[i, 3], host.raw[i, 4]
         if math.isfinite(mn) and math.isfinite(mx):
             # amin/amax propagate NaN and show any inf: all elements are finite, sums overflowed.
             groups.setdefault(stats[i].device, []).append((i, "rescale", max(abs(mn), abs(mx))))
-        else:
+        elif not stats[i].counted:
             groups.setdefault(stats[i].device, []).append((i, "count", 0.0))
     for items in groups.values():
         floats: list[torch.Tensor] = []
@@ -352,12 +736,12 @@ def _second_pass(stats: Sequence[DeviceStats], host: HostStats) -> None:
             else:
                 ct = _compute_dtype(flat.dtype)
                 y0 = flat[:1].to(ct) / scale
-                parts = torch.stack([_moments(c.to(ct) / scale, ct, y0) for c in flat.split(CHUNK)])
-                floats.append(
-                    torch.cat(
-                        [y0, parts[:, 0].sum(0, True), parts[:, 1].sum(0, True), parts[:, 4].sum(0, True)]
-                    ).float()
-                )
+                rows = []
+                for c in flat.split(CHUNK):
+                    y = c.to(ct) / scale
+                    d = y - y0
+                    rows.append(torch.stack([d.sum(), torch.dot(d, d), y.abs().sum()]))
+                floats.append(torch.cat([y0, torch.stack(rows).sum(0)]))
         fl, iv = _copy_to_host(floats, ints)
         fo = io = 0
         for i, what, scale in items:

@@ -17,19 +17,21 @@ activation itself is not kept). Whether a forward pass is captured is decided on
 pre-hook on the top module: mode = "train" if model.training else "eval", and the upcoming step
 is the last step passed to `step()` for that mode plus one (0 at first). Only the first forward
 pass after each `step()` is captured (gradient accumulation would otherwise repeat names).
+The activation hooks themselves are registered for a captured pass only (and removed when it
+ends): a step that is not saved costs one Python call per forward pass.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .hook import Hook, _Part
-from .stats_torch import DeviceStats, reduce_on_device, transfer
+from .stats_torch import DeviceStats, reduce_many, reduce_on_device, transfer
 
 #: Modules whose outputs are captured as activations (with per-unit activity).
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -52,6 +54,14 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+class _ActModule(NamedTuple):
+    module: nn.Module
+    pre_hook: Any
+    hook: Any  # output hook when the pre-hook numbers the calls
+    counting_hook: Any  # output hook that numbers the calls itself
+    want_in: bool
+
+
 def _collection(param_name: str) -> str:
     if param_name.endswith("bias"):
         return "biases"
@@ -67,6 +77,10 @@ class TorchHook(Hook):
         self._optimizer: Any = None
         self._params: list[tuple[str, str, nn.Parameter]] = []
         self._handles: list[Any] = []
+        self._capture_handles: list[Any] = []
+        self._act_modules: list[_ActModule] = []
+        self._param_items: list[tuple[str, str, nn.Parameter]] = []
+        self._grad_items: list[tuple[str, nn.Parameter]] = []
         self._acts: dict[str, list[tuple[str, str, DeviceStats]]] = {}
         self._capturing: str | None = None
         self._capture_inputs = False
@@ -97,6 +111,12 @@ class TorchHook(Hook):
         self._include = re.compile(include) if include else None
         self._exclude = re.compile(exclude) if exclude else None
         self._params = [(name, _collection(name), p) for name, p in model.named_parameters()]
+        # The include/exclude filters are applied once here, not on every step.
+        self._param_items = [(name, coll, p) for name, coll, p in self._params if self._wanted(name)]
+        self._grad_items = [
+            (f"gradient/{name}", p) for name, _, p in self._params if self._wanted(f"gradient/{name}")
+        ]
+        self._act_modules = []
         if activations:
             for path, module in model.named_modules():
                 if not isinstance(module, ACTIVATION_TYPES):
@@ -106,18 +126,27 @@ class TorchHook(Hook):
                 want_in = self._wanted(f"{base}_input")
                 if not (want_out or want_in):
                     continue
-                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(base, want_in)))
-                if want_out:
-                    self._handles.append(module.register_forward_hook(self._make_hook(base)))
+                self._act_modules.append(
+                    _ActModule(
+                        module,
+                        self._make_pre_hook(base, want_in),
+                        self._make_hook(base, counts=False) if want_out else None,
+                        self._make_hook(base, counts=True) if want_out else None,
+                        want_in,
+                    )
+                )
+            # The only permanent hook: steps that are not saved cost one call per forward pass.
+            # The activation hooks are registered when a capture starts and removed when it ends.
             self._handles.append(model.register_forward_pre_hook(self._on_forward_start))
-            self._handles.append(model.register_forward_hook(self._on_forward_end))
         return self
 
     def detach(self) -> None:
         """Remove every hook from the model; the Kafka side stays open until close()."""
+        self._end_capture()
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._act_modules = []
         self._acts = {}
         self._capturing = None
         self._model = None
@@ -130,6 +159,8 @@ class TorchHook(Hook):
     # ------------------------------------------------------------------ forward hooks
     def _on_forward_start(self, module: nn.Module, args: Any) -> None:
         self._capturing = None
+        if self._capture_handles:
+            self._end_capture()  # a forward pass that raised left its hooks behind
         if not self.enabled:
             return
         mode = "train" if module.training else "eval"
@@ -141,9 +172,27 @@ class TorchHook(Hook):
             self._capture_inputs = self._quantiles_now(mode)
             self._calls = {}
             self._acts[mode] = []
+            self._begin_capture(module)
+
+    def _begin_capture(self, model: nn.Module) -> None:
+        handles = self._capture_handles
+        for am in self._act_modules:
+            pre = am.want_in and self._capture_inputs
+            if pre:
+                handles.append(am.module.register_forward_pre_hook(am.pre_hook, prepend=True))
+            hook = am.hook if pre else am.counting_hook
+            if hook is not None:
+                handles.append(am.module.register_forward_hook(hook, prepend=True))
+        handles.append(model.register_forward_hook(self._on_forward_end))
+
+    def _end_capture(self) -> None:
+        for h in self._capture_handles:
+            h.remove()
+        self._capture_handles = []
 
     def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         self._capturing = None  # modules called outside the model's forward are not captured
+        self._end_capture()
 
     def _make_pre_hook(self, base: str, want_input: bool):
         def pre_hook(module: nn.Module, args: Any) -> None:
@@ -151,7 +200,7 @@ class TorchHook(Hook):
             if mode is None:
                 return
             idx = self._calls[id(module)] = self._calls.get(id(module), -1) + 1
-            if not (want_input and self._capture_inputs and args and isinstance(args[0], torch.Tensor)):
+            if not (want_input and args and isinstance(args[0], torch.Tensor)):
                 return
             try:
                 # Before forward: in-place activations would overwrite their input.
@@ -164,13 +213,21 @@ class TorchHook(Hook):
 
         return pre_hook
 
-    def _make_hook(self, base: str):
+    def _make_hook(self, base: str, *, counts: bool):
+        """The output hook; `counts`: it numbers the calls itself (no pre-hook registered)."""
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             mode = self._capturing
-            if mode is None or not isinstance(output, torch.Tensor):
+            if mode is None:
+                return
+            calls = self._calls
+            if counts:
+                idx = calls[id(module)] = calls.get(id(module), -1) + 1
+            else:
+                idx = calls.get(id(module), 0)
+            if not isinstance(output, torch.Tensor):
                 return
             try:
-                idx = self._calls.get(id(module), 0)
                 stats = reduce_on_device(output, activity=True, exact_nonfinite=True)
                 name = f"{base}_output" + (f"_{idx}" if idx else "")
                 self._acts[mode].append((name, "activations", stats))
@@ -189,6 +246,8 @@ class TorchHook(Hook):
         .item()) or a number.
         """
         self._capturing = None
+        if self._capture_handles:
+            self._end_capture()
         if mode is None:
             mode = "train" if self._model is None or self._model.training else "eval"
         acts = self._acts.pop(mode, None) or []
@@ -199,16 +258,21 @@ class TorchHook(Hook):
             return
         try:
             quant = self._quantiles_now(mode)
-            items: list[tuple[str, str, DeviceStats]] = []
-            for name, coll, p in self._params:
-                if self._wanted(name):
-                    items.append((name, coll, reduce_on_device(p)))
+            names = [name for name, _, _ in self._param_items]
+            colls = [coll for _, coll, _ in self._param_items]
+            tensors: list[torch.Tensor] = [p for _, _, p in self._param_items]
             if mode == "train":
-                for name, _, p in self._params:
-                    gname = f"gradient/{name}"
-                    if p.grad is not None and self._wanted(gname):
-                        items.append((gname, "gradients", reduce_on_device(p.grad, quantiles=quant)))
-            items += acts
+                for gname, p in self._grad_items:
+                    if p.grad is not None:
+                        names.append(gname)
+                        colls.append("gradients")
+                        tensors.append(p.grad)
+            nparams = len(self._param_items)
+            stats = reduce_many(tensors, quantiles=[False] * nparams + [quant] * (len(tensors) - nparams))
+            for name, coll, s in acts:
+                names.append(name)
+                colls.append(coll)
+                stats.append(s)
             extras: list[Any] = []
             extra_names: list[str] = []
             if loss is not None:
@@ -217,10 +281,10 @@ class TorchHook(Hook):
             for name, lr in self._learning_rates():
                 extras.append(lr)
                 extra_names.append(name)
-            host, values = transfer([s for _, _, s in items], extras)
+            host, values = transfer(stats, extras)
             rec = self._record_for(step, mode)
-            if items:
-                rec.parts.append(_Part([n for n, _, _ in items], [c for _, c, _ in items], host))
+            if names:
+                rec.parts.append(_Part(names, colls, host))
             rec.scalars.update(zip(extra_names, values, strict=True))
         except Exception as exc:  # noqa: BLE001
             self._fail("computing statistics", exc)

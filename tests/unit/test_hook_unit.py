@@ -446,3 +446,46 @@ def test_save_config_modes_apply_to_torch_capture():
     hook.close(2)
     got = [(r.mode, r.step, any(t.collection == "activations" for t in r.tensors)) for r in sink.records()]
     assert got[:-1] == [("train", 0, True), ("train", 3, True), ("eval", 1, True)]
+
+
+def test_torch_hook_registers_activation_hooks_for_captured_passes_only():
+    """Forward passes of steps that are not saved run no activation hook; captured ones do, then unhook."""
+    from tensorpulse.producers.torch import TorchHook
+
+    sink = Sink()
+    model = make_mlp()
+    seen: list[int] = []
+    model[1].register_forward_hook(lambda m, a, o: seen.append(len(m._forward_hooks)))
+    hook = TorchHook("unit-lazy-hooks", produce_fn=sink, save_interval=2, quantile_steps=0).attach(model)
+    train(model, hook, 4)
+    assert seen == [2, 1, 2, 1]  # the user's hook, plus the hook's own on saved steps 0 and 2
+    assert len(model._forward_pre_hooks) == 1 and not model._forward_hooks
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model] == [0, 1, 0, 0, 0]
+    hook.close(2)
+    acts = [
+        t.name for r in sink.records() if r.kind == "step" for t in r.tensors if t.collection == "activations"
+    ]
+    assert acts == ["1/relu_output", "3/tanh_output"] * 2
+
+
+def test_publisher_delivers_batches_without_a_flush():
+    """Records reach the transport within the batch delay without flush(); a full queue wakes it at once."""
+    seen: list[bytes] = []
+    pub = Publisher(
+        "t", key="job", max_queued=4, produce_fn=lambda t, v, k: seen.append(v), batch_delay_s=0.05
+    )
+    try:
+        pub.submit(b"a")
+        assert wait_for(lambda: seen == [b"a"], timeout=2.0)
+        slow = Publisher(
+            "t", key="job", max_queued=4, produce_fn=lambda t, v, k: seen.append(v), batch_delay_s=60
+        )
+        try:
+            time.sleep(0.1)  # the thread is idle, waiting for its next batch
+            for item in (b"b", b"c"):  # half full: wakes the thread
+                slow.submit(item)
+            assert wait_for(lambda: seen == [b"a", b"b", b"c"], timeout=2.0)
+        finally:
+            slow.close(1)
+    finally:
+        pub.close(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -16,6 +17,15 @@ from tensorpulse.producers import stats_torch  # noqa: E402
 from tensorpulse.producers.stats_torch import reduce_on_device, torch_stats, transfer  # noqa: E402
 
 INF, NAN = math.inf, math.nan
+
+
+@pytest.fixture(params=["host", "device"])
+def path(request, monkeypatch):
+    """The CPU path (plain sums checked on the host, host quantiles) or, on CPU, the path a GPU takes
+    (sums shifted by the first element, nan/inf of activations counted up front, torch.quantile)."""
+    if request.param == "device":
+        monkeypatch.setattr(stats_torch, "_HOST_DEVICES", frozenset())
+    return request.param
 
 
 def reference(x: np.ndarray) -> dict[str, float]:
@@ -61,7 +71,7 @@ def assert_row(cols: Columns, i: int, ref: dict[str, float], rtol: float = 1e-5)
             assert have == pytest.approx(want, rel=rtol, abs=rtol * scale), (key, have, want)
 
 
-def test_random_tensors_match_the_float64_reference():
+def test_random_tensors_match_the_float64_reference(path):
     """Random float32/float64 tensors of several shapes give the reference statistics."""
     g = torch.Generator().manual_seed(0)
     tensors = [
@@ -77,7 +87,7 @@ def test_random_tensors_match_the_float64_reference():
         assert_row(cols, i, reference(t.numpy()))
 
 
-def test_constant_tensor_has_exactly_zero_std():
+def test_constant_tensor_has_exactly_zero_std(path):
     """A constant tensor gives std exactly 0 and mean exactly the constant (shifted moments)."""
     values = [0.1, 3.3, -1e6 + 0.5, 12345.678]
     tensors = [torch.full((4097,), v) for v in values] + [torch.full((64, 3), 0.7, dtype=torch.float16)]
@@ -89,7 +99,7 @@ def test_constant_tensor_has_exactly_zero_std():
         assert cols.floats[i, 2] == cols.floats[i, 3] == v
 
 
-def test_empty_tensors_report_n_zero_and_zero_statistics():
+def test_empty_tensors_report_n_zero_and_zero_statistics(path):
     """Empty tensors yield n=0 and all statistics 0 in both backends, next to non-empty ones."""
     tensors = [torch.empty(0), torch.ones(3), torch.empty(5, 0)]
     for cols in (torch_stats(tensors), numpy_stats([t.numpy() for t in tensors])):
@@ -99,7 +109,7 @@ def test_empty_tensors_report_n_zero_and_zero_statistics():
         assert cols.zeros.tolist() == [0, 0, 0]
 
 
-def test_integer_and_bool_tensors_are_accumulated_as_floats():
+def test_integer_and_bool_tensors_are_accumulated_as_floats(path):
     """Integer and bool tensors are supported (accumulated in float32) and match the reference."""
     tensors = [torch.arange(-50, 51, dtype=torch.int64), torch.tensor([0, 1, 1, 0, 1], dtype=torch.bool)]
     tensors.append(torch.randint(0, 7, (40, 9), dtype=torch.int32))
@@ -109,7 +119,7 @@ def test_integer_and_bool_tensors_are_accumulated_as_floats():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_tensors_are_computed_in_float32(dtype):
+def test_half_precision_tensors_are_computed_in_float32(dtype, path):
     """float16/bfloat16 tensors match the float64 reference of their exact values."""
     g = torch.Generator().manual_seed(1)
     t = (torch.randn(300, 70, generator=g) * 4 + 2).to(dtype)
@@ -118,7 +128,7 @@ def test_half_precision_tensors_are_computed_in_float32(dtype):
     assert cols.zeros[1] == 10 and cols.floats[1].tolist() == [0.0] * 5
 
 
-def test_nan_and_inf_counts_are_exact_and_statistics_follow_ieee():
+def test_nan_and_inf_counts_are_exact_and_statistics_follow_ieee(path):
     """Tensors with NaN/inf get exact counts and the same IEEE statistics as numpy."""
     g = torch.Generator().manual_seed(2)
     a = torch.randn(1000, generator=g)
@@ -142,7 +152,7 @@ def test_nan_and_inf_counts_are_exact_and_statistics_follow_ieee():
     assert ncols.nan.tolist() == cols.nan.tolist() and ncols.inf.tolist() == cols.inf.tolist()
 
 
-def test_huge_finite_tensors_whose_sums_overflow_have_no_nonfinite_counts():
+def test_huge_finite_tensors_whose_sums_overflow_have_no_nonfinite_counts(path):
     """Finite values whose float32 sums overflow report nan=inf=0 and correct mean/std."""
     g = torch.Generator().manual_seed(3)
     big = (torch.rand(10_000, generator=g) * 2 - 1) * 3e38
@@ -164,7 +174,7 @@ def brute_activity(x: np.ndarray) -> tuple[int, ...]:
     return (units, *(sum(1 for f in fracs if f < e) for e in ACTIVITY_EDGES))
 
 
-def test_activity_counts_match_a_brute_force_reference():
+def test_activity_counts_match_a_brute_force_reference(path):
     """Per-unit activity histograms match brute force for dense, conv-shaped and edge-case inputs."""
     g = torch.Generator().manual_seed(4)
     dense = torch.relu(torch.randn(256, 40, generator=g) + torch.linspace(-4, 2, 40))
@@ -186,7 +196,7 @@ def test_activity_counts_match_a_brute_force_reference():
     assert ncols.activity == cols.activity
 
 
-def test_activity_with_many_samples_per_unit_uses_exact_integer_counts(monkeypatch):
+def test_activity_with_many_samples_per_unit_uses_exact_integer_counts(monkeypatch, path):
     """Above the float32-exact sample count the activity counts still match brute force."""
     monkeypatch.setattr(stats_torch, "_EXACT_F32", 100)
     g = torch.Generator().manual_seed(5)
@@ -195,7 +205,7 @@ def test_activity_with_many_samples_per_unit_uses_exact_integer_counts(monkeypat
     assert cols.activity[0] == brute_activity(x.numpy())
 
 
-def test_chunked_reduction_matches_the_unchunked_one(monkeypatch):
+def test_chunked_reduction_matches_the_unchunked_one(monkeypatch, path):
     """Tensors larger than CHUNK are reduced in chunks with the same results."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(10_007, generator=g) * 2 + 5
@@ -208,7 +218,7 @@ def test_chunked_reduction_matches_the_unchunked_one(monkeypatch):
     assert chunked.floats[1, 1] == 0.0 and chunked.zeros[0] == 1
 
 
-def test_quantiles_come_from_a_bounded_subsample():
+def test_quantiles_come_from_a_bounded_subsample(path):
     """p5/p95 are nearest-rank quantiles of a strided subsample and close to the true quantiles."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(200_000, generator=g)
@@ -226,7 +236,7 @@ def test_quantiles_come_from_a_bounded_subsample():
     assert numpy_stats([small.numpy()], quantiles=[True]).quantiles[0] == pytest.approx(cols.quantiles[1])
 
 
-def test_k_tensors_and_extras_come_back_from_one_copy_without_item(monkeypatch):
+def test_k_tensors_and_extras_come_back_from_one_copy_without_item(monkeypatch, path):
     """Stats of k tensors plus scalar extras come from a single .cpu() call and no .item()."""
     calls = []
     real_cpu = torch.Tensor.cpu
@@ -256,7 +266,7 @@ def test_k_tensors_and_extras_come_back_from_one_copy_without_item(monkeypatch):
         assert_row(cols, i, reference(t.numpy()))
 
 
-def test_nonfinite_tensors_cost_exactly_one_extra_copy(monkeypatch):
+def test_nonfinite_tensors_cost_exactly_one_extra_copy(monkeypatch, path):
     """The second pass for NaN/inf runs once per device and only when something is non-finite."""
     calls = []
     real_cpu = torch.Tensor.cpu
@@ -268,7 +278,7 @@ def test_nonfinite_tensors_cost_exactly_one_extra_copy(monkeypatch):
     assert cols.nan.tolist() == [0, 1, 0, 0]
 
 
-def test_activation_reductions_count_nonfinite_without_keeping_the_tensor():
+def test_activation_reductions_count_nonfinite_without_keeping_the_tensor(path):
     """exact_nonfinite reductions keep no tensor reference yet report exact nan/inf counts."""
     x = torch.relu(torch.randn(16, 4))
     x[0, 0], x[1, 1], x[2, 2], x[3, 3] = NAN, INF, INF, -INF
@@ -309,3 +319,82 @@ def test_columns_convert_to_a_wire_tensor_block():
     assert block.nan is not None and block.nan.tolist() == [0, 0, 1] and block.inf is None
     assert stats_numpy.activity_thresholds(1000) == [1, 10, 50, 100, 500]
     assert stats_numpy.activity_thresholds(7) == [1, 1, 1, 1, 4]
+
+
+def test_reduce_many_batches_small_tensors_and_matches_the_reference(path, monkeypatch):
+    """reduce_many (small tensors as rows of one matrix) gives the reference statistics and quantiles."""
+    g = torch.Generator().manual_seed(10)
+    tensors = [
+        torch.randn(300, 40, generator=g),  # reduced on its own
+        torch.randn(512, generator=g) * 3 + 7,
+        torch.full((10,), 0.1),  # constant: std exactly 0
+        torch.randn(10, 51, generator=g) + 1000.0,
+        torch.randn(7, generator=g, dtype=torch.float64),
+        torch.zeros(5),
+        torch.tensor([1.0, NAN, 2.0]),
+        torch.tensor([INF, 1.0, 0.0]),  # non-finite first element (the padding)
+        torch.tensor([3e38, 3e38, 1.0]),  # finite, the sums overflow
+        torch.randn(1, generator=g),
+        torch.empty(0),
+        torch.randint(0, 5, (30,)),
+        torch.randn(40, generator=g).half(),
+    ]
+    tensors[3][0, 5] = 0.0
+    monkeypatch.setattr(stats_torch, "SMALL", 1000)
+    stats = stats_torch.reduce_many(tensors, quantiles=[True] * len(tensors))
+    assert stats[0].rows is None and all(stats[i].rows is not None for i in (1, 2, 3, 5, 6, 7, 8, 9))
+    host, extras = transfer(stats, [torch.tensor(0.25), 1.5])
+    cols = host.finish()
+    assert extras == [0.25, 1.5]
+    for i, t in enumerate(tensors):
+        assert_row(cols, i, reference(host_array(t)))
+        if t.numel():
+            f = host_array(t).astype(np.float64).ravel()
+            want = np.quantile(f, (0.05, 0.95), method="nearest")
+            np.testing.assert_allclose(cols.quantiles[i], want, rtol=1e-6, equal_nan=True)
+    assert cols.floats[2, 1] == 0.0 and cols.floats[2, 0] == np.float32(0.1)
+    assert cols.zeros[3] == 1 and cols.nan[6] == 1 and cols.inf[7] == 1
+
+
+def test_plain_sums_are_recomputed_around_the_first_element_where_they_would_cancel():
+    """On CPU the plain sums of tensors whose mean dwarfs their spread are re-shifted: exact std."""
+    g = torch.Generator().manual_seed(11)
+    big = torch.randn(200_000, generator=g) * 1e-3 + 1.0  # mean / std = 1000
+    act = torch.relu(torch.randn(64, 32, generator=g)) * 1e-4 + 5.0
+    near = torch.full((70_000,), 2.5)
+    near[123] = 2.5 + 2**-20
+    stats = [reduce_on_device(big), reduce_on_device(near)]
+    stats.append(reduce_on_device(act, activity=True, exact_nonfinite=True))
+    stats.append(reduce_on_device(torch.full((8, 4), 0.3), activity=True, exact_nonfinite=True))
+    cols = transfer(stats)[0].finish()
+    for i, t in enumerate([big, near, act]):
+        ref = reference(t.numpy())
+        assert cols.floats[i, 1] == pytest.approx(ref["std"], rel=1e-6)
+        assert cols.floats[i, 0] == pytest.approx(ref["mean"], rel=1e-7)
+    assert cols.floats[3, 1] == 0.0 and cols.floats[3, 0] == np.float32(0.3)
+
+
+def test_activations_count_nan_and_inf_only_when_needed_on_cpu():
+    """A finite activation skips the nan/inf indicator passes on CPU; a non-finite one counts exactly."""
+    x = torch.relu(torch.randn(32, 8))
+    clean = reduce_on_device(x, activity=True, exact_nonfinite=True)
+    x[1, 1], x[2, 2], x[3, 3] = NAN, INF, -INF
+    dirty = reduce_on_device(x, activity=True, exact_nonfinite=True)
+    assert not clean.counted and dirty.counted and dirty.tensor is None
+    cols = transfer([clean, dirty])[0].finish()
+    assert cols.nan.tolist() == [0, 1] and cols.inf.tolist() == [0, 2]
+    assert cols.zeros[1] == int((x == 0).sum())
+    assert cols.activity[1] == brute_activity(x.numpy())
+
+
+def test_scratch_buffers_serve_inference_mode_and_training_alike(monkeypatch):
+    """A scratch buffer first made under inference_mode works outside it (and vice versa)."""
+    monkeypatch.setattr(stats_torch, "_LOCAL", threading.local())  # no buffers yet
+    x = torch.randn(1000) + 3
+    with torch.inference_mode():
+        a = torch_stats([x * 1])
+    b = torch_stats([x])
+    with torch.inference_mode():
+        c = torch_stats([x.half()])
+    np.testing.assert_allclose(a.floats, b.floats)
+    assert c.n.tolist() == [1000]
