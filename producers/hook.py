@@ -199,9 +199,7 @@ class Hook:
         else with `__array__` is reduced with numpy. Collection "activations" adds per-unit
         activity; "gradients" adds p5/p95 during the first `quantile_steps` saved train steps.
         """
-        if not (self._enabled and not self._closed and self._valid(step, mode)):
-            return
-        if not self.save_config.should_save(step, mode):
+        if not self._accepts(step, mode):
             return
         try:
             rec = self._record_for(step, mode)
@@ -231,9 +229,7 @@ class Hook:
 
     def record_scalars(self, step: int, values: Mapping[str, Any], *, mode: str = "train") -> None:
         """Add scalars (floats or 1-element tensors; tensors are copied at publish, without .item())."""
-        if not (self._enabled and not self._closed and self._valid(step, mode)):
-            return
-        if not self.save_config.should_save(step, mode):
+        if not self._accepts(step, mode):
             return
         try:
             rec = self._record_for(step, mode)
@@ -308,6 +304,15 @@ class Hook:
         }
 
     # ------------------------------------------------------------------ internals (training thread)
+    def _accepts(self, step: Any, mode: Any) -> bool:
+        """True if data for (step, mode) is to be recorded: hook live, arguments valid, a saved step."""
+        return (
+            self._enabled
+            and not self._closed
+            and self._valid(step, mode)
+            and self.save_config.should_save(step, mode)
+        )
+
     def _valid(self, step: Any, mode: Any) -> bool:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0 or mode not in wire.MODES:
             self._skipped_bad_calls += 1
