@@ -405,6 +405,7 @@ class Hook:
             names, colls, merged = _dedupe(names, colls, merged)
             block = merged.to_block(names, colls)
         announce = False
+        sid = None
         if block is not None:
             key = (tuple(block.names), tuple(block.collections))
             sid = self._schema_ids.get(key)
@@ -431,6 +432,7 @@ class Hook:
             scalars=rec.scalars,
             tensors=block,
             announce=announce,
+            sid=sid,
         )
 
 

@@ -158,8 +158,13 @@ def encode(
     scalars: Mapping[str, float] | None = None,
     tensors: TensorBlock | None = None,
     announce: bool = True,
+    sid: int | None = None,
 ) -> bytes:
-    """Encode one record. `announce=False` omits tensor names (the reader must know the schema)."""
+    """Encode one record. `announce=False` omits tensor names (the reader must know the schema).
+
+    `sid` is the block's `schema_id`, when the caller already has it cached (it is the same for
+    every step of a producer, so recomputing it per record is wasted work).
+    """
     rec: dict[str, Any] = {
         "v": VERSION,
         "kind": kind,
@@ -176,7 +181,7 @@ def encode(
     if tensors is not None and len(tensors.names):
         k = len(tensors.names)
         t: dict[str, Any] = {
-            "sid": schema_id(tensors.names, tensors.collections),
+            "sid": schema_id(tensors.names, tensors.collections) if sid is None else sid,
             "n": [int(x) for x in tensors.n],
             "f": np.ascontiguousarray(tensors.floats, dtype="<f4").reshape(k, len(FLOAT_COLUMNS)).tobytes(),
             "z": [int(x) for x in tensors.zeros],
