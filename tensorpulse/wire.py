@@ -49,6 +49,75 @@ _unpack_limits = dict(
 
 
 @dataclass(frozen=True, slots=True)
+class Delta:
+    """How a tensor changed since the producer's previous saved step (computed on its device)."""
+
+    prev_step: int
+    update_l2: float
+    prev_l2: float
+    allclose_excess: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClassCounts:
+    """Label counts of one step (and, with predictions, the confusion counts).
+
+    `labels[c]` is how many samples had label c; `confusion[i*k + j]` how many with label i were
+    predicted j (row-major k×k), when the producer had predictions.
+    """
+
+    k: int
+    labels: tuple[int, ...]
+    confusion: tuple[int, ...] | None = None
+
+    def predicted(self) -> tuple[int, ...] | None:
+        """Per-class prediction counts (column sums), if confusion counts were sent."""
+        if self.confusion is None:
+            return None
+        k = self.k
+        return tuple(sum(self.confusion[i * k + j] for i in range(k)) for j in range(k))
+
+    def correct(self) -> tuple[int, ...] | None:
+        """Per-class correct counts (the diagonal), if confusion counts were sent."""
+        if self.confusion is None:
+            return None
+        return tuple(self.confusion[i * self.k + i] for i in range(self.k))
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSums:
+    """Per-channel sums over one step's input images (for CheckInputImages).
+
+    `images` images of `pixels` values per channel; channel c's mean is sums[c] / (images*pixels).
+    """
+
+    images: int
+    pixels: int
+    sums: tuple[float, ...]
+    sumsq: tuple[float, ...]
+
+    def channel_means(self) -> tuple[float, ...]:
+        count = self.images * self.pixels
+        return tuple(x / count if count else math.nan for x in self.sums)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCounts:
+    """How many of one step's tokens equal each watched value (for NLPSequenceRatio)."""
+
+    total: int
+    counts: Mapping[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Vector:
+    """A small named vector (e.g. XGBoost feature importances), with optional element labels."""
+
+    values: tuple[float, ...]
+    labels: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TensorStats:
     """Statistics of one tensor at one step, computed over all elements (population std)."""
 
@@ -67,6 +136,11 @@ class TensorStats:
     activity: tuple[int, ...] | None = None
     #: (p5, p95) where the producer computed quantiles, else None.
     quantiles: tuple[float, float] | None = None
+    #: Difference from the same tensor at the producer's previous saved step, where the hook
+    #: tracks it (weights by default): that step, ||w - w_prev||, ||w_prev||, and the largest
+    #: allclose excess max(|w - w_prev| - (atol + rtol*|w_prev|)) (<= 0: allclose) computed with
+    #: the record's `tolerance`.
+    delta: Delta | None = None
 
     @property
     def l2(self) -> float:
@@ -110,6 +184,16 @@ class StepRecord:
     kind: str = "step"
     scalars: Mapping[str, float] = field(default_factory=dict)
     tensors: tuple[TensorStats, ...] = ()
+    #: Label / confusion counts by name (e.g. "labels"), where the hook captured them.
+    classes: Mapping[str, ClassCounts] = field(default_factory=dict)
+    #: Input image channel sums by input name (e.g. "inputs").
+    images: Mapping[str, ImageSums] = field(default_factory=dict)
+    #: Token value counts by input name (e.g. "input_ids").
+    tokens: Mapping[str, TokenCounts] = field(default_factory=dict)
+    #: Named small vectors (e.g. "feature_importance/gain").
+    vectors: Mapping[str, Vector] = field(default_factory=dict)
+    #: (rtol, atol) the producer used for `TensorStats.delta.allclose_excess`.
+    tolerance: tuple[float, float] | None = None
 
     def select(
         self, collections: Iterable[str] | None = None, regex: str | re.Pattern[str] | None = None
@@ -137,6 +221,10 @@ class TensorBlock:
     inf: np.ndarray | None = None
     activity: Mapping[int, Sequence[int]] = field(default_factory=dict)
     quantiles: Mapping[int, tuple[float, float]] = field(default_factory=dict)
+    #: Row index -> (prev_step, update_l2, prev_l2, allclose_excess); see TensorStats.delta.
+    deltas: Mapping[int, tuple[int, float, float, float]] = field(default_factory=dict)
+    #: (rtol, atol) used for the allclose excess in `deltas`.
+    tolerance: tuple[float, float] | None = None
 
 
 def schema_id(names: Sequence[str], collections: Sequence[str]) -> int:
@@ -159,6 +247,10 @@ def encode(
     tensors: TensorBlock | None = None,
     announce: bool = True,
     sid: int | None = None,
+    classes: Mapping[str, ClassCounts] | None = None,
+    images: Mapping[str, ImageSums] | None = None,
+    tokens: Mapping[str, TokenCounts] | None = None,
+    vectors: Mapping[str, Vector] | None = None,
 ) -> bytes:
     """Encode one record. `announce=False` omits tensor names (the reader must know the schema).
 
@@ -201,7 +293,40 @@ def encode(
             t["act"] = {int(i): [int(c) for c in v] for i, v in tensors.activity.items()}
         if tensors.quantiles:
             t["q"] = {int(i): [float(a), float(b)] for i, (a, b) in tensors.quantiles.items()}
+        if tensors.deltas:
+            t["d"] = {
+                int(i): [int(p), float(u), float(w), float(e)] for i, (p, u, w, e) in tensors.deltas.items()
+            }
+            if tensors.tolerance is not None:
+                t["tol"] = [float(tensors.tolerance[0]), float(tensors.tolerance[1])]
         rec["t"] = t
+    if classes:
+        rec["cls"] = {
+            str(name): {"l": [int(x) for x in c.labels]}
+            | ({} if c.confusion is None else {"c": [int(x) for x in c.confusion]})
+            for name, c in classes.items()
+        }
+    if images:
+        rec["img"] = {
+            str(name): {
+                "n": int(im.images),
+                "p": int(im.pixels),
+                "s": [float(x) for x in im.sums],
+                "q": [float(x) for x in im.sumsq],
+            }
+            for name, im in images.items()
+        }
+    if tokens:
+        rec["tok"] = {
+            str(name): {"n": int(tc.total), "c": {int(v): int(c) for v, c in tc.counts.items()}}
+            for name, tc in tokens.items()
+        }
+    if vectors:
+        rec["vec"] = {
+            str(name): {"v": np.asarray(vec.values, dtype="<f4").tobytes()}
+            | ({} if vec.labels is None else {"k": [str(x) for x in vec.labels]})
+            for name, vec in vectors.items()
+        }
     return msgpack.packb(rec, use_bin_type=True)
 
 
@@ -330,10 +455,135 @@ def decode(payload: bytes, schemas: MutableMapping[tuple[str, int, int], Any] | 
         scalars[name] = _finite_number(value, f"scalar {name!r}")  # NaN/inf allowed: they are data
 
     tensors: tuple[TensorStats, ...] = ()
+    tolerance = None
     t = rec.get("t")
     if t is not None:
         tensors = _decode_tensors(t, job, rank, schemas)
-    return StepRecord(job, rank, world, step, mode, ts, seq, kind, scalars, tensors)
+        tolerance = _tolerance(t)
+    return StepRecord(
+        job,
+        rank,
+        world,
+        step,
+        mode,
+        ts,
+        seq,
+        kind,
+        scalars,
+        tensors,
+        classes=_decode_classes(rec.get("cls")),
+        images=_decode_images(rec.get("img")),
+        tokens=_decode_tokens(rec.get("tok")),
+        vectors=_decode_vectors(rec.get("vec")),
+        tolerance=tolerance,
+    )
+
+
+#: Largest class count k for confusion counts (k*k integers per step).
+MAX_CONFUSION_CLASSES = 256
+MAX_CHANNELS = 4_096
+
+
+def _named_map(value: Any, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_SCALARS:
+        raise DecodeError("wrong_type", f"'{key}' must be a map of at most {MAX_SCALARS} names")
+    for name, entry in value.items():
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LEN or not isinstance(entry, dict):
+            raise DecodeError("wrong_type", f"'{key}' entry {name!r} must be a short name mapped to a map")
+    return value
+
+
+def _counts(value: Any, what: str, limit: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > limit:
+        raise DecodeError("wrong_type", f"{what} must be a list of at most {limit} counts")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise DecodeError("bad_value", f"{what} holds {v!r}, expected a count >= 0")
+    return tuple(value)
+
+
+def _numbers(value: Any, what: str, limit: int) -> tuple[float, ...]:
+    if not isinstance(value, list) or len(value) > limit:
+        raise DecodeError("wrong_type", f"{what} must be a list of at most {limit} numbers")
+    return tuple(_finite_number(v, what) for v in value)
+
+
+def _decode_classes(value: Any) -> dict[str, ClassCounts]:
+    out = {}
+    for name, entry in _named_map(value, "cls").items():
+        labels = _counts(entry.get("l"), f"cls[{name!r}].l", MAX_TENSORS)
+        k = len(labels)
+        confusion = entry.get("c")
+        if confusion is not None:
+            if k > MAX_CONFUSION_CLASSES:
+                raise DecodeError("bad_value", f"cls[{name!r}]: confusion counts for {k} > 256 classes")
+            confusion = _counts(confusion, f"cls[{name!r}].c", k * k)
+            if len(confusion) != k * k:
+                raise DecodeError("bad_value", f"cls[{name!r}].c must hold {k}×{k} counts")
+        out[name] = ClassCounts(k, labels, confusion)
+    return out
+
+
+def _decode_images(value: Any) -> dict[str, ImageSums]:
+    out = {}
+    for name, entry in _named_map(value, "img").items():
+        images, pixels = entry.get("n"), entry.get("p")
+        for what, v in (("n", images), ("p", pixels)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise DecodeError("wrong_type", f"img[{name!r}].{what} must be a count >= 0")
+        sums = _numbers(entry.get("s"), f"img[{name!r}].s", MAX_CHANNELS)
+        sumsq = _numbers(entry.get("q", [0.0] * len(sums)), f"img[{name!r}].q", MAX_CHANNELS)
+        if len(sumsq) != len(sums):
+            raise DecodeError("bad_value", f"img[{name!r}]: {len(sums)} sums but {len(sumsq)} squares")
+        out[name] = ImageSums(images, pixels, sums, sumsq)
+    return out
+
+
+def _decode_tokens(value: Any) -> dict[str, TokenCounts]:
+    out = {}
+    for name, entry in _named_map(value, "tok").items():
+        total, counts = entry.get("n"), entry.get("c", {})
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            raise DecodeError("wrong_type", f"tok[{name!r}].n must be a count >= 0")
+        if not isinstance(counts, dict) or len(counts) > MAX_SCALARS:
+            raise DecodeError("wrong_type", f"tok[{name!r}].c must be a map of token value -> count")
+        for v, c in counts.items():
+            if isinstance(v, bool) or not isinstance(v, int) or isinstance(c, bool) or not isinstance(c, int):
+                raise DecodeError("wrong_type", f"tok[{name!r}].c has a bad entry {v!r}: {c!r}")
+            if not 0 <= c <= total:
+                raise DecodeError("bad_value", f"tok[{name!r}]: {c} tokens of value {v} of {total}")
+        out[name] = TokenCounts(total, dict(counts))
+    return out
+
+
+def _decode_vectors(value: Any) -> dict[str, Vector]:
+    out = {}
+    for name, entry in _named_map(value, "vec").items():
+        raw, labels = entry.get("v"), entry.get("k")
+        if not isinstance(raw, bytes) or len(raw) % 4 or len(raw) > 4 * MAX_TENSORS:
+            raise DecodeError("wrong_type", f"vec[{name!r}].v must be float32 bytes (at most {MAX_TENSORS})")
+        values = tuple(np.frombuffer(raw, dtype="<f4").astype(np.float64).tolist())
+        if labels is not None:
+            if (
+                not isinstance(labels, list)
+                or len(labels) != len(values)
+                or not all(isinstance(x, str) and len(x) <= MAX_NAME_LEN for x in labels)
+            ):
+                raise DecodeError("wrong_type", f"vec[{name!r}].k must be one short label per value")
+            labels = tuple(labels)
+        out[name] = Vector(values, labels)
+    return out
+
+
+def _tolerance(t: Any) -> tuple[float, float] | None:
+    tol = t.get("tol") if isinstance(t, dict) else None
+    if tol is None:
+        return None
+    if not isinstance(tol, list) or len(tol) != 2:
+        raise DecodeError("bad_tensors", "'t.tol' must be [rtol, atol]")
+    return (_finite_number(tol[0], "t.tol rtol"), _finite_number(tol[1], "t.tol atol"))
 
 
 def _decode_tensors(
@@ -379,6 +629,7 @@ def _decode_tensors(
     nonfinite = _sparse(t, "nf", k, 2)
     activity = _sparse(t, "act", k, 1 + len(ACTIVITY_EDGES))
     quantiles = _sparse(t, "q", k, 2)
+    deltas = _sparse(t, "d", k, 4)
     out = []
     for i in range(k):
         if zeros[i] > n[i]:
@@ -386,6 +637,13 @@ def _decode_tensors(
         nan, inf = nonfinite.get(i, (0, 0))
         act = activity.get(i)
         q = quantiles.get(i)
+        d = deltas.get(i)
+        if d is not None:
+            if isinstance(d[0], bool) or not isinstance(d[0], int):
+                raise DecodeError(
+                    "bad_tensors", f"tensor {names[i]!r}: delta step {d[0]!r} is not an integer"
+                )
+            d = Delta(d[0], *(_finite_number(x, f"delta of {names[i]!r}") for x in d[1:]))
         mean, std, mn, mx, amean = floats[i]
         out.append(
             TensorStats(
@@ -402,6 +660,7 @@ def _decode_tensors(
                 int(inf),
                 None if act is None else tuple(int(a) for a in act),
                 None if q is None else (float(q[0]), float(q[1])),
+                d,
             )
         )
     return tuple(out)
