@@ -57,6 +57,9 @@ class Rule:
     severity: ClassVar[str] = "warning"
     #: For the docs: what the hook must capture for the rule to work.
     needs: ClassVar[str] = ""
+    #: True for rules that can fire without a new record (StalledTrainingRule): the stream
+    #: layer then also calls `check_idle` periodically with the current wall-clock time.
+    clock: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         try:
@@ -77,6 +80,10 @@ class Rule:
 
     def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
         raise NotImplementedError(f"{type(self).__name__}.update")
+
+    def check_idle(self, state: State, now: float) -> tuple[State, Finding | None]:
+        """Called between records for `clock` rules (now = Unix time); None: nothing to say."""
+        return state, None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
