@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
 
 from .errors import ConfigError, TensorpulseError
+from .netproxy import TcpRelay, server_tls_context
 
 
 def broker_binary() -> str:
@@ -45,7 +47,10 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
 class EmbeddedBroker:
     """A Tansu broker subprocess on loopback; use as a context manager.
 
-    `cert`/`key` (PEM files) make it listen with TLS.
+    `cert`/`key` (PEM files) make it listen with TLS: Tansu then serves plaintext on a private
+    loopback port behind a TLS-terminating relay (see `tensorpulse.netproxy` for why). With
+    `relay=True` (no TLS) the relay is still there, so that tests can cut the broker off
+    (`broker.relay.cut()` / `.restore()`) without losing its in-memory data.
     """
 
     def __init__(
@@ -56,31 +61,35 @@ class EmbeddedBroker:
         cert: str | Path | None = None,
         key: str | Path | None = None,
         log_path: str | Path | None = None,
+        relay: bool = False,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.cert, self.key = cert, key
+        if (cert is None) != (key is None):
+            raise ConfigError("TLS needs both a certificate and a key (PEM files)")
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self.relay: TcpRelay | None = None
+        self._use_relay = relay or cert is not None
+        self._inner_port = free_port("127.0.0.1") if self._use_relay else self.port
 
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> EmbeddedBroker:
-        url = f"tcp://{self.host}:{self.port}"
+        inner_host = "127.0.0.1" if self._use_relay else self.host
         cmd = [
             broker_binary(),
             "broker",
             "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
+            f"tcp://{inner_host}:{self._inner_port}",
+            "--advertised-listener-url",  # clients always come back through the public port
+            f"tcp://{self.host}:{self.port}",
             "--storage-engine",
             "memory://tansu/",
         ]
-        if self.cert and self.key:
-            cmd += ["--cert", str(self.cert), "--key", str(self.key)]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "warn")
@@ -88,10 +97,15 @@ class EmbeddedBroker:
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         try:
-            wait_for_port(self.host, self.port, timeout)
-        except TensorpulseError:
+            wait_for_port(inner_host, self._inner_port, timeout)
+            if self._use_relay:
+                tls = None if self.cert is None else server_tls_context(self.cert, self.key)
+                self.relay = TcpRelay((self.host, self.port), (inner_host, self._inner_port), tls=tls).start()
+        except (TensorpulseError, OSError, ssl.SSLError) as exc:
             self.stop()
-            raise
+            if isinstance(exc, TensorpulseError):
+                raise
+            raise ConfigError(f"cannot serve TLS on {self.bootstrap}: {exc}") from exc
         if self.proc.poll() is not None:
             raise TensorpulseError(
                 f"broker exited at start with code {self.proc.returncode}: {' '.join(cmd)}"
@@ -99,6 +113,9 @@ class EmbeddedBroker:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        if self.relay is not None:
+            self.relay.stop()
+            self.relay = None
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.terminate()

@@ -23,7 +23,12 @@ RETENTION = {"retention.ms": str(7 * 24 * 3600 * 1000)}
 
 
 def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    create_topic_with(bootstrap, name, {}, partitions)
+
+
+def create_topic_with(bootstrap: str, name: str, conf: dict[str, Any], partitions: int = 1) -> None:
+    """Create a topic with extra client settings (TLS, SASL); an existing topic is fine."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, **conf})
     for fut in admin.create_topics([NewTopic(name, partitions, 1, config=RETENTION)]).values():
         with contextlib.suppress(Exception):
             fut.result(10)
