@@ -7,12 +7,15 @@ rebuilds its application when a new job appears (within `discovery_interval` plu
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from typing import Any
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tensorpulse.topics import job_of_topic
+
+log = logging.getLogger("tensorpulse.stream")
 
 
 class JobDiscovery:
@@ -22,6 +25,7 @@ class JobDiscovery:
         self._filter = re.compile(jobs_regex) if jobs_regex else None
         self.partitions: dict[str, int] = {}
         self.existing: set[str] = set()
+        self.ignored: set[str] = set()  # topics under the prefix whose job part is not a valid job id
 
     def jobs(self, timeout: float = 5.0) -> dict[str, str]:
         """job id -> reductions topic, for every job topic the cluster has now."""
@@ -31,6 +35,14 @@ class JobDiscovery:
         self.existing = set(meta.topics)
         for topic, info in meta.topics.items():
             job = job_of_topic(topic, self.prefix)
+            if job is None and topic.startswith(f"{self.prefix}reductions.") and topic not in self.ignored:
+                self.ignored.add(topic)
+                log.warning(
+                    "ignoring topic %r: %r is not a valid job id (1-128 of [A-Za-z0-9_-], no dots); "
+                    "no job can write there through tensorpulse",
+                    topic,
+                    topic[len(self.prefix) + len("reductions.") :],
+                )
             if job and (self._filter is None or self._filter.search(job)):
                 out[job] = topic
                 self.partitions[topic] = max(len(info.partitions), 1)
