@@ -176,3 +176,67 @@ def relative_spread(quantiles: tuple[float, float]) -> float:
 def is_constant(t: TensorStats) -> bool:
     """True if a tensor of more than one element holds a single value (min == max, or std == 0)."""
     return t.n > 1 and (t.min == t.max or t.std == 0.0)
+
+
+# --- per-step range checks and early-stopping counters -------------------------------------
+
+
+def inactive_layers(
+    tensors: Iterable[TensorStats], edge: float, limit_percent: float
+) -> tuple[float, list[tuple[str, float, int]]] | None:
+    """Worst inactive-unit percentage over the tensors that carry activity, and those above the limit.
+
+    A unit is inactive when it was active in fewer than `edge` (an ACTIVITY_EDGES entry) of the
+    samples; the list holds (name, inactive %, units) of each tensor with more than `limit_percent`
+    % inactive units, in input order. None when no tensor carries activity.
+    """
+    worst: float | None = None
+    over: list[tuple[str, float, int]] = []
+    for t in tensors:
+        frac = t.inactive_unit_fraction(edge)
+        if frac is None:
+            continue
+        percent = 100.0 * frac
+        worst = percent if worst is None else max(worst, percent)
+        if percent > limit_percent:
+            over.append((t.name, percent, t.activity[0]))  # type: ignore[index]
+    return None if worst is None else (worst, over)
+
+
+def update_ratio(update_l2: float, prev_l2: float, epsilon: float) -> float:
+    """‖Δw‖ / (‖w_prev‖ + epsilon); inf for a non-zero update of a zero tensor (epsilon 0), NaN for 0/0."""
+    denom = prev_l2 + epsilon
+    if denom == 0.0:
+        return math.nan if update_l2 == 0.0 else math.inf
+    return update_l2 / denom
+
+
+def out_of_range(
+    values: Iterable[tuple[str, float]], low: float | None, high: float | None
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """(values > high, largest first; values < low, smallest first); NaN is never out; None: no bound.
+
+    Ties keep input order.
+    """
+    above: list[tuple[str, float]] = []
+    under: list[tuple[str, float]] = []
+    for name, v in values:
+        if high is not None and v > high:
+            above.append((name, v))
+        elif low is not None and v < low:
+            under.append((name, v))
+    above.sort(key=lambda nv: -nv[1])
+    under.sort(key=lambda nv: nv[1])
+    return above, under
+
+
+def patience_count(best: float | None, since: int, value: float, min_delta: float) -> tuple[float, int]:
+    """Early-stopping bookkeeping for a loss: (new best, steps since the last improvement).
+
+    The first value sets best; a value counts as an improvement when it is below best by at least
+    `min_delta` (absolute; with min_delta 0, any decrease), and then becomes best; anything else
+    (a smaller decrease, no change, a rise) adds one step.
+    """
+    if best is None or (value < best and best - value >= min_delta):
+        return value, 0
+    return best, since + 1

@@ -1,0 +1,92 @@
+"""TensorVariance: a tensor whose variance leaves a configured range."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import ClassVar
+
+from pydantic import Field
+
+from tensorpulse.errors import ConfigError
+from tensorpulse.wire import StepRecord
+
+from . import functional as F
+from .base import Finding, Rule, RuleParams, State, compile_regex
+
+
+class TensorVarianceParams(RuleParams):
+    collection_names: list[str] | None = None
+    tensor_regex: str | None = None
+    max_threshold: float | None = Field(None, ge=0.0)
+    min_threshold: float | None = Field(None, ge=0.0)
+
+
+class TensorVariance(Rule):
+    """Fires while a selected tensor's variance is above `max_threshold` or below `min_threshold`.
+
+    Our definition: variance is the population variance over all elements (std², ddof=0, sent by
+    the hook as std). At each train step, over the non-empty tensors of `collection_names`
+    matching `tensor_regex` (re.search; neither given: every tensor of the record), the rule fires
+    if any variance is > max_threshold or < min_threshold. At least one threshold is required and
+    min_threshold must be below max_threshold (ConfigError otherwise); a missing one is not
+    checked. A NaN variance (ExplodingTensor's business) is neither. value/threshold: the largest
+    variance and max_threshold when any is too large, else the smallest and min_threshold; when
+    healthy, the largest variance and max_threshold (the smallest and min_threshold when only
+    min_threshold is set). tensors: the offending tensors, too large first (largest first), then
+    too small (smallest first). It resolves at the next step with a selected tensor where all are
+    in range, and returns None at steps without a selected tensor. Stateless. Not in the default
+    rule set: it has no meaningful default thresholds.
+    The hook must capture std of the selected tensors.
+    """
+
+    name: ClassVar[str] = "TensorVariance"
+    Params: ClassVar[type[RuleParams]] = TensorVarianceParams
+    modes: ClassVar[frozenset[str]] = frozenset({"train"})
+    severity: ClassVar[str] = "warning"
+    needs: ClassVar[str] = "std of the selected tensors"
+
+    def _check(self) -> None:
+        p = self.params
+        if p.max_threshold is None and p.min_threshold is None:
+            raise ConfigError(
+                f"rule {self.name}: expected at least one of max_threshold and min_threshold but got neither"
+            )
+        if (
+            p.max_threshold is not None
+            and p.min_threshold is not None
+            and not p.min_threshold < p.max_threshold
+        ):
+            raise ConfigError(
+                f"rule {self.name}: expected min_threshold < max_threshold but got "
+                f"{p.min_threshold:g} and {p.max_threshold:g}"
+            )
+        self._regex: re.Pattern[str] | None = compile_regex(p.tensor_regex, "tensor_regex")
+        self._collections = None if p.collection_names is None else frozenset(p.collection_names)
+
+    def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
+        p = self.params
+        variances = [(t.name, t.variance) for t in record.select(self._collections, self._regex) if t.n > 0]
+        if not variances:
+            return state, None
+        high, low = F.out_of_range(variances, p.min_threshold, p.max_threshold)
+        if not high and not low:
+            seen = [v for _, v in variances if not math.isnan(v)]
+            if p.max_threshold is not None:
+                return state, Finding(False, value=max(seen) if seen else None, threshold=p.max_threshold)
+            return state, Finding(False, value=min(seen) if seen else None, threshold=p.min_threshold)
+        if high:
+            value, threshold, side = high[0][1], p.max_threshold, ">"
+        else:
+            value, threshold, side = low[0][1], p.min_threshold, "<"
+        worst = (high or low)[0][0]
+        return state, Finding(
+            True,
+            value=value,
+            threshold=threshold,
+            tensors=tuple(n for n, _ in high + low),
+            message=(
+                f"{len(high) + len(low)} tensor(s) with variance out of range at step {record.step}; "
+                f"{worst}: variance {value:.3g} {side} {threshold:g}"
+            ),
+        )
