@@ -109,6 +109,11 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
+        self.redeliveries = Counter(
+            "tensorpulse_alert_redeliveries_suppressed",
+            "Alerts not published again because a crashed predecessor already had (see stream/published.py).",
+            registry=r,
+        )
         self.rule_errors = Counter(
             "tensorpulse_rule_errors",
             "Rule evaluations that raised (the rule's state was reset).",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,7 @@ ENV = {
     "state_dir": "TENSORPULSE_STATE_DIR",
     "topic_prefix": "TENSORPULSE_TOPIC_PREFIX",
     "guarantee": "TENSORPULSE_GUARANTEE",
+    "worker_id": "TENSORPULSE_WORKER_ID",
 }
 
 
@@ -46,6 +49,21 @@ class WorkerSettings(BaseModel):
     retention_ms: int = 7 * 24 * 3600 * 1000
     kafka_config: dict[str, Any] = Field(default_factory=dict)
     loglevel: str = "WARNING"
+    #: A stable identity of this worker (e.g. a StatefulSet pod name). With exactly-once it names
+    #: the worker's transactional producer, so that a restarted worker fences its crashed former
+    #: self and aborts the transaction it left open at once. Default: host name + state directory.
+    worker_id: str | None = None
+    #: How long a crashed worker's open transaction may hold back read_committed consumers
+    #: when no worker with the same identity comes back (the broker aborts it after this).
+    transaction_timeout_ms: int = 10_000
+
+    def transactional_id(self) -> str:
+        """`tensorpulse-<group>-<worker id>`, stable across restarts of the same worker."""
+        ident = self.worker_id
+        if not ident:
+            digest = hashlib.sha1(f"{socket.gethostname()}:{self.state_dir.resolve()}".encode()).hexdigest()
+            ident = f"{socket.gethostname()}-{digest[:10]}"
+        return f"tensorpulse-{self.group}-{ident}"
 
     @field_validator("topic_prefix")
     @classmethod

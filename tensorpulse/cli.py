@@ -91,7 +91,7 @@ def broker(port: int, host: str, cert: str | None, key: str | None) -> None:
     "--rules",
     "rules_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Rules file (YAML) selecting rules and parameters; default: the built-in default rule set.",
+    help="Rules file (YAML, or TOML for .toml) selecting rules and parameters; default: the built-in default rule set.",
 )
 @click.option(
     "--metrics-port", type=int, help="Serve Prometheus /metrics on this port (default 9464; -1 disables)."
@@ -112,6 +112,11 @@ def broker(port: int, host: str, cert: str | None, key: str | None) -> None:
     type=click.Choice(["exactly-once", "at-least-once"]),
     help="Processing guarantee (default exactly-once: no duplicate alerts after a crash).",
 )
+@click.option(
+    "--worker-id",
+    help="Stable identity of this worker across restarts (e.g. the pod name); "
+    "default: host name + state directory.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def stream(
     bootstrap,
@@ -123,6 +128,7 @@ def stream(
     topic_prefix,
     jobs_regex,
     guarantee,
+    worker_id,
     log_level,
 ) -> None:
     """Run a stream worker: evaluate rules on every job's records, publish alerts and metrics.
@@ -155,6 +161,7 @@ def stream(
         topic_prefix=topic_prefix,
         jobs_regex=jobs_regex,
         guarantee=guarantee,
+        worker_id=worker_id,
     )
     try:
         settings = WorkerSettings.from_env(**flags)
@@ -198,12 +205,158 @@ def alerts(bootstrap, job, follow, as_json, new) -> None:
         click.echo(f"{n} alert event(s)", err=True)
 
 
+@main.command()
+@click.option("--bootstrap", help=BOOTSTRAP_HELP)
+@click.option(
+    "--alertmanager",
+    "am_urls",
+    multiple=True,
+    metavar="URL",
+    help="Alertmanager base URL (repeat for each HA replica).",
+)
+@click.option(
+    "--webhook",
+    "webhook_urls",
+    multiple=True,
+    metavar="URL",
+    help="POST each event's JSON here (repeatable).",
+)
+@click.option(
+    "--header",
+    "headers",
+    multiple=True,
+    metavar="'NAME: VALUE'",
+    help="Webhook header; ${VAR} is read from the environment (never logged).",
+)
+@click.option(
+    "--job", "job_regex", metavar="REGEX", help="Only jobs whose id matches this regex (re.search)."
+)
+@click.option(
+    "--group", default="tensorpulse-notify", show_default=True, help="Consumer group: a restart resumes here."
+)
+@click.option(
+    "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Extra Alertmanager label on every alert."
+)
+@click.option(
+    "--resend-interval",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds between re-posts of firing alerts to Alertmanager.",
+)
+@click.option(
+    "--lookback",
+    default="7d",
+    show_default=True,
+    help="How far back to read at start to rebuild what is firing ('all' for the whole topic).",
+)
+@click.option(
+    "--firing-ttl",
+    default="24h",
+    show_default=True,
+    help="Stop refreshing an alert firing this long without a resolved event ('0' never).",
+)
+@click.option(
+    "--start",
+    type=click.Choice(["latest", "earliest"]),
+    default="latest",
+    show_default=True,
+    help="Where a new group starts (an existing group resumes from its offsets).",
+)
+@click.option("--max-attempts", type=int, default=5, show_default=True, help="HTTP attempts per delivery.")
+@click.option(
+    "--timeout", "http_timeout", type=float, default=10.0, show_default=True, help="Seconds per HTTP request."
+)
+@click.option(
+    "--generator-url",
+    metavar="TEMPLATE",
+    help="Alertmanager generatorURL, e.g. 'https://grafana/d/tp?var-job={job}'.",
+)
+@click.option("--log-level", default="INFO", show_default=True)
+def notify(
+    bootstrap,
+    am_urls,
+    webhook_urls,
+    headers,
+    job_regex,
+    group,
+    labels,
+    resend_interval,
+    lookback,
+    firing_ttl,
+    start,
+    max_attempts,
+    http_timeout,
+    generator_url,
+    log_level,
+) -> None:
+    """Forward alert events from tensorpulse.alerts to Alertmanager and webhooks.
+
+    \b
+    Alertmanager receives every firing alert (labels alertname=<rule>, job, rank, severity,
+    tensorpulse_mode), re-posted every --resend-interval while it fires, and resolved when the
+    rule resolves. Webhooks receive each event's JSON as on the topic, with retries. Delivery
+    is at-least-once: de-duplicate by the event's "id". Stops cleanly on Ctrl-C or SIGTERM.
+
+    \b
+    Examples:
+      tensorpulse notify --alertmanager http://alertmanager:9093
+      tensorpulse notify --alertmanager http://am-0:9093 --alertmanager http://am-1:9093 \\
+          --label team=ml --job '^resnet-'
+      WEBHOOK_TOKEN=... tensorpulse notify --webhook https://hooks.example.com/tp \\
+          --header 'Authorization: Bearer ${WEBHOOK_TOKEN}'
+    """
+    _setup_logging(log_level)
+    from .sinks.forwarder import ForwarderSettings, build_forwarder, parse_duration
+    from .sinks.http import RetryPolicy
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        ttl = parse_duration(firing_ttl)
+        fwd = build_forwarder(
+            ForwarderSettings(bootstrap, group, job_regex, start=start, lookback=parse_duration(lookback)),
+            alertmanager_urls=am_urls,
+            webhook_urls=webhook_urls,
+            webhook_headers=headers,
+            labels=labels,
+            resend_interval=resend_interval,
+            firing_ttl=ttl or None,
+            generator_url=generator_url,
+            policy=RetryPolicy(max_attempts=max_attempts, timeout=http_timeout),
+            stop=stop,
+        )
+    except TensorpulseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        fwd.run()
+    except Exception as exc:  # a Kafka error, shown plainly
+        raise click.ClickException(f"forwarding alerts failed: {exc}") from exc
+
+
 @main.command(name="rules")
 @click.option("--markdown", is_flag=True, help="Print the full reference (docs/rules.md) instead of a list.")
-def rules_cmd(markdown: bool) -> None:
-    """List the rule catalogue: names, parameters and defaults."""
+@click.option(
+    "--check",
+    "check_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Validate this rules file (YAML or TOML) as the worker would, and print its rules per job pattern.",
+)
+def rules_cmd(markdown: bool, check_file: Path | None) -> None:
+    """List the rule catalogue: names, parameters and defaults (or check a rules file with --check)."""
     from .rules import REGISTRY
 
+    if check_file is not None:
+        from .rules.config import describe, load_rules
+
+        try:
+            specs = load_rules(check_file)
+        except TensorpulseError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(describe(specs))
+        click.echo(f"{check_file}: OK, {len(specs)} rule(s)", err=True)
+        return
     if markdown:
         from .rules.reference import render
 
@@ -245,6 +398,159 @@ def demo(steps: int, fault: str, bootstrap: str | None, keep_going: bool) -> Non
     except TensorpulseError as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(code)
+
+
+# ----------------------------------------------------------------------------- replay and report
+def _replay_inputs(rules_file: Path | None, topic_prefix: str | None) -> tuple[list, str]:
+    """The rule specs and topic prefix a replay uses: flags, then the worker's environment, then defaults."""
+    import os
+
+    from .rules.config import load_rules
+    from .stream.settings import ENV
+    from .topics import DEFAULT_PREFIX
+
+    if rules_file is None and os.environ.get(ENV["rules_file"]):
+        rules_file = Path(os.environ[ENV["rules_file"]])
+    prefix = topic_prefix or os.environ.get(ENV["topic_prefix"]) or DEFAULT_PREFIX
+    return load_rules(rules_file), prefix
+
+
+_PREFIX_HELP = "Topic prefix (env TENSORPULSE_TOPIC_PREFIX; default 'tensorpulse.')."
+_RULES_OPTION = click.option(
+    "--rules",
+    "rules_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Rules file (YAML) as for `tensorpulse stream` (env TENSORPULSE_RULES); default: the default rules.",
+)
+
+
+@main.command(name="replay")
+@click.option("--job", required=True, help="The job id whose retained records to replay.")
+@_RULES_OPTION
+@click.option("--bootstrap", help=BOOTSTRAP_HELP)
+@click.option("--prefix", "topic_prefix", help=_PREFIX_HELP)
+@click.option(
+    "--from-step",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Evaluate records from this step on (earlier ones are read for their tensor names only).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document: rules, transitions, summary.")
+def replay_cmd(job, rules_file, bootstrap, topic_prefix, from_step, as_json) -> None:
+    """Back-test rules on a job's retained records: what would have fired, and at which step.
+
+    \b
+    Reads <prefix>reductions.<job> from the beginning to its end, decodes every record with
+    the wire codec and runs the stream worker's own rule evaluator on them: the same rules
+    fire at the same steps as in a live worker. Prints each transition (firing / resolved, per
+    rank) and a summary: records read, steps, decode errors (counted, not fatal), alerts per
+    rule. Only reads: it never writes to Kafka and joins no consumer group.
+
+    \b
+    Examples:
+      tensorpulse replay --job resnet-42
+      tensorpulse replay --job resnet-42 --rules stricter.yaml --json | jq '.summary.alerts'
+    """
+    from .replay import JobReader, Progress, format_event, format_summary
+    from .replay import replay as run_replay
+
+    progress = Progress(f"replay {job}")
+    try:
+        specs, prefix = _replay_inputs(rules_file, topic_prefix)
+        reader = JobReader(bootstrap, job, prefix=prefix, progress=progress)
+        if not as_json:
+            click.echo(f"replay  {reader.topic} at {reader.bootstrap}")
+        result = run_replay(reader, job, specs, from_step=from_step)
+    except TensorpulseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        progress.close()
+    summary = result.summary()
+    if as_json:
+        doc = {
+            "job": job,
+            "topic": reader.topic,
+            "complete": reader.complete,
+            "from_step": from_step,
+            "rules": [s.name for s in result.specs],
+            "transitions": [ev.to_dict() for ev in result.events],
+            "decode_error_samples": result.error_samples,
+            "summary": summary.to_dict(),
+        }
+        click.echo(json.dumps(doc, indent=1))
+        return
+    since = f" (evaluated from step {from_step})" if from_step else ""
+    click.echo(f"rules   {', '.join(s.name for s in result.specs)}{since}")
+    click.echo("")
+    for ev in result.events:
+        click.echo(format_event(ev))
+    if not result.events:
+        click.echo("  no rule fired")
+    for sample in result.error_samples:
+        click.echo(f"  decode error at {sample}", err=True)
+    click.echo("")
+    for line in format_summary(summary, complete=reader.complete):
+        click.echo(line)
+
+
+@main.command(name="report")
+@click.option(
+    "--job", "jobs", required=True, multiple=True, help="A job id; repeat to compare jobs on one step axis."
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("report.html"),
+    show_default=True,
+    help="Output file: .html (self-contained page with an alert table) or .png (one picture).",
+)
+@click.option("--tensors", "tensors_regex", help="Only tensors whose name matches this regex (re.search).")
+@click.option(
+    "--stat",
+    type=click.Choice(["abs_mean", "l2", "mean", "std", "variance", "min", "max", "zero_frac"]),
+    default="abs_mean",
+    show_default=True,
+    help="The per-layer statistic to plot over steps.",
+)
+@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True, help="The rank to plot.")
+@_RULES_OPTION
+@click.option("--bootstrap", help=BOOTSTRAP_HELP)
+@click.option("--prefix", "topic_prefix", help=_PREFIX_HELP)
+def report_cmd(jobs, out, tensors_regex, stat, rank, rules_file, bootstrap, topic_prefix) -> None:
+    """Plot jobs' statistics over steps, with the alerts the rules raise, as HTML or PNG.
+
+    \b
+    For each job: the loss, a per-layer statistic (--stat) for each collection (weights,
+    biases, gradients, activations), the distribution of a few tensors over steps
+    (min..p5..mean..p95..max bands) and the dead-unit fraction of activations. Several jobs
+    share the step axis and the y scales (log where values span decades). Alerts are the
+    rules replayed on the same records (as `tensorpulse replay` does; --rules selects them).
+
+    \b
+    Examples:
+      tensorpulse report --job resnet-42 --out report.html
+      tensorpulse report --job run-a --job run-b --tensors 'gradient/' --stat l2 --out cmp.png
+    """
+    from .replay import JobReader, Progress
+    from .report import collect_job, write_report
+
+    data = []
+    try:
+        specs, prefix = _replay_inputs(rules_file, topic_prefix)
+        for job in jobs:
+            progress = Progress(f"report {job}")
+            try:
+                reader = JobReader(bootstrap, job, prefix=prefix, progress=progress)
+                data.append(collect_job(reader, job, specs, rank=rank, tensors=tensors_regex))
+            finally:
+                progress.close()
+            s = data[-1].summary
+            click.echo(f"{job}: {s.records_read} records, {len(data[-1].alerts)} alert event(s)", err=True)
+        path = write_report(data, out, stat=stat)
+    except TensorpulseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
 
 
 if __name__ == "__main__":
