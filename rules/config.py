@@ -1,10 +1,10 @@
 """Rules files: which rules run for which jobs, with what parameters, severity and action.
 
 ```yaml
-# rules.yaml
+# rules.yaml (or the same keys in rules.toml: `defaults = true` and `[[rules]]` tables)
 defaults: true          # include the default rule set (default true)
 rules:
-  - rule: VanishingGradient        # catalogue name
+  - rule: VanishingGradient        # catalogue name, Threshold, an entry-point name, or module:Class
     name: vanishing-1e-6           # optional instance name (default: the rule name); unique
     jobs: "^resnet-.*"             # optional regex on the job id, re.search (default: every job)
     severity: critical             # optional: info|warning|critical (default: the rule's own)
@@ -12,17 +12,20 @@ rules:
     params: {threshold: 1.0e-6}
 ```
 
-An entry whose instance name equals a default rule's name replaces that default (so an entry
-`rule: VanishingGradient` without a name re-parameterises the default one). Every problem is a
-ConfigError naming the file, the entry and its line.
+The format follows the extension: `.toml` is TOML, anything else YAML. An entry whose instance
+name equals a default rule's name replaces that default (so an entry `rule: VanishingGradient`
+without a name re-parameterises the default one). How `rule:` names are resolved (catalogue,
+entry points, `module:Class`) is in `custom.py`. Every problem is a ConfigError naming the file,
+the entry and its line, raised when the file is loaded (so a worker fails at start-up).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,11 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 
 from tensorpulse.errors import ConfigError
 
-from . import default_rules, get_rule_class
+from . import default_rules
 from .base import SEVERITIES, Rule, compile_regex
+from .custom import check_initial_state, resolve_rule, rule_origin
 
 ACTIONS = ("none", "stop", "checkpoint")
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+
+Format = Literal["yaml", "toml"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,191 @@ def rules_for_job(specs: Iterable[RuleSpec], job: str) -> list[RuleSpec]:
     return [s for s in specs if s.applies_to(job)]
 
 
+# --- where things are in the file -----------------------------------------------------------
+
+
+@dataclass
+class _Pos:
+    """Line numbers (1-based) of a value in the file: its own, its keys' (with the values' positions
+    below them), and its items'. Unknown positions are simply missing."""
+
+    line: int | None = None
+    keys: dict[str, tuple[int, _Pos]] = field(default_factory=dict)
+    items: list[_Pos] = field(default_factory=list)
+
+    def key_line(self, key: str | None) -> int | None:
+        return self.keys[key][0] if key in self.keys else self.line
+
+    def child(self, key: str) -> _Pos:
+        return self.keys[key][1] if key in self.keys else _Pos(self.key_line(key))
+
+    def item(self, i: int) -> _Pos:
+        return self.items[i] if i < len(self.items) else _Pos(self.line)
+
+
+# --- YAML -------------------------------------------------------------------------------------
+
+
+def _yaml_line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _yaml_pos(node: yaml.Node) -> _Pos:
+    pos = _Pos(_yaml_line(node))
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                pos.keys.setdefault(str(k.value), (_yaml_line(k), _yaml_pos(v)))
+    elif isinstance(node, yaml.SequenceNode):
+        pos.items = [_yaml_pos(v) for v in node.value]
+    return pos
+
+
+def _check_duplicate_keys(node: yaml.Node, source: str) -> None:
+    """Reject a mapping that repeats a key (YAML loaders silently keep the last one)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in seen:
+                        raise ConfigError(
+                            f"{source}: line {_yaml_line(k)}: key {k.value!r} repeats the one on line "
+                            f"{seen[k.value]}"
+                        )
+                    seen[k.value] = _yaml_line(k)
+                stack.append(v)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+
+
+def _parse_yaml(text: str, source: str) -> tuple[Any, _Pos]:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, _Pos(1)
+        _check_duplicate_keys(node, source)
+        return loader.construct_document(node), _yaml_pos(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(f"{source}: {at}invalid YAML: {exc.problem or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
+    finally:
+        loader.dispose()
+
+
+# --- TOML -------------------------------------------------------------------------------------
+
+_TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_TOML_TABLE = re.compile(r"^\s*(\[\[?)\s*([^\[\]]*?)\s*(\]\]?)\s*(#.*)?$")
+_TOML_KEY = re.compile(
+    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
+)
+_TOML_STRING = re.compile(r'"""|\'\'\'|"(?:\\.|[^"\\])*"|\'[^\']*\'')
+
+
+def _toml_module() -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
+    try:
+        import tomli  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return tomli
+
+
+def _toml_key_parts(key: str) -> list[str]:
+    return [p.strip().strip("\"'") for p in re.findall(r'"[^"]*"|\'[^\']*\'|[^.]+', key)]
+
+
+def _toml_positions(text: str) -> _Pos:
+    """Line numbers of the keys of a TOML rules file, found by reading its lines.
+
+    tomllib reports positions only for syntax errors, so this scans for table headers
+    (`[[rules]]`, `[rules.params]`) and `key =` lines; multi-line strings and arrays are skipped.
+    Best effort: where it cannot tell, errors fall back to the entry's (or the file's) first line.
+    """
+    root = _Pos(1)
+    rules = _Pos(None)
+    table: _Pos | None = root  # where `key =` lines go; None inside tables we do not track
+    depth = 0  # open brackets of a multi-line array or inline table
+    in_string: str | None = None
+    for n, line in enumerate(text.splitlines(), start=1):
+        if in_string is not None:
+            if line.count(in_string) % 2 == 1:
+                in_string = None
+            continue
+        bare = _TOML_STRING.sub('""', line).split("#", 1)[0]
+        if depth > 0:
+            depth += bare.count("[") + bare.count("{") - bare.count("]") - bare.count("}")
+            continue
+        header = _TOML_TABLE.match(line)
+        if header and "=" not in line:
+            parts = _toml_key_parts(header.group(2))
+            if header.group(1) == "[[" and parts == ["rules"]:
+                rules.line = rules.line or n
+                root.keys.setdefault("rules", (n, rules))
+                rules.items.append(_Pos(n))
+                table = rules.items[-1]
+            elif header.group(1) == "[" and len(parts) == 2 and parts[0] == "rules" and rules.items:
+                entry = rules.items[-1]
+                entry.keys.setdefault(parts[1], (n, _Pos(n)))
+                table = entry.keys[parts[1]][1]
+            else:
+                table = None
+            continue
+        key = _TOML_KEY.match(line)
+        if key is None:
+            continue
+        rest = line[key.end() :]
+        for quote in ('"""', "'''"):
+            if rest.count(quote) % 2 == 1:
+                in_string = quote
+        value = _TOML_STRING.sub('""', rest).split("#", 1)[0]
+        depth = max(0, value.count("[") + value.count("{") - value.count("]") - value.count("}"))
+        if table is None:
+            continue
+        parts = _toml_key_parts(key.group(1))
+        target = table
+        for part in parts[:-1]:  # dotted keys: params.threshold = 1
+            target = target.keys.setdefault(part, (n, _Pos(n)))[1]
+        target.keys.setdefault(parts[-1], (n, _Pos(n)))
+    return root
+
+
+def _parse_toml(text: str, source: str) -> tuple[Any, _Pos]:
+    toml = _toml_module()
+    if toml is None:
+        raise ConfigError(
+            f"{source}: TOML rules files need Python 3.11+ (tomllib) or the 'tomli' package; "
+            "install tomli or write the rules file in YAML"
+        )
+    try:
+        data = toml.loads(text)
+    except toml.TOMLDecodeError as exc:
+        message = str(exc)
+        found = _TOML_AT.search(message)
+        line = getattr(exc, "lineno", None) or (int(found.group(1)) if found else None)
+        at = f"line {line}: " if line else ""
+        raise ConfigError(f"{source}: {at}invalid TOML: {_TOML_AT.sub('', message)}") from exc
+    return data, _toml_positions(text)
+
+
+def rules_format(source: str | Path) -> Format:
+    """The format of a rules file by its extension: `.toml` is TOML, anything else YAML."""
+    return "toml" if str(source).lower().endswith(".toml") else "yaml"
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
 class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -96,61 +287,6 @@ def _problems(exc: ValidationError) -> list[tuple[tuple[Any, ...], str]]:
     return [(tuple(e["loc"]), e["msg"]) for e in exc.errors()]
 
 
-def _key_nodes(node: yaml.Node | None) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-    """Key -> (key node, value node) of a YAML mapping node (empty for anything else)."""
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {str(k.value): (k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)}
-
-
-def _line(node: yaml.Node | None) -> int | None:
-    return None if node is None else node.start_mark.line + 1
-
-
-def _check_duplicate_keys(node: yaml.Node, where: str) -> None:
-    """Reject a mapping that repeats a key (YAML loaders silently keep the last one)."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for k, v in n.value:
-                if isinstance(k, yaml.ScalarNode):
-                    if k.value in seen:
-                        raise ConfigError(
-                            f"{where}: line {_line(k)}: key {k.value!r} repeats the one on line {seen[k.value]}"
-                        )
-                    seen[k.value] = _line(k) or 0
-                stack.append(v)
-        elif isinstance(n, yaml.SequenceNode):
-            stack.extend(n.value)
-
-
-def _parse(text: str, where: str) -> tuple[Any, yaml.Node | None]:
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None, None
-        _check_duplicate_keys(node, where)
-        return loader.construct_document(node), node
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        at = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(f"{where}: {at}invalid YAML: {exc.problem or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: invalid YAML: {exc}") from exc
-    finally:
-        loader.dispose()
-
-
-def _entry_error(
-    where: str, line: int | None, keys: dict[str, tuple[yaml.Node, yaml.Node]], message: str, key: str | None
-) -> ConfigError:
-    """A ConfigError for one entry, pointing at the line of `key` when the entry has it."""
-    return ConfigError(f"{where}, line {_line(keys[key][0]) if key in keys else line}: {message}")
-
-
 def _unknown_params(cls: type[Rule], params: dict[str, Any]) -> list[str]:
     known = list(cls.Params.model_fields)
     out = []
@@ -162,14 +298,25 @@ def _unknown_params(cls: type[Rule], params: dict[str, Any]) -> list[str]:
     return out
 
 
-def _entry_spec(raw: Any, node: yaml.Node | None, where: str) -> RuleSpec:
-    """Validate one entry of `rules:` and build its spec; errors name `where` and a line."""
-    keys = _key_nodes(node)
-    entry_line = _line(node)
-    param_keys = _key_nodes(keys["params"][1]) if "params" in keys else {}
+def _build(cls: type[Rule], params: dict[str, Any]) -> Rule:
+    """Instantiate a rule; exceptions other than ConfigError (a user class's own checks) become one."""
+    try:
+        return cls(**params)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"rule {cls.name or cls.__name__}: creating it raised {type(exc).__name__}: {exc}; "
+            "check its parameters (or the class's __init__/_check)"
+        ) from exc
 
-    def fail(message: str, key: str | None = None, within: dict[str, Any] = keys) -> ConfigError:
-        return _entry_error(where, entry_line, within, message, key)
+
+def _entry_spec(raw: Any, pos: _Pos, where: str, near: Path | None) -> RuleSpec:
+    """Validate one entry of `rules:` and build its spec; errors name `where` and a line."""
+    param_pos = pos.child("params")
+
+    def fail(message: str, key: str | None = None, within: _Pos = pos) -> ConfigError:
+        return ConfigError(f"{where}, line {within.key_line(key)}: {message}")
 
     if not isinstance(raw, dict):
         raise fail(f"expected a mapping with at least 'rule', got {type(raw).__name__}")
@@ -185,19 +332,21 @@ def _entry_spec(raw: Any, node: yaml.Node | None, where: str) -> RuleSpec:
         raise fail(f"{'.'.join(str(p) for p in loc)}: {msg}", key) from exc
 
     try:
-        cls = get_rule_class(entry.rule)
+        cls = resolve_rule(entry.rule, near)
     except ConfigError as exc:
         raise fail(str(exc), "rule") from exc
     params = entry.params or {}
     unknown = [k for k in params if k not in cls.Params.model_fields]
     if unknown:
         allowed = ", ".join(cls.Params.model_fields) or "none"
-        message = f"unknown parameter for rule {cls.name}: {'; '.join(_unknown_params(cls, params))}"
-        if unknown[0] in param_keys:
-            raise fail(f"{message} (parameters: {allowed})", unknown[0], param_keys)
+        unknown_text = "; ".join(_unknown_params(cls, params))
+        message = f"unknown parameter for rule {cls.name or cls.__name__}: {unknown_text}"
+        if unknown[0] in param_pos.keys:
+            raise fail(f"{message} (parameters: {allowed})", unknown[0], param_pos)
         raise fail(f"{message} (parameters: {allowed})", "params")
     try:
-        rule = cls(**params)
+        rule = _build(cls, params)
+        check_initial_state(rule)
     except ConfigError as exc:
         cause = exc.__cause__
         bad = (
@@ -205,52 +354,54 @@ def _entry_spec(raw: Any, node: yaml.Node | None, where: str) -> RuleSpec:
             if isinstance(cause, ValidationError) and cause.errors()[0]["loc"]
             else ""
         )
-        if bad in param_keys:
-            raise fail(str(exc), bad, param_keys) from exc
-        raise fail(str(exc), "params") from exc
+        if bad in param_pos.keys:
+            raise fail(str(exc), bad, param_pos) from exc
+        raise fail(str(exc), "params" if "params" in pos.keys else "rule") from exc
     try:
         jobs = compile_regex(entry.jobs, "jobs")
     except ConfigError as exc:
         raise fail(str(exc), "jobs") from exc
-    return spec_for(rule, entry.name or cls.name, jobs, entry.severity, entry.action)
+    name = entry.name or cls.name or cls.__name__
+    if not re.match(_NAME_RE, name):
+        raise fail(f"rule class name {name!r} is not a valid instance name; give the entry a 'name'", "rule")
+    return spec_for(rule, name, jobs, entry.severity, entry.action)
 
 
-def parse_rules(text: str, source: str = "<rules>") -> list[RuleSpec]:
-    """Parse the text of a rules file; `source` names it in error messages."""
-    data, root = _parse(text, source)
+def parse_rules(text: str, source: str = "<rules>", fmt: Format | None = None) -> list[RuleSpec]:
+    """Parse the text of a rules file; `source` names it in error messages (and, by its
+    extension, picks the format unless `fmt` is given)."""
+    fmt = fmt or rules_format(source)
+    data, root = _parse_toml(text, source) if fmt == "toml" else _parse_yaml(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{source}: line {_line(root) or 1}: expected a mapping with keys 'defaults' and 'rules', "
+            f"{source}: line {root.line or 1}: expected a mapping with keys 'defaults' and 'rules', "
             f"got {type(data).__name__}"
         )
-    top = _key_nodes(root)
     try:
         doc = _File.model_validate(data)
     except ValidationError as exc:
         loc, msg = _problems(exc)[0]
         key = str(loc[0]) if loc else ""
-        line = _line(top[key][0]) if key in top else _line(root)
         what = f"unknown key {key!r} (allowed: defaults, rules)" if msg.startswith("Extra inputs") else msg
-        raise ConfigError(f"{source}: line {line}: {key}: {what}") from exc
+        raise ConfigError(f"{source}: line {root.key_line(key) or 1}: {key}: {what}") from exc
 
-    items = top["rules"][1].value if "rules" in top and isinstance(top["rules"][1], yaml.SequenceNode) else []
+    near = Path(source).resolve().parent if Path(source).suffix else None
+    items = root.child("rules")
     specs: list[RuleSpec] = []
     seen: dict[str, tuple[int, int | None]] = {}
     for i, raw in enumerate(doc.rules or ()):
-        node = items[i] if i < len(items) else None
-        spec = _entry_spec(raw, node, f"{source}: rules[{i}]")
+        pos = items.item(i)
+        where = f"{source}: rules[{i}]"
+        spec = _entry_spec(raw, pos, where, near)
         if spec.name in seen:
             j, line = seen[spec.name]
-            raise _entry_error(
-                f"{source}: rules[{i}]",
-                _line(node),
-                _key_nodes(node),
-                f"duplicate rule name {spec.name!r} (also rules[{j}], line {line}); give one a 'name'",
-                "name",
+            raise ConfigError(
+                f"{where}, line {pos.key_line('name')}: duplicate rule name {spec.name!r} "
+                f"(also rules[{j}], line {line}); give one a 'name'"
             )
-        seen[spec.name] = (i, _line(node))
+        seen[spec.name] = (i, pos.line)
         specs.append(spec)
 
     if not doc.defaults:
@@ -263,7 +414,7 @@ def parse_rules(text: str, source: str = "<rules>") -> list[RuleSpec]:
 
 
 def load_rules(path: str | Path | None) -> list[RuleSpec]:
-    """The rule specs of a rules file; the default set when `path` is None."""
+    """The rule specs of a rules file (YAML, or TOML for `.toml`); the default set when `path` is None."""
     if path is None:
         return default_specs()
     path = Path(path)
@@ -274,13 +425,33 @@ def load_rules(path: str | Path | None) -> list[RuleSpec]:
     return parse_rules(text, str(path))
 
 
+def describe(specs: Iterable[RuleSpec]) -> str:
+    """A readable listing of specs grouped by job pattern (for `tensorpulse rules --check`)."""
+    groups: dict[str | None, list[RuleSpec]] = {}
+    for spec in specs:
+        groups.setdefault(None if spec.jobs is None else spec.jobs.pattern, []).append(spec)
+    lines = []
+    for pattern in sorted(groups, key=lambda p: (p is not None, p or "")):
+        members = groups[pattern]
+        lines.append("every job:" if pattern is None else f"jobs matching {pattern!r}:")
+        width = max(len(s.name) for s in members)
+        for s in members:
+            params = s.rule.params.model_dump(exclude_defaults=True)
+            args = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            extra = f", action {s.action}" if s.action != "none" else ""
+            lines.append(f"  {s.name:<{width}}  {rule_origin(type(s.rule))}({args})  [{s.severity}{extra}]")
+    return "\n".join(lines)
+
+
 __all__ = [
     "ACTIONS",
     "SEVERITIES",
     "RuleSpec",
     "default_specs",
+    "describe",
     "load_rules",
     "parse_rules",
     "rules_for_job",
+    "rules_format",
     "spec_for",
 ]
