@@ -4,6 +4,10 @@ Contract with training code: the constructor raises ConfigError for misconfigura
 job id, rank, schedule, Kafka settings); after that nothing raises into training. Runtime
 failures are caught, logged once and counted; if computing statistics itself fails, the hook
 disables itself rather than fail again on every step.
+
+Besides tensor statistics a record can carry record-level blocks (docs/wire-format.md): label
+and confusion counts (`record_labels`), input image channel sums and token counts
+(`record_inputs`) and small named vectors (`record_vector`, e.g. XGBoost feature importances).
 """
 
 from __future__ import annotations
@@ -14,18 +18,21 @@ import os
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from tensorpulse import wire
 from tensorpulse.errors import ConfigError
 from tensorpulse.topics import DEFAULT_PREFIX, control_topic, reductions_topic, validate_job
 
+from . import stats_numpy
 from .control import ControlListener
 from .publisher import CONTROL_RETENTION_MS, REDUCTIONS_RETENTION_MS, ProduceFn, Publisher, TopicSpec
 from .schedule import SaveConfig
-from .stats_numpy import Columns, numpy_stats
+from .stats_numpy import Columns, numpy_delta, numpy_stats
 
 log = logging.getLogger("tensorpulse.producers")
 
@@ -51,6 +58,28 @@ class _Record:
     parts: list[_Part] = field(default_factory=list)
     scalars: dict[str, float] = field(default_factory=dict)
     scalar_tensors: dict[str, Any] = field(default_factory=dict)
+    classes: dict[str, wire.ClassCounts] = field(default_factory=dict)
+    images: dict[str, wire.ImageSums] = field(default_factory=dict)
+    tokens: dict[str, wire.TokenCounts] = field(default_factory=dict)
+    vectors: dict[str, wire.Vector] = field(default_factory=dict)
+    #: stats_torch.Capture objects still on a device (label counts, input sums), copied at publish.
+    captures: list[Any] = field(default_factory=list)
+
+    def has_data(self) -> bool:
+        return bool(
+            self.parts
+            or self.scalars
+            or self.scalar_tensors
+            or self.captures
+            or self.classes
+            or self.images
+            or self.tokens
+            or self.vectors
+        )
+
+    def add_host_block(self, kind: str, name: str, value: Any) -> None:
+        """Store a finished record-level block under its wire key ("cls", "img" or "tok")."""
+        {"cls": self.classes, "img": self.images, "tok": self.tokens}[kind][name] = value
 
 
 def _is_torch(value: Any) -> bool:
@@ -75,6 +104,17 @@ class Hook:
     forgotten hooks with a short timeout). `save_config` wins over `save_interval`;
     `kafka_config` adds librdkafka properties; `produce_fn(topic, value, key)` replaces Kafka
     (tests, custom transports; no control listener then).
+
+    Weight deltas: on saved train steps, for tensors of the collections in `track_deltas`
+    ("weights" by default; empty to disable), the hook keeps a copy of each tensor from its
+    previous saved step and sends (prev_step, ||w - w_prev||, ||w_prev||,
+    max(|w - w_prev| - (delta_atol + delta_rtol*|w_prev|))) with the tolerances (wire `d`, `tol`),
+    for WeightUpdateRatio and UnchangedTensor. Memory cost: one extra copy of every tracked
+    tensor, kept on the tensor's own device (for a model's weights: the size of the weights
+    again, e.g. 4 bytes per float32 parameter on the GPU), plus transient scratch while the
+    delta is computed. Time: about eight elementwise passes over the tracked tensors per saved
+    train step (on one CPU core roughly 1.5 ns per element; on an accelerator a few multi-tensor
+    kernels); nothing on other steps.
     """
 
     def __init__(
@@ -94,6 +134,9 @@ class Hook:
         listen_for_actions: bool = True,
         quantile_steps: int = 10,
         produce_fn: ProduceFn | None = None,
+        track_deltas: Sequence[str] = ("weights",),
+        delta_rtol: float = 1e-5,
+        delta_atol: float = 1e-8,
     ) -> None:
         self.job = validate_job(job)
         self.topic = reductions_topic(job, topic_prefix)
@@ -117,7 +160,21 @@ class Hook:
             raise ConfigError(f"quantile_steps must be >= 0, got {quantile_steps}")
         self.announce_every = announce_every
         self.quantile_steps = quantile_steps
+        if isinstance(track_deltas, str):
+            track_deltas = (track_deltas,)
+        self.track_deltas = frozenset(str(c) for c in track_deltas)
+        for what, value in (("delta_rtol", delta_rtol), ("delta_atol", delta_atol)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value < float("inf")
+            ):
+                raise ConfigError(f"Expected argument `{what}` to be a finite number >= 0 but got {value!r}")
+        self.delta_tolerance = (float(delta_rtol), float(delta_atol))
         self.started = time.time()
+        # Copies of tracked tensors from their previous saved step (see the class docstring).
+        self._numpy_prev: dict[tuple[str, str], tuple[int, np.ndarray]] = {}
+        self._torch_deltas: Any = None  # stats_torch.DeltaTracker, created on first use
 
         self._enabled = bool(enabled)
         self._closed = False
@@ -191,13 +248,22 @@ class Hook:
 
     # ------------------------------------------------------------------ recording
     def record(
-        self, step: int, tensors: Mapping[str, Any], *, mode: str = "train", collection: str = "default"
+        self,
+        step: int,
+        tensors: Mapping[str, Any],
+        *,
+        mode: str = "train",
+        collection: str = "default",
+        active_range: tuple[float, float] | None = None,
     ) -> None:
         """Add statistics of `tensors` ({name: tensor}) to the record of (step, mode).
 
         Torch tensors are reduced on their device with one device->host copy per call; anything
         else with `__array__` is reduced with numpy. Collection "activations" adds per-unit
-        activity; "gradients" adds p5/p95 during the first `quantile_steps` saved train steps.
+        activity; "gradients" adds p5/p95 during the first `quantile_steps` saved train steps;
+        collections in `track_deltas` add the change since the previous saved train step.
+        `active_range` (lo, hi): activity counts a unit active where lo < x < hi instead of x > 0
+        (tanh / sigmoid inputs, e.g. "<layer>/Tanh_input" with (-9.4999, 9.4999)).
         """
         if not self._accepts(step, mode):
             return
@@ -205,6 +271,7 @@ class Hook:
             rec = self._record_for(step, mode)
             quant = collection == "gradients" and self._quantiles_now(mode)
             act = collection == "activations"
+            deltas = mode == "train" and collection in self.track_deltas
             torch_items = [(k, v) for k, v in tensors.items() if _is_torch(v)]
             other_items = [(k, v) for k, v in tensors.items() if not _is_torch(v)]
             if other_items:
@@ -212,20 +279,192 @@ class Hook:
                     [v for _, v in other_items],
                     activity=[act] * len(other_items),
                     quantiles=[quant] * len(other_items),
+                    active_range=active_range,
                 )
                 names = [str(k) for k, _ in other_items]
+                if deltas:
+                    self._numpy_deltas(step, collection, other_items, cols)
                 rec.parts.append(_Part(names, [collection] * len(names), cols))
             if torch_items:
                 from . import stats_torch
 
                 stats = [
-                    stats_torch.reduce_on_device(v, activity=act, quantiles=quant) for _, v in torch_items
+                    stats_torch.reduce_on_device(v, activity=act, quantiles=quant, active_range=active_range)
+                    for _, v in torch_items
                 ]
+                if deltas:
+                    self._delta_tracker().track(
+                        step,
+                        [(collection, str(k)) for k, _ in torch_items],
+                        [v for _, v in torch_items],
+                        stats,
+                    )
                 host, _ = stats_torch.transfer(stats)
                 names = [str(k) for k, _ in torch_items]
                 rec.parts.append(_Part(names, [collection] * len(names), host))
         except Exception as exc:  # noqa: BLE001
             self._fail("computing statistics", exc)
+
+    def _delta_tracker(self) -> Any:
+        if self._torch_deltas is None:
+            from .stats_torch import DeltaTracker
+
+            self._torch_deltas = DeltaTracker(*self.delta_tolerance)
+        return self._torch_deltas
+
+    def _numpy_deltas(self, step: int, collection: str, items: list[tuple[Any, Any]], cols: Columns) -> None:
+        """Deltas of host arrays against their copies from the previous saved step (float64)."""
+        rtol, atol = self.delta_tolerance
+        for i, (name, value) in enumerate(items):
+            key = (collection, str(name))
+            x = np.array(value, copy=True)
+            if x.dtype.kind not in "biuf" or x.size == 0:
+                continue
+            got = self._numpy_prev.get(key)
+            self._numpy_prev[key] = (step, x)
+            if got is not None and got[0] < step and got[1].shape == x.shape:
+                cols.deltas[i] = (got[0], *numpy_delta(x, got[1], rtol, atol))
+
+    def record_labels(
+        self,
+        labels: Any,
+        predictions: Any = None,
+        *,
+        num_classes: int | None = None,
+        name: str = "labels",
+        step: int | None = None,
+        mode: str | None = None,
+    ) -> None:
+        """Count this step's labels (and, with predictions, the confusion counts): wire `cls`.
+
+        `labels`: 1-D integer class ids; `predictions`: class ids or 2-D logits/probabilities
+        (argmax over dim 1). Torch tensors are counted on their device and copied with the step's
+        statistics. k = `num_classes`, else the number of score columns, else the largest id + 1
+        (pass num_classes on a GPU: finding the largest id costs a device sync). Confusion
+        counts are sent for k <= 256, label counts only above. `step` defaults to the step being
+        recorded (`_implicit_step`), `mode` to "train" (TorchHook: the model's mode).
+        """
+        step, mode = self._resolve(step, mode)
+        if not self._accepts(step, mode):
+            return
+        try:
+            rec = self._record_for(step, mode)
+            if _is_torch(labels) or _is_torch(predictions):
+                import torch
+
+                from .stats_torch import class_counts_on_device
+
+                if not isinstance(labels, torch.Tensor):
+                    labels = torch.as_tensor(np.asarray(labels))
+                if predictions is not None and not isinstance(predictions, torch.Tensor):
+                    predictions = torch.as_tensor(np.asarray(predictions), device=labels.device)
+                rec.captures.append(class_counts_on_device(str(name), labels, predictions, num_classes))
+            else:
+                rec.classes[str(name)] = stats_numpy.class_counts(labels, predictions, num_classes)
+        except Exception as exc:  # noqa: BLE001
+            self._note("record_labels", exc)
+
+    def record_inputs(
+        self,
+        x: Any,
+        name: str = "inputs",
+        *,
+        kind: str = "auto",
+        channel: int = 1,
+        token_values: Sequence[int] = (0,),
+        step: int | None = None,
+        mode: str | None = None,
+    ) -> None:
+        """Summarise a batch of model inputs: image channel sums (`img`) or token counts (`tok`).
+
+        kind "images": a float batch of >= 3 dimensions with channels on axis `channel`; per
+        channel the sum and sum of squares over every other axis, and the number of images.
+        kind "tokens": integer ids; how many equal each of `token_values`, and the total.
+        "auto" picks tokens for integer tensors and images for float tensors of >= 3 dimensions
+        (other inputs are skipped). Torch tensors are reduced on their device. `step` and `mode`
+        default as in `record_labels`.
+        """
+        step, mode = self._resolve(step, mode)
+        if not self._accepts(step, mode):
+            return
+        try:
+            rec = self._record_for(step, mode)
+            torch_in = _is_torch(x)
+            arr = x if torch_in else np.asarray(x)
+            integer = (
+                (not arr.is_floating_point() and not arr.is_complex())
+                if torch_in
+                else arr.dtype.kind in "biu"
+            )
+            if kind == "auto":
+                kind = "tokens" if integer else "images" if arr.ndim >= 3 else "none"
+            if kind == "none":
+                self._log_once(
+                    f"inputs-{name}",
+                    logging.INFO,
+                    "tensorpulse: input %r (%s, %d-D) is neither token ids nor images: not summarised",
+                    name,
+                    arr.dtype,
+                    arr.ndim,
+                )
+                return
+            if kind not in ("images", "tokens"):
+                raise ValueError(f"kind must be 'auto', 'images' or 'tokens', got {kind!r}")
+            if torch_in:
+                from . import stats_torch
+
+                if kind == "images":
+                    rec.captures.append(stats_torch.image_sums_on_device(str(name), arr, channel))
+                else:
+                    rec.captures.append(stats_torch.token_counts_on_device(str(name), arr, token_values))
+            elif kind == "images":
+                rec.images[str(name)] = stats_numpy.image_sums(arr, channel)
+            else:
+                rec.tokens[str(name)] = stats_numpy.token_counts(arr, token_values)
+        except Exception as exc:  # noqa: BLE001
+            self._note("record_inputs", exc)
+
+    def record_vector(
+        self,
+        step: int,
+        name: str,
+        values: Sequence[float],
+        *,
+        labels: Sequence[str] | None = None,
+        mode: str = "train",
+    ) -> None:
+        """Add a small named float vector (wire `vec`, float32), optionally one label per value."""
+        if not self._accepts(step, mode):
+            return
+        try:
+            vals = tuple(float(v) for v in values)
+            # labels beyond the wire's name limit are cut, rather than make the record undecodable
+            labs = None if labels is None else tuple(str(v)[: wire.MAX_NAME_LEN] for v in labels)
+            if labs is not None and len(labs) != len(vals):
+                raise ValueError(f"vector {name!r}: {len(labs)} labels for {len(vals)} values")
+            if len(vals) > wire.MAX_TENSORS:
+                raise ValueError(
+                    f"vector {name!r} has {len(vals)} values; the wire carries {wire.MAX_TENSORS}"
+                )
+            self._record_for(step, mode).vectors[str(name)] = wire.Vector(vals, labs)
+        except Exception as exc:  # noqa: BLE001
+            self._note("record_vector", exc)
+
+    def _resolve(self, step: int | None, mode: str | None) -> tuple[Any, str]:
+        mode = self._default_mode() if mode is None else mode
+        return (self._implicit_step(mode) if step is None else step), mode
+
+    def _default_mode(self) -> str:
+        return "train"
+
+    def _implicit_step(self, mode: str) -> int:
+        """The step a call without `step=` belongs to: the newest pending step of `mode`, else the
+        step after the last one published (0 at first). TorchHook: the step being run."""
+        pending = [k[0] for k in self._pending if k[1] == mode]
+        if pending:
+            return max(pending)
+        last = self._last_published.get(mode)
+        return 0 if last is None else last + 1
 
     def record_scalars(self, step: int, values: Mapping[str, Any], *, mode: str = "train") -> None:
         """Add scalars (floats or 1-element tensors; tensors are copied at publish, without .item())."""
@@ -343,18 +582,24 @@ class Hook:
     def _emit(self, rec: _Record) -> None:
         if self._publisher is None:
             return
-        if rec.kind == "step" and not (rec.parts or rec.scalars or rec.scalar_tensors):
+        if rec.kind == "step" and not rec.has_data():
             return  # nothing was captured (e.g. statistics failed): no empty records
-        if rec.scalar_tensors:
+        if rec.scalar_tensors or rec.captures:
             try:
                 from . import stats_torch
 
                 names = list(rec.scalar_tensors)
-                _, values = stats_torch.transfer([], [rec.scalar_tensors[n] for n in names])
+                caps = rec.captures
+                host, values = stats_torch.transfer(
+                    [], [rec.scalar_tensors[n] for n in names], vectors=[c.values for c in caps]
+                )
                 rec.scalars.update(zip(names, values, strict=True))
+                for c, v in zip(caps, host.vectors, strict=True):
+                    rec.add_host_block(c.kind, c.name, c.finish(v))
             except Exception as exc:  # noqa: BLE001
                 self._note("scalars", exc)
             rec.scalar_tensors = {}
+            rec.captures = []
         rec.seq = self._seq
         self._seq += 1
         self._published += 1
@@ -403,7 +648,7 @@ class Hook:
                 cols.append(part.stats if isinstance(part.stats, Columns) else part.stats.finish())
             merged = Columns.concat(cols)
             names, colls, merged = _dedupe(names, colls, merged)
-            block = merged.to_block(names, colls)
+            block = merged.to_block(names, colls, self.delta_tolerance)
         announce = False
         sid = None
         if block is not None:
@@ -433,6 +678,10 @@ class Hook:
             tensors=block,
             announce=announce,
             sid=sid,
+            classes=rec.classes,
+            images=rec.images,
+            tokens=rec.tokens,
+            vectors=rec.vectors,
         )
 
 
@@ -452,6 +701,7 @@ def _dedupe(names: list[str], colls: list[str], cols: Columns) -> tuple[list[str
         cols.inf[keep],
         {remap[i]: v for i, v in cols.activity.items() if i in remap},
         {remap[i]: v for i, v in cols.quantiles.items() if i in remap},
+        {remap[i]: v for i, v in cols.deltas.items() if i in remap},
     )
     return [names[i] for i in keep], [colls[i] for i in keep], out
 

@@ -20,7 +20,18 @@ from typing import Any
 
 import numpy as np
 
-from tensorpulse.wire import ACTIVITY_EDGES, FLOAT_COLUMNS, TensorBlock
+from tensorpulse.wire import (
+    ACTIVITY_EDGES,
+    FLOAT_COLUMNS,
+    MAX_CHANNELS,
+    MAX_CONFUSION_CLASSES,
+    MAX_SCALARS,
+    MAX_TENSORS,
+    ClassCounts,
+    ImageSums,
+    TensorBlock,
+    TokenCounts,
+)
 
 _K = len(FLOAT_COLUMNS)
 
@@ -36,6 +47,8 @@ class Columns:
     inf: np.ndarray  # int64 [K]
     activity: dict[int, tuple[int, ...]] = field(default_factory=dict)
     quantiles: dict[int, tuple[float, float]] = field(default_factory=dict)
+    #: row -> (prev_step, ||w - w_prev||, ||w_prev||, allclose excess), see wire.Delta.
+    deltas: dict[int, tuple[int, float, float, float]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.n)
@@ -54,10 +67,12 @@ class Columns:
             return parts[0]
         activity: dict[int, tuple[int, ...]] = {}
         quantiles: dict[int, tuple[float, float]] = {}
+        deltas: dict[int, tuple[int, float, float, float]] = {}
         offset = 0
         for p in parts:
             activity.update({offset + i: v for i, v in p.activity.items()})
             quantiles.update({offset + i: v for i, v in p.quantiles.items()})
+            deltas.update({offset + i: v for i, v in p.deltas.items()})
             offset += len(p)
         return cls(
             np.concatenate([p.n for p in parts]),
@@ -67,10 +82,16 @@ class Columns:
             np.concatenate([p.inf for p in parts]),
             activity,
             quantiles,
+            deltas,
         )
 
-    def to_block(self, names: Sequence[str], collections: Sequence[str]) -> TensorBlock:
-        """The wire's TensorBlock for these rows."""
+    def to_block(
+        self,
+        names: Sequence[str],
+        collections: Sequence[str],
+        tolerance: tuple[float, float] | None = None,
+    ) -> TensorBlock:
+        """The wire's TensorBlock for these rows (`tolerance`: the (rtol, atol) of the deltas)."""
         if len(names) != len(self) or len(collections) != len(self):
             raise ValueError(f"{len(names)} names / {len(collections)} collections for {len(self)} rows")
         with np.errstate(over="ignore", invalid="ignore"):
@@ -85,6 +106,8 @@ class Columns:
             inf=self.inf if self.inf.any() else None,
             activity=self.activity,
             quantiles=self.quantiles,
+            deltas=self.deltas,
+            tolerance=tolerance if self.deltas else None,
         )
 
 
@@ -103,11 +126,14 @@ def activity_from_counts(active: np.ndarray, samples: int) -> tuple[int, ...]:
     return (units, *(int(np.count_nonzero(active < t)) for t in activity_thresholds(samples)))
 
 
-def _activity(x: np.ndarray) -> tuple[int, ...] | None:
+def _activity(x: np.ndarray, active_range: tuple[float, float] | None = None) -> tuple[int, ...] | None:
+    """Per-unit activity: a unit is active in a sample when its value is > 0, or lies strictly
+    inside `active_range` (lo, hi) when given (the non-saturated inputs of tanh / sigmoid)."""
     if x.ndim < 2 or x.shape[1] == 0 or x.size == 0:
         return None
     axes = (0, *range(2, x.ndim))
-    active = np.count_nonzero(x > 0, axis=axes)
+    on = x > 0 if active_range is None else (x > active_range[0]) & (x < active_range[1])
+    active = np.count_nonzero(on, axis=axes)
     return activity_from_counts(np.asarray(active), x.size // x.shape[1])
 
 
@@ -147,10 +173,12 @@ def numpy_stats(
     activity: Sequence[bool] | None = None,
     quantiles: Sequence[bool] | None = None,
     max_quantile_samples: int = 16384,
+    active_range: tuple[float, float] | None = None,
 ) -> Columns:
     """Statistics of each tensor (anything np.asarray accepts), accumulated in float64.
 
-    `activity[i]` asks for per-unit activity (unit = axis 1, tensors of ndim >= 2);
+    `activity[i]` asks for per-unit activity (unit = axis 1, tensors of ndim >= 2; active means
+    > 0, or strictly inside `active_range` when given);
     `quantiles[i]` for nearest-rank (p5, p95) of a strided subsample of at most `max_quantile_samples`.
     """
     arrays = list(tensors)
@@ -173,12 +201,117 @@ def numpy_stats(
             continue
         floats[i], zeros[i], nan[i], inf[i] = _row(flat)
         if activity is not None and activity[i]:
-            a = _activity(x)
+            a = _activity(x, active_range)
             if a is not None:
                 act[i] = a
         if quantiles is not None and quantiles[i]:
             qs[i] = _quantiles(flat, max_quantile_samples)
     return Columns(n, floats, zeros, nan, inf, act, qs)
+
+
+def numpy_delta(x: Any, prev: np.ndarray, rtol: float, atol: float) -> tuple[float, float, float]:
+    """(||x - prev||, ||prev||, max(|x - prev| - (atol + rtol*|prev|))) in float64.
+
+    The last is <= 0 exactly when numpy.allclose(x, prev, rtol, atol) holds (NaN when either
+    holds a NaN). `x` and `prev` must have the same shape.
+    """
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(prev, dtype=np.float64)
+    if a.size == 0:
+        return 0.0, 0.0, -math.inf
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = a - b
+        excess = float(np.max(np.abs(d) - (atol + rtol * np.abs(b))))
+        return float(np.linalg.norm(d.reshape(-1))), float(np.linalg.norm(b.reshape(-1))), excess
+
+
+def class_counts(labels: Any, predictions: Any = None, num_classes: int | None = None) -> ClassCounts:
+    """Label counts (and, with predictions, k*k confusion counts for k <= 256) of one batch.
+
+    `labels`: 1-D integer class ids; `predictions`: 1-D class ids, or 2-D scores (argmax over
+    axis 1). k is `num_classes`, else the number of score columns, else the largest id + 1.
+    Ids outside [0, k) are not counted.
+    """
+    y = np.asarray(labels).reshape(-1)
+    if y.dtype.kind not in "iub":
+        raise TypeError(f"labels must be integer class ids, got dtype {y.dtype}")
+    p = None
+    if predictions is not None:
+        p = np.asarray(predictions)
+        if p.ndim == 2:
+            if num_classes is None:
+                num_classes = p.shape[1]
+            p = p.argmax(axis=1)
+        p = p.reshape(-1)
+        if p.dtype.kind not in "iub":
+            raise TypeError(f"predictions must be class ids or 2-D scores, got dtype {p.dtype}")
+        if p.shape != y.shape:
+            raise ValueError(f"{p.size} predictions for {y.size} labels")
+    if num_classes is None:
+        top = max(int(y.max(initial=-1)), -1 if p is None else int(p.max(initial=-1)))
+        num_classes = top + 1
+    k = check_classes(num_classes)
+    y = y.astype(np.int64)
+    ok = (y >= 0) & (y < k)
+    if p is None or k > MAX_CONFUSION_CLASSES:
+        return ClassCounts(k, tuple(np.bincount(y[ok], minlength=k).tolist()))
+    p = p.astype(np.int64)
+    ok &= (p >= 0) & (p < k)
+    conf = np.bincount(y[ok] * k + p[ok], minlength=k * k)
+    y_ok = y[(y >= 0) & (y < k)]
+    return ClassCounts(k, tuple(np.bincount(y_ok, minlength=k).tolist()), tuple(conf.tolist()))
+
+
+def check_classes(k: int) -> int:
+    """k as an int, if the wire can carry that many label counts."""
+    k = int(k)
+    if not 0 <= k <= MAX_TENSORS:
+        raise ValueError(f"{k} classes: the wire carries label counts for 0..{MAX_TENSORS} classes")
+    return k
+
+
+def check_token_values(values: Sequence[int]) -> tuple[int, ...]:
+    vals = tuple(int(v) for v in values)
+    if len(vals) > MAX_SCALARS:
+        raise ValueError(f"{len(vals)} token values: the wire carries at most {MAX_SCALARS}")
+    return vals
+
+
+def image_sums(x: Any, channel: int = 1) -> ImageSums:
+    """Per-channel sums and sums of squares over every other axis of a batch of images (axis 0)."""
+    a = np.asarray(x)
+    ch = _channel_axis(a.ndim, channel)
+    a = a.astype(np.float64, copy=False)
+    axes = tuple(i for i in range(a.ndim) if i != ch)
+    c = check_channels(a.shape[ch])
+    images = a.shape[0]
+    pixels = a.size // (c * images) if c and images else 0
+    return ImageSums(
+        images, pixels, tuple(a.sum(axis=axes).tolist()), tuple(np.square(a).sum(axis=axes).tolist())
+    )
+
+
+def _channel_axis(ndim: int, channel: int) -> int:
+    if ndim < 3:
+        raise ValueError(f"images must have >= 3 dimensions (batch, channel, ...), got {ndim}")
+    ch = channel + ndim if channel < 0 else channel
+    if not 0 < ch < ndim:
+        raise ValueError(f"channel axis {channel} is not an axis 1..{ndim - 1} of a {ndim}-D batch")
+    return ch
+
+
+def check_channels(c: int) -> int:
+    if c > MAX_CHANNELS:
+        raise ValueError(f"{c} image channels: the wire carries at most {MAX_CHANNELS}")
+    return c
+
+
+def token_counts(x: Any, values: Sequence[int]) -> TokenCounts:
+    """How many of the integer tokens in `x` equal each of `values`, and how many tokens in all."""
+    a = np.asarray(x).reshape(-1)
+    if a.dtype.kind not in "iub":
+        raise TypeError(f"token ids must be integers, got dtype {a.dtype}")
+    return TokenCounts(int(a.size), {v: int(np.count_nonzero(a == v)) for v in check_token_values(values)})
 
 
 def stats_as_dicts(cols: Columns, names: Sequence[str]) -> Mapping[str, dict[str, float]]:

@@ -39,16 +39,23 @@ import functools
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from tensorpulse.wire import ACTIVITY_EDGES
+from tensorpulse.wire import ACTIVITY_EDGES, MAX_CONFUSION_CLASSES, ClassCounts, ImageSums, TokenCounts
 
-from .stats_numpy import Columns, activity_thresholds
+from .stats_numpy import (
+    Columns,
+    _channel_axis,
+    activity_thresholds,
+    check_channels,
+    check_classes,
+    check_token_values,
+)
 
 #: Tensors larger than this are reduced in chunks, bounding the temporaries to 16 MiB (float32).
 CHUNK = 1 << 22
@@ -100,6 +107,11 @@ class DeviceStats:
     check_shift: bool = False
     #: The source tensor, kept only for the rare second pass (None for activations).
     tensor: torch.Tensor | None = None
+    #: [3] device values (||w - w_prev||^2, ||w_prev||^2, max(|w - w_prev| - rtol*|w_prev|)) from a
+    #: DeltaTracker, the step of w_prev and the atol still to subtract from the last one.
+    delta: torch.Tensor | None = None
+    delta_step: int = 0
+    delta_atol: float = 0.0
 
     @property
     def device(self) -> torch.device | None:
@@ -121,6 +133,9 @@ class HostStats:
     rescaled: dict[int, tuple[float, ...]] = field(default_factory=dict)
     activity: dict[int, tuple[int, ...]] = field(default_factory=dict)
     quantiles: dict[int, tuple[float, float]] = field(default_factory=dict)
+    deltas: dict[int, tuple[int, float, float, float]] = field(default_factory=dict)
+    #: Host copies (float64) of the `vectors` passed to `transfer`, in order.
+    vectors: list[np.ndarray] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.n)
@@ -175,6 +190,7 @@ class HostStats:
             self.inf,
             dict(self.activity),
             dict(self.quantiles),
+            dict(self.deltas),
         )
 
 
@@ -274,10 +290,13 @@ def reduce_on_device(
     quantiles: bool = False,
     exact_nonfinite: bool = False,
     keep_tensor: bool | None = None,
+    active_range: tuple[float, float] | None = None,
 ) -> DeviceStats:
     """Queue the reductions of one tensor on its device; nothing is copied to the host.
 
-    `activity`: per-unit activity (unit = dim 1, ndim >= 2) reduced to ACTIVITY_EDGES counts.
+    `activity`: per-unit activity (unit = dim 1, ndim >= 2) reduced to ACTIVITY_EDGES counts; a
+    unit is active in a sample when its value is > 0, or strictly inside `active_range` (lo, hi)
+    when given (the non-saturated range of a tanh / sigmoid input).
     `quantiles`: approximate (p5, p95): nearest-rank quantiles of a strided subsample of
     <= MAX_QUANTILE_SAMPLES elements (real values, so huge tensors cannot overflow them).
     `exact_nonfinite`: count nan/inf now (for tensors that will not exist at transfer time).
@@ -351,8 +370,15 @@ def reduce_on_device(
             w.nan_to_num_(nan=0.0)
         vals += (torch.dot(xf, w), torch.dot(w, w))
         if fast_activity:
-            # clamp(sign, 0) is the indicator of x > 0 (NaN is not > 0); float sums are exact < 2**24.
-            part = w.clamp_(min=0).view(unit_shape).sum(dim=dims)
+            if active_range is None:
+                # clamp(sign, 0) is the indicator of x > 0 (NaN is not > 0); float sums are exact < 2**24.
+                w.clamp_(min=0)
+            else:
+                # lo < x < hi as 0/1 floats (NaN is in no range)
+                w2 = _scratch(2, w.numel(), ct, dev)
+                torch.gt(xf, active_range[0], out=w)
+                w.mul_(torch.lt(xf, active_range[1], out=w2))
+            part = w.view(unit_shape).sum(dim=dims)
             active = part if active is None else active.add_(part)
         if count_now:
             counts += _count_nonfinite(xf, w)
@@ -371,7 +397,8 @@ def reduce_on_device(
     units_counts = None
     if units:
         if active is None:  # more samples per unit than float32 counts exactly
-            active = (x > 0).sum(dim=[0, *range(2, x.ndim)])
+            on = x > 0 if active_range is None else (x > active_range[0]) & (x < active_range[1])
+            active = on.sum(dim=[0, *range(2, x.ndim)])
         thr = _CONSTANTS.get(("act", samples), _thresholds(samples), dev, active.dtype)
         units_counts = (active.unsqueeze(1) < thr).sum(dim=0)
     if quantiles:
@@ -546,12 +573,17 @@ def _copy_to_host(floats: list[torch.Tensor], ints: list[torch.Tensor]) -> tuple
 
 
 def transfer(
-    stats: Sequence[DeviceStats], extras: Sequence[torch.Tensor | float] = ()
+    stats: Sequence[DeviceStats],
+    extras: Sequence[torch.Tensor | float] = (),
+    *,
+    vectors: Sequence[torch.Tensor] = (),
 ) -> tuple[HostStats, list[float]]:
     """Copy the reductions (and scalar `extras`, e.g. the loss) to the host: one `.cpu()` per device.
 
     Runs the nan/inf second pass for the (rare) tensors that need it. Returns the host
-    statistics and the extras as floats, in order.
+    statistics and the extras as floats, in order. `vectors` (small 1-d device tensors such as
+    label counts) ride along in the same copy and come back, as float64, in `HostStats.vectors`
+    (values beyond 2**24 lose precision when a float32 copy carries them).
     """
     k = len(stats)
     n = np.fromiter((s.n for s in stats), dtype=np.int64, count=k)
@@ -561,24 +593,29 @@ def transfer(
     inf = np.zeros(k, dtype=np.int64)
     activity: dict[int, tuple[int, ...]] = {}
     quantiles: dict[int, tuple[float, float]] = {}
+    deltas: dict[int, tuple[int, float, float, float]] = {}
     extra_values: list[float] = [math.nan] * len(extras)
+    vector_values: list[np.ndarray] = [np.zeros(0)] * len(vectors)
 
-    groups: dict[torch.device, tuple[list[int], list[int]]] = {}
+    groups: dict[torch.device, tuple[list[int], list[int], list[int]]] = {}
     for i, s in enumerate(stats):
         if s.n:
             dev = s.device
             g = groups.get(dev)  # type: ignore[arg-type]
             if g is None:
-                g = groups[dev] = ([], [])  # type: ignore[index]
+                g = groups[dev] = ([], [], [])  # type: ignore[index]
             g[0].append(i)
     for j, e in enumerate(extras):
         if isinstance(e, torch.Tensor):
             if e.numel():
-                groups.setdefault(e.device, ([], []))[1].append(j)
+                groups.setdefault(e.device, ([], [], []))[1].append(j)
         else:
             extra_values[j] = float(e)
+    for j, v in enumerate(vectors):
+        if v.numel():
+            groups.setdefault(v.device, ([], [], []))[2].append(j)
 
-    for idx, ext in groups.values():
+    for idx, ext, vix in groups.values():
         # ONE copy of: section A, the 0-d scalars of every tensor, stacked; section B, 1-d pieces
         # (x0 shifts, row blocks of small tensors, activity counts, extras), concatenated.
         scal: list[torch.Tensor] = []
@@ -593,6 +630,7 @@ def transfer(
         exact: list[int] = []  # positions in idx
         quant: list[tuple[int, int]] = []  # (tensor, offset of p5 in A)
         acts: list[tuple[int, int]] = []  # (tensor, offset of its activity counts in B)
+        dels: list[tuple[int, int]] = []  # (tensor, offset of its 3 delta values in B)
         plain: list[int] = []  # unshifted sums
         blocks: dict[int, tuple[int, int]] = {}
         for p, i in enumerate(idx):
@@ -635,9 +673,14 @@ def transfer(
                 acts.append((i, nb))
                 vecs.append(s.activity)
                 nb += _NA
+            if s.delta is not None:
+                dels.append((i, nb))
+                vecs.append(s.delta)
+                nb += 3
             if s.check_shift:
                 plain.append(i)
         vecs += [_scalar_1d(extras[j]) for j in ext]  # type: ignore[arg-type]
+        vecs += [vectors[j].detach().reshape(-1) for j in vix]
         ns = len(scal)
         host = torch.cat([torch.stack(scal), *vecs] if scal else vecs).cpu().numpy().astype(np.float64)
 
@@ -666,14 +709,22 @@ def transfer(
             quantiles[i] = (float(host[q]), float(host[q + 1]))
         for i, a in acts:
             activity[i] = (stats[i].units, *(int(v) for v in host[ns + a : ns + a + _NA]))
+        for i, d in dels:
+            s = stats[i]
+            upd, prev, ex = host[ns + d : ns + d + 3]
+            deltas[i] = (s.delta_step, math.sqrt(upd), math.sqrt(prev), float(ex) - s.delta_atol)
         off = ns + nb
         for j in ext:
             extra_values[j] = float(host[off])
             off += 1
+        for j in vix:
+            m = vectors[j].numel()
+            vector_values[j] = host[off : off + m]
+            off += m
         if plain:
             _reshift(stats, raw, n, np.array(plain))
 
-    hs = HostStats(n, raw, nonzero, nan, inf, {}, activity, quantiles)
+    hs = HostStats(n, raw, nonzero, nan, inf, {}, activity, quantiles, deltas, vector_values)
     _second_pass(stats, hs)
     return hs, extra_values
 
@@ -772,3 +823,248 @@ def torch_stats(
     ]
     host, _ = transfer(stats)
     return host.finish()
+
+
+# ---------------------------------------------------------------------------- weight deltas
+#: CPU chunk of the delta pass: it touches four buffers (w, w_prev and two scratch), so a smaller
+#: chunk than CPU_CHUNK keeps them in L2 (measured: 64 Ki elements ~10 % faster than 128 Ki).
+DELTA_CPU_CHUNK = 1 << 16
+#: Off the host, tensors of at most this many elements in all are handled together by
+#: multi-tensor (torch._foreach_*) kernels: a fixed number of kernel launches per group instead
+#: of ~9 per tensor; the group's temporaries are two float copies of its tensors.
+DELTA_GROUP = 1 << 24
+
+
+def _delta(x: torch.Tensor, prev: torch.Tensor, rtol: float) -> torch.Tensor:
+    """[3] device values: ||x - prev||^2, ||prev||^2, max(|x - prev| - rtol*|prev|); then prev := x.
+
+    Chunked like reduce_on_device (cache-sized chunks and reused scratch buffers on CPU), so
+    that each chunk is read from memory once; no host sync.
+    """
+    ct = _compute_dtype(x.dtype)
+    dev = x.device
+    flat, pflat = x.reshape(-1), prev.view(-1)
+    n = flat.numel()
+    chunk = min(CHUNK, DELTA_CPU_CHUNK) if dev.type in _HOST_DEVICES else CHUNK
+    parts: list[torch.Tensor] = []
+    for start in range(0, n, chunk):
+        c, p = flat[start : start + chunk], pflat[start : start + chunk]
+        m = c.numel()
+        cf, pf = (c, p) if c.dtype == ct else (c.to(ct), p.to(ct))
+        w, w2 = _scratch(2, m, ct, dev), _scratch(3, m, ct, dev)
+        torch.sub(cf, pf, out=w)
+        parts += (torch.dot(w, w), torch.dot(pf, pf))
+        w.abs_()
+        torch.abs(pf, out=w2)
+        parts.append(torch.add(w, w2, alpha=-rtol, out=w).amax())
+        p.copy_(c)
+    v = torch.stack(parts)
+    if len(parts) > 3:
+        v = v.view(-1, 3)
+        v = torch.stack([v[:, 0].sum(), v[:, 1].sum(), v[:, 2].amax()])
+    return v
+
+
+def _delta_group(xs: list[torch.Tensor], prevs: list[torch.Tensor], rtol: float) -> torch.Tensor:
+    """[k, 3] rows of _delta's values for k tensors of one device, with multi-tensor kernels."""
+    ct = _compute_dtype(xs[0].dtype)
+    cs = [x.reshape(-1) if x.dtype == ct else x.reshape(-1).to(ct) for x in xs]
+    ps = [p.view(-1) if p.dtype == ct else p.view(-1).to(ct) for p in prevs]
+    d = torch._foreach_sub(cs, ps)
+    upd = torch.stack(torch._foreach_norm(d))
+    prev = torch.stack(torch._foreach_norm(ps))
+    torch._foreach_abs_(d)
+    torch._foreach_add_(d, torch._foreach_abs(ps), alpha=-rtol)
+    excess = torch.stack(torch._foreach_max(d))
+    torch._foreach_copy_(prevs, xs)
+    return torch.stack([upd.square(), prev.square(), excess.to(upd.dtype)], dim=1)
+
+
+class DeltaTracker:
+    """Device copies of tracked tensors at their previous saved step, to report how they changed.
+
+    Memory: one copy of every tracked tensor, on its own device and in its own dtype. The
+    change is computed on the device and rides along in the step's one host transfer.
+    """
+
+    def __init__(self, rtol: float, atol: float) -> None:
+        self.rtol = float(rtol)
+        self.atol = float(atol)
+        self._prev: dict[Hashable, tuple[int, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._prev)
+
+    def clear(self) -> None:
+        """Drop every copy (e.g. when the hook attaches to another model)."""
+        self._prev.clear()
+
+    def track(
+        self,
+        step: int,
+        keys: Sequence[Hashable],
+        tensors: Sequence[torch.Tensor],
+        stats: Sequence[DeviceStats],
+    ) -> None:
+        """Set `stats[i].delta` against the copy from an earlier step and keep a copy of this one.
+
+        A tensor seen for the first time, or whose shape, dtype or device changed, or a step that
+        is not later than the copy's, gets no delta (its copy is refreshed).
+        """
+        groups: dict[
+            tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor, DeviceStats]]
+        ] = {}
+        with torch.no_grad():
+            for key, t, s in zip(keys, tensors, stats, strict=True):
+                x = t.detach()
+                if x.numel() == 0 or x.is_complex():
+                    continue
+                got = self._prev.get(key)
+                if (
+                    got is None
+                    or got[0] >= step
+                    or got[1].shape != x.shape
+                    or got[1].dtype != x.dtype
+                    or got[1].device != x.device
+                ):
+                    with torch.inference_mode(False):
+                        buf = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                    buf.copy_(x)
+                    self._prev[key] = (step, buf)
+                    continue
+                s.delta_step = got[0]
+                s.delta_atol = self.atol
+                self._prev[key] = (step, got[1])
+                if x.device.type in _HOST_DEVICES or x.numel() > DELTA_GROUP:
+                    s.delta = _delta(x, got[1], self.rtol)
+                else:
+                    groups.setdefault((x.device, x.dtype), []).append((x, got[1], s))
+            for items in groups.values():
+                start = 0
+                while start < len(items):
+                    # groups of at most DELTA_GROUP elements bound the temporaries
+                    end, size = start, 0
+                    while end < len(items) and (end == start or size + items[end][0].numel() <= DELTA_GROUP):
+                        size += items[end][0].numel()
+                        end += 1
+                    part = items[start:end]
+                    rows = _delta_group([x for x, _, _ in part], [p for _, p, _ in part], self.rtol)
+                    for r, (_, _, s) in enumerate(part):
+                        s.delta = rows[r]
+                    start = end
+
+
+# ---------------------------------------------------------------------------- labels and inputs
+@dataclass(slots=True)
+class Capture:
+    """A small device vector for one record-level block, and how to turn its host copy into it.
+
+    `kind` is "cls", "img" or "tok" (the wire key); `finish(host_values)` gives the wire object.
+    """
+
+    kind: str
+    name: str
+    values: torch.Tensor
+    finish: Callable[[np.ndarray], Any]
+
+
+def _bincount(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Counts of idx values in [0, size): bincount on CPU; elsewhere scatter_add, which needs no
+    host sync (torch.bincount reads the largest value back to the host first)."""
+    if idx.device.type in _HOST_DEVICES:
+        return torch.bincount(idx, minlength=size)
+    out = torch.zeros(size, dtype=torch.int64, device=idx.device)
+    return out.scatter_add_(0, idx, torch.ones_like(idx))
+
+
+def _ids(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{what} must be integer class ids, got dtype {t.dtype}")
+    return t.reshape(-1).to(torch.int64)
+
+
+def class_counts_on_device(
+    name: str, labels: torch.Tensor, predictions: torch.Tensor | None = None, num_classes: int | None = None
+) -> Capture:
+    """Label counts and (k <= 256, with predictions) k*k confusion counts, counted on the device.
+
+    `predictions`: class ids, or 2-D scores (argmax over dim 1 on the device). k is
+    `num_classes`, else the number of score columns, else the largest id + 1 (which costs a host
+    sync on accelerators: pass num_classes there). Ids outside [0, k) are not counted.
+    """
+    y = _ids(labels.detach(), "labels")
+    p = None
+    if predictions is not None:
+        p = predictions.detach()
+        if p.ndim == 2 and (p.is_floating_point() or p.shape[1] > 1):
+            if num_classes is None:
+                num_classes = p.shape[1]
+            p = p.argmax(dim=1)
+        p = _ids(p, "predictions")
+        if p.numel() != y.numel():
+            raise ValueError(f"{p.numel()} predictions for {y.numel()} labels")
+    if num_classes is None:
+        if y.numel() == 0:
+            num_classes = 0
+        else:
+            top = y.max() if p is None else torch.maximum(y.max(), p.max())
+            num_classes = int(top) + 1
+    k = check_classes(num_classes)
+    valid = (y >= 0) & (y < k)
+    # bins: [0, k) labels, k: labels out of range; then k*k confusion cells and one for bad pairs
+    idx = torch.where(valid, y, k)
+    conf = p is not None and k <= MAX_CONFUSION_CLASSES
+    size = k + 1
+    if conf:
+        pair = valid & (p >= 0) & (p < k)
+        idx = torch.cat([idx, torch.where(pair, y * k + p, k * k) + (k + 1)])
+        size += k * k + 1
+    counts = _bincount(idx, size)
+
+    def finish(v: np.ndarray) -> ClassCounts:
+        c = [int(x) for x in v[:size]]
+        return ClassCounts(k, tuple(c[:k]), tuple(c[k + 1 : k + 1 + k * k]) if conf else None)
+
+    return Capture("cls", name, counts, finish)
+
+
+def image_sums_on_device(name: str, x: torch.Tensor, channel: int = 1) -> Capture:
+    """Per-channel sums and sums of squares over every other axis of a batch of images (dim 0)."""
+    x = x.detach()
+    ch = _channel_axis(x.ndim, channel)
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
+    dims = [d for d in range(x.ndim) if d != ch]
+    c, images = check_channels(x.shape[ch]), x.shape[0]
+    pixels = x.numel() // (c * images) if c and images else 0
+    if ch == 1 and x.is_contiguous() and images and c:
+        # N, C, pixels: reducing the contiguous pixel axis first is ~3x faster on CPU, no temporary
+        v = x.view(images, c, -1)
+        vals = torch.cat([v.sum(dim=2).sum(dim=0), torch.linalg.vector_norm(v, dim=2).square().sum(dim=0)])
+    else:
+        vals = torch.cat([x.sum(dim=dims), x.square().sum(dim=dims)])
+
+    def finish(v: np.ndarray) -> ImageSums:
+        return ImageSums(images, pixels, tuple(v[:c].tolist()), tuple(v[c : 2 * c].tolist()))
+
+    return Capture("img", name, vals, finish)
+
+
+def token_counts_on_device(name: str, x: torch.Tensor, values: Sequence[int]) -> Capture:
+    """How many of the integer tokens in `x` equal each of `values` (one compare and sum)."""
+    x = x.detach()
+    if x.is_floating_point() or x.is_complex():
+        raise TypeError(f"token ids must be integers, got dtype {x.dtype}")
+    vals = check_token_values(values)
+    total = x.numel()
+    if vals and total:
+        ref = _CONSTANTS.get(("tok", vals), vals, x.device, x.dtype)
+        counts = torch.eq(x.reshape(-1, 1), ref).sum(dim=0)
+    else:
+        counts = torch.zeros(len(vals), dtype=torch.int64, device=x.device)
+
+    def finish(v: np.ndarray) -> TokenCounts:
+        got = v[: len(vals)] if total else np.zeros(len(vals))
+        return TokenCounts(total, {val: int(c) for val, c in zip(vals, got, strict=True)})
+
+    return Capture("tok", name, counts, finish)

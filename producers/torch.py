@@ -19,6 +19,13 @@ is the last step passed to `step()` for that mode plus one (0 at first). Only th
 pass after each `step()` is captured (gradient accumulation would otherwise repeat names).
 The activation hooks themselves are registered for a captured pass only (and removed when it
 ends): a step that is not saved costs one Python call per forward pass.
+
+The inputs of nn.Tanh and nn.Sigmoid modules are captured on saved steps as
+`<module>/Tanh_input` / `<module>/Sigmoid_input` ("activations"), with the per-unit activity
+histogram in which a unit is active when its input lies strictly inside the non-saturated range
+(`tanh_range`, `sigmoid_range`), for SaturatedActivation. `record_labels` and `record_inputs`
+(or `attach(..., capture_inputs=True)`) add label/confusion counts and input summaries; their
+device values ride along in the step's one host copy.
 """
 
 from __future__ import annotations
@@ -30,8 +37,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from tensorpulse.errors import ConfigError
+
 from .hook import Hook, _Part
 from .stats_torch import DeviceStats, reduce_many, reduce_on_device, transfer
+
+#: Non-saturated input ranges of tanh and sigmoid (SageMaker's SaturatedActivation defaults).
+TANH_RANGE = (-9.4999, 9.4999)
+SIGMOID_RANGE = (-23.0, 16.99999)
 
 #: Modules whose outputs are captured as activations (with per-unit activity).
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -60,6 +73,8 @@ class _ActModule(NamedTuple):
     hook: Any  # output hook when the pre-hook numbers the calls
     counting_hook: Any  # output hook that numbers the calls itself
     want_in: bool
+    #: tanh / sigmoid: inputs are captured on every captured pass, with in-range activity
+    in_range: tuple[float, float] | None = None
 
 
 def _collection(param_name: str) -> str:
@@ -71,8 +86,23 @@ def _collection(param_name: str) -> str:
 class TorchHook(Hook):
     """A Hook that attaches to an nn.Module (and optionally its optimizer) and reports every saved step."""
 
-    def __init__(self, job: str, bootstrap: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        job: str,
+        bootstrap: str | None = None,
+        *,
+        tanh_range: tuple[float, float] = TANH_RANGE,
+        sigmoid_range: tuple[float, float] = SIGMOID_RANGE,
+        **kwargs: Any,
+    ) -> None:
+        """`tanh_range` / `sigmoid_range`: the (lo, hi) input range in which a tanh / sigmoid unit
+        counts as active (not saturated); other arguments as for Hook."""
+        for what, rng in (("tanh_range", tanh_range), ("sigmoid_range", sigmoid_range)):
+            if len(rng) != 2 or not float(rng[0]) < float(rng[1]):
+                raise ConfigError(f"Expected argument `{what}` to be (lo, hi) with lo < hi but got {rng!r}")
         super().__init__(job, bootstrap, **kwargs)
+        self.tanh_range = (float(tanh_range[0]), float(tanh_range[1]))
+        self.sigmoid_range = (float(sigmoid_range[0]), float(sigmoid_range[1]))
         self._model: nn.Module | None = None
         self._optimizer: Any = None
         self._params: list[tuple[str, str, nn.Parameter]] = []
@@ -88,6 +118,8 @@ class TorchHook(Hook):
         self._last_step: dict[str, int] = {}
         self._include: re.Pattern[str] | None = None
         self._exclude: re.Pattern[str] | None = None
+        self._delta_idx: list[int] = []  # positions in _param_items whose collection is tracked
+        self._auto_inputs: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ attach / detach
     def attach(
@@ -98,14 +130,28 @@ class TorchHook(Hook):
         activations: bool = True,
         include: str | None = None,
         exclude: str | None = None,
+        capture_inputs: bool | Mapping[str, Any] = False,
     ) -> TorchHook:
         """Capture `model`'s parameters, gradients and (optionally) activation outputs.
 
         `include` / `exclude` are regexes searched in the published tensor names (e.g.
         "fc1.weight", "gradient/fc1.weight", "act1/relu_output"). With an optimizer, its
         learning rate(s) are published as scalars "lr" (or "lr/<group>").
+        `capture_inputs`: summarise the model's first positional input on saved steps, as
+        `record_inputs` does (True, or a dict of record_inputs keyword arguments: name, kind,
+        channel, token_values); a forward pre-hook on `model`, nothing on other steps.
         """
         self.detach()
+        if self._torch_deltas is not None:
+            self._torch_deltas.clear()
+        if capture_inputs:
+            opts = {} if capture_inputs is True else dict(capture_inputs)  # type: ignore[arg-type]
+            unknown = set(opts) - {"name", "kind", "channel", "token_values"}
+            if unknown:
+                raise ValueError(f"capture_inputs: unknown options {sorted(unknown)}")
+            self._auto_inputs = opts
+        else:
+            self._auto_inputs = None
         self._model = model
         self._optimizer = optimizer
         self._include = re.compile(include) if include else None
@@ -113,6 +159,7 @@ class TorchHook(Hook):
         self._params = [(name, _collection(name), p) for name, p in model.named_parameters()]
         # The include/exclude filters are applied once here, not on every step.
         self._param_items = [(name, coll, p) for name, coll, p in self._params if self._wanted(name)]
+        self._delta_idx = [i for i, (_, coll, _) in enumerate(self._param_items) if coll in self.track_deltas]
         self._grad_items = [
             (f"gradient/{name}", p) for name, _, p in self._params if self._wanted(f"gradient/{name}")
         ]
@@ -122,19 +169,27 @@ class TorchHook(Hook):
                 if not isinstance(module, ACTIVATION_TYPES):
                     continue
                 base = f"{path or 'model'}/{type(module).__name__.lower()}"
+                in_range = None
+                in_name = f"{base}_input"
+                if isinstance(module, (nn.Tanh, nn.Sigmoid)):
+                    kind = "Tanh" if isinstance(module, nn.Tanh) else "Sigmoid"
+                    in_range = self.tanh_range if kind == "Tanh" else self.sigmoid_range
+                    in_name = f"{path or 'model'}/{kind}_input"
                 want_out = self._wanted(f"{base}_output")
-                want_in = self._wanted(f"{base}_input")
+                want_in = self._wanted(in_name)
                 if not (want_out or want_in):
                     continue
                 self._act_modules.append(
                     _ActModule(
                         module,
-                        self._make_pre_hook(base, want_in),
+                        self._make_pre_hook(in_name, want_in, in_range),
                         self._make_hook(base, counts=False) if want_out else None,
                         self._make_hook(base, counts=True) if want_out else None,
                         want_in,
+                        in_range,
                     )
                 )
+        if activations or self._auto_inputs is not None:
             # The only permanent hook: steps that are not saved cost one call per forward pass.
             # The activation hooks are registered when a capture starts and removed when it ends.
             self._handles.append(model.register_forward_pre_hook(self._on_forward_start))
@@ -164,7 +219,7 @@ class TorchHook(Hook):
         if not self.enabled:
             return
         mode = "train" if module.training else "eval"
-        if self._acts.get(mode):
+        if mode in self._acts:
             return  # already captured a forward pass for this step (e.g. gradient accumulation)
         upcoming = self._last_step.get(mode, -1) + 1
         if self.save_config.should_save(upcoming, mode):
@@ -172,12 +227,14 @@ class TorchHook(Hook):
             self._capture_inputs = self._quantiles_now(mode)
             self._calls = {}
             self._acts[mode] = []
+            if self._auto_inputs is not None and args and isinstance(args[0], torch.Tensor):
+                self.record_inputs(args[0], step=upcoming, mode=mode, **self._auto_inputs)
             self._begin_capture(module)
 
     def _begin_capture(self, model: nn.Module) -> None:
         handles = self._capture_handles
         for am in self._act_modules:
-            pre = am.want_in and self._capture_inputs
+            pre = am.want_in and (self._capture_inputs or am.in_range is not None)
             if pre:
                 handles.append(am.module.register_forward_pre_hook(am.pre_hook, prepend=True))
             hook = am.hook if pre else am.counting_hook
@@ -194,7 +251,9 @@ class TorchHook(Hook):
         self._capturing = None  # modules called outside the model's forward are not captured
         self._end_capture()
 
-    def _make_pre_hook(self, base: str, want_input: bool):
+    def _make_pre_hook(self, in_name: str, want_input: bool, in_range: tuple[float, float] | None = None):
+        """The input hook: activation inputs (early steps), or tanh/sigmoid inputs with activity."""
+
         def pre_hook(module: nn.Module, args: Any) -> None:
             mode = self._capturing
             if mode is None:
@@ -203,9 +262,15 @@ class TorchHook(Hook):
             if not (want_input and args and isinstance(args[0], torch.Tensor)):
                 return
             try:
+                name = in_name + (f"_{idx}" if idx else "")
                 # Before forward: in-place activations would overwrite their input.
+                if in_range is not None:
+                    stats = reduce_on_device(
+                        args[0], activity=True, active_range=in_range, exact_nonfinite=True
+                    )
+                    self._acts[mode].append((name, "activations", stats))
+                    return
                 stats = reduce_on_device(args[0], quantiles=True, exact_nonfinite=True)
-                name = f"{base}_input" + (f"_{idx}" if idx else "")
                 self._acts[mode].append((name, "activation_inputs", stats))
             except Exception as exc:  # noqa: BLE001
                 self._capturing = None
@@ -256,6 +321,7 @@ class TorchHook(Hook):
         self._last_step[mode] = step
         if not self.save_config.should_save(step, mode):
             return
+        pending = self._pending.get((step, mode))
         try:
             quant = self._quantiles_now(mode)
             names = [name for name, _, _ in self._param_items]
@@ -269,6 +335,13 @@ class TorchHook(Hook):
                         tensors.append(p.grad)
             nparams = len(self._param_items)
             stats = reduce_many(tensors, quantiles=[False] * nparams + [quant] * (len(tensors) - nparams))
+            if mode == "train" and self._delta_idx:
+                self._delta_tracker().track(
+                    step,
+                    [(colls[i], names[i]) for i in self._delta_idx],
+                    [tensors[i] for i in self._delta_idx],
+                    [stats[i] for i in self._delta_idx],
+                )
             for name, coll, s in acts:
                 names.append(name)
                 colls.append(coll)
@@ -281,15 +354,31 @@ class TorchHook(Hook):
             for name, lr in self._learning_rates():
                 extras.append(lr)
                 extra_names.append(name)
-            host, values = transfer(stats, extras)
+            caps = []
+            if pending is not None:  # labels, inputs and tensor scalars recorded for this step
+                caps, pending.captures = pending.captures, []
+                for name, value in pending.scalar_tensors.items():
+                    extras.append(value)
+                    extra_names.append(name)
+                pending.scalar_tensors = {}
+            host, values = transfer(stats, extras, vectors=[c.values for c in caps])
             rec = self._record_for(step, mode)
             if names:
                 rec.parts.append(_Part(names, colls, host))
             rec.scalars.update(zip(extra_names, values, strict=True))
+            for c, v in zip(caps, host.vectors, strict=True):
+                rec.add_host_block(c.kind, c.name, c.finish(v))
         except Exception as exc:  # noqa: BLE001
             self._fail("computing statistics", exc)
             return
         self.publish(step, mode)
+
+    def _default_mode(self) -> str:
+        return "train" if self._model is None or self._model.training else "eval"
+
+    def _implicit_step(self, mode: str) -> int:
+        """The step being run: the last step passed to `step()` for `mode`, plus one."""
+        return self._last_step.get(mode, -1) + 1
 
     def record_loss(self, step: int, loss: Any, mode: str = "eval") -> None:
         """Record a loss (e.g. a validation loss) as scalar "loss" of (step, mode); no .item()."""
