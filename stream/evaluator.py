@@ -3,10 +3,18 @@
 Nothing here knows about Kafka or Quix: a runner hands in each decoded record with the job's
 state (a plain, JSON-serialisable dict) and gets back the new state and the alert events to
 publish. The stream worker, `tensorpulse replay` and the tests all drive this same class.
+
+Three entry points, one state:
+- `process(state, record)`: a record of the job itself (step or end).
+- `check_idle(state, job, now)`: a clock tick, for `clock` rules (StalledTrainingRule), which can
+  fire without a record; the stream layer calls it between records (see stream/clock.py).
+- `process_other(state, job, record)`: a record of *another* job, for `cross_run` rules
+  (SimilarAcrossRuns); the stream layer routes it here (see stream/crossrun.py).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +27,8 @@ from tensorpulse.rules.config import RuleSpec
 from tensorpulse.wire import StepRecord
 
 JobState = dict[str, Any]
+#: Called with (rule name, the record or None for a clock tick, the exception) when a rule raises.
+RuleErrorHandler = Callable[[str, "StepRecord | None", Exception], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,15 +39,40 @@ class Transition:
     action: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """What an event says about where it happened: the record (or, for a tick, the last record)."""
+
+    job: str
+    rank: int
+    step: int
+    mode: str
+    publish_ts: float | None
+
+
 def _finite_or_none(x: float | None) -> float | None:
     return None if x is None else float(x)
+
+
+def is_clock(spec: RuleSpec) -> bool:
+    """True for rules that can fire without a record (they declare `clock = True`)."""
+    return bool(getattr(spec.rule, "clock", False))
+
+
+def is_cross_run(spec: RuleSpec) -> bool:
+    """True for rules that compare jobs (they declare `cross_run = True` and `update_other`)."""
+    return bool(getattr(spec.rule, "cross_run", False))
 
 
 class JobEvaluator:
     """Evaluates a fixed list of rule specs per rank; emits an event only when a rule's state flips.
 
-    State layout: {"r": {"<rule name>|<rank>": {"s": rule state, "f": firing, "n": steps seen}}}.
-    Per-rank evaluation keeps a healthy rank from masking a sick one (and vice versa).
+    State layout: {"r": {"<rule name>|<rank>": slot}}, slot = {"s": rule state, "f": firing}; slots
+    of clock rules also hold "k": [step, mode, ts] of the newest record (what a tick's event names)
+    and "e": true once the rank's end record arrived (a finished rank is not stalled).
+    Per-rank evaluation keeps a healthy rank from masking a sick one (and vice versa); rules
+    with a `job_summary(rank_states, mode)` method (ExplodingTensor) add a job-wide fact, over
+    all ranks' states, to their firing events.
     """
 
     def __init__(self, specs: Sequence[RuleSpec]) -> None:
@@ -45,33 +80,41 @@ class JobEvaluator:
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate rule names in {names}")
         self.specs = tuple(specs)
+        self.clock_specs = tuple(s for s in self.specs if is_clock(s))
+        self._clock_names = frozenset(s.name for s in self.clock_specs)
+
+    @property
+    def has_clock(self) -> bool:
+        """True if any rule needs `check_idle` ticks."""
+        return bool(self.clock_specs)
 
     def initialize(self) -> JobState:
         return {"r": {}}
 
+    # ------------------------------------------------------------------ records of this job
     def process(
         self,
         state: JobState | None,
         record: StepRecord,
         *,
         now: float | None = None,
-        on_rule_error: Callable[[str, StepRecord, Exception], None] | None = None,
+        on_rule_error: RuleErrorHandler | None = None,
     ) -> tuple[JobState, list[Transition]]:
         """Feed one record to every rule; a rule that raises is reset (and reported), the others go on."""
         state = self.initialize() if state is None else state
+        now = time.time() if now is None else now
+        if record.kind == "end":
+            return state, self._end(state, record, now)
         if record.kind != "step":
             return state, []
-        now = time.time() if now is None else now
         rule_states: dict[str, Any] = state.setdefault("r", {})
+        where = _Where(record.job, record.rank, record.step, record.mode, record.ts)
         out: list[Transition] = []
         for spec in self.specs:
             rule = spec.rule
             if record.mode not in rule.modes:
                 continue
-            key = f"{spec.name}|{record.rank}"
-            slot = rule_states.get(key)
-            if slot is None:
-                slot = rule_states[key] = {"s": rule.initialize(), "f": False}
+            slot = self._slot(rule_states, spec, record.rank)
             try:
                 new_state, finding = rule.update(slot["s"], record)
             except Exception as exc:
@@ -81,14 +124,141 @@ class JobEvaluator:
                 on_rule_error(spec.name, record, exc)
                 continue
             slot["s"] = new_state
-            if finding is None or finding.firing == slot["f"]:
-                continue
-            slot["f"] = finding.firing
-            out.append(
-                Transition(self._event(spec, record, finding, now), spec.action if finding.firing else "none")
-            )
+            if spec.name in self._clock_names:
+                last = slot.get("k")
+                if last is None or record.ts >= last[2]:
+                    slot["k"] = [record.step, record.mode, record.ts]
+                slot.pop("e", None)
+            tr = self._transition(state, spec, slot, finding, where, now)
+            if tr is not None:
+                out.append(tr)
         return state, out
 
+    def _end(self, state: JobState, record: StepRecord, now: float) -> list[Transition]:
+        """A rank finished: its clock slots stop ticking; a firing one resolves (the job is not stalled)."""
+        rule_states: dict[str, Any] = state.get("r", {})
+        out: list[Transition] = []
+        for spec in self.clock_specs:
+            slot = rule_states.get(f"{spec.name}|{record.rank}")
+            if slot is None:
+                continue
+            slot["e"] = True
+            if slot["f"]:
+                where = _Where(record.job, record.rank, record.step, record.mode, record.ts)
+                message = (
+                    f"{spec.name} resolved: rank {record.rank} finished at {record.mode} step {record.step}"
+                )
+                out.append(self._transition(state, spec, slot, Finding(False, message=message), where, now))
+        return [t for t in out if t is not None]
+
+    # ------------------------------------------------------------------ clock ticks
+    def check_idle(
+        self,
+        state: JobState | None,
+        job: str,
+        now: float,
+        *,
+        on_rule_error: RuleErrorHandler | None = None,
+    ) -> tuple[JobState, list[Transition]]:
+        """Ask every clock rule about every rank it has seen (except finished ranks) at time `now`.
+
+        An event names the rank's newest record (its step, mode and ts as publish_ts), so the
+        same stall always gets the same alert id, however many ticks or workers report it.
+        """
+        state = self.initialize() if state is None else state
+        rule_states: dict[str, Any] = state.setdefault("r", {})
+        out: list[Transition] = []
+        for spec in self.clock_specs:
+            rule = spec.rule
+            prefix = f"{spec.name}|"
+            for key in sorted(k for k in rule_states if k.startswith(prefix)):
+                slot = rule_states[key]
+                last = slot.get("k")
+                if slot.get("e") or last is None:
+                    continue
+                try:
+                    new_state, finding = rule.check_idle(slot["s"], now)
+                except Exception as exc:
+                    slot["s"] = rule.initialize()
+                    if on_rule_error is None:
+                        raise
+                    on_rule_error(spec.name, None, exc)
+                    continue
+                slot["s"] = new_state
+                where = _Where(job, int(key[len(prefix) :]), int(last[0]), str(last[1]), float(last[2]))
+                tr = self._transition(state, spec, slot, finding, where, now)
+                if tr is not None:
+                    out.append(tr)
+        return state, out
+
+    def clock_slots(self, state: JobState | None) -> dict[str, Any]:
+        """A deep copy of the clock rules' slots of `state` (what the worker's clock mirror keeps)."""
+        if not state:
+            return {}
+        return {
+            k: copy.deepcopy(v)
+            for k, v in state.get("r", {}).items()
+            if k.rpartition("|")[0] in self._clock_names
+        }
+
+    @staticmethod
+    def with_slots(state: JobState | None, slots: dict[str, Any]) -> JobState:
+        """`state` with the given slots replacing its own (a copy of them; the state is changed in place)."""
+        state = {"r": {}} if state is None else state
+        state.setdefault("r", {}).update(copy.deepcopy(slots))
+        return state
+
+    @staticmethod
+    def active_clock_slots(slots: dict[str, Any]) -> bool:
+        """True while any clock slot still ticks (some rank has not sent its end record)."""
+        return any(not s.get("e") for s in slots.values())
+
+    # ------------------------------------------------------------------ records of other jobs
+    def process_other(
+        self,
+        state: JobState | None,
+        job: str,
+        record: StepRecord,
+        *,
+        now: float | None = None,
+        on_rule_error: RuleErrorHandler | None = None,
+    ) -> tuple[JobState, list[Transition]]:
+        """Feed a record of another job to the cross-run rules of `job` that compare with it.
+
+        Slots are per rank: rank r of this job is compared with rank r of the other. Events are
+        about `job` (this one) at the record's rank, mode and step.
+        """
+        state = self.initialize() if state is None else state
+        if record.kind != "step" or record.job == job:
+            return state, []
+        now = time.time() if now is None else now
+        rule_states: dict[str, Any] = state.setdefault("r", {})
+        where = _Where(job, record.rank, record.step, record.mode, record.ts)
+        out: list[Transition] = []
+        for spec in self.specs:
+            rule: Any = spec.rule
+            if not is_cross_run(spec) or record.mode not in rule.modes or not rule.watches(record.job):
+                continue
+            slot = self._slot(rule_states, spec, record.rank)
+            try:
+                new_state, finding = rule.update_other(slot["s"], record)
+            except Exception as exc:
+                slot["s"] = rule.initialize()
+                if on_rule_error is None:
+                    raise
+                on_rule_error(spec.name, record, exc)
+                continue
+            slot["s"] = new_state
+            tr = self._transition(state, spec, slot, finding, where, now)
+            if tr is not None:
+                out.append(tr)
+        return state, out
+
+    def watches(self, other: str) -> list[RuleSpec]:
+        """The cross-run specs of this job that compare it with job `other`."""
+        return [s for s in self.specs if is_cross_run(s) and s.rule.watches(other)]  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ shared
     @staticmethod
     def firing(state: JobState) -> list[tuple[str, int]]:
         """(rule name, rank) pairs that are firing in `state`."""
@@ -100,25 +270,69 @@ class JobEvaluator:
         return sorted(out)
 
     @staticmethod
-    def _event(spec: RuleSpec, record: StepRecord, finding: Finding, now: float) -> AlertEvent:
+    def _slot(rule_states: dict[str, Any], spec: RuleSpec, rank: int) -> dict[str, Any]:
+        key = f"{spec.name}|{rank}"
+        slot = rule_states.get(key)
+        if slot is None:
+            slot = rule_states[key] = {"s": spec.rule.initialize(), "f": False}
+        return slot
+
+    def _transition(
+        self,
+        state: JobState,
+        spec: RuleSpec,
+        slot: dict[str, Any],
+        finding: Finding | None,
+        where: _Where,
+        now: float,
+    ) -> Transition | None:
+        if finding is None or finding.firing == slot["f"]:
+            return None
+        slot["f"] = finding.firing
+        details, extra = None, ""
+        summary = getattr(spec.rule, "job_summary", None)
+        if finding.firing and summary is not None:
+            ranks = {
+                int(k.rpartition("|")[2]): v["s"]
+                for k, v in state.get("r", {}).items()
+                if k.rpartition("|")[0] == spec.name
+            }
+            found = summary(ranks, where.mode)
+            if found is not None:
+                details, extra = found
+        event = self._event(spec, where, finding, now, details, extra)
+        return Transition(event, spec.action if finding.firing else "none")
+
+    @staticmethod
+    def _event(
+        spec: RuleSpec,
+        where: _Where,
+        finding: Finding,
+        now: float,
+        details: dict[str, Any] | None = None,
+        extra: str = "",
+    ) -> AlertEvent:
         value = _finite_or_none(finding.value)
         threshold = _finite_or_none(finding.threshold)
         message = finding.message or (f"{spec.name} resolved" if not finding.firing else f"{spec.name} fired")
+        if extra:
+            message = f"{message}; {extra}"
         if value is not None and math.isnan(value) and not finding.firing:
             value = None
         return AlertEvent(
-            job=record.job,
+            job=where.job,
             rule=spec.name,
             status="firing" if finding.firing else "resolved",
-            step=record.step,
-            mode=record.mode,
+            step=where.step,
+            mode=where.mode,
             severity=spec.severity,
-            rank=record.rank,
+            rank=where.rank,
             tensors=tuple(finding.tensors),
             value=value,
             threshold=threshold,
             message=message,
             action=spec.action if finding.firing else "none",
             ts=now,
-            publish_ts=record.ts,
+            publish_ts=where.publish_ts,
+            details=details,
         )

@@ -24,6 +24,7 @@ ENV = {
     "topic_prefix": "TENSORPULSE_TOPIC_PREFIX",
     "guarantee": "TENSORPULSE_GUARANTEE",
     "worker_id": "TENSORPULSE_WORKER_ID",
+    "replication_factor": "TENSORPULSE_REPLICATION_FACTOR",
 }
 
 
@@ -47,6 +48,8 @@ class WorkerSettings(BaseModel):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     jobs_regex: str | None = None
     retention_ms: int = 7 * 24 * 3600 * 1000
+    #: Replication of the topics a worker creates (alerts, dead letters, control); 3 on a real cluster.
+    replication_factor: int = Field(1, ge=1)
     kafka_config: dict[str, Any] = Field(default_factory=dict)
     loglevel: str = "WARNING"
     #: A stable identity of this worker (e.g. a StatefulSet pod name). With exactly-once it names

@@ -295,7 +295,9 @@ class Worker:
         self._watch_assignments(app)
         self._prepare_topics(sorted(jobs), jobs)
         cfg = TopicConfig(
-            num_partitions=1, replication_factor=1, extra_config={"retention.ms": str(s.retention_ms)}
+            num_partitions=1,
+            replication_factor=s.replication_factor,
+            extra_config={"retention.ms": str(s.retention_ms)},
         )
         alerts = app.topic(ALERTS_TOPIC, value_serializer="bytes", key_serializer="bytes", config=cfg)
         dead = app.topic(DEADLETTER_TOPIC, value_serializer="bytes", key_serializer="bytes", config=cfg)

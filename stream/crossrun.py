@@ -1,0 +1,90 @@
+"""Cross-run rules in the stream: getting job B's records into job A's state.
+
+SimilarAcrossRuns (a `cross_run` rule) for job A compares A's records with those of the jobs its
+`other_trials` names. Quix keeps state per topic and message key, so A's state never sees a
+record of B, and A and B may be owned by different workers of the group. The design:
+
+- **Re-keying.** While processing a step record of job J, a worker forwards it to the internal
+  topic `tensorpulse.crossrun.<group>` once for every job A that needs it: keyed by J itself if
+  J has cross-run rules (its own side), and keyed by every other followed job A whose cross-run
+  rules name J (the other side). The forwarded value is the record re-encoded with the shared
+  codec (`wire.encode`, names announced so no schema state is needed), holding only the tensors
+  and scalars some of those rules compare. Forwarding is an output of the record's processing,
+  so with exactly-once it is committed atomically with J's offsets.
+- **One key context.** The same application consumes that topic with its own state store,
+  keyed by A. Both sides of every comparison for A therefore arrive, in production order, in A's
+  key context, on whichever worker owns that partition; there the cross-run `JobEvaluator` of A
+  runs `process` for A's own records and `process_other` for the others'. Its alerts (job A) go
+  to the alerts topic and its actions to A's control topic, in the same transaction as the
+  state change: cross-run alerts are exactly-once like any other.
+- **Not in the per-job evaluator.** Cross-run rules are left out of the evaluator of the job's
+  own topic, so they are evaluated exactly once, in the crossrun stream.
+
+The topic name carries the consumer group, so that two groups on one cluster do not evaluate each
+other's forwarded records. It has one partition (comparisons are few; more partitions would
+spread them over workers). Limits: B's records are forwarded only while A's topic exists and
+is followed by the group (A discovered), and the rule compares steps within its `window`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from quixstreams.models.serializers import SerializationContext, Serializer
+
+from tensorpulse import wire
+from tensorpulse.rules.config import RuleSpec
+
+CROSSRUN_PREFIX = "tensorpulse.crossrun."
+
+
+def crossrun_topic(group: str) -> str:
+    """The internal topic of a consumer group's cross-run records."""
+    return CROSSRUN_PREFIX + (re.sub(r"[^A-Za-z0-9._-]+", "-", group)[:200] or "default")
+
+
+def _selected(spec: RuleSpec, name: str, collection: str | None) -> bool:
+    return bool(spec.rule.selects(name, collection))  # type: ignore[attr-defined]
+
+
+def forward_payload(record: wire.StepRecord, specs: Iterable[RuleSpec]) -> bytes | None:
+    """`record` re-encoded with only what `specs` compare (names announced); None if nothing is."""
+    specs = list(specs)
+    tensors = [t for t in record.tensors if any(_selected(s, t.name, t.collection) for s in specs)]
+    scalars = {k: v for k, v in record.scalars.items() if any(_selected(s, k, None) for s in specs)}
+    if not tensors and not scalars:
+        return None
+    block = None
+    if tensors:
+        floats = np.array([[getattr(t, c) for c in wire.FLOAT_COLUMNS] for t in tensors], dtype=np.float32)
+        block = wire.TensorBlock(
+            names=[t.name for t in tensors],
+            collections=[t.collection for t in tensors],
+            n=np.array([t.n for t in tensors], dtype=np.int64),
+            floats=floats,
+            zeros=np.array([t.zeros for t in tensors], dtype=np.int64),
+            nan=np.array([t.nan for t in tensors], dtype=np.int64),
+            inf=np.array([t.inf for t in tensors], dtype=np.int64),
+        )
+    return wire.encode(
+        job=record.job,
+        rank=record.rank,
+        world=record.world,
+        step=record.step,
+        mode=record.mode,
+        ts=record.ts,
+        seq=record.seq,
+        scalars=scalars,
+        tensors=block,
+        announce=True,
+    )
+
+
+class KeyedValue(Serializer):
+    """Serialises a (key, value bytes) pair to its value: the key was taken by `to_topic(key=...)`."""
+
+    def __call__(self, value: tuple[Any, bytes], ctx: SerializationContext) -> bytes:
+        return value[1]
