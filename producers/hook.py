@@ -105,9 +105,10 @@ class Hook:
     `kafka_config` adds librdkafka properties; `produce_fn(topic, value, key)` replaces Kafka
     (tests, custom transports; no control listener then).
 
-    Weight deltas: on saved train steps, for tensors of the collections in `track_deltas`
-    ("weights" by default; empty to disable), the hook keeps a copy of each tensor from its
-    previous saved step and sends (prev_step, ||w - w_prev||, ||w_prev||,
+    Weight deltas: on every `delta_every`-th saved train step (10 by default, so that the copy
+    and comparison cost a tenth of what they would at every step), for tensors of the
+    collections in `track_deltas` ("weights" by default; empty to disable), the hook keeps a
+    copy of each tensor from the previous such step and sends (prev_step, ||w - w_prev||, ||w_prev||,
     max(|w - w_prev| - (delta_atol + delta_rtol*|w_prev|))) with the tolerances (wire `d`, `tol`),
     for WeightUpdateRatio and UnchangedTensor. Memory cost: one extra copy of every tracked
     tensor, kept on the tensor's own device (for a model's weights: the size of the weights
@@ -135,6 +136,7 @@ class Hook:
         quantile_steps: int = 10,
         produce_fn: ProduceFn | None = None,
         track_deltas: Sequence[str] = ("weights",),
+        delta_every: int = 10,
         delta_rtol: float = 1e-5,
         delta_atol: float = 1e-8,
     ) -> None:
@@ -163,6 +165,9 @@ class Hook:
         if isinstance(track_deltas, str):
             track_deltas = (track_deltas,)
         self.track_deltas = frozenset(str(c) for c in track_deltas)
+        if isinstance(delta_every, bool) or not isinstance(delta_every, int) or delta_every < 1:
+            raise ConfigError(f"delta_every must be an integer >= 1, got {delta_every!r}")
+        self.delta_every = delta_every
         for what, value in (("delta_rtol", delta_rtol), ("delta_atol", delta_atol)):
             if (
                 isinstance(value, bool)
@@ -271,7 +276,7 @@ class Hook:
             rec = self._record_for(step, mode)
             quant = collection == "gradients" and self._quantiles_now(mode)
             act = collection == "activations"
-            deltas = mode == "train" and collection in self.track_deltas
+            deltas = collection in self.track_deltas and self._deltas_now(mode)
             torch_items = [(k, v) for k, v in tensors.items() if _is_torch(v)]
             other_items = [(k, v) for k, v in tensors.items() if not _is_torch(v)]
             if other_items:
@@ -568,6 +573,10 @@ class Hook:
 
     def _quantiles_now(self, mode: str) -> bool:
         return mode == "train" and self._train_saves < self.quantile_steps
+
+    def _deltas_now(self, mode: str) -> bool:
+        """Weight deltas on every `delta_every`-th saved train step (the first one included)."""
+        return mode == "train" and self._train_saves % self.delta_every == 0
 
     def _record_for(self, step: int, mode: str) -> _Record:
         """The pending record of (step, mode); earlier pending steps of the mode are published first."""

@@ -335,7 +335,7 @@ class TorchHook(Hook):
                         tensors.append(p.grad)
             nparams = len(self._param_items)
             stats = reduce_many(tensors, quantiles=[False] * nparams + [quant] * (len(tensors) - nparams))
-            if mode == "train" and self._delta_idx:
+            if self._delta_idx and self._deltas_now(mode):
                 self._delta_tracker().track(
                     step,
                     [(colls[i], names[i]) for i in self._delta_idx],

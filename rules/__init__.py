@@ -10,14 +10,21 @@ import difflib
 
 from tensorpulse.errors import ConfigError
 
+from .all_zero import AllZero
 from .base import Finding, Rule, RuleParams, State, run_rule
 from .dead_relu import DeadRelu
 from .exploding_tensor import ExplodingTensor
 from .loss_not_decreasing import LossNotDecreasing
 from .overfit import Overfit
+from .overtraining import Overtraining
 from .poor_weight_initialization import PoorWeightInitialization
+from .saturated_activation import SaturatedActivation
+from .similar_across_runs import SimilarAcrossRuns
+from .stalled_training import StalledTrainingRule
+from .tensor_variance import TensorVariance
 from .unchanged_tensor import UnchangedTensor
 from .vanishing_gradient import VanishingGradient
+from .weight_update_ratio import WeightUpdateRatio
 
 _CLASSES: tuple[type[Rule], ...] = (
     VanishingGradient,
@@ -27,10 +34,23 @@ _CLASSES: tuple[type[Rule], ...] = (
     Overfit,
     UnchangedTensor,
     PoorWeightInitialization,
+    SaturatedActivation,
+    WeightUpdateRatio,
+    AllZero,
+    StalledTrainingRule,
+)
+
+#: Catalogued rules that are not in the default set: TensorVariance has no default thresholds;
+#: Overtraining's literal early-stopping test flaps on healthy noisy runs (see its docstring).
+#: SimilarAcrossRuns needs `other_trials` (the jobs to compare with).
+_OPT_IN: tuple[type[Rule], ...] = (
+    SimilarAcrossRuns,
+    TensorVariance,
+    Overtraining,
 )
 
 #: Catalogue name -> rule class.
-REGISTRY: dict[str, type[Rule]] = {cls.name: cls for cls in _CLASSES}
+REGISTRY: dict[str, type[Rule]] = {cls.name: cls for cls in (*_CLASSES, *_OPT_IN)}
 
 
 def get_rule_class(name: str) -> type[Rule]:
@@ -48,23 +68,30 @@ def get_rule_class(name: str) -> type[Rule]:
 
 
 def default_rules() -> list[Rule]:
-    """One instance of every catalogued rule with its default parameters."""
+    """One instance of every default-set rule (all but the opt-in ones) with its default parameters."""
     return [cls() for cls in _CLASSES]
 
 
 __all__ = [
     "REGISTRY",
+    "AllZero",
     "DeadRelu",
     "ExplodingTensor",
     "Finding",
     "LossNotDecreasing",
     "Overfit",
+    "Overtraining",
     "PoorWeightInitialization",
     "Rule",
     "RuleParams",
+    "SaturatedActivation",
+    "SimilarAcrossRuns",
+    "StalledTrainingRule",
     "State",
+    "TensorVariance",
     "UnchangedTensor",
     "VanishingGradient",
+    "WeightUpdateRatio",
     "default_rules",
     "get_rule_class",
     "run_rule",

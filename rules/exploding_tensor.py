@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from tensorpulse.wire import MODES, StepRecord
 
@@ -32,7 +33,13 @@ class ExplodingTensor(Rule):
     `tensor_regex` when given; a scalar is non-finite when NaN (or ±inf unless only_nan).
     value = number of non-finite elements (one per scalar), tensors = offending names (tensors in
     record order, then scalars), and the message names the first. It resolves (firing=False) at
-    the first step of a mode it sees with nothing non-finite. Stateless.
+    the first step of a mode it sees with nothing non-finite.
+    First non-finite: per mode, the state keeps the earliest offender this rank has produced,
+    ordered by (step, record ts, position among the checked tensors and scalars), as
+    [step, ts, position, name]: one entry per mode, never more. `job_summary` picks the earliest
+    of all ranks (rank breaks the last tie), and the stream layer adds it to the alert's message
+    ("first non-finite: rank 1, gradient/fc1.weight, step 161") and details. A record that
+    arrives late with an earlier step moves it back; an alert already sent is not re-sent.
     The hook must capture exact NaN and inf counts per tensor, and send losses/metrics as scalars.
     """
 
@@ -53,8 +60,13 @@ class ExplodingTensor(Rule):
         offenders: list[str] = []
         details: list[str] = []
         count = 0
+        first_pos = -1  # position of the first offender among the checked tensors and scalars
+        checked = 0
         for t in record.select(self._collections, self._regex):
             bad = F.nonfinite_count(t, only_nan)
+            checked += 1
+            if bad and first_pos < 0:
+                first_pos = checked - 1
             if bad:
                 count += bad
                 offenders.append(t.name)
@@ -64,13 +76,17 @@ class ExplodingTensor(Rule):
                 )
         if self._scalars:
             for key, value in F.select_scalars(record.scalars, self._regex).items():
+                checked += 1
                 if F.scalar_nonfinite(value, only_nan):
+                    if first_pos < 0:
+                        first_pos = checked - 1
                     count += 1
                     offenders.append(key)
                     details.append(f"scalar {key} = {value}")
         if not count:
             return state, Finding(False, value=0.0, threshold=0.0)
         more = f" (and {len(offenders) - 1} more)" if len(offenders) > 1 else ""
+        state = _remember_first(state, record, first_pos, offenders[0])
         return state, Finding(
             True,
             value=float(count),
@@ -78,3 +94,33 @@ class ExplodingTensor(Rule):
             tensors=tuple(offenders),
             message=f"non-finite values at {record.mode} step {record.step}: {details[0]}{more}",
         )
+
+    def job_summary(self, rank_states: Mapping[int, State], mode: str) -> tuple[dict[str, Any], str] | None:
+        """The job's first non-finite value of `mode` over all ranks: (alert details, message text).
+
+        None when no rank has recorded one. Pure: reads the per-rank states the stream layer keeps.
+        """
+        best: tuple[Any, ...] | None = None
+        for rank, state in rank_states.items():
+            entry = (state or {}).get("first", {}).get(mode)
+            if entry is None:
+                continue
+            step, ts, pos, name = entry
+            key = (step, ts, pos, rank, name)
+            if best is None or key[:4] < best[:4]:
+                best = key
+        if best is None:
+            return None
+        step, ts, _, rank, name = best
+        details = {"rank": rank, "tensor": name, "step": step, "mode": mode, "ts": ts}
+        return {"first_nonfinite": details}, f"first non-finite: rank {rank}, {name}, step {step}"
+
+
+def _remember_first(state: State, record: StepRecord, pos: int, name: str) -> State:
+    """A new state whose `first[mode]` is the earlier of the stored entry and this record's (not mutating)."""
+    first = state.get("first", {})
+    old = first.get(record.mode)
+    new = [record.step, record.ts, pos, name]
+    if old is not None and tuple(old[:3]) <= tuple(new[:3]):
+        return state
+    return {**state, "first": {**first, record.mode: new}}

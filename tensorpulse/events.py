@@ -58,6 +58,9 @@ class AlertEvent:
     ts: float = field(default_factory=time.time)
     publish_ts: float | None = None
     id: str = ""
+    #: Optional rule-specific facts (a JSON object), e.g. ExplodingTensor's
+    #: {"first_nonfinite": {...}}. Not part of `id`: it may grow while the alert's identity does not.
+    details: dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

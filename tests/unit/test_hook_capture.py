@@ -70,7 +70,7 @@ def test_torch_hook_sends_weight_deltas_between_saved_train_steps(path):
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sink = Sink()
-    hook = TorchHook("cap-delta", produce_fn=sink, save_interval=2, delta_rtol=1e-3, delta_atol=1e-6)
+    hook = TorchHook("cap-delta", produce_fn=sink, delta_every=1, save_interval=2, delta_rtol=1e-3, delta_atol=1e-6)
     hook.attach(model, opt)
     snapshots = {}
     for step in range(5):
@@ -101,7 +101,7 @@ def test_chunked_deltas_and_allclose_sign(monkeypatch, path):
     monkeypatch.setattr(stats_torch, "DELTA_CPU_CHUNK", 1000)
     monkeypatch.setattr(stats_torch, "DELTA_GROUP", 4000)
     sink = Sink()
-    hook = Hook("cap-chunks", produce_fn=sink)
+    hook = Hook("cap-chunks", produce_fn=sink, delta_every=1)
     g = torch.Generator().manual_seed(3)
     w0 = torch.randn(4500, generator=g)
     w1 = w0 + 1e-3 * torch.randn(4500, generator=g)
@@ -130,7 +130,7 @@ def test_numpy_hook_deltas_and_disabling_them():
     rng = np.random.default_rng(1)
     a0, a1 = rng.normal(size=(5, 7)), rng.normal(size=(5, 7))
     sink, off = Sink(), Sink()
-    hook = Hook("cap-np", produce_fn=sink, delta_atol=0.5)
+    hook = Hook("cap-np", produce_fn=sink, delta_every=1, delta_atol=0.5)
     no = Hook("cap-np-off", produce_fn=off, track_deltas=())
     for h in (hook, no):
         h.record(3, {"w": a0}, collection="weights")
@@ -284,7 +284,7 @@ def test_auto_input_capture_on_saved_steps_with_one_host_copy(monkeypatch, path)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sink = Sink()
-    hook = TorchHook("cap-auto", produce_fn=sink, save_interval=2).attach(model, opt, capture_inputs=True)
+    hook = TorchHook("cap-auto", produce_fn=sink, delta_every=1, save_interval=2).attach(model, opt, capture_inputs=True)
     calls: list[int] = []
     real_cpu = torch.Tensor.cpu
 
@@ -336,7 +336,7 @@ def test_bad_label_input_is_counted_not_raised():
 def test_all_blocks_round_trip_through_the_wire():
     """One record with deltas, labels, images, tokens and a vector decodes to the values recorded."""
     sink = Sink()
-    hook = Hook("cap-wire", produce_fn=sink, announce_every=1)
+    hook = Hook("cap-wire", produce_fn=sink, delta_every=1, announce_every=1)
     w0, w1 = np.linspace(-1, 1, 12).reshape(3, 4), np.linspace(-1, 1.5, 12).reshape(3, 4)
     hook.record(0, {"w": w0}, collection="weights")
     hook.record(1, {"w": w1}, collection="weights")
@@ -351,3 +351,20 @@ def test_all_blocks_round_trip_through_the_wire():
     assert rec.images["inputs"] == wire.ImageSums(2, 4, (8.0, 8.0, 8.0), (8.0, 8.0, 8.0))
     assert rec.tokens["ids"] == wire.TokenCounts(3, {0: 2})
     assert rec.vectors["feature_importance/gain"] == wire.Vector((3.0, 1.5), ("a", "b"))
+
+
+def test_deltas_every_nth_saved_step_by_default() -> None:
+    """By default deltas ride on every 10th saved train step, against the previous such step."""
+    sent: list[bytes] = []
+    hook = Hook("cap-every", produce_fn=lambda t, v, k: sent.append(v))
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for step in range(25):
+        hook.record(step, {"fc.weight": w + step}, collection="weights")
+    hook.flush()
+    schemas = wire.SchemaCache()
+    with_delta = {
+        r.step: r.tensors[0].delta for r in (wire.decode(p, schemas) for p in sent) if r.tensors[0].delta
+    }
+    assert sorted(with_delta) == [10, 20]
+    assert with_delta[20].prev_step == 10
+    assert with_delta[20].update_l2 == pytest.approx(np.sqrt(12 * 10.0**2), rel=1e-6)

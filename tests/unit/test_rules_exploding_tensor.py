@@ -175,8 +175,25 @@ def test_state_json_roundtrip() -> None:
 
 
 def test_state_bounded() -> None:
-    """The state does not grow over 10k steps."""
+    """The state holds one first occurrence per mode: it does not grow from 100 to 10k steps."""
     rule = ExplodingTensor()
+    early, _ = replay(rule, _stream(100))
     state, _ = replay(rule, _stream(10_000))
-    assert state_size(state) == state_size(rule.initialize())
+    assert state_size(state) == state_size(early) < 100
     assert json.loads(json.dumps(state)) == state
+
+
+def test_remembers_the_first_offender_per_mode() -> None:
+    """The state keeps the earliest (step, ts, position) offender; later or later-listed ones do not replace it."""
+    rule = ExplodingTensor()
+    tensors = [make_stats("a", "weights", [1.0]), make_stats("b", "weights", [math.nan])]
+    state, _ = rule.update(rule.initialize(), make_record(9, tensors=tensors))
+    assert state["first"] == {"train": [9, 9.0, 1, "b"]}
+    later, _ = rule.update(state, make_record(12, scalars={"loss": math.inf}))
+    assert later["first"] == state["first"]
+    earlier, _ = rule.update(state, make_record(4, scalars={"loss": math.nan}))
+    assert earlier["first"]["train"] == [4, 4.0, 0, "loss"]
+    assert state["first"]["train"][0] == 9, "update mutated the state it was given"
+    summary = rule.job_summary({0: state, 3: earlier, 1: {}}, "train")
+    assert summary is not None and summary[1] == "first non-finite: rank 3, loss, step 4"
+    assert rule.job_summary({0: state}, "eval") is None
