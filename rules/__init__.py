@@ -12,16 +12,24 @@ from tensorpulse.errors import ConfigError
 
 from .all_zero import AllZero
 from .base import Finding, Rule, RuleParams, State, run_rule
+from .check_input_images import CheckInputImages
+from .class_imbalance import ClassImbalance
+from .confusion import Confusion
 from .dead_relu import DeadRelu
+from .early_stopping import EarlyStopping
 from .exploding_tensor import ExplodingTensor
+from .feature_importance_overweight import FeatureImportanceOverweight
 from .loss_not_decreasing import LossNotDecreasing
+from .nlp_sequence_ratio import NLPSequenceRatio
 from .overfit import Overfit
 from .overtraining import Overtraining
 from .poor_weight_initialization import PoorWeightInitialization
+from .rank_divergence import RankDivergence
 from .saturated_activation import SaturatedActivation
 from .similar_across_runs import SimilarAcrossRuns
 from .stalled_training import StalledTrainingRule
 from .tensor_variance import TensorVariance
+from .tree_depth import TreeDepth
 from .unchanged_tensor import UnchangedTensor
 from .vanishing_gradient import VanishingGradient
 from .weight_update_ratio import WeightUpdateRatio
@@ -38,15 +46,25 @@ _CLASSES: tuple[type[Rule], ...] = (
     WeightUpdateRatio,
     AllZero,
     StalledTrainingRule,
+    ClassImbalance,
+    CheckInputImages,
+    NLPSequenceRatio,
+    TreeDepth,
+    FeatureImportanceOverweight,
+    RankDivergence,
 )
 
 #: Catalogued rules that are not in the default set: TensorVariance has no default thresholds;
 #: Overtraining's literal early-stopping test flaps on healthy noisy runs (see its docstring).
-#: SimilarAcrossRuns needs `other_trials` (the jobs to compare with).
+#: SimilarAcrossRuns needs `other_trials` (the jobs to compare with). EarlyStopping says when
+#: training could stop, not that it is broken (and flaps on noisy losses like Overtraining).
+#: Confusion's cumulative recall bar fires through whole healthy runs (see its docstring).
 _OPT_IN: tuple[type[Rule], ...] = (
     SimilarAcrossRuns,
     TensorVariance,
     Overtraining,
+    Confusion,
+    EarlyStopping,
 )
 
 #: Catalogue name -> rule class.
@@ -75,13 +93,20 @@ def default_rules() -> list[Rule]:
 __all__ = [
     "REGISTRY",
     "AllZero",
+    "CheckInputImages",
+    "ClassImbalance",
+    "Confusion",
     "DeadRelu",
+    "EarlyStopping",
     "ExplodingTensor",
+    "FeatureImportanceOverweight",
     "Finding",
     "LossNotDecreasing",
+    "NLPSequenceRatio",
     "Overfit",
     "Overtraining",
     "PoorWeightInitialization",
+    "RankDivergence",
     "Rule",
     "RuleParams",
     "SaturatedActivation",
@@ -89,6 +114,7 @@ __all__ = [
     "StalledTrainingRule",
     "State",
     "TensorVariance",
+    "TreeDepth",
     "UnchangedTensor",
     "VanishingGradient",
     "WeightUpdateRatio",

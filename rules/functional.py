@@ -240,3 +240,120 @@ def patience_count(best: float | None, since: int, value: float, min_delta: floa
     if best is None or (value < best and best - value >= min_delta):
         return value, 0
     return best, since + 1
+
+
+# --- counts, shares and early stopping (ClassImbalance, Confusion, NLPSequenceRatio, ...) ---------
+
+
+def add_counts(total: Sequence[float], counts: Sequence[float]) -> list[float]:
+    """Element-wise sum of two count vectors; the shorter one is padded with zeros."""
+    size = max(len(total), len(counts))
+    return [
+        (total[i] if i < len(total) else 0) + (counts[i] if i < len(counts) else 0) for i in range(size)
+    ]
+
+
+def grow_square(flat: Sequence[int], k: int, size: int) -> list[int]:
+    """A flat row-major k×k matrix placed in the top-left corner of a size×size one (size >= k)."""
+    out = [0] * (size * size)
+    for i in range(k):
+        out[i * size : i * size + k] = flat[i * k : (i + 1) * k]
+    return out
+
+
+def add_square(total: Sequence[int], k_total: int, flat: Sequence[int], k: int) -> tuple[list[int], int]:
+    """Sum of two flat row-major square matrices of sizes k_total and k: (flat sum, its size)."""
+    size = max(k_total, k)
+    a = grow_square(total, k_total, size) if k_total != size else list(total)
+    b = grow_square(flat, k, size) if k != size else flat
+    return [x + y for x, y in zip(a, b, strict=True)], size
+
+
+def imbalance_ratio(counts: Sequence[int]) -> tuple[float, int, int] | None:
+    """(largest count / smallest count, its class, the smallest's class); None without classes.
+
+    A class with no samples counts as one sample, so the ratio stays finite: it is then the
+    largest count itself. Ties go to the lowest class id.
+    """
+    if not counts:
+        return None
+    hi = max(range(len(counts)), key=lambda c: (counts[c], -c))
+    lo = min(range(len(counts)), key=lambda c: (counts[c], c))
+    return counts[hi] / max(counts[lo], 1), hi, lo
+
+
+def mispredicted(
+    correct: Sequence[int], counts: Sequence[int], limit: float, min_samples: int
+) -> list[tuple[int, float]]:
+    """(class, 1 − correct/count) of the classes with >= min_samples samples whose fraction > limit.
+
+    Worst first (ties by class id); classes with fewer samples are not judged.
+    """
+    out = [
+        (c, 1.0 - correct[c] / n)
+        for c, n in enumerate(counts)
+        if n >= max(min_samples, 1) and 1.0 - correct[c] / n > limit
+    ]
+    return sorted(out, key=lambda cf: (-cf[1], cf[0]))
+
+
+def confusion_violations(
+    flat: Sequence[int], k: int, min_diag: float, max_off_diag: float, min_samples: int
+) -> tuple[float | None, list[tuple[int, float]], list[tuple[int, int, float]]]:
+    """Row-normalised (recall) checks of a flat row-major k×k confusion matrix.
+
+    Only rows with >= min_samples samples are judged. Returns (smallest judged diagonal share or
+    None, [(row, share)] with share < min_diag, lowest first, [(row, column, share)] with an
+    off-diagonal share > max_off_diag, highest first); ties by position.
+    """
+    worst: float | None = None
+    low: list[tuple[int, float]] = []
+    high: list[tuple[int, int, float]] = []
+    for i in range(k):
+        row = flat[i * k : (i + 1) * k]
+        n = sum(row)
+        if n < max(min_samples, 1):
+            continue
+        diag = row[i] / n
+        worst = diag if worst is None else min(worst, diag)
+        if diag < min_diag:
+            low.append((i, diag))
+        high.extend((i, j, v / n) for j, v in enumerate(row) if j != i and v / n > max_off_diag)
+    low.sort(key=lambda x: (x[1], x[0]))
+    high.sort(key=lambda x: (-x[2], x[0], x[1]))
+    return worst, low, high
+
+
+def top_share(values: Sequence[float], n: int) -> tuple[float, list[int]] | None:
+    """(sum of the n largest values / sum of all, their indices, largest first).
+
+    Values that are not finite or are negative are left out; None when the rest sum to 0 or
+    there are no more than n of them (the share would be 1 by construction). Ties by index.
+    """
+    usable = [(i, float(v)) for i, v in enumerate(values) if math.isfinite(v) and v >= 0.0]
+    total = math.fsum(v for _, v in usable)
+    if len(usable) <= n or total <= 0.0:
+        return None
+    top = sorted(usable, key=lambda iv: (-iv[1], iv[0]))[:n]
+    return math.fsum(v for _, v in top) / total, [i for i, _ in top]
+
+
+def depth_from_node_id(max_node_id: int) -> int:
+    """⌊log2(max_node_id + 1)⌋: the depth of node `max_node_id` in heap order (root 0, children 2i+1, 2i+2).
+
+    For XGBoost, whose node ids run 0..n−1 over a tree's n nodes, it is a lower bound on the depth
+    of the tree: a tree of depth d has at most 2^(d+1) − 1 nodes.
+    """
+    return (max(int(max_node_id), 0) + 1).bit_length() - 1
+
+
+def keras_improvement(value: float, reference: float | None, min_delta: float, maximize: bool) -> bool:
+    """Keras' EarlyStopping test: better than `reference` by more than `min_delta` (None: always).
+
+    NaN never improves.
+    """
+    if math.isnan(value):
+        return False
+    if reference is None:
+        return True
+    return value - min_delta > reference if maximize else value + min_delta < reference

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from . import REGISTRY
+from . import REGISTRY, default_rules
 from .base import Rule
 
 HEADER = """# Rule reference
@@ -27,24 +27,33 @@ rules:
 """
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell (a `|` would end the cell, even inside code)."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _params_table(cls: type[Rule]) -> list[str]:
     fields = cls.Params.model_fields
     if not fields:
         return ["No parameters.", ""]
-    lines = ["| parameter | default |", "|---|---|"]
+    lines = ["| parameter | default | meaning |", "|---|---|---|"]
     for name, f in fields.items():
-        lines.append(f"| `{name}` | `{f.default!r}` |")
+        default = "required" if f.is_required() else f"`{_cell(repr(f.default))}`"
+        lines.append(f"| `{name}` | {default} | {_cell(f.description or '')} |")
     return [*lines, ""]
 
 
 def render() -> str:
     """The whole reference as markdown."""
     out = [HEADER]
+    defaults = {rule.name for rule in default_rules()}
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
         doc = inspect.cleandoc(cls.__doc__ or "")
         summary, _, body = doc.partition("\n")
         out += [f"## {name}", "", summary, ""]
+        default = "yes" if name in defaults else "no (select it in a rules file)"
+        out += [f"- in the default rule set: {default}"]
         out += [f"- modes: {', '.join(sorted(cls.modes))}", f"- severity: {cls.severity}"]
         out += [f"- the hook must capture: {cls.needs}" if cls.needs else "", ""]
         out += _params_table(cls)

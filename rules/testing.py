@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from tensorpulse.wire import ACTIVITY_EDGES, StepRecord, TensorStats
+from tensorpulse.wire import (
+    ACTIVITY_EDGES,
+    ClassCounts,
+    ImageSums,
+    StepRecord,
+    TensorStats,
+    TokenCounts,
+    Vector,
+)
 
 from .base import Finding, Rule, State
 
@@ -91,8 +99,12 @@ def make_record(
     rank: int = 0,
     scalars: Mapping[str, float] | None = None,
     tensors: Iterable[TensorStats] = (),
+    classes: Mapping[str, ClassCounts] | None = None,
+    images: Mapping[str, ImageSums] | None = None,
+    tokens: Mapping[str, TokenCounts] | None = None,
+    vectors: Mapping[str, Vector] | None = None,
 ) -> StepRecord:
-    """A StepRecord of one step (world = rank + 1, ts = step, seq = step)."""
+    """A StepRecord of one step (world = rank + 1, ts = step, seq = step), with optional wire blocks."""
     return StepRecord(
         job=job,
         rank=rank,
@@ -103,6 +115,10 @@ def make_record(
         seq=step,
         scalars=dict(scalars or {}),
         tensors=tuple(tensors),
+        classes=dict(classes or {}),
+        images=dict(images or {}),
+        tokens=dict(tokens or {}),
+        vectors=dict(vectors or {}),
     )
 
 

@@ -1,0 +1,158 @@
+"""Cross-rank rules: one rule state per job that sees every rank's records and compares ranks.
+
+Most rules run once per rank (the stream layer keeps one state per rule and rank). A rule that
+compares ranks with each other declares `per_rank = False`: the stream layer then keeps one
+job-level state for it and feeds it the records of all ranks of the job, in arrival order.
+
+Records of one step arrive one rank at a time, interleaved with other steps. `CrossRankRule`
+assembles them in its own bounded state and hands a step to `compare` once it is complete:
+- complete: `world` ranks (the records' `world`) have reported the step;
+- timed out: a record of a later step of the same mode is newer (record ts) than the step's
+  first record by more than `rank_timeout` seconds: the step is compared with the ranks present;
+- overtaken: a later step completed (every rank reports its steps in order, so the missing
+  ranks will not report this one), or more than `max_pending_steps` steps are waiting: the
+  oldest are compared with the ranks present.
+A step is compared at most once; records of a step at or before the newest compared step of
+their mode are ignored (they arrived too late). Findings say where they are: `RankedFinding`
+carries the compared step, its mode, the rank the alert names and the step's first record ts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from tensorpulse.wire import StepRecord
+
+from .base import Finding, Rule, RuleParams, State
+
+
+@dataclass(frozen=True, slots=True)
+class RankedFinding(Finding):
+    """A finding about an assembled step: the stream layer names this step, mode and rank in the alert."""
+
+    step: int = 0
+    mode: str = "train"
+    rank: int = 0
+    ts: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AssembledStep:
+    """One step's values from the ranks that reported it (rank -> {name: value})."""
+
+    step: int
+    mode: str
+    world: int
+    ts: float
+    ranks: dict[int, dict[str, float]]
+
+    @property
+    def missing(self) -> list[int]:
+        """Ranks in 0..world-1 that did not report this step."""
+        return [r for r in range(self.world) if r not in self.ranks]
+
+
+class CrossRankParams(RuleParams):
+    rank_timeout: float = Field(
+        60.0, gt=0.0, description="seconds (record ts) to wait for a missing rank before comparing without it"
+    )
+    max_pending_steps: int = Field(8, ge=1, le=256, description="incomplete steps kept per job")
+
+
+class CrossRankRule(Rule):
+    """Base of rules that compare the ranks of a job at the same step.
+
+    Subclasses implement `values(record)` (the numbers of one rank's record the rule compares)
+    and `compare(state, step)` (a finding about one assembled step). Their Params must extend
+    `CrossRankParams`. State: {"p": {"<mode>|<step>": [first ts, world, {rank: values}]},
+    "d": {mode: newest compared step}, "c": the subclass's own state}; "p" holds at most
+    `max_pending_steps` entries (+1 while a record is being added). Jobs with world 1 keep nothing.
+    """
+
+    per_rank: ClassVar[bool] = False
+    Params: ClassVar[type[RuleParams]] = CrossRankParams
+
+    def initialize(self) -> State:
+        return {"p": {}, "d": {}, "c": self.initialize_compare()}
+
+    def initialize_compare(self) -> State:
+        """The subclass's own state (kept under "c")."""
+        return {}
+
+    def values(self, record: StepRecord) -> dict[str, float]:
+        raise NotImplementedError(f"{type(self).__name__}.values")
+
+    def compare(self, state: State, step: AssembledStep) -> tuple[State, Finding | None]:
+        raise NotImplementedError(f"{type(self).__name__}.compare")
+
+    def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
+        if record.world <= 1:
+            return state, None
+        params: Any = self.params
+        pending: dict[str, Any] = dict(state.get("p", {}))
+        done: dict[str, int] = dict(state.get("d", {}))
+        mode, step = record.mode, record.step
+        last = done.get(mode)
+        if last is not None and step <= last:
+            return state, None  # that step was compared already
+        key = f"{mode}|{step}"
+        entry = pending.get(key)
+        if entry is None:
+            entry = [record.ts, record.world, {}]
+        else:
+            entry = [min(entry[0], record.ts), max(entry[1], record.world), dict(entry[2])]
+        entry[2][str(record.rank)] = self.values(record)
+        pending[key] = entry
+
+        ready = _ready(pending, mode, step, record.ts, params.rank_timeout, params.max_pending_steps)
+        cstate: State = state.get("c", {})
+        on = bool(state.get("on", False))
+        chosen: Finding | None = None
+        for k in ready:
+            ts, world, ranks = pending.pop(k)
+            m, _, s = k.partition("|")
+            done[m] = max(int(s), done.get(m, -1))
+            assembled = AssembledStep(int(s), m, int(world), float(ts), {int(r): v for r, v in ranks.items()})
+            cstate, finding = self.compare(cstate, assembled)
+            if finding is None:
+                continue
+            # Report the first change of firing state among the compared steps, else the last finding.
+            if chosen is None or chosen.firing == on:
+                chosen = finding
+        # Steps of this mode at or before a compared step can no longer complete: drop them.
+        for k in [
+            k for k in pending if _mode_step(k)[0] in done and _mode_step(k)[1] <= done[_mode_step(k)[0]]
+        ]:
+            del pending[k]
+        if chosen is not None:
+            on = chosen.firing
+        return {"p": pending, "d": done, "c": cstate, "on": on}, chosen
+
+
+def _mode_step(key: str) -> tuple[str, int]:
+    mode, _, step = key.partition("|")
+    return mode, int(step)
+
+
+def _ready(
+    pending: dict[str, Any], mode: str, step: int, now_ts: float, timeout: float, max_pending: int
+) -> list[str]:
+    """Keys of the pending steps to compare now, oldest first (see the module docstring)."""
+    out: set[str] = set()
+    complete = [k for k, (_, world, ranks) in pending.items() if len(ranks) >= world]
+    for k in complete:
+        m, s = _mode_step(k)
+        out.add(k)
+        out.update(o for o in pending if _mode_step(o)[0] == m and _mode_step(o)[1] < s)
+    for k, (ts, _, _) in pending.items():
+        m, s = _mode_step(k)
+        if m == mode and s < step and now_ts - ts > timeout:
+            out.add(k)
+    rest = sorted((k for k in pending if k not in out), key=lambda k: (pending[k][0], _mode_step(k)[1]))
+    overflow = len(rest) - max_pending
+    if overflow > 0:
+        out.update(rest[:overflow])
+    return sorted(out, key=lambda k: (_mode_step(k)[1], pending[k][0], k))

@@ -1,0 +1,179 @@
+"""RankDivergence: at the same step, one rank's statistic of a tensor is far from the other ranks'.
+
+Under data-parallel training (DDP, Horovod, FSDP's replicas) every rank runs the same model on
+its own shard of the batch. Gradients are all-reduced, so they are identical across ranks after
+backward, and so are the weights; what stays local is what each rank computed from its own data:
+activations and the loss. A rank whose data is corrupted (wrong normalisation, a bad shard, a
+broken augmentation) or whose device misbehaves shows up there, and nowhere else until it has
+poisoned the shared gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from tensorpulse.wire import StepRecord, TensorStats
+
+from .base import Finding, RuleParams, State, compile_regex
+from .cross_rank import AssembledStep, CrossRankParams, CrossRankRule, RankedFinding
+
+#: Collection names that select scalars (scalars carry no collection on the wire).
+SCALAR_COLLECTIONS = frozenset({"losses", "metrics"})
+#: Statistics a tensor can be compared by (scalars: always their absolute value).
+STATISTICS = ("abs_mean", "l2", "std", "mean")
+#: Prefix that keeps scalar names apart from tensor names in the compared values.
+SCALAR_PREFIX = "scalar:"
+
+
+class RankDivergenceParams(CrossRankParams):
+    statistic: Literal["abs_mean", "l2", "std", "mean"] = "abs_mean"
+    collection_names: list[str] | None = Field(
+        ["activations", "losses"],
+        description='collections compared; "losses" / "metrics" select scalars (None: every collection)',
+    )
+    tensor_regex: str | None = None
+    ratio_threshold: float = Field(10.0, gt=1.0, description="max/min across ranks above this diverges")
+    min_value: float = Field(0.01, gt=0.0, description="values below this count as this (tiny values)")
+    patience: int = Field(3, ge=1, description="consecutive compared steps that must diverge")
+
+
+class RankDivergence(CrossRankRule):
+    """Fires while, for `patience` compared steps in a row, a tensor's statistic differs across ranks.
+
+    Our definition: per mode and step, each rank contributes, for every tensor of
+    `collection_names` whose name matches `tensor_regex` (re.search; all when None), the absolute
+    value v = |statistic| ("abs_mean" by default; "l2", "std" or "mean"), and for every scalar
+    (when the collections include "losses": scalars whose name contains "loss"; "metrics": the
+    other scalars; None: all) its absolute value. A step is compared once the records' `world`
+    ranks have reported it, or with the ranks present when it times out (`rank_timeout` seconds by
+    record ts, see tensorpulse.rules.cross_rank). For each name reported by at least two ranks,
+    all values finite (NaN/inf are ExplodingTensor's), with c = max(v, min_value):
+    ratio = max(c) / min(c) over the ranks. The name diverges if ratio > ratio_threshold; tiny
+    values are thereby ignored (two values below `min_value` never diverge). The step diverges if
+    any name does. It fires after `patience` consecutive compared steps diverge and resolves at
+    the first compared step where none does; steps with fewer than two ranks present check
+    nothing. value = the largest ratio, tensors = diverging names (largest ratio first; scalars
+    as "scalar:<name>"), and the alert names the outlier rank of the first: the rank whose
+    log(c) is farthest from the median log(c) of the other ranks; ties (always with two ranks)
+    go to the rank whose log(c) moved most since the name's last non-diverging compared step,
+    then to the larger value, then the lower rank. The message names the missing ranks of a
+    timed-out step. Jobs with world 1 check nothing. Memory: at most `max_pending_steps` steps ×
+    ranks × compared names floats, plus one value per rank and name from the last healthy step.
+    The hook must send the chosen statistic of activations (TorchHook does) and the loss scalar,
+    with `rank` and `world` set (RANK / WORLD_SIZE).
+    """
+
+    name: ClassVar[str] = "RankDivergence"
+    Params: ClassVar[type[RuleParams]] = RankDivergenceParams
+    modes: ClassVar[frozenset[str]] = frozenset({"train", "eval"})
+    severity: ClassVar[str] = "warning"
+    needs: ClassVar[str] = (
+        "per rank (rank and world set): the statistic of activations and the loss scalar at the same steps"
+    )
+
+    def _check(self) -> None:
+        p: Any = self.params
+        self._regex = compile_regex(p.tensor_regex, "tensor_regex")
+        names = p.collection_names
+        self._collections = None if names is None else frozenset(names)
+        self._losses = names is None or "losses" in names
+        self._metrics = names is None or "metrics" in names
+
+    def initialize_compare(self) -> State:
+        return {"n": 0, "ref": {}}
+
+    # ------------------------------------------------------------------ per record
+    def values(self, record: StepRecord) -> dict[str, float]:
+        """The compared values of one rank's record: {tensor name or "scalar:<name>": |value|}."""
+        stat = self.params.statistic  # type: ignore[attr-defined]
+        out: dict[str, float] = {}
+        colls = self._collections
+        if colls is None or colls - SCALAR_COLLECTIONS:
+            for t in record.select(colls, self._regex):
+                if t.n > 0:
+                    out[t.name] = abs(_stat(t, stat))
+        if self._losses or self._metrics:
+            for key, value in record.scalars.items():
+                wanted = self._losses if "loss" in key else self._metrics
+                if wanted and (self._regex is None or self._regex.search(key)):
+                    out[SCALAR_PREFIX + key] = abs(float(value))
+        return out
+
+    # ------------------------------------------------------------------ per assembled step
+    def compare(self, state: State, step: AssembledStep) -> tuple[State, Finding | None]:
+        p: Any = self.params
+        if len(step.ranks) < 2:
+            return state, None
+        floor = p.min_value
+        names = sorted({n for v in step.ranks.values() for n in v})
+        ref: dict[str, dict[str, float]] = dict(state.get("ref", {}))
+        hits: list[tuple[float, str, int, dict[int, float]]] = []
+        for name in names:
+            logs = {r: math.log(max(v[name], floor)) for r, v in step.ranks.items() if name in v}
+            if len(logs) < 2 or not all(math.isfinite(x) for x in logs.values()):
+                continue
+            ratio = math.exp(max(logs.values()) - min(logs.values()))
+            if ratio > p.ratio_threshold:
+                outlier = _outlier(logs, ref.get(name, {}))
+                raw = {r: step.ranks[r][name] for r in logs}
+                hits.append((ratio, name, outlier, raw))
+            else:
+                ref[name] = {str(r): x for r, x in logs.items()}
+        if not hits:
+            healthy = RankedFinding(
+                False,
+                threshold=p.ratio_threshold,
+                step=step.step,
+                mode=step.mode,
+                rank=min(step.ranks),
+                ts=step.ts,
+            )
+            return {"n": 0, "ref": ref}, healthy
+        streak = int(state.get("n", 0)) + 1
+        new = {"n": streak, "ref": ref}
+        if streak < p.patience:
+            return new, None
+        hits.sort(key=lambda h: (-h[0], h[1]))
+        ratio, name, outlier, raw = hits[0]
+        others = ", ".join(f"rank {r} = {raw[r]:.3g}" for r in sorted(raw) if r != outlier)
+        what = name[len(SCALAR_PREFIX) :] if name.startswith(SCALAR_PREFIX) else f"{name} {p.statistic}"
+        more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
+        missing = f"; ranks missing: {', '.join(map(str, step.missing))}" if step.missing else ""
+        message = (
+            f"ranks diverge at {step.mode} step {step.step}: {what} on rank {outlier} = {raw[outlier]:.3g} "
+            f"vs {others} (ratio {ratio:.3g} > {p.ratio_threshold:g}){more}{missing}"
+        )
+        return new, RankedFinding(
+            True,
+            value=ratio,
+            threshold=p.ratio_threshold,
+            tensors=tuple(h[1] for h in hits),
+            message=message,
+            step=step.step,
+            mode=step.mode,
+            rank=outlier,
+            ts=step.ts,
+        )
+
+
+def _stat(t: TensorStats, stat: str) -> float:
+    if stat == "l2":
+        return t.l2
+    return float(getattr(t, stat))
+
+
+def _outlier(logs: dict[int, float], ref: dict[str, float]) -> int:
+    """The rank farthest (in log space) from the median of the others; see the class docstring."""
+
+    def key(r: int) -> tuple[float, float, float, int]:
+        others = [x for q, x in logs.items() if q != r]
+        distance = abs(logs[r] - statistics.median(others))
+        before = ref.get(str(r))
+        moved = abs(logs[r] - before) if before is not None else 0.0
+        return (round(distance, 9), round(moved, 9), logs[r], -r)
+
+    return max(logs, key=key)
