@@ -149,17 +149,32 @@ class TensorpulseCallback(TrainingCallback):
             if self._saved % self.importance_every == 0:
                 for kind in self.importance_types:
                     score = model.get_score(importance_type=kind)
+                    # get_score leaves out features no tree splits on; send them as 0, so that a
+                    # model leaning on 3 of 100 features shows 97 zeros, not 3 values.
+                    names = self._feature_names(model, score)
                     hook.record_vector(
                         epoch,
                         f"feature_importance/{kind}",
-                        [float(v) for v in score.values()],
-                        labels=list(score),
+                        [float(score.get(n, 0.0)) for n in names],
+                        labels=names,
                     )
             self._saved += 1
             hook.publish(epoch, "train")
         except Exception as exc:  # noqa: BLE001 - never raise into training
             hook._note("xgboost callback", exc)
         return hook.should_stop
+
+    @staticmethod
+    def _feature_names(model: Any, score: dict[str, float]) -> list[str]:
+        """Every feature of the model (XGBoost's names, else f0..f{n-1}); the scored ones if unknown."""
+        names = getattr(model, "feature_names", None)
+        if names:
+            return list(names)
+        try:
+            n = int(model.num_features())
+        except Exception:  # noqa: BLE001
+            return list(score)
+        return [f"f{i}" for i in range(n)] if n >= len(score) else list(score)
 
     def after_training(self, model: Any) -> Any:
         """Publish what is pending; close the hook if this callback created it."""

@@ -16,6 +16,7 @@ from .check_input_images import CheckInputImages
 from .class_imbalance import ClassImbalance
 from .confusion import Confusion
 from .dead_relu import DeadRelu
+from .declarative import Threshold
 from .early_stopping import EarlyStopping
 from .exploding_tensor import ExplodingTensor
 from .feature_importance_overweight import FeatureImportanceOverweight
@@ -59,12 +60,14 @@ _CLASSES: tuple[type[Rule], ...] = (
 #: SimilarAcrossRuns needs `other_trials` (the jobs to compare with). EarlyStopping says when
 #: training could stop, not that it is broken (and flaps on noisy losses like Overtraining).
 #: Confusion's cumulative recall bar fires through whole healthy runs (see its docstring).
+#: Threshold is the declarative rule: it has no meaning without the condition a rules file gives.
 _OPT_IN: tuple[type[Rule], ...] = (
     SimilarAcrossRuns,
     TensorVariance,
     Overtraining,
     Confusion,
     EarlyStopping,
+    Threshold,
 )
 
 #: Catalogue name -> rule class.
