@@ -74,11 +74,36 @@ class WorkerSettings(BaseModel):
         return validate_prefix(v)
 
     @classmethod
-    def from_env(cls, **flags: Any) -> WorkerSettings:
-        """Flags that are not None win; then TENSORPULSE_* environment variables; then defaults."""
+    def from_env(cls, config_file: str | Path | None = None, **flags: Any) -> WorkerSettings:
+        """Flags that are not None win; then TENSORPULSE_* environment variables; then the
+        settings file (YAML mapping, same names as the fields); then defaults."""
         values: dict[str, Any] = {}
+        path = config_file or os.environ.get("TENSORPULSE_CONFIG")
+        if path:
+            values.update(_settings_file(Path(path)))
         for name, var in ENV.items():
             if var in os.environ and os.environ[var] != "":
                 values[name] = os.environ[var]
         values.update({k: v for k, v in flags.items() if v is not None})
         return cls(**values)
+
+
+def _settings_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML settings file; ConfigError naming the file and the problem."""
+    import yaml
+
+    from tensorpulse.errors import ConfigError
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read worker settings: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: worker settings must be a mapping of setting: value")
+    unknown = sorted(set(data) - set(WorkerSettings.model_fields))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown worker setting(s) {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(WorkerSettings.model_fields))})"
+        )
+    return data

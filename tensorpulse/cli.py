@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import click
@@ -19,6 +20,10 @@ BOOTSTRAP_HELP = (
 )
 
 
+# A dependency of quixstreams warns about its own imports at start-up; not ours to act on.
+warnings.filterwarnings("ignore", message="The httpx module is deprecated")
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -27,7 +32,15 @@ def _setup_logging(level: str) -> None:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "max_content_width": 100,
+        # Every option can also come from the environment: TENSORPULSE_<COMMAND>_<OPTION>,
+        # e.g. TENSORPULSE_NOTIFY_ALERTMANAGER (flags win).
+        "auto_envvar_prefix": "TENSORPULSE",
+    }
+)
 @click.version_option(__version__, prog_name="tensorpulse")
 def main() -> None:
     """tensorpulse: catch exploding, vanishing and stalled training while it runs.
@@ -43,6 +56,12 @@ def main() -> None:
                  tensorpulse stream --bootstrap 127.0.0.1:9092 --metrics-port 9464   # terminal 2
                  python train.py                          # your job, with a Hook
                  tensorpulse alerts --bootstrap 127.0.0.1:9092 --follow
+
+    \b
+    Every option can also be set in the environment as TENSORPULSE_<COMMAND>_<OPTION>
+    (e.g. TENSORPULSE_NOTIFY_ALERTMANAGER=http://am:9093); `stream` also reads a settings
+    file (--config) and TENSORPULSE_BOOTSTRAP, TENSORPULSE_GROUP, ... (see its --help).
+    Kafka client settings (TLS, SASL): TENSORPULSE_KAFKA_<PROPERTY>, see docs/security.md.
     """
 
 
@@ -113,6 +132,13 @@ def broker(port: int, host: str, cert: str | None, key: str | None) -> None:
     help="Processing guarantee (default exactly-once: no duplicate alerts after a crash).",
 )
 @click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML file of worker settings (keys as the flags, with _: group, rules_file, "
+    "metrics_port, state_dir, ...); flags and environment win over it.",
+)
+@click.option(
     "--worker-id",
     help="Stable identity of this worker across restarts (e.g. the pod name); "
     "default: host name + state directory.",
@@ -128,6 +154,7 @@ def stream(
     topic_prefix,
     jobs_regex,
     guarantee,
+    config_file,
     worker_id,
     log_level,
 ) -> None:
@@ -164,7 +191,7 @@ def stream(
         worker_id=worker_id,
     )
     try:
-        settings = WorkerSettings.from_env(**flags)
+        settings = WorkerSettings.from_env(config_file=config_file, **flags)
         worker = Worker(settings)
     except (TensorpulseError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
