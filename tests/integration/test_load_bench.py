@@ -1,0 +1,63 @@
+"""The load benchmark (bench/load.py) runs end to end: two tiny knee levels against a real worker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LOAD = Path(__file__).resolve().parents[2] / "bench" / "load.py"
+
+LEVEL_FIELDS = {
+    "target_rps",
+    "offered_records",
+    "offered_rps",
+    "offered_tensor_stats_ps",
+    "processed_records",
+    "processed_rps",
+    "processed_ratio",
+    "backlog_max",
+    "backlog_end",
+    "lag_metric_max",
+    "lag_metric_end",
+    "alerts_expected",
+    "alerts_received",
+    "alert_latency_p50_s",
+    "alert_latency_p99_s",
+    "worker_cpu_pct",
+    "worker_rss_mb_max",
+    "timeline",
+    "ok",
+    "reasons",
+}
+
+
+def test_knee_with_two_tiny_levels(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Both levels are reported with every field; processed counts are > 0 and never exceed offered."""
+    out = tmp_path / "knee.json"
+    cmd = [sys.executable, str(LOAD), "knee", "--bootstrap", kafka_bootstrap, "--jobs", "2", "--tensors", "5"]
+    cmd += ["--rates", "10,20", "--level-seconds", "3", "--faults-per-s", "2", "--drain-s", "15"]
+    cmd += ["--alert-wait-s", "5", "--keep-going", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    report = json.loads(out.read_text())
+    assert report["mode"] == "knee"
+    assert [level["target_rps"] for level in report["levels"]] == [10.0, 20.0]
+    for level in report["levels"]:
+        assert set(level) >= LEVEL_FIELDS, LEVEL_FIELDS - set(level)
+        assert 0 < level["processed_records"] <= level["offered_records"]
+        assert 0 < level["processed_rps"] <= level["offered_rps"]
+        assert level["offered_tensor_stats_ps"] == pytest.approx(5 * level["offered_rps"], rel=0.01)
+        assert 0 <= level["alerts_received"] <= level["alerts_expected"]
+        assert level["timeline"], "no samples were taken during the level"
+        assert level["worker_rss_mb_max"] > 0
+    totals = report["totals"]
+    assert 0 < totals["records_processed"] <= totals["records_offered"]
+    assert totals["alerts_expected"] > 0
+    assert "knee_target_rps" in report and "peak_processed_rps" in report
