@@ -105,6 +105,12 @@ class Hook:
     `kafka_config` adds librdkafka properties; `produce_fn(topic, value, key)` replaces Kafka
     (tests, custom transports; no control listener then).
 
+    Collections: `include_collections` (None: all) and `exclude_collections` select the tensor
+    collections captured ("weights", "biases", "gradients", "activations", ...), as smdebug's
+    include_collections does; scalars (loss, learning rates) are always sent. Gradients are
+    captured on train steps only (SageMaker's rule: there are none worth reporting in eval).
+    Which steps: `save_config` (per-mode intervals, start/end steps, explicit steps; schedule.py).
+
     Weight deltas: on every `delta_every`-th saved train step (10 by default, so that the copy
     and comparison cost a tenth of what they would at every step), for tensors of the
     collections in `track_deltas` ("weights" by default; empty to disable), the hook keeps a
@@ -139,6 +145,8 @@ class Hook:
         delta_every: int = 10,
         delta_rtol: float = 1e-5,
         delta_atol: float = 1e-8,
+        include_collections: Sequence[str] | None = None,
+        exclude_collections: Sequence[str] = (),
     ) -> None:
         self.job = validate_job(job)
         self.topic = reductions_topic(job, topic_prefix)
@@ -165,6 +173,18 @@ class Hook:
         if isinstance(track_deltas, str):
             track_deltas = (track_deltas,)
         self.track_deltas = frozenset(str(c) for c in track_deltas)
+        for what, names in (
+            ("include_collections", include_collections),
+            ("exclude_collections", exclude_collections),
+        ):
+            if isinstance(names, str):
+                raise ConfigError(
+                    f"Expected argument `{what}` to be a list of collection names but got {names!r}"
+                )
+        self.include_collections = (
+            None if include_collections is None else frozenset(map(str, include_collections))
+        )
+        self.exclude_collections = frozenset(map(str, exclude_collections))
         if isinstance(delta_every, bool) or not isinstance(delta_every, int) or delta_every < 1:
             raise ConfigError(f"delta_every must be an integer >= 1, got {delta_every!r}")
         self.delta_every = delta_every
@@ -236,6 +256,14 @@ class Hook:
         """False when constructed disabled, after a statistics failure, or after close()."""
         return self._enabled and not self._closed
 
+    def wants_collection(self, collection: str, mode: str = "train") -> bool:
+        """True if tensors of `collection` are captured in `mode` (include/exclude; gradients: train only)."""
+        if collection == "gradients" and mode != "train":
+            return False
+        if self.include_collections is not None and collection not in self.include_collections:
+            return False
+        return collection not in self.exclude_collections
+
     def should_save(self, step: int, mode: str = "train") -> bool:
         """True if `step` of `mode` is captured (always False when the hook is disabled)."""
         return self._enabled and not self._closed and self.save_config.should_save(step, mode)
@@ -268,9 +296,10 @@ class Hook:
         activity; "gradients" adds p5/p95 during the first `quantile_steps` saved train steps;
         collections in `track_deltas` add the change since the previous saved train step.
         `active_range` (lo, hi): activity counts a unit active where lo < x < hi instead of x > 0
-        (tanh / sigmoid inputs, e.g. "<layer>/Tanh_input" with (-9.4999, 9.4999)).
+        (tanh / sigmoid inputs, e.g. "<layer>/Tanh_input" with (-9.4999, 9.4999)). Collections the
+        hook does not want (`wants_collection`, e.g. gradients outside train) are skipped.
         """
-        if not self._accepts(step, mode):
+        if not (self._accepts(step, mode) and self.wants_collection(collection, mode)):
             return
         try:
             rec = self._record_for(step, mode)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from tensorpulse.wire import MODES
 
@@ -33,8 +33,11 @@ class SaveConfigMode(BaseModel):
         if value is None:
             return frozenset()
         if isinstance(value, int):
-            return frozenset((value,))
-        return value
+            value = (value,)
+        steps = frozenset(value)  # type: ignore[arg-type]
+        if any(isinstance(s, int) and s < 0 for s in steps):
+            raise ValueError(f"save_steps must be steps >= 0, got {sorted(steps)}")
+        return steps
 
     def matches(self, step: int) -> bool:
         """True if `step` is saved under this schedule."""
@@ -48,18 +51,27 @@ class SaveConfigMode(BaseModel):
 class SaveConfig(SaveConfigMode):
     """The default schedule plus optional per-mode overrides (`modes={"eval": SaveConfigMode(...)}`).
 
-    Modes without an override use the default fields of this object.
+    Modes without an override use the default fields of this object; an override's own unset
+    fields take SaveConfigMode's defaults (they are not inherited), as in smdebug. smdebug's
+    spelling is accepted too: `mode_save_configs={"TRAIN": {...}}` (mode names in any case).
     """
 
-    modes: Mapping[str, SaveConfigMode] = Field(default_factory=dict)
+    modes: Mapping[str, SaveConfigMode] = Field(
+        default_factory=dict, validation_alias=AliasChoices("modes", "mode_save_configs")
+    )
 
-    @field_validator("modes")
+    @field_validator("modes", mode="before")
     @classmethod
-    def _modes(cls, value: Mapping[str, SaveConfigMode]) -> Mapping[str, SaveConfigMode]:
-        for mode in value:
-            if mode not in MODES:
+    def _modes(cls, value: object) -> object:
+        if not isinstance(value, Mapping):
+            return value
+        out = {}
+        for mode, cfg in value.items():
+            key = str(getattr(mode, "name", mode)).lower()  # "TRAIN" or an enum member
+            if key not in MODES:
                 raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-        return dict(value)
+            out[key] = cfg
+        return out
 
     def for_mode(self, mode: str) -> SaveConfigMode:
         """The schedule that applies to `mode`."""

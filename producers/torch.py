@@ -135,7 +135,9 @@ class TorchHook(Hook):
         """Capture `model`'s parameters, gradients and (optionally) activation outputs.
 
         `include` / `exclude` are regexes searched in the published tensor names (e.g.
-        "fc1.weight", "gradient/fc1.weight", "act1/relu_output"). With an optimizer, its
+        "fc1.weight", "gradient/fc1.weight", "act1/relu_output"); the hook's `include_collections` /
+        `exclude_collections` select collections ("weights", "biases", "gradients", "activations",
+        "activation_inputs"), fixed here at attach time. With an optimizer, its
         learning rate(s) are published as scalars "lr" (or "lr/<group>").
         `capture_inputs`: summarise the model's first positional input on saved steps, as
         `record_inputs` does (True, or a dict of record_inputs keyword arguments: name, kind,
@@ -158,10 +160,16 @@ class TorchHook(Hook):
         self._exclude = re.compile(exclude) if exclude else None
         self._params = [(name, _collection(name), p) for name, p in model.named_parameters()]
         # The include/exclude filters are applied once here, not on every step.
-        self._param_items = [(name, coll, p) for name, coll, p in self._params if self._wanted(name)]
+        self._param_items = [
+            (name, coll, p)
+            for name, coll, p in self._params
+            if self.wants_collection(coll) and self._wanted(name)
+        ]
         self._delta_idx = [i for i, (_, coll, _) in enumerate(self._param_items) if coll in self.track_deltas]
         self._grad_items = [
-            (f"gradient/{name}", p) for name, _, p in self._params if self._wanted(f"gradient/{name}")
+            (f"gradient/{name}", p)
+            for name, _, p in self._params
+            if self.wants_collection("gradients") and self._wanted(f"gradient/{name}")
         ]
         self._act_modules = []
         if activations:
@@ -175,8 +183,9 @@ class TorchHook(Hook):
                     kind = "Tanh" if isinstance(module, nn.Tanh) else "Sigmoid"
                     in_range = self.tanh_range if kind == "Tanh" else self.sigmoid_range
                     in_name = f"{path or 'model'}/{kind}_input"
-                want_out = self._wanted(f"{base}_output")
-                want_in = self._wanted(in_name)
+                in_coll = "activations" if in_range is not None else "activation_inputs"
+                want_out = self.wants_collection("activations") and self._wanted(f"{base}_output")
+                want_in = self.wants_collection(in_coll) and self._wanted(in_name)
                 if not (want_out or want_in):
                     continue
                 self._act_modules.append(

@@ -60,6 +60,9 @@ class Rule:
     #: True for rules that can fire without a new record (StalledTrainingRule): the stream
     #: layer then also calls `check_idle` periodically with the current wall-clock time.
     clock: ClassVar[bool] = False
+    #: False for cross-rank rules (RankDivergence): the evaluator gives them one job-level slot
+    #: that sees every rank's records, instead of one slot per rank.
+    per_rank: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         try:

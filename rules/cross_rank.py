@@ -8,13 +8,13 @@ Records of one step arrive one rank at a time, interleaved with other steps. `Cr
 assembles them in its own bounded state and hands a step to `compare` once it is complete:
 - complete: `world` ranks (the records' `world`) have reported the step;
 - timed out: a record of a later step of the same mode is newer (record ts) than the step's
-  first record by more than `rank_timeout` seconds: the step is compared with the ranks present;
+  earliest record by more than `rank_timeout` seconds: the step is compared with the ranks present;
 - overtaken: a later step completed (every rank reports its steps in order, so the missing
   ranks will not report this one), or more than `max_pending_steps` steps are waiting: the
   oldest are compared with the ranks present.
 A step is compared at most once; records of a step at or before the newest compared step of
 their mode are ignored (they arrived too late). Findings say where they are: `RankedFinding`
-carries the compared step, its mode, the rank the alert names and the step's first record ts.
+carries the compared step, its mode, the rank the alert names and the step's earliest record ts.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ class CrossRankParams(RuleParams):
     rank_timeout: float = Field(
         60.0, gt=0.0, description="seconds (record ts) to wait for a missing rank before comparing without it"
     )
-    max_pending_steps: int = Field(8, ge=1, le=256, description="incomplete steps kept per job")
+    max_pending_steps: int = Field(
+        16, ge=1, le=256, description="incomplete steps kept per job (ranks' records arrive in bursts)"
+    )
 
 
 class CrossRankRule(Rule):
@@ -68,7 +70,8 @@ class CrossRankRule(Rule):
     Subclasses implement `values(record)` (the numbers of one rank's record the rule compares)
     and `compare(state, step)` (a finding about one assembled step). Their Params must extend
     `CrossRankParams`. State: {"p": {"<mode>|<step>": [first ts, world, {rank: values}]},
-    "d": {mode: newest compared step}, "c": the subclass's own state}; "p" holds at most
+    "d": {mode: newest compared step}, "c": the subclass's own state, "on": whether the last finding
+    returned was firing}; "p" holds at most
     `max_pending_steps` entries (+1 while a record is being added). Jobs with world 1 keep nothing.
     """
 
@@ -123,9 +126,7 @@ class CrossRankRule(Rule):
             if chosen is None or chosen.firing == on:
                 chosen = finding
         # Steps of this mode at or before a compared step can no longer complete: drop them.
-        for k in [
-            k for k in pending if _mode_step(k)[0] in done and _mode_step(k)[1] <= done[_mode_step(k)[0]]
-        ]:
+        for k in [k for k in pending if _mode_step(k)[1] <= done.get(_mode_step(k)[0], -1)]:
             del pending[k]
         if chosen is not None:
             on = chosen.firing

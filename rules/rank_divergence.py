@@ -30,12 +30,14 @@ SCALAR_PREFIX = "scalar:"
 
 
 class RankDivergenceParams(CrossRankParams):
-    statistic: Literal["abs_mean", "l2", "std", "mean"] = "abs_mean"
+    statistic: Literal["abs_mean", "l2", "std", "mean"] = Field(
+        "abs_mean", description="the tensor statistic compared (its absolute value)"
+    )
     collection_names: list[str] | None = Field(
         ["activations", "losses"],
         description='collections compared; "losses" / "metrics" select scalars (None: every collection)',
     )
-    tensor_regex: str | None = None
+    tensor_regex: str | None = Field(None, description="only names matching this (re.search)")
     ratio_threshold: float = Field(10.0, gt=1.0, description="max/min across ranks above this diverges")
     min_value: float = Field(0.01, gt=0.0, description="values below this count as this (tiny values)")
     patience: int = Field(3, ge=1, description="consecutive compared steps that must diverge")

@@ -10,6 +10,9 @@ Three entry points, one state:
   fire without a record; the stream layer calls it between records (see stream/clock.py).
 - `process_other(state, job, record)`: a record of *another* job, for `cross_run` rules
   (SimilarAcrossRuns); the stream layer routes it here (see stream/crossrun.py).
+
+Rules run once per rank, except cross-rank rules (`per_rank = False`, RankDivergence): they get
+one job-level slot that sees every rank's records (see tensorpulse.rules.cross_rank).
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ from typing import Any
 from tensorpulse.events import AlertEvent
 from tensorpulse.rules.base import Finding
 from tensorpulse.rules.config import RuleSpec
+from tensorpulse.rules.cross_rank import RankedFinding
 from tensorpulse.wire import StepRecord
 
 JobState = dict[str, Any]
+#: Slot key suffix of a cross-rank rule's one job-level slot ("<rule name>|*").
+JOB_SLOT = "*"
 #: Called with (rule name, the record or None for a clock tick, the exception) when a rule raises.
 RuleErrorHandler = Callable[[str, "StepRecord | None", Exception], None]
 
@@ -59,6 +65,11 @@ def is_clock(spec: RuleSpec) -> bool:
     return bool(getattr(spec.rule, "clock", False))
 
 
+def is_per_rank(spec: RuleSpec) -> bool:
+    """False for rules that compare ranks (they declare `per_rank = False`): one slot per job."""
+    return bool(getattr(spec.rule, "per_rank", True))
+
+
 def is_cross_run(spec: RuleSpec) -> bool:
     """True for rules that compare jobs (they declare `cross_run = True` and `update_other`)."""
     return bool(getattr(spec.rule, "cross_run", False))
@@ -70,6 +81,9 @@ class JobEvaluator:
     State layout: {"r": {"<rule name>|<rank>": slot}}, slot = {"s": rule state, "f": firing}; slots
     of clock rules also hold "k": [step, mode, ts] of the newest record (what a tick's event names)
     and "e": true once the rank's end record arrived (a finished rank is not stalled).
+    A cross-rank rule (`per_rank = False`) has one slot "<rule name>|*" fed by every rank; its
+    events name the step, mode and rank its `RankedFinding` gives, and the slot's "w" keeps the
+    rank its firing event named (the resolved event names the same rank).
     Per-rank evaluation keeps a healthy rank from masking a sick one (and vice versa); rules
     with a `job_summary(rank_states, mode)` method (ExplodingTensor) add a job-wide fact, over
     all ranks' states, to their firing events.
@@ -81,6 +95,10 @@ class JobEvaluator:
             raise ValueError(f"duplicate rule names in {names}")
         self.specs = tuple(specs)
         self.clock_specs = tuple(s for s in self.specs if is_clock(s))
+        bad = [s.name for s in self.specs if not is_per_rank(s) and (is_clock(s) or is_cross_run(s))]
+        if bad:
+            raise ValueError(f"rules {bad}: a cross-rank rule cannot also be a clock or cross-run rule")
+        self._job_level = frozenset(s.name for s in self.specs if not is_per_rank(s))
         self._clock_names = frozenset(s.name for s in self.clock_specs)
 
     @property
@@ -114,7 +132,8 @@ class JobEvaluator:
             rule = spec.rule
             if record.mode not in rule.modes:
                 continue
-            slot = self._slot(rule_states, spec, record.rank)
+            job_level = spec.name in self._job_level
+            slot = self._slot(rule_states, spec, JOB_SLOT if job_level else record.rank)
             try:
                 new_state, finding = rule.update(slot["s"], record)
             except Exception as exc:
@@ -124,6 +143,11 @@ class JobEvaluator:
                 on_rule_error(spec.name, record, exc)
                 continue
             slot["s"] = new_state
+            if job_level:
+                tr = self._transition(state, spec, slot, finding, self._job_where(slot, finding, where), now)
+                if tr is not None:
+                    out.append(tr)
+                continue
             if spec.name in self._clock_names:
                 last = slot.get("k")
                 if last is None or record.ts >= last[2]:
@@ -150,6 +174,22 @@ class JobEvaluator:
                 )
                 out.append(self._transition(state, spec, slot, Finding(False, message=message), where, now))
         return [t for t in out if t is not None]
+
+    @staticmethod
+    def _job_where(slot: dict[str, Any], finding: Finding | None, where: _Where) -> _Where:
+        """Where a cross-rank finding is: its step and mode; the rank it names while firing, else
+        the rank the firing event named (so the same rank's alert resolves)."""
+        if finding is None:
+            return where
+        rank = where.rank
+        if isinstance(finding, RankedFinding):
+            where = _Where(where.job, finding.rank, finding.step, finding.mode, finding.ts)
+            rank = finding.rank
+        if finding.firing and not slot["f"]:
+            slot["w"] = rank
+        elif not finding.firing and slot["f"]:
+            rank = int(slot.get("w", rank))
+        return _Where(where.job, rank, where.step, where.mode, where.publish_ts)
 
     # ------------------------------------------------------------------ clock ticks
     def check_idle(
@@ -261,16 +301,16 @@ class JobEvaluator:
     # ------------------------------------------------------------------ shared
     @staticmethod
     def firing(state: JobState) -> list[tuple[str, int]]:
-        """(rule name, rank) pairs that are firing in `state`."""
+        """(rule name, rank) pairs that are firing in `state` (cross-rank rules: the rank their alert named)."""
         out = []
         for key, slot in state.get("r", {}).items():
             if slot.get("f"):
                 name, _, rank = key.rpartition("|")
-                out.append((name, int(rank)))
+                out.append((name, int(slot.get("w", -1)) if rank == JOB_SLOT else int(rank)))
         return sorted(out)
 
     @staticmethod
-    def _slot(rule_states: dict[str, Any], spec: RuleSpec, rank: int) -> dict[str, Any]:
+    def _slot(rule_states: dict[str, Any], spec: RuleSpec, rank: int | str) -> dict[str, Any]:
         key = f"{spec.name}|{rank}"
         slot = rule_states.get(key)
         if slot is None:
@@ -295,7 +335,7 @@ class JobEvaluator:
             ranks = {
                 int(k.rpartition("|")[2]): v["s"]
                 for k, v in state.get("r", {}).items()
-                if k.rpartition("|")[0] == spec.name
+                if k.rpartition("|")[0] == spec.name and k.rpartition("|")[2] != JOB_SLOT
             }
             found = summary(ranks, where.mode)
             if found is not None:
