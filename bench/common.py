@@ -1,11 +1,17 @@
-"""Shared pieces of the benchmarks: the models of the peer measurements and a broker to publish to."""
+"""Shared pieces of the benchmarks: the models of the peer measurements, a broker to publish to, and
+probes of the machine (CPU used by others, peak memory, bytes on disk).
+
+Only the standard library and torch at import time: the smdebug cells run this module from
+bench/.venv-smdebug, where tensorpulse is not installed."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import statistics
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -64,3 +70,105 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.median(values)
+
+
+# ----------------------------------------------------------------------------- machine probes
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+_NCPU = os.cpu_count() or 1
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (field 3 onwards)."""
+    with open(f"/proc/{pid}/stat") as f:
+        s = f.read()
+    return s[s.rfind(")") + 2 :].split()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live descendants of `pid` (from /proc/<pid>/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+def _tree_ticks(root: int) -> int:
+    """CPU ticks used so far by `root` (all threads, reaped children) and its live descendants."""
+    total = sum(int(x) for x in _stat_fields(root)[11:15])  # utime, stime, cutime, cstime
+    for pid in _descendants(root):
+        # A child that exited meanwhile: its ticks reach `root` as cutime once reaped.
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += sum(int(x) for x in _stat_fields(pid)[11:13])
+    return total
+
+
+def _machine_busy_ticks() -> int:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # user nice system irq softirq steal
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    t: float
+    busy: int
+    own: int
+
+
+def cpu_snapshot(root: int | None = None) -> CpuSnapshot:
+    """Machine-wide busy ticks and those of the process tree under `root` (default: this process;
+    the benchmark driver passes its own pid, so that the broker it started counts as ours)."""
+    return CpuSnapshot(time.perf_counter(), _machine_busy_ticks(), _tree_ticks(root or os.getpid()))
+
+
+def foreign_share(a: CpuSnapshot, b: CpuSnapshot) -> float:
+    """Share of the whole machine (all cores) that processes outside the snapshots' process tree used
+    between two snapshots: the noise a step-time ratio must not be trusted under. Kernel work
+    done for our own I/O is counted as foreign too, so the figure errs on the side of dropping."""
+    dt = b.t - a.t
+    if dt <= 0:
+        return 0.0
+    return max(0.0, (b.busy - a.busy) - (b.own - a.own)) / (dt * _TICKS_PER_S * _NCPU)
+
+
+def _status_kb(pid: int | str, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (VmHWM), MiB."""
+    return _status_kb("self", "VmHWM") / 1024
+
+
+def children_rss_mb() -> float:
+    """Resident memory of this process's live descendants (e.g. wandb's service process), MiB."""
+    return sum(_status_kb(pid, "VmRSS") for pid in _descendants(os.getpid())) / 1024
+
+
+def dir_bytes(path: str) -> int:
+    """Bytes of every file under `path` (0 if it does not exist)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, name))
+    return total

@@ -601,11 +601,15 @@ class Hook:
         return True
 
     def _quantiles_now(self, mode: str) -> bool:
-        return mode == "train" and self._train_saves < self.quantile_steps
+        return mode == "train" and self._train_index() < self.quantile_steps
+
+    def _train_index(self) -> int:
+        """How many saved train records with tensors came before the one being made now."""
+        return self._train_saves
 
     def _deltas_now(self, mode: str) -> bool:
         """Weight deltas on every `delta_every`-th saved train step (the first one included)."""
-        return mode == "train" and self._train_saves % self.delta_every == 0
+        return mode == "train" and self._train_index() % self.delta_every == 0
 
     def _record_for(self, step: int, mode: str) -> _Record:
         """The pending record of (step, mode); earlier pending steps of the mode are published first."""

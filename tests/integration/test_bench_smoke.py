@@ -1,0 +1,175 @@
+"""The overhead benchmark (bench/hook_overhead.py) runs end to end on a tiny configuration and
+writes the table's fields; its "5x less overhead" check is computed from the rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+SCRIPT = BENCH / "hook_overhead.py"
+
+pytestmark = pytest.mark.integration
+
+ROW_FIELDS = {
+    "tool",
+    "model",
+    "interval",
+    "status",
+    "mean_ratio",
+    "median_ratio",
+    "bytes_per_step",
+    "bytes_per_save",
+    "peak_mb",
+    "reps_kept",
+    "reps_total",
+    "base_median_ms",
+    "per_rep",
+}
+
+
+def _run(tmp_path: Path, *extra: str) -> dict:
+    """One tiny run; its JSON must land in --out-dir as overhead-<timestamp>.json."""
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--models",
+        "mlp",
+        "--intervals",
+        "1",
+        "--steps",
+        "4",
+        "--warmup",
+        "0",
+    ]
+    cmd += ["--reps", "2", "--out-dir", str(tmp_path), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = list(tmp_path.glob("overhead-*.json"))
+    assert len(files) == 1, (files, proc.stdout)
+    return json.loads(files[0].read_text()) | {"_stdout": proc.stdout}
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_the_table(tmp_path: Path) -> None:
+    rep = _run(
+        tmp_path,
+        "--tools",
+        "no-hook",
+        "tensorpulse",
+        "smdebug-reductions",
+        "--smdebug-python",
+        str(tmp_path / "absent" / "python"),
+    )
+    rows = {r["tool"]: r for r in rep["rows"]}
+    assert set(rows) == {"no-hook", "tensorpulse", "smdebug-reductions"}
+    for tool in ("no-hook", "tensorpulse"):
+        r = rows[tool]
+        assert r["status"] == "ok", r
+        assert set(r) >= ROW_FIELDS, ROW_FIELDS - set(r)
+        assert (r["model"], r["interval"], r["reps_total"]) == ("mlp", 1, 2)
+        assert len(r["per_rep"]) == 2
+        assert r["mean_ratio"] > 0 and r["median_ratio"] > 0 and r["peak_mb"] >= 0
+    assert rows["no-hook"]["bytes_per_step"] == 0
+    # every step is saved: records of a few hundred bytes each reach the (counting) transport
+    assert rows["tensorpulse"]["bytes_per_step"] > 100
+    assert rows["tensorpulse"]["versions"]["tensorpulse"]
+    # a peer whose environment is missing is a row with the reason, not a crash
+    missing = rows["smdebug-reductions"]
+    assert missing["status"] == "not installed" and "setup_peers.sh" in missing["reason"]
+    # no peer measured: the check says so instead of passing
+    assert [(c["basis"], c["passed"]) for c in rep["check"]] == [("mean_ratio", None), ("median_ratio", None)]
+    assert "not installed" in rep["_stdout"] and "tensorpulse" in rep["_stdout"]
+    assert rep["config"]["reps"] == 2 and rep["config"]["tools"] == [
+        "no-hook",
+        "tensorpulse",
+        "smdebug-reductions",
+    ]
+
+
+def _load_bench():
+    """bench/ is not a package: load the script as a module (it finds its siblings itself)."""
+    spec = importlib.util.spec_from_file_location("bench_hook_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(tool: str, mean: float, median: float, *, noisy: bool = False) -> dict:
+    return {
+        "tool": tool,
+        "model": "mlp",
+        "interval": 1,
+        "status": "ok",
+        "mean_ratio": mean,
+        "median_ratio": median,
+        "noisy": noisy,
+    }
+
+
+def test_check_compares_with_the_best_peer() -> None:
+    bench = _load_bench()
+    rows = [
+        _row("no-hook", 1.01, 0.99),
+        _row("tensorpulse", 1.2, 1.5),
+        _row("tensorboard", 9.0, 9.0),
+        _row("wandb", 2.2, 2.0, noisy=True),
+        {
+            "tool": "smdebug-reductions",
+            "model": "mlp",
+            "interval": 1,
+            "status": "not installed",
+            "reason": "x",
+        },
+    ]
+    mean, median = bench.overhead_check(rows, factor=5.0)
+    # mean: wandb is the best peer, (2.2-1)/(1.2-1) = 6 >= 5
+    assert mean["best_peer"] == "wandb" and mean["passed"] is True and mean["noisy"] is True
+    assert mean["factor"] == pytest.approx(6.0)
+    assert mean["no_hook_overhead"] == pytest.approx(0.01)
+    # median: (2.0-1)/(1.5-1) = 2 < 5
+    assert median["passed"] is False and median["factor"] == pytest.approx(2.0)
+    # no overhead measurable for tensorpulse: passes without a factor
+    rows[1] = _row("tensorpulse", 0.98, 0.97)
+    assert all(c["passed"] is True and c["factor"] is None for c in bench.overhead_check(rows))
+    # a peer overhead no larger than the A/A row's distance from 1 decides nothing
+    rows[0] = _row("no-hook", 2.5, 2.5)
+    assert [c["passed"] for c in bench.overhead_check(rows)] == [None, None]
+
+
+def test_noisy_repetitions_are_dropped() -> None:
+    bench = _load_bench()
+
+    def rep(ratio: float, foreign: float) -> dict:
+        return {
+            "base_mean_ms": 2.0,
+            "base_median_ms": 2.0,
+            "hook_mean_ms": 2.0 * ratio,
+            "hook_median_ms": 2.0 * ratio,
+            "foreign_base": 0.0,
+            "foreign_hook": foreign,
+        }
+
+    cell = {
+        "status": "ok",
+        "reps": [rep(1.1, 0.0), rep(3.0, 0.5), rep(1.3, 0.02)],
+        "bytes": 1000,
+        "hook_steps": 10,
+        "saves": 10,
+        "peak_self_mb": 1.0,
+        "children_mb": 2.0,
+        "setup_s": 0.1,
+        "close_s": 0.1,
+        "versions": {},
+    }
+    row = bench.summarise("tensorpulse", "mlp", 1, cell, max_foreign=0.1)
+    assert (row["reps_kept"], row["reps_total"], row["noisy"]) == (2, 3, False)
+    assert row["mean_ratio"] == pytest.approx(1.2)  # median of 1.1 and 1.3; the loaded 3.0 dropped
+    assert row["bytes_per_step"] == 100 and row["peak_mb"] == 3.0
+    everything_loaded = bench.summarise("tensorpulse", "mlp", 1, cell, max_foreign=-1.0)
+    assert everything_loaded["noisy"] is True and everything_loaded["mean_ratio"] == pytest.approx(1.3)
