@@ -38,7 +38,7 @@ def test_torch_labels_inputs_and_deltas_through_kafka(kafka_bootstrap: str, uniq
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    hook = TorchHook(job, kafka_bootstrap, save_interval=2).attach(model, opt, capture_inputs=True)
+    hook = TorchHook(job, kafka_bootstrap, save_interval=2, delta_every=1).attach(model, opt, capture_inputs=True)
     sent = {}
     for step in range(6):
         x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 3, (16,))
