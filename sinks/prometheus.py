@@ -109,6 +109,11 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
+        self.restarts = Counter(
+            "tensorpulse_worker_restarts",
+            "Times the stream application failed (e.g. a long broker outage) and was restarted.",
+            registry=r,
+        )
         self.redeliveries = Counter(
             "tensorpulse_alert_redeliveries_suppressed",
             "Alerts not published again because a crashed predecessor already had (see stream/published.py).",

@@ -58,7 +58,7 @@ class WorkerSettings(BaseModel):
     worker_id: str | None = None
     #: How long a crashed worker's open transaction may hold back read_committed consumers
     #: when no worker with the same identity comes back (the broker aborts it after this).
-    transaction_timeout_ms: int = 10_000
+    transaction_timeout_ms: int = 60_000
 
     def transactional_id(self) -> str:
         """`tensorpulse-<group>-<worker id>`, stable across restarts of the same worker."""

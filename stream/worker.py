@@ -149,6 +149,7 @@ class Worker:
         watcher.start()
         if self._clock_every is not None:
             threading.Thread(target=self._clock_loop, name="tensorpulse-clock", daemon=True).start()
+        backoff = 1.0
         while not self._stop.is_set():
             prepared, self._next = self._next, None
             if prepared is not None:
@@ -157,7 +158,13 @@ class Worker:
                 found = self._wait_for_jobs()
                 if found is None:
                     break
-                jobs, app = found, self._build(found)
+                try:
+                    jobs, app = found, self._build(found)
+                except Exception as exc:  # the broker went away between listing and building
+                    log.warning("building the stream application failed (%s); retrying in %.0fs", exc, backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
             self._jobs = jobs
             self._targets = {}
             self.metrics.set_jobs(jobs)
@@ -168,7 +175,29 @@ class Worker:
             self._app = app
             log.info("following %d job(s): %s", len(jobs), ", ".join(sorted(jobs)))
             self.ready.set()
-            app.run()
+            try:
+                app.run()
+                backoff = 1.0
+            except Exception as exc:  # noqa: BLE001
+                # A broker outage longer than the transaction timeout fails the open
+                # transaction, and Quix gives up. Start again from the last commit: state comes
+                # back from the store and changelog, offsets from the group, nothing is lost.
+                self._app = None
+                if self._stop.is_set():
+                    break
+                self.metrics.restarts.inc()
+                log.error(
+                    "stream application failed (%s: %s); restarting from the last commit in %.0fs",
+                    type(exc).__name__,
+                    exc,
+                    backoff,
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                self._next = None
+                if s.guarantee == "exactly-once":
+                    self._take_over()
+                continue
             self._app = None
             if not self._rebuild.is_set():
                 break  # stopped by a signal or by stop()
