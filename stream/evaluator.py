@@ -75,6 +75,28 @@ def is_cross_run(spec: RuleSpec) -> bool:
     return bool(getattr(spec.rule, "cross_run", False))
 
 
+def _apply(
+    spec: RuleSpec,
+    slot: dict[str, Any],
+    method: Callable[[Any, Any], tuple[Any, Finding | None]],
+    arg: Any,
+    record: StepRecord | None,
+    on_rule_error: Callable[[str, StepRecord | None, Exception], None] | None,
+) -> tuple[bool, Finding | None]:
+    """Run one rule method on a slot's state; a rule that raises is reset and reported, so that
+    one broken rule never stops the others (False: skip this rule now)."""
+    try:
+        new_state, finding = method(slot["s"], arg)
+    except Exception as exc:
+        slot["s"] = spec.rule.initialize()
+        if on_rule_error is None:
+            raise
+        on_rule_error(spec.name, record, exc)
+        return False, None
+    slot["s"] = new_state
+    return True, finding
+
+
 class JobEvaluator:
     """Evaluates a fixed list of rule specs per rank; emits an event only when a rule's state flips.
 
@@ -134,15 +156,9 @@ class JobEvaluator:
                 continue
             job_level = spec.name in self._job_level
             slot = self._slot(rule_states, spec, JOB_SLOT if job_level else record.rank)
-            try:
-                new_state, finding = rule.update(slot["s"], record)
-            except Exception as exc:
-                slot["s"] = rule.initialize()
-                if on_rule_error is None:
-                    raise
-                on_rule_error(spec.name, record, exc)
+            ok, finding = _apply(spec, slot, rule.update, record, record, on_rule_error)
+            if not ok:
                 continue
-            slot["s"] = new_state
             if job_level:
                 tr = self._transition(state, spec, slot, finding, self._job_where(slot, finding, where), now)
                 if tr is not None:
@@ -216,15 +232,9 @@ class JobEvaluator:
                 last = slot.get("k")
                 if slot.get("e") or last is None:
                     continue
-                try:
-                    new_state, finding = rule.check_idle(slot["s"], now)
-                except Exception as exc:
-                    slot["s"] = rule.initialize()
-                    if on_rule_error is None:
-                        raise
-                    on_rule_error(spec.name, None, exc)
+                ok, finding = _apply(spec, slot, rule.check_idle, now, None, on_rule_error)
+                if not ok:
                     continue
-                slot["s"] = new_state
                 where = _Where(job, int(key[len(prefix) :]), int(last[0]), str(last[1]), float(last[2]))
                 tr = self._transition(state, spec, slot, finding, where, now)
                 if tr is not None:
@@ -280,15 +290,9 @@ class JobEvaluator:
             if not is_cross_run(spec) or record.mode not in rule.modes or not rule.watches(record.job):
                 continue
             slot = self._slot(rule_states, spec, record.rank)
-            try:
-                new_state, finding = rule.update_other(slot["s"], record)
-            except Exception as exc:
-                slot["s"] = rule.initialize()
-                if on_rule_error is None:
-                    raise
-                on_rule_error(spec.name, record, exc)
+            ok, finding = _apply(spec, slot, rule.update_other, record, record, on_rule_error)
+            if not ok:
                 continue
-            slot["s"] = new_state
             tr = self._transition(state, spec, slot, finding, where, now)
             if tr is not None:
                 out.append(tr)
