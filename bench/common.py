@@ -1,8 +1,9 @@
 """Shared pieces of the benchmarks: the models of the peer measurements, a broker to publish to, and
 probes of the machine (CPU used by others, peak memory, bytes on disk).
 
-Only the standard library and torch at import time: the smdebug cells run this module from
-bench/.venv-smdebug, where tensorpulse is not installed."""
+Only the standard library at import time (torch when a model is made): the smdebug cells run
+this module from bench/.venv-smdebug, where tensorpulse is not installed, and the load benchmark
+uses it without torch."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def make_model(kind: str) -> nn.Module:
     """The two models the peer overhead table was measured on."""
+    from torch import nn
     if kind == "mlp":
         return nn.Sequential(
             nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
@@ -41,6 +45,8 @@ def make_model(kind: str) -> nn.Module:
 
 
 def make_batches(kind: str, n: int = 8, batch: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    import torch
+
     g = torch.Generator().manual_seed(1234)
     shape = (batch, 784) if kind == "mlp" else (batch, 3, 32, 32)
     return [(torch.randn(*shape, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]

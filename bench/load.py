@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import broker
 from loadgen import LoadGenerator, create_topics, make_jobs
 from loadwatch import (
     AlertCollector,
@@ -103,25 +104,12 @@ class Bench:
 
 
 @contextlib.contextmanager
-def _broker(bootstrap: str | None) -> Iterator[str]:
-    """The given cluster, $KAFKA_BOOTSTRAP, or an embedded Tansu broker (common.broker without torch)."""
-    bootstrap = bootstrap or os.environ.get("KAFKA_BOOTSTRAP")
-    if bootstrap:
-        yield bootstrap
-        return
-    from tensorpulse.broker import EmbeddedBroker
-
-    with EmbeddedBroker() as b:
-        yield b.bootstrap
-
-
-@contextlib.contextmanager
 def bench(args: argparse.Namespace, sample_s: float, print_s: float) -> Iterator[Bench]:
     """Broker, job topics, worker processes (joined and evaluating), alert reader and sampler."""
     run_id = uuid.uuid4().hex[:8]
     prefix = f"load-{run_id}-"
     workdir = Path(tempfile.mkdtemp(prefix="tp-load-"))
-    with _broker(args.bootstrap) as bs:
+    with broker(args.bootstrap) as bs:
         jobs = make_jobs(run_id, args.jobs, args.tensors, args.seed)
         print(
             f"run {run_id}: {args.jobs} jobs x {args.tensors} tensors, broker {bs}, work dir {workdir}",

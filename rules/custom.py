@@ -2,8 +2,7 @@
 
 A rules file names a rule in one of three ways, tried in this order:
 
-1. a catalogue name (`VanishingGradient`) or a name tensorpulse ships outside the SageMaker
-   catalogue (`Threshold`, the declarative rule);
+1. a catalogue name (`VanishingGradient`, or `Threshold`, the declarative rule);
 2. a name registered by an installed package in the entry-point group `tensorpulse.rules`
    (`[project.entry-points."tensorpulse.rules"] GradNormSpike = "my_rules:GradNormSpike"`);
 3. a reference `module:Class` (`my_rules:GradNormSpike`), imported from the Python path of the
@@ -30,20 +29,15 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import MODES
 
 from .base import SEVERITIES, Rule
-from .declarative import Threshold
 
 #: The entry-point group packages use to register rules by name.
 ENTRY_POINT_GROUP = "tensorpulse.rules"
-
-#: Rules tensorpulse ships that are not part of the SageMaker-named catalogue.
-EXTRA_RULES: dict[str, type[Rule]] = {Threshold.name: Threshold}
-
 
 def builtin_rules() -> dict[str, type[Rule]]:
     """Catalogue name -> class for everything tensorpulse itself ships (read live from REGISTRY)."""
     from . import REGISTRY
 
-    return {**EXTRA_RULES, **REGISTRY}
+    return dict(REGISTRY)
 
 
 def entry_point_rules() -> dict[str, list[importlib.metadata.EntryPoint]]:
@@ -232,7 +226,6 @@ def check_initial_state(rule: Rule) -> None:
 
 __all__ = [
     "ENTRY_POINT_GROUP",
-    "EXTRA_RULES",
     "builtin_rules",
     "check_initial_state",
     "check_rule_class",
