@@ -48,6 +48,7 @@ import torch
 
 from tensorpulse.wire import ACTIVITY_EDGES, MAX_CONFUSION_CLASSES, ClassCounts, ImageSums, TokenCounts
 
+from . import stats_numba
 from .stats_numpy import (
     Columns,
     _channel_axis,
@@ -308,10 +309,14 @@ def reduce_on_device(
     n = x.numel()
     if n == 0:
         return DeviceStats(n=0)
+    keep = (not exact_nonfinite) if keep_tensor is None else keep_tensor
+    if not quantiles and x.dtype == torch.float32 and x.device.type in _HOST_DEVICES and stats_numba.enabled():
+        fused = _reduce_fused_one(x, activity, active_range, keep, exact_nonfinite)
+        if fused is not None:
+            return fused
     ct = _compute_dtype(x.dtype)
     dev = x.device
     flat = x.reshape(-1)
-    keep = (not exact_nonfinite) if keep_tensor is None else keep_tensor
     cpu = dev.type in _HOST_DEVICES
     # Elsewhere every reduction is queued and copied once: sums shifted by the first element and
     # nan/inf counted up front when the tensor will be gone. On CPU there is no device to wait
@@ -418,6 +423,49 @@ def reduce_on_device(
     )
 
 
+def _reduce_fused_one(
+    x: torch.Tensor,
+    activity: bool,
+    active_range: tuple[float, float] | None,
+    keep: bool,
+    exact_nonfinite: bool,
+) -> DeviceStats | None:
+    """`reduce_on_device` of a CPU float32 tensor by the numba kernels; None: use the torch path.
+
+    A tensor that is not kept and whose sums are not finite or lose the variance to cancellation
+    (rare) goes to the torch path, which counts nan/inf and shifts there and then.
+    """
+    n = x.numel()
+    arr = x.resolve_conj().resolve_neg().contiguous().numpy()
+    m = stats_numba.moments([arr.reshape(-1)])
+    s, ss, a = m[0, 0], m[0, 1], m[0, 4]
+    if not keep and not (math.isfinite(a) and math.isfinite(s) and math.isfinite(ss)) or (
+        not keep and _cancels(s, ss, n)
+    ):
+        return None
+    units = x.shape[1] if activity and x.ndim >= 2 and x.shape[1] > 0 else 0
+    counts = None
+    if units:
+        samples = n // units
+        if samples > _EXACT_F32:
+            return None
+        lo, hi = active_range if active_range is not None else (0.0, math.inf)
+        active = stats_numba.active_counts(arr, lo, hi)
+        thr = np.asarray(_thresholds(samples))
+        counts = torch.from_numpy((active[:, None] < thr[None, :]).sum(0))
+    return DeviceStats(
+        n=n,
+        chunks=1,
+        rows=_Rows(torch.from_numpy(m), torch.zeros(1, dtype=torch.float64)),
+        row=0,
+        activity=counts,
+        units=units,
+        exact_nonfinite=exact_nonfinite,
+        check_shift=keep,
+        tensor=x if keep else None,
+    )
+
+
 def _count_nonfinite(xf: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts of not-NaN and of finite elements of `xf` (0-d float sums of 0/1; `w`: scratch).
 
@@ -514,6 +562,17 @@ def _row_groups(sizes: list[tuple[int, int]]) -> list[list[int]]:
     return groups
 
 
+def _reduce_fused(xs: list[torch.Tensor]) -> _Rows:
+    """[S, SS, min, max, sum|x|, nonzero] rows of CPU float32 tensors from the numba kernel.
+
+    One fused, vectorised pass per tensor, run without the GIL (see stats_numba). Its non-zero
+    count includes NaN: a tensor with a NaN goes to the second pass, which counts exactly.
+    """
+    arrays = [x.reshape(-1).resolve_conj().resolve_neg().numpy() for x in xs]
+    rows = torch.from_numpy(stats_numba.moments(arrays))
+    return _Rows(rows, torch.zeros(len(xs), dtype=rows.dtype))
+
+
 def reduce_many(
     tensors: Sequence[torch.Tensor], *, quantiles: bool | Sequence[bool] = False
 ) -> list[DeviceStats]:
@@ -522,20 +581,30 @@ def reduce_many(
     Float tensors of at most SMALL elements of one device and dtype are reduced together, as the
     rows of one padded matrix: a fixed number of ops for any number of them (per-op overhead, not
     memory traffic, is what small tensors cost). Larger tensors are reduced one by one.
-    `quantiles`: for all tensors, or one flag per tensor.
+    `quantiles`: for all tensors, or one flag per tensor. CPU float32 tensors go to the fused
+    numba kernel when it is installed (`stats_numba`).
     """
     qs = [quantiles] * len(tensors) if isinstance(quantiles, bool) else [bool(q) for q in quantiles]
     out: list[DeviceStats | None] = [None] * len(tensors)
     xs: list[torch.Tensor] = []
     small: dict[tuple[torch.device, torch.dtype], list[tuple[int, int]]] = {}
+    fused: list[int] = []
+    use_fused = stats_numba.enabled()
     for i, t in enumerate(tensors):
         x = t.detach()
         xs.append(x)
         n = x.numel()
+        if use_fused and n and x.dtype == torch.float32 and x.device.type in _HOST_DEVICES and not qs[i]:
+            fused.append(i)
+            continue
         if 0 < n <= SMALL and x.dtype in _ROW_DTYPES:
             small.setdefault((x.device, x.dtype), []).append((n, i))
         else:
             out[i] = reduce_on_device(x, quantiles=qs[i])
+    if fused:
+        rows = _reduce_fused([xs[i] for i in fused])
+        for r, i in enumerate(fused):
+            out[i] = DeviceStats(n=xs[i].numel(), chunks=1, rows=rows, row=r, tensor=xs[i], check_shift=True)
     for sizes in small.values():
         for group in _row_groups(sizes):
             if len(group) == 1:

@@ -13,12 +13,27 @@ Usage::
     hook.close()
 
 Activations are reduced inside forward hooks, on the device, to a few scalars per module (the
-activation itself is not kept). Whether a forward pass is captured is decided once, by a
+activation itself is not kept), or kept until a background thread reduces them (offloading). Whether a forward pass is captured is decided once, by a
 pre-hook on the top module: mode = "train" if model.training else "eval", and the upcoming step
 is the last step passed to `step()` for that mode plus one (0 at first). Only the first forward
 pass after each `step()` is captured (gradient accumulation would otherwise repeat names).
 The activation hooks themselves are registered for a captured pass only (and removed when it
 ends): a step that is not saved costs one Python call per forward pass.
+
+Offloading (CPU models, when torch leaves a core free, or `offload=True`): the training thread
+only collects references and a background thread reduces them. Weights are read between two
+optimizer steps: their reduction starts right after the optimizer's step (or at the first saved
+forward pass) and the optimizer's next step waits for it, so it overlaps the forward and
+backward passes. A step's gradients and activations are reduced after `step()` returns, while
+the optimizer steps and the next forward pass runs; the next backward waits only if it would
+accumulate into a gradient still being read, and zero_grad(set_to_none=False) waits too. Records
+are published one step later. In-place changes to a gradient or activation after `step()` (for
+example clipping after it) would race with the reading; a tensor whose version counter moved
+meanwhile is reported once in the log. Without an optimizer passed to `attach`, weights are
+reduced on the training thread.
+
+With numba installed (`pip install tensorpulse[fast]`), float32 CPU tensors are reduced by one
+fused pass each that releases the GIL (`stats_numba`); set TENSORPULSE_NUMBA=0 to use torch ops.
 
 The inputs of nn.Tanh and nn.Sigmoid modules are captured on saved steps as
 `<module>/Tanh_input` / `<module>/Sigmoid_input` ("activations"), with the per-unit activity
@@ -32,9 +47,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -44,7 +60,7 @@ from torch import nn
 from tensorpulse.errors import ConfigError
 
 from .hook import Hook, _Part
-from .stats_torch import DeviceStats, reduce_many, reduce_on_device, transfer
+from .stats_torch import DeviceStats, HostStats, reduce_many, reduce_on_device, transfer
 
 #: Non-saturated input ranges of tanh and sigmoid (SageMaker's SaturatedActivation defaults).
 TANH_RANGE = (-9.4999, 9.4999)
@@ -87,6 +103,49 @@ def _collection(param_name: str) -> str:
     return "weights"  # "...weight" and any other parameter
 
 
+class _WeightsJob(NamedTuple):
+    """The weights of one optimizer generation, being reduced in the background."""
+
+    generation: int
+    upcoming: int  # the step expected to save them (the label of their weight deltas)
+    deltas: bool
+    future: Future  # -> HostStats of the hook's parameter items
+    taken: bool = False
+
+
+class _Job(NamedTuple):
+    """One offloaded step: gradients, activations and scalars, plus the weights' reduction."""
+
+    step: int
+    mode: str
+    names: list[str]
+    colls: list[str]
+    extra_names: list[str]
+    caps: list[Any]
+    future: Future  # -> (HostStats, scalar values)
+    weights: Future | None = None
+    weight_names: list[str] = []
+    weight_colls: list[str] = []
+
+    def weights_done(self) -> bool:
+        return self.weights is None or self.weights.done()
+
+
+class _Deferred(NamedTuple):
+    """An activation captured on the training thread and reduced later, off it."""
+
+    tensor: torch.Tensor
+    version: int | None  # the tensor's version counter when captured (None: not tracked)
+    kwargs: dict[str, Any]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
 class TorchHook(Hook):
     """A Hook that attaches to an nn.Module (and optionally its optimizer) and reports every saved step."""
 
@@ -97,17 +156,14 @@ class TorchHook(Hook):
         *,
         tanh_range: tuple[float, float] = TANH_RANGE,
         sigmoid_range: tuple[float, float] = SIGMOID_RANGE,
-        offload: bool | str = False,
+        offload: bool | str = "auto",
         **kwargs: Any,
     ) -> None:
-        """`tanh_range` / `sigmoid_range`: the (lo, hi) input range in which a tanh / sigmoid unit
-        counts as active (not saturated); `offload`: reduce weights and gradients on a background
-        thread while the next step trains, when step() is called after the optimizer's step
-        (True; "auto": only when the model is on the CPU and torch leaves a core free, i.e.
-        torch.get_num_threads() < os.cpu_count()). Measured on the 2-core benchmark machine it
-        cut the MLP's every-step overhead by about a tenth (1.74x -> 1.61x), so it is off by
-        default; tensors must then not be changed in place outside the optimizer and zero_grad
-        while a step is being reduced. Other arguments as for Hook."""
+        """`tanh_range` / `sigmoid_range`: the (lo, hi) input range in which a unit counts as
+        active (not saturated). `offload`: reduce on a background thread instead of the training
+        thread (see "Offloading" in the module docstring): True, False, or "auto" (the default:
+        when the model is on the CPU and torch leaves a core free: torch.get_num_threads() times
+        $LOCAL_WORLD_SIZE < os.cpu_count()). Other arguments as for Hook."""
         if offload not in (True, False, "auto"):
             raise ConfigError(f"Expected argument `offload` to be True, False or 'auto' but got {offload!r}")
         for what, rng in (("tanh_range", tanh_range), ("sigmoid_range", sigmoid_range)):
@@ -136,15 +192,14 @@ class TorchHook(Hook):
         self.offload = offload
         self._offloading = False  # decided at attach
         self._pool: ThreadPoolExecutor | None = None
-        # Offloaded steps in order: (step, mode, names, colls, extra names, captures, future).
-        self._jobs: collections.deque[tuple[int, str, list[str], list[str], list[str], list[Any], Future]] = (
-            collections.deque()
-        )
+        self._jobs: collections.deque[_Job] = collections.deque()  # offloaded steps, in order
         self._restore: list[Any] = []  # undo functions for wrapped zero_grad methods
-        # Offloading pays only when the optimizer has already stepped when step() is called: the
-        # reads then overlap the next step's forward and backward. Called before the optimizer,
-        # step() would have to wait for them at once, so those steps are reduced in place.
-        self._stepped_since_forward = False
+        # Weights may be read off the training thread only between two optimizer steps, which
+        # the optimizer's step hooks delimit: `_generation` counts optimizer steps, and
+        # `_weights` is the background reduction of the weights of the current generation.
+        self._generation = 0
+        self._weights: _WeightsJob | None = None
+        self._weights_offloadable = False  # an optimizer with step hooks is attached
 
     # ------------------------------------------------------------------ attach / detach
     def attach(
@@ -239,16 +294,23 @@ class TorchHook(Hook):
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         if self.offload is True:
             return True
-        return on_cpu and torch.get_num_threads() < (os.cpu_count() or 1)
+        # Ranks on this machine (torchrun sets LOCAL_WORLD_SIZE) share its cores.
+        try:
+            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError:
+            local = 1
+        return on_cpu and torch.get_num_threads() * local < (os.cpu_count() or 1)
 
     def _guard_offloaded_reads(self, model: nn.Module, optimizer: Any) -> None:
-        """Nothing may change a tensor while the background thread reads it: wait before
-        the optimizer updates weights, before a gradient is accumulated into in place, and before
-        gradients are zeroed in place (zero_grad(set_to_none=False)). With set_to_none (the
-        default) a new step's gradients are new tensors, so the previous ones stay readable."""
+        """Nothing may change a tensor while the background thread reads it: wait for the weights
+        before the optimizer updates them, and for a step's gradients before a gradient is
+        accumulated into one in place or gradients are zeroed in place
+        (zero_grad(set_to_none=False)). With set_to_none (the default) a new step's gradients are
+        new tensors, so the previous ones stay readable."""
         if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
-            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._wait_jobs()))
+            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._wait_weights()))
             self._handles.append(optimizer.register_step_post_hook(self._on_optimizer_step))
+            self._weights_offloadable = True
         for _, p in self._grad_items:
             if p.requires_grad:
                 self._handles.append(p.register_hook(self._make_grad_guard(p)))
@@ -268,10 +330,60 @@ class TorchHook(Hook):
 
     def _train_index(self) -> int:
         # Offloaded train steps not yet turned into records count too: they are the earlier saves.
-        return self._train_saves + sum(1 for job in self._jobs if job[1] == "train" and job[2])
+        return self._train_saves + sum(1 for job in self._jobs if job.mode == "train" and job.names)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tensorpulse-stats")
+        return self._pool.submit(fn, *args)
 
     def _on_optimizer_step(self, *_: Any) -> None:
-        self._stepped_since_forward = True
+        """The weights changed: a new generation, whose weights can be read until the next step."""
+        self._generation += 1
+        self._weights = None
+        self._prefetch_weights("train")
+
+    def _prefetch_weights(self, mode: str) -> None:
+        """Start reducing the weights now if the upcoming step of `mode` is saved.
+
+        They stay unchanged until the optimizer's next step, which waits for the reduction: it
+        overlaps the forward and backward passes instead of delaying the training thread.
+        """
+        if not (self._weights_offloadable and self.enabled and self._param_items):
+            return
+        if self._weights is not None and self._weights.generation == self._generation:
+            return
+        upcoming = self._last_step.get(mode, -1) + 1
+        if not self.save_config.should_save(upcoming, mode):
+            return
+        delta_keys = None
+        if self._delta_idx and self._deltas_now(mode):
+            delta_keys = [(self._param_items[i][1], self._param_items[i][0]) for i in self._delta_idx]
+        tensors = [p for _, _, p in self._param_items]
+        future = self._submit(self._reduce_weights, upcoming, tensors, delta_keys)
+        self._weights = _WeightsJob(self._generation, upcoming, delta_keys is not None, future)
+
+    def _reduce_weights(self, step: int, tensors: list[torch.Tensor], delta_keys: Any) -> HostStats:
+        stats = reduce_many(tensors)
+        if delta_keys is not None:
+            idx = self._delta_idx
+            self._delta_tracker().track(step, delta_keys, [tensors[i] for i in idx], [stats[i] for i in idx])
+        return transfer(stats)[0]
+
+    def _take_weights(self, step: int, mode: str) -> Future | None:
+        """The background reduction of this generation's weights, if it fits (step, mode)."""
+        w = self._weights
+        if w is None or w.generation != self._generation or w.taken:
+            return None
+        if w.deltas and not (mode == "train" and w.upcoming == step):
+            # Tracked under another step number than the one saved (steps that skip numbers):
+            # its weight deltas would be mislabelled, so start them afresh and reduce inline.
+            self._wait_weights()
+            if self._torch_deltas is not None:
+                self._torch_deltas.clear()
+            return None
+        self._weights = w._replace(taken=True)
+        return w.future
 
     def _make_grad_guard(self, p: nn.Parameter):
         def guard(grad: torch.Tensor) -> None:
@@ -280,22 +392,33 @@ class TorchHook(Hook):
 
         return guard
 
+    def _wait_weights(self) -> None:
+        if self._weights is not None:
+            with contextlib.suppress(Exception):  # a failure is reported when the step drains
+                self._weights.future.exception()
+
     def _wait_jobs(self) -> None:
+        self._wait_weights()
         for job in list(self._jobs):
             with contextlib.suppress(Exception):  # a failed job is reported when it is drained
-                job[-1].exception()
+                job.future.exception()
 
     def _drain(self, wait: bool) -> None:
         """Turn finished offloaded steps (all of them with `wait`) into records, in order."""
-        while self._jobs and (wait or self._jobs[0][-1].done()):
-            step, mode, names, colls, extra_names, caps, fut = self._jobs.popleft()
+        while self._jobs and (wait or (self._jobs[0].future.done() and self._jobs[0].weights_done())):
+            job = self._jobs.popleft()
             try:
-                host, values = fut.result()
-                self._assemble(step, mode, names, colls, extra_names, caps, host, values)
+                weights = job.weights.result() if job.weights is not None else None
+                host, values = job.future.result()
+                if weights is not None:
+                    self._record_for(job.step, job.mode).parts.append(
+                        _Part(job.weight_names, job.weight_colls, weights)
+                    )
+                self._assemble(job.step, job.mode, job.names, job.colls, job.extra_names, job.caps, host, values)
             except Exception as exc:  # noqa: BLE001
                 self._fail("computing statistics", exc)
                 continue
-            Hook.publish(self, step, mode)
+            Hook.publish(self, job.step, job.mode)
 
     def _assemble(self, step, mode, names, colls, extra_names, caps, host, values) -> None:
         rec = self._record_for(step, mode)
@@ -339,7 +462,6 @@ class TorchHook(Hook):
 
     # ------------------------------------------------------------------ forward hooks
     def _on_forward_start(self, module: nn.Module, args: Any) -> None:
-        self._stepped_since_forward = False
         self._capturing = None
         if self._capture_handles:
             self._end_capture()  # a forward pass that raised left its hooks behind
@@ -350,6 +472,8 @@ class TorchHook(Hook):
             return  # already captured a forward pass for this step (e.g. gradient accumulation)
         upcoming = self._last_step.get(mode, -1) + 1
         if self.save_config.should_save(upcoming, mode):
+            if self._offloading and mode == "train":
+                self._prefetch_weights(mode)  # the first step, or no optimizer step since the last
             self._capturing = mode
             self._capture_inputs = self._quantiles_now(mode)
             self._calls = {}
@@ -390,15 +514,15 @@ class TorchHook(Hook):
                 return
             try:
                 name = in_name + (f"_{idx}" if idx else "")
-                # Before forward: in-place activations would overwrite their input.
                 if in_range is not None:
-                    stats = reduce_on_device(
-                        args[0], activity=True, active_range=in_range, exact_nonfinite=True
-                    )
-                    self._acts[mode].append((name, "activations", stats))
-                    return
-                stats = reduce_on_device(args[0], quantiles=True, exact_nonfinite=True)
-                self._acts[mode].append((name, "activation_inputs", stats))
+                    kwargs: dict[str, Any] = {"activity": True, "active_range": in_range}
+                    coll = "activations"
+                else:
+                    kwargs, coll = {"quantiles": True}, "activation_inputs"
+                # Reduced now (before forward) when the module works in place: it would overwrite
+                # its input before a background reduction reads it.
+                inplace = bool(getattr(module, "inplace", False))
+                self._acts[mode].append((name, coll, self._reduce_activation(args[0], kwargs, now=inplace)))
             except Exception as exc:  # noqa: BLE001
                 self._capturing = None
                 self._fail("reducing an activation input", exc)
@@ -420,7 +544,7 @@ class TorchHook(Hook):
             if not isinstance(output, torch.Tensor):
                 return
             try:
-                stats = reduce_on_device(output, activity=True, exact_nonfinite=True)
+                stats = self._reduce_activation(output, {"activity": True}, now=False)
                 name = f"{base}_output" + (f"_{idx}" if idx else "")
                 self._acts[mode].append((name, "activations", stats))
             except Exception as exc:  # noqa: BLE001
@@ -428,6 +552,17 @@ class TorchHook(Hook):
                 self._fail("reducing an activation", exc)
 
         return hook
+
+    def _reduce_activation(self, t: torch.Tensor, kwargs: dict[str, Any], *, now: bool) -> DeviceStats | _Deferred:
+        """Reduce an activation here, or keep it for the step's background job (offloading on CPU).
+
+        A deferred activation is kept alive until the job reads it; autograd keeps most of them
+        until backward anyway. Its version counter tells whether it changed in place meanwhile.
+        """
+        x = t.detach()
+        if now or not self._offloading or x.device.type != "cpu":
+            return reduce_on_device(x, exact_nonfinite=True, **kwargs)
+        return _Deferred(x, _version(x), kwargs)
 
     # ------------------------------------------------------------------ per step
     def step(self, step: int, *, loss: Any = None, mode: str | None = None) -> None:
@@ -451,21 +586,31 @@ class TorchHook(Hook):
         pending = self._pending.get((step, mode))
         self._drain(wait=False)
         try:
+            offload = self._offloading
+            weights = self._take_weights(step, mode) if offload else None
             quant = self._quantiles_now(mode)
-            names = [name for name, _, _ in self._param_items]
-            colls = [coll for _, coll, _ in self._param_items]
-            tensors: list[torch.Tensor] = [p for _, _, p in self._param_items]
+            wnames = [name for name, _, _ in self._param_items]
+            wcolls = [coll for _, coll, _ in self._param_items]
+            names: list[str] = [] if weights is not None else list(wnames)
+            colls: list[str] = [] if weights is not None else list(wcolls)
+            tensors: list[torch.Tensor] = [] if weights is not None else [p for _, _, p in self._param_items]
+            nparams = len(tensors)
+            delta_keys = None
+            if nparams and self._delta_idx and self._deltas_now(mode):
+                delta_keys = [(colls[i], names[i]) for i in self._delta_idx]
+            if offload and nparams:
+                # No background reduction of these weights (no optimizer hooks, or the first
+                # step): the optimizer may change them once step() returns, so reduce them now.
+                weights = Future()
+                weights.set_result(self._reduce_weights(step, tensors, delta_keys))
+                names, colls, tensors, nparams, delta_keys = [], [], [], 0, None
             if mode == "train":
                 for gname, p in self._grad_items:
                     if p.grad is not None:
                         names.append(gname)
                         colls.append("gradients")
                         tensors.append(p.grad)
-            nparams = len(self._param_items)
             quants = [False] * nparams + [quant] * (len(tensors) - nparams)
-            delta_keys = None
-            if self._delta_idx and self._deltas_now(mode):
-                delta_keys = [(colls[i], names[i]) for i in self._delta_idx]
             for name, coll, _ in acts:
                 names.append(name)
                 colls.append(coll)
@@ -484,27 +629,49 @@ class TorchHook(Hook):
                     extras.append(value)
                     extra_names.append(name)
                 pending.scalar_tensors = {}
-            args = (step, tensors, quants, delta_keys, [a for _, _, a in acts], extras, caps)
-            if self._offloading and self._stepped_since_forward:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="tensorpulse-stats")
-                fut = self._pool.submit(self._reduce, *args)
-                self._jobs.append((step, mode, names, colls, extra_names, caps, fut))
+            act_stats = [a for _, _, a in acts]
+            if offload:
+                versions = [_version(t) for t in tensors]
+                fut = self._submit(self._reduce, step, tensors, quants, None, act_stats, extras, caps, versions)
+                self._jobs.append(_Job(step, mode, names, colls, extra_names, caps, fut, weights, wnames, wcolls))
                 return
-            host, values = self._reduce(*args)
+            host, values = self._reduce(step, tensors, quants, delta_keys, act_stats, extras, caps)
             self._assemble(step, mode, names, colls, extra_names, caps, host, values)
         except Exception as exc:  # noqa: BLE001
             self._fail("computing statistics", exc)
             return
         Hook.publish(self, step, mode)
 
-    def _reduce(self, step, tensors, quants, delta_keys, act_stats, extras, caps):
+    def _reduce(self, step, tensors, quants, delta_keys, act_stats, extras, caps, versions=None):
         """Statistics of one step, to host values: on the training thread, or offloaded."""
         stats = reduce_many(tensors, quantiles=quants)
         if delta_keys is not None:
             idx = self._delta_idx
             self._delta_tracker().track(step, delta_keys, [tensors[i] for i in idx], [stats[i] for i in idx])
-        return transfer([*stats, *act_stats], extras, vectors=[c.values for c in caps])
+        acts = []
+        for a in act_stats:
+            if isinstance(a, _Deferred):
+                acts.append(reduce_on_device(a.tensor, exact_nonfinite=True, **a.kwargs))
+                self._check_unchanged(a.tensor, a.version)
+            else:
+                acts.append(a)
+        if versions is not None:
+            for t, v in zip(tensors, versions, strict=True):
+                self._check_unchanged(t, v)
+        return transfer([*stats, *acts], extras, vectors=[c.values for c in caps])
+
+    def _check_unchanged(self, t: torch.Tensor, version: int | None) -> None:
+        """Warn (once) that a tensor read off the training thread was changed in place meanwhile."""
+        if version is not None and _version(t) != version:
+            self._log_once(
+                "changed",
+                logging.WARNING,
+                "tensorpulse: a gradient or activation of job %s was changed in place while it was "
+                "being reduced in the background (e.g. gradient clipping or unscaling after step()); "
+                "its statistics may mix old and new values. Call hook.step() after such changes, or "
+                "pass offload=False.",
+                self.job,
+            )
 
     def _default_mode(self) -> str:
         return "train" if self._model is None or self._model.training else "eval"

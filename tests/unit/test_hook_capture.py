@@ -284,7 +284,11 @@ def test_auto_input_capture_on_saved_steps_with_one_host_copy(monkeypatch, path)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sink = Sink()
-    hook = TorchHook("cap-auto", produce_fn=sink, delta_every=1, save_interval=2).attach(model, opt, capture_inputs=True)
+    # offload=False: this counts the host copies of the inline path (offloaded, weights and the
+    # rest are copied separately, and after step() returns)
+    hook = TorchHook("cap-auto", produce_fn=sink, delta_every=1, save_interval=2, offload=False).attach(
+        model, opt, capture_inputs=True
+    )
     calls: list[int] = []
     real_cpu = torch.Tensor.cpu
 

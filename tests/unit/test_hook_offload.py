@@ -56,3 +56,32 @@ def test_offload_argument_is_checked() -> None:
 
     with pytest.raises(ConfigError, match="offload"):
         TorchHook("off", produce_fn=lambda *a: None, offload="sometimes")
+
+
+def test_a_tensor_changed_while_reduced_in_the_background_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    from tensorpulse.producers.torch import _version
+
+    hook = TorchHook("off", produce_fn=lambda *a: None, offload=True)
+    g = torch.ones(4)
+    before = _version(g)
+    hook._check_unchanged(g, before)
+    assert "changed in place" not in caplog.text
+    g.mul_(0.5)  # e.g. gradient clipping after step()
+    hook._check_unchanged(g, before)
+    assert "changed in place" in caplog.text
+    hook.close()
+
+
+def test_weights_are_read_between_optimizer_steps_in_the_background() -> None:
+    """With an optimizer, the weights' reduction starts after its step, off the training thread."""
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = TorchHook("off", produce_fn=lambda *a: None, offload=True).attach(model, opt)
+    x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    for step in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        hook.step(step)
+        opt.step()
+        assert hook._weights is not None and hook._weights.generation == step + 1 and not hook._weights.taken
+    hook.close()

@@ -19,10 +19,16 @@ from tensorpulse.producers.stats_torch import reduce_on_device, torch_stats, tra
 INF, NAN = math.inf, math.nan
 
 
-@pytest.fixture(params=["host", "device"])
+@pytest.fixture(params=["host", "device", "fused"])
 def path(request, monkeypatch):
-    """The CPU path (plain sums checked on the host, host quantiles) or, on CPU, the path a GPU takes
-    (sums shifted by the first element, nan/inf of activations counted up front, torch.quantile)."""
+    """The CPU path (plain sums checked on the host, host quantiles), on CPU the path a GPU takes
+    (sums shifted by the first element, nan/inf of activations counted up front, torch.quantile),
+    or the CPU path with float32 tensors reduced by the numba kernels (when numba is installed)."""
+    if request.param == "fused":
+        pytest.importorskip("numba")
+        monkeypatch.setenv("TENSORPULSE_NUMBA", "1")
+    else:
+        monkeypatch.setenv("TENSORPULSE_NUMBA", "0")
     if request.param == "device":
         monkeypatch.setattr(stats_torch, "_HOST_DEVICES", frozenset())
     return request.param
