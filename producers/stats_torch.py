@@ -439,9 +439,7 @@ def _reduce_fused_one(
     arr = x.resolve_conj().resolve_neg().contiguous().numpy()
     m = stats_numba.moments([arr.reshape(-1)])
     s, ss, a = m[0, 0], m[0, 1], m[0, 4]
-    if not keep and not (math.isfinite(a) and math.isfinite(s) and math.isfinite(ss)) or (
-        not keep and _cancels(s, ss, n)
-    ):
+    if not keep and not (math.isfinite(s) and math.isfinite(ss) and math.isfinite(a) and not _cancels(s, ss, n)):
         return None
     units = x.shape[1] if activity and x.ndim >= 2 and x.shape[1] > 0 else 0
     counts = None

@@ -356,12 +356,16 @@ class TorchHook(Hook):
         upcoming = self._last_step.get(mode, -1) + 1
         if not self.save_config.should_save(upcoming, mode):
             return
-        delta_keys = None
-        if self._delta_idx and self._deltas_now(mode):
-            delta_keys = [(self._param_items[i][1], self._param_items[i][0]) for i in self._delta_idx]
+        delta_keys = self._delta_keys(mode)
         tensors = [p for _, _, p in self._param_items]
         future = self._submit(self._reduce_weights, upcoming, tensors, delta_keys)
         self._weights = _WeightsJob(self._generation, upcoming, delta_keys is not None, future)
+
+    def _delta_keys(self, mode: str) -> list[tuple[str, str]] | None:
+        """(collection, name) of the tracked weights when this save reports weight deltas."""
+        if not (self._delta_idx and self._deltas_now(mode)):
+            return None
+        return [(self._param_items[i][1], self._param_items[i][0]) for i in self._delta_idx]
 
     def _reduce_weights(self, step: int, tensors: list[torch.Tensor], delta_keys: Any) -> HostStats:
         stats = reduce_many(tensors)
@@ -587,23 +591,22 @@ class TorchHook(Hook):
         self._drain(wait=False)
         try:
             offload = self._offloading
-            weights = self._take_weights(step, mode) if offload else None
             quant = self._quantiles_now(mode)
             wnames = [name for name, _, _ in self._param_items]
             wcolls = [coll for _, coll, _ in self._param_items]
-            names: list[str] = [] if weights is not None else list(wnames)
-            colls: list[str] = [] if weights is not None else list(wcolls)
-            tensors: list[torch.Tensor] = [] if weights is not None else [p for _, _, p in self._param_items]
-            nparams = len(tensors)
-            delta_keys = None
-            if nparams and self._delta_idx and self._deltas_now(mode):
-                delta_keys = [(colls[i], names[i]) for i in self._delta_idx]
-            if offload and nparams:
+            wtensors = [p for _, _, p in self._param_items]
+            delta_keys = self._delta_keys(mode) if wtensors else None
+            weights = self._take_weights(step, mode) if offload else None
+            if offload and weights is None and wtensors:
                 # No background reduction of these weights (no optimizer hooks, or the first
                 # step): the optimizer may change them once step() returns, so reduce them now.
                 weights = Future()
-                weights.set_result(self._reduce_weights(step, tensors, delta_keys))
-                names, colls, tensors, nparams, delta_keys = [], [], [], 0, None
+                weights.set_result(self._reduce_weights(step, wtensors, delta_keys))
+            if weights is None:  # reduced with the rest
+                names, colls, tensors = list(wnames), list(wcolls), wtensors
+            else:
+                names, colls, tensors, delta_keys = [], [], [], None
+            nparams = len(tensors)
             if mode == "train":
                 for gname, p in self._grad_items:
                     if p.grad is not None:

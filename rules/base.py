@@ -7,8 +7,9 @@ records in. That makes every rule testable with `run_rule(rule, records)` and no
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +43,38 @@ class Finding:
     threshold: float | None = None
     tensors: tuple[str, ...] = ()
     message: str = ""
+
+
+def range_finding(
+    values: list[tuple[str, float]],
+    low: float | None,
+    high: float | None,
+    message: Callable[[list[tuple[str, float]], list[tuple[str, float]], str, float, str, float], str],
+) -> Finding:
+    """The Finding of rules that fire while some (tensor, value) lies outside [low, high].
+
+    Firing: value/threshold of the worst one (above `high` first), every offender in `tensors`
+    (above first, worst first), and `message(above, under, worst, value, side, threshold)`.
+    Healthy: the largest value and `high`, or the smallest and `low` when `high` is None.
+    NaN is never out of range.
+    """
+    from .functional import out_of_range
+
+    above, under = out_of_range(values, low, high)
+    if not above and not under:
+        seen = [v for _, v in values if not math.isnan(v)]
+        if high is not None:
+            return Finding(False, value=max(seen) if seen else None, threshold=high)
+        return Finding(False, value=min(seen) if seen else None, threshold=low)
+    worst, value = (above or under)[0]
+    threshold, side = (high, ">") if above else (low, "<")
+    return Finding(
+        True,
+        value=value,
+        threshold=threshold,
+        tensors=tuple(n for n, _ in above + under),
+        message=message(above, under, worst, value, side, threshold),  # type: ignore[arg-type]
+    )
 
 
 class Rule:

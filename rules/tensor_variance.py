@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from typing import ClassVar
 
@@ -11,8 +10,7 @@ from pydantic import Field
 from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
 
-from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Rule, RuleParams, State, compile_regex, range_finding
 
 
 class TensorVarianceParams(RuleParams):
@@ -69,24 +67,13 @@ class TensorVariance(Rule):
         variances = [(t.name, t.variance) for t in record.select(self._collections, self._regex) if t.n > 0]
         if not variances:
             return state, None
-        high, low = F.out_of_range(variances, p.min_threshold, p.max_threshold)
-        if not high and not low:
-            seen = [v for _, v in variances if not math.isnan(v)]
-            if p.max_threshold is not None:
-                return state, Finding(False, value=max(seen) if seen else None, threshold=p.max_threshold)
-            return state, Finding(False, value=min(seen) if seen else None, threshold=p.min_threshold)
-        if high:
-            value, threshold, side = high[0][1], p.max_threshold, ">"
-        else:
-            value, threshold, side = low[0][1], p.min_threshold, "<"
-        worst = (high or low)[0][0]
-        return state, Finding(
-            True,
-            value=value,
-            threshold=threshold,
-            tensors=tuple(n for n, _ in high + low),
-            message=(
-                f"{len(high) + len(low)} tensor(s) with variance out of range at step {record.step}; "
+        finding = range_finding(
+            variances,
+            p.min_threshold,
+            p.max_threshold,
+            lambda above, under, worst, value, side, threshold: (
+                f"{len(above) + len(under)} tensor(s) with variance out of range at step {record.step}; "
                 f"{worst}: variance {value:.3g} {side} {threshold:g}"
             ),
         )
+        return state, finding

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 from pydantic import Field
@@ -11,7 +10,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State
+from .base import Finding, Rule, RuleParams, State, range_finding
 
 
 class WeightUpdateRatioParams(RuleParams):
@@ -67,23 +66,14 @@ class WeightUpdateRatio(Rule):
         ]
         if not ratios:
             return state, None
-        large, small = F.out_of_range(ratios, p.small_threshold, p.large_threshold)
-        if not large and not small:
-            seen = [r for _, r in ratios if not math.isnan(r)]
-            return state, Finding(False, value=max(seen) if seen else None, threshold=p.large_threshold)
-        if large:
-            value, threshold, side = large[0][1], p.large_threshold, ">"
-        else:
-            value, threshold, side = small[0][1], p.small_threshold, "<"
-        worst = (large or small)[0][0]
-        return state, Finding(
-            True,
-            value=value,
-            threshold=threshold,
-            tensors=tuple(n for n, _ in large + small),
-            message=(
+        finding = range_finding(
+            ratios,
+            p.small_threshold,
+            p.large_threshold,
+            lambda large, small, worst, value, side, threshold: (
                 f"{len(large)} weight(s) with update ratio > {p.large_threshold:g} and {len(small)} with "
                 f"< {p.small_threshold:g} at step {record.step}; {worst}: "
                 f"‖Δw‖/‖w‖ = {value:.3g} {side} {threshold:g}"
             ),
         )
+        return state, finding
