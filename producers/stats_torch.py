@@ -436,7 +436,7 @@ def _reduce_fused_one(
     (rare) goes to the torch path, which counts nan/inf and shifts there and then.
     """
     n = x.numel()
-    arr = x.resolve_conj().resolve_neg().contiguous().numpy()
+    arr = np.ascontiguousarray(x.numpy())
     m = stats_numba.moments([arr.reshape(-1)])
     s, ss, a = m[0, 0], m[0, 1], m[0, 4]
     if not keep and not (math.isfinite(s) and math.isfinite(ss) and math.isfinite(a) and not _cancels(s, ss, n)):
@@ -566,7 +566,9 @@ def _reduce_fused(xs: list[torch.Tensor]) -> _Rows:
     One fused, vectorised pass per tensor, run without the GIL (see stats_numba). Its non-zero
     count includes NaN: a tensor with a NaN goes to the second pass, which counts exactly.
     """
-    arrays = [x.reshape(-1).resolve_conj().resolve_neg().numpy() for x in xs]
+    # numpy views, not torch ones: a torch call releases and retakes the GIL, each a chance for a
+    # handover with the training thread
+    arrays = [x.numpy().reshape(-1) for x in xs]
     rows = torch.from_numpy(stats_numba.moments(arrays))
     return _Rows(rows, torch.zeros(len(xs), dtype=rows.dtype))
 
