@@ -16,6 +16,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from tensorpulse import wire
 from tensorpulse.broker import free_port
 from tensorpulse.stream.process import worker_command
 
@@ -137,3 +138,8 @@ def _up(url: str, proc: subprocess.Popen) -> bool:
         return True
     except OSError:
         return False
+
+
+def train_record(job: str, step: int, **fields: Any) -> bytes:
+    """A wire record of rank 0 of a one-rank train job at `step`, stamped now; `fields` as wire.encode."""
+    return wire.encode(job=job, rank=0, world=1, step=step, mode="train", ts=time.time(), **fields)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from tensorpulse.events import AlertEvent
 from tensorpulse.stream.process import worker_command
 from tensorpulse.topics import ALERTS_TOPIC, reductions_topic
 
-from .helpers import create_topic, read_topic, wait_for, worker_process
+from .helpers import create_topic, read_topic, train_record, wait_for, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -38,13 +37,9 @@ def _record(job: str, step: int) -> bytes:
         dtype=np.float32,
     )
     block = wire.TensorBlock(NAMES, COLLS, np.full(k, n), floats, np.zeros(k, dtype=np.int64))
-    return wire.encode(
-        job=job,
-        rank=0,
-        world=1,
-        step=step,
-        mode="train",
-        ts=time.time(),
+    return train_record(
+        job,
+        step,
         seq=step,
         scalars={"loss": 1.0 / (1 + step)},
         tensors=block,

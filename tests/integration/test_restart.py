@@ -24,7 +24,7 @@ from tensorpulse.rules.config import load_rules
 from tensorpulse.stream.evaluator import JobEvaluator
 from tensorpulse.topics import ALERTS_TOPIC, reductions_topic
 
-from .helpers import create_topic, metric_value, read_topic, scrape, wait_for, worker_process
+from .helpers import create_topic, metric_value, read_topic, scrape, train_record, wait_for, worker_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,10 +46,7 @@ def _record(job: str, step: int) -> bytes:
         floats[1] = np.nan
         nans[1] = 3
     block = wire.TensorBlock(NAMES, COLLS, np.array([64, 64]), floats, np.zeros(2, np.int64), nan=nans)
-    return wire.encode(
-        job=job, rank=0, world=1, step=step, mode="train", ts=time.time(), seq=step,
-        tensors=block, announce=step % 100 == 0,
-    )  # fmt: skip
+    return train_record(job, step, seq=step, tensors=block, announce=step % 100 == 0)
 
 
 def _expected(payloads: list[bytes], rules: Path) -> list[str]:

@@ -13,7 +13,7 @@ from tensorpulse import wire
 from tensorpulse.events import AlertEvent
 from tensorpulse.topics import ALERTS_TOPIC, control_topic, reductions_topic
 
-from .helpers import create_topic, metric_value, read_topic, scrape, wait_for, worker_process
+from .helpers import create_topic, metric_value, read_topic, scrape, train_record, wait_for, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -37,13 +37,9 @@ def _record(job: str, step: int, *, shift: float = 0.0, kind: str = "step") -> b
     ).astype(np.float32)
     floats[1, 0] += shift
     block = wire.TensorBlock(NAMES, COLLS, np.full(2, 1000), floats, np.zeros(2, dtype=np.int64))
-    return wire.encode(
-        job=job,
-        rank=0,
-        world=1,
-        step=step,
-        mode="train",
-        ts=time.time(),
+    return train_record(
+        job,
+        step,
         seq=step,
         kind=kind,
         scalars={"loss": 1.0 / (step + 1)},

@@ -12,7 +12,7 @@ from tensorpulse import wire
 from tensorpulse.events import AlertEvent
 from tensorpulse.topics import ALERTS_TOPIC, reductions_topic
 
-from .helpers import create_topic, metric_value, read_topic, scrape, wait_for, worker_process
+from .helpers import create_topic, metric_value, read_topic, scrape, train_record, wait_for, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -21,13 +21,9 @@ def _weights_record(job: str, step: int, value: float) -> bytes:
     """One tensor whose statistics are all `value`: constant across steps means unchanged."""
     floats = np.array([[value, 0.5, value - 1, value + 1, abs(value)]], dtype=np.float32)
     block = wire.TensorBlock(["fc.weight"], ["weights"], np.array([100]), floats, np.array([0]))
-    return wire.encode(
-        job=job,
-        rank=0,
-        world=1,
-        step=step,
-        mode="train",
-        ts=time.time(),
+    return train_record(
+        job,
+        step,
         tensors=block,
         scalars={"loss": 1.0 / (step + 1)},
     )

@@ -14,7 +14,7 @@ from tensorpulse import wire
 from tensorpulse.events import AlertEvent
 from tensorpulse.topics import ALERTS_TOPIC, DEADLETTER_TOPIC, reductions_topic
 
-from .helpers import create_topic, metric_value, read_topic, scrape, wait_for, worker_process
+from .helpers import create_topic, metric_value, read_topic, scrape, train_record, wait_for, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +39,9 @@ def _record(job: str, step: int, *, nan: int = 0, announce: bool = False, loss: 
     if nan:  # NaN propagates into the statistics, as it does in a real hook; rule state must keep it
         floats[2, :] = np.nan
     block = wire.TensorBlock(NAMES, COLLS, np.full(k, 1000), floats, np.zeros(k, dtype=np.int64), nan=nans)
-    return wire.encode(
-        job=job,
-        rank=0,
-        world=1,
-        step=step,
-        mode="train",
-        ts=time.time(),
+    return train_record(
+        job,
+        step,
         seq=step,
         scalars={"loss": 2.0 * math.exp(-step / 20) if loss is None else loss},
         tensors=block,
