@@ -173,3 +173,17 @@ def test_noisy_repetitions_are_dropped() -> None:
     assert row["bytes_per_step"] == 100 and row["peak_mb"] == 3.0
     everything_loaded = bench.summarise("tensorpulse", "mlp", 1, cell, max_foreign=-1.0)
     assert everything_loaded["noisy"] is True and everything_loaded["mean_ratio"] == pytest.approx(1.3)
+
+
+def test_hook_profile_reports_every_part() -> None:
+    """bench/hook_profile.py runs its three parts on a tiny configuration and prints a ratio per variant."""
+    cmd = [sys.executable, str(BENCH / "hook_profile.py"), "--steps", "3", "--reps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "numba kernel (6 statistics)" in out or "numba is not installed" in out
+    assert out.count("x sum") >= 6
+    assert "sleep 0.5 ms in a loop" in out
+    ratios = [line for line in out.splitlines() if line.strip().startswith(("inline", "background"))]
+    assert len(ratios) in (2, 4), out
+    assert all(float(line.split()[-1].rstrip("x")) > 0 for line in ratios)

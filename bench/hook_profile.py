@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Where TorchHook's step-time overhead goes, on the benchmark MLP (one torch thread).
+
+`hook_overhead.py` compares whole tools; this breaks our own hook down, in one process:
+
+- kernels: microseconds per reduction of one 401k-element float32 tensor (the MLP's first weight):
+  torch's single-statistic ops, the torch path of the hook (six statistics), the numba kernel.
+- contention: the step time of plain training beside a background thread of this process that
+  (a) calls a ~20 us torch reduction in a loop, (b) sleeps 0.5 ms in a loop (each wake-up takes
+  the GIL), against no thread: what sharing the interpreter with a helper thread costs.
+- hook: the mean step-time ratio of TorchHook(save_interval=1) against an interleaved no-hook copy,
+  reduced on the training thread or offloaded, with the numba kernels or torch ops; then the
+  training thread's time per step in each of the hook's entry points (offloaded, numba).
+
+    python bench/hook_profile.py                 # all three, about two minutes
+    python bench/hook_profile.py hook --reps 5
+
+Ratios from one run on a shared machine: repeat a run before trusting a difference below 0.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+from common import make_batches, make_model  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def _per_call_us(fn: Callable[[], Any], n: int = 200) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def kernels() -> None:
+    from tensorpulse.producers import stats_numba
+    from tensorpulse.producers.stats_torch import reduce_on_device, transfer
+
+    x = torch.randn(512 * 784)
+    rows = [
+        ("torch sum", lambda: x.sum()),
+        ("torch dot(x, x)", lambda: torch.dot(x, x)),
+        ("torch aminmax", lambda: torch.aminmax(x)),
+        ("torch vector_norm(ord=1)", lambda: torch.linalg.vector_norm(x, 1.0)),
+        ("torch count_nonzero", lambda: torch.count_nonzero(x)),
+    ]
+    os.environ["TENSORPULSE_NUMBA"] = "0"
+    rows.append(("hook, torch path (6 statistics)", lambda: transfer([reduce_on_device(x)])))
+    if stats_numba.available():
+        arr = x.numpy()
+        rows.append(("numba kernel (6 statistics)", lambda: stats_numba.moments([arr])))
+    else:
+        print("numba is not installed: pip install 'tensorpulse[fast]'")
+    base = None
+    print(f"\nkernels: one float32 tensor of {x.numel()} elements, us per call")
+    for name, fn in rows:
+        us = _per_call_us(fn)
+        base = base or us
+        print(f"  {name:34s} {us:8.1f} us  {us / base:5.1f}x sum")
+    os.environ.pop("TENSORPULSE_NUMBA", None)
+
+
+class _Trainer:
+    def __init__(self, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.model = make_model("mlp")
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.batches = make_batches("mlp")
+        self.step = 0
+
+    def run(self, n: int, hook: Any = None) -> float:
+        """Mean seconds per step over `n` steps."""
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x, y = self.batches[self.step % len(self.batches)]
+            self.opt.zero_grad()
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+            if hook is not None:
+                hook.step(self.step, loss=loss)
+            self.opt.step()
+            self.step += 1
+        return (time.perf_counter() - t0) / n
+
+
+def _interleaved(base: Callable[[], float], tool: Callable[[], float], reps: int) -> float:
+    """Median over repetitions of mean-step-time ratios tool/base, segments alternating order."""
+    ratios = []
+    for r in range(reps):
+        if r % 2:
+            t, b = tool(), base()
+        else:
+            b, t = base(), tool()
+        ratios.append(t / b)
+    return statistics.median(ratios)
+
+
+def contention(steps: int, reps: int) -> None:
+    trainer = _Trainer()
+    trainer.run(20)
+    work = torch.randn(400_000)
+
+    def with_thread(body: Callable[[], None]) -> Callable[[], float]:
+        def segment() -> float:
+            stop = threading.Event()
+
+            def loop() -> None:
+                while not stop.is_set():
+                    body()
+
+            th = threading.Thread(target=loop, daemon=True)
+            th.start()
+            try:
+                return trainer.run(steps)
+            finally:
+                stop.set()
+                th.join()
+
+        return segment
+
+    print(f"\ncontention: MLP step time beside a background thread / alone ({reps} reps of {steps} steps)")
+    for name, body in (
+        ("a ~20 us torch reduction in a loop", lambda: work.sum()),
+        ("sleep 0.5 ms in a loop", lambda: time.sleep(0.0005)),
+    ):
+        ratio = _interleaved(lambda: trainer.run(steps), with_thread(body), reps)
+        print(f"  {name:40s} {ratio:5.3f}x")
+
+
+def _wrap_timers(hook: Any, names: list[str], totals: dict[str, float]) -> None:
+    for name in names:
+        fn = getattr(hook, name)
+
+        def timed(*a: Any, _fn: Any = fn, _name: str = name, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                totals[_name] += time.perf_counter() - t0
+
+        setattr(hook, name, timed)
+
+
+def hook_variants(steps: int, reps: int) -> None:
+    from tensorpulse.producers import stats_numba
+    from tensorpulse.producers.torch import TorchHook
+
+    torch.set_num_threads(1)
+    variants = [(False, "0"), (True, "0")]
+    if stats_numba.available():
+        variants += [(False, "1"), (True, "1")]
+    base = _Trainer()
+    print(f"\nhook: TorchHook(save_interval=1) / no hook, mean step time ({reps} reps of {steps} steps)")
+    for offload, numba in variants:
+        os.environ["TENSORPULSE_NUMBA"] = numba
+        tooled = _Trainer()
+        hook = TorchHook(
+            "profile", save_interval=1, listen_for_actions=False, produce_fn=lambda *a: None, offload=offload
+        )
+        totals: dict[str, float] = collections.defaultdict(float)
+        entry = ["step", "_on_forward_start", "_on_optimizer_step", "_wait_weights", "_reduce_activation"]
+        _wrap_timers(hook, entry, totals)  # before attach, which registers the bound methods
+        hook.attach(tooled.model, tooled.opt)
+        base.run(20)
+        tooled.run(20, hook)
+        totals.clear()
+        ratio = _interleaved(lambda: base.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
+        hooked_steps = reps * steps
+        hook.close()
+        where = "background" if offload else "inline"
+        kernel = "numba" if numba == "1" else "torch ops"
+        print(f"  {where:16s} {kernel:10s} {ratio:5.3f}x")
+        if offload and numba == "1":
+            for name in entry:
+                print(f"      training thread in {name:22s} {totals[name] / hooked_steps * 1e3:6.3f} ms/step")
+    os.environ.pop("TENSORPULSE_NUMBA", None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("parts", nargs="*", metavar="PART", help="kernels, contention, hook (default: all)")
+    ap.add_argument("--steps", type=int, default=100, help="timed steps per segment")
+    ap.add_argument("--reps", type=int, default=6, help="repetitions (segment pairs)")
+    args = ap.parse_args()
+    parts = args.parts or ["kernels", "contention", "hook"]
+    unknown = sorted(set(parts) - {"kernels", "contention", "hook"})
+    if unknown:
+        ap.error(f"unknown part(s) {', '.join(unknown)}: choose from kernels, contention, hook")
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread, {os.cpu_count()} CPUs")
+    if "kernels" in parts:
+        kernels()
+    if "contention" in parts:
+        contention(args.steps, args.reps)
+    if "hook" in parts:
+        hook_variants(args.steps, args.reps)
+
+
+if __name__ == "__main__":
+    main()
