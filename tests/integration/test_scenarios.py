@@ -43,7 +43,15 @@ def _all_fired(alerts: Alerts) -> bool:
 def alerts(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Alerts:
     """Run every scenario once through one worker (default rules + scenario_rules.yaml)."""
     tag = uuid.uuid4().hex[:6]
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # restored below: the hook's offload="auto" reads it in later tests
+    try:
+        return _run_scenarios(kafka_bootstrap, tmp_path_factory, tag)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_scenarios(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory, tag: str) -> Alerts:
     # Hooks first: every job's topic exists before the worker starts, so it discovers them at once.
     hooks = {
         sc.name: [

@@ -411,8 +411,10 @@ def test_torch_hook_shared_modules_and_gradient_accumulation_keep_names_unique()
         assert names == ["act/relu_output", "act/relu_output_1"]
 
 
-def test_torch_hook_step_failure_disables_the_hook(monkeypatch):
-    """An exception in the statistics path is caught: training continues and the hook disables itself."""
+@pytest.mark.parametrize("offload", [False, True])
+def test_torch_hook_step_failure_disables_the_hook(monkeypatch, offload):
+    """An exception in the statistics path is caught: training continues and the hook disables itself
+    (offloaded: when the failed step is collected, at the latest at close)."""
     from tensorpulse.producers import torch as torch_hook_module
     from tensorpulse.producers.torch import TorchHook
 
@@ -421,9 +423,11 @@ def test_torch_hook_step_failure_disables_the_hook(monkeypatch):
 
     sink = Sink()
     model = make_mlp()
-    hook = TorchHook("unit-fail", produce_fn=sink).attach(model)
+    hook = TorchHook("unit-fail", produce_fn=sink, offload=offload).attach(model)
     monkeypatch.setattr(torch_hook_module, "reduce_on_device", boom)
     train(model, hook, 3)
+    if offload:
+        hook.close(2)
     assert not hook.enabled and hook.stats()["errors"] >= 1
     hook.close(2)
 
