@@ -3,12 +3,14 @@
 Why our own kernel: torch's CPU reductions each make a pass of their own, and the ones for
 sum|x| and the non-zero count are slow paths (vector_norm(ord=1) and count_nonzero: 13x and 11x
 a plain sum in `bench/hook_profile.py kernels`), so the six statistics cost six or more passes and a dozen calls per tensor.
-This loop makes one pass over 16 lanes that LLVM vectorises (reassociation allowed, NaN
-semantics kept: no `nnan`), and it runs without the GIL, so a background reduction does not
-hold up the training thread. `bench/hook_profile.py kernels` on the 2-core benchmark machine:
-118 us for a 401k-element float32 tensor, where the hook's torch path takes 393 us.
+This loop makes one pass over 64 lanes that LLVM vectorises (reassociation allowed, NaN
+semantics kept: no `nnan`; 64 lanes ran 1.4x faster than 16 in a kernel timing on the benchmark
+machine), and it runs without the GIL, so a background reduction does not hold up the training
+thread. `bench/hook_profile.py kernels` gives its time for a 401k-element float32 tensor beside
+the hook's torch path. `batch` reduces all tensors of a step in one call: one GIL release, and
+no Python per tensor between kernels.
 
-Float32 tensors only (float64 ones keep the torch path). Accuracy: 16 float32 lanes per call of
+Float32 tensors only (float64 ones keep the torch path). Accuracy: 64 float32 lanes per call of
 at most CHUNK elements, combined in float64. NaN: min and max are NaN when any element is, as
 torch's amin/amax give; the non-zero count includes NaN (the caller's second pass recounts a
 tensor whose sum is not finite).
@@ -20,6 +22,7 @@ path is used.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 
@@ -27,10 +30,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: Lanes per iteration (one AVX-512 register of float32).
-LANES = 16
-#: Elements per kernel call: each lane then adds at most 2**18 values in float32 (relative error
-#: about 3e-5 at worst, 1e-7 measured on normal data) and counts exactly (< 2**24).
+#: Lanes per iteration: independent float32 accumulators, four AVX-512 registers each.
+LANES = 64
+#: Elements per kernel call: each lane then adds at most 2**16 values in float32 (relative error
+#: about 1e-5 at worst, 1e-7 measured on normal data) and counts exactly (< 2**24).
 CHUNK = 1 << 22
 #: Columns per tensor: S, SS, min, max, sum|x|, non-zero count (NaN included).
 WIDTH = 6
@@ -117,12 +120,137 @@ def _active_planes(x, lo, hi, counts):  # pragma: no cover - run compiled by num
             counts[c] += acc
 
 
+def _delta(x, p, rtol, out):  # pragma: no cover - run compiled by numba
+    """out = [sum (x - p)^2, sum p^2, max(|x - p| - rtol |p|)] of float32 `x` against its
+    previous copy `p`, then p := x: a weight delta in one pass instead of torch's nine."""
+    n = x.size
+    du = np.zeros(LANES, np.float32)
+    pp = np.zeros(LANES, np.float32)
+    ex = np.full(LANES, -np.inf, np.float32)
+    r = np.float32(rtol)
+    m = n - n % LANES
+    for i in range(0, m, LANES):
+        for j in range(LANES):
+            v = x[i + j]
+            q = p[i + j]
+            d = v - q
+            du[j] += d * d
+            pp[j] += q * q
+            e = abs(d) - r * abs(q)
+            ex[j] = e if e > ex[j] else ex[j]
+            p[i + j] = v
+    tu = 0.0
+    tp = 0.0
+    te = -np.inf
+    for j in range(LANES):
+        tu += du[j]
+        tp += pp[j]
+        te = max(te, np.float64(ex[j]))
+    for i in range(m, n):
+        v = np.float64(x[i])
+        q = np.float64(p[i])
+        d = v - q
+        tu += d * d
+        tp += q * q
+        e = abs(d) - rtol * abs(q)
+        te = e if e > te else te
+        p[i] = x[i]
+    if tu != tu or not math.isfinite(tp):  # a NaN, or an inf in the copy: torch's amax gives NaN
+        te = np.nan
+    out[0] = tu
+    out[1] = tp
+    out[2] = te
+
+
+def _deltas(xa, pa, sizes, rtol, chunk, out):  # pragma: no cover - run compiled by numba
+    """_delta of each (x, p) pair given by address, in pieces of at most `chunk` elements."""
+    part = np.empty(3)
+    for i in range(sizes.size):
+        n = sizes[i]
+        x = carray(_f32_ptr(xa[i]), (n,))
+        p = carray(_f32_ptr(pa[i]), (n,))
+        acc = out[i]
+        acc[0] = 0.0
+        acc[1] = 0.0
+        acc[2] = -np.inf
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            _kdelta(x[start:end], p[start:end], rtol, part)
+            acc[0] += part[0]
+            acc[1] += part[1]
+            if part[2] != part[2] or part[2] > acc[2]:
+                acc[2] = part[2]
+
+
+def _batch(addrs, sizes, chunk, out, act_of, dims, los, his, offs, counts):  # pragma: no cover - numba
+    """A whole step in one call (one GIL release): moments of the float32 tensor i (`sizes[i]`
+    elements at address `addrs[i]`) into out[i], in pieces of at most `chunk` elements; then the
+    per-unit counts of lo[j] < x < hi[j] of tensor act_of[j], viewed as dims[j] = (samples, units,
+    rest), into counts[offs[j] : offs[j] + units]."""
+    part = np.empty(WIDTH)
+    for i in range(sizes.size):
+        n = sizes[i]
+        x = carray(_f32_ptr(addrs[i]), (n,))
+        acc = out[i]
+        if n <= chunk:
+            _kmoments(x, acc)
+            continue
+        acc[0] = 0.0
+        acc[1] = 0.0
+        acc[2] = np.inf
+        acc[3] = -np.inf
+        acc[4] = 0.0
+        acc[5] = 0.0
+        for start in range(0, n, chunk):
+            _kmoments(x[start : start + chunk], part)
+            acc[0] += part[0]
+            acc[1] += part[1]
+            acc[4] += part[4]
+            acc[5] += part[5]
+            # NaN propagates, as in amin / amax
+            if part[2] != part[2] or part[2] < acc[2]:
+                acc[2] = part[2]
+            if part[3] != part[3] or part[3] > acc[3]:
+                acc[3] = part[3]
+    for j in range(act_of.size):
+        i = act_of[j]
+        samples, units, rest = dims[j, 0], dims[j, 1], dims[j, 2]
+        c = counts[offs[j] : offs[j] + units]
+        if rest == 1:
+            _kactive_rows(carray(_f32_ptr(addrs[i]), (samples, units)), los[j], his[j], c)
+        else:
+            _kactive_planes(carray(_f32_ptr(addrs[i]), (samples, units, rest)), los[j], his[j], c)
+
+
+# Resolved by _batch when it compiles; set by _build() (numba is imported only then).
+_f32_ptr = _kmoments = _kactive_rows = _kactive_planes = _kdelta = _kdeltas = carray = None
+
+
 def _build():
-    from numba import njit
+    global _f32_ptr, _kmoments, _kactive_rows, _kactive_planes, _kdelta, _kdeltas, carray
+    import numba
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def f32_ptr(typingctx, addr):
+        """A float32 pointer from an integer address. Why: numba has no list-of-arrays argument
+        that is free to build, and addresses let one call take every tensor of a step."""
+        sig = types.CPointer(types.float32)(types.intp)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float32)))
+
+        return sig, codegen
 
     fastmath = {"reassoc", "contract", "nsz", "arcp"}  # not nnan / ninf: NaN and inf stay exact
     jit = njit(nogil=True, fastmath=fastmath, boundscheck=False, cache=True)
-    return jit(_moments), jit(_active_rows), jit(_active_planes)
+    carray, _f32_ptr = numba.carray, f32_ptr
+    _kmoments, _kactive_rows, _kactive_planes = jit(_moments), jit(_active_rows), jit(_active_planes)
+    _kdelta = jit(_delta)
+    # not cached: they call an intrinsic
+    _kdeltas = njit(nogil=True, boundscheck=False)(_deltas)
+    return njit(nogil=True, boundscheck=False)(_batch)
 
 
 def _get():
@@ -135,9 +263,9 @@ def _get():
             try:
                 k = _build()
                 x = np.arange(40, dtype=np.float32)  # compile (or load from numba's cache) now
-                k[0](x, np.zeros(WIDTH))
-                k[1](x.reshape(4, 10), np.float32(0), np.float32(np.inf), np.zeros(10, np.float32))
-                k[2](x.reshape(2, 4, 5), np.float32(0), np.float32(np.inf), np.zeros(4, np.float32))
+                _run(k, [x], [(x.reshape(4, 10), 0.0, np.inf), (x.reshape(2, 4, 5), 0.0, np.inf)])
+                prev = x.copy()
+                _kdeltas(np.array([_address(x)]), np.array([_address(prev)]), np.array([40]), 1e-3, CHUNK, np.empty((1, 3)))
                 _kernel = k
             except ImportError:
                 _failed = True
@@ -156,40 +284,113 @@ def enabled() -> bool:
     return os.environ.get("TENSORPULSE_NUMBA", "1") != "0" and available()
 
 
-def moments(arrays: list[np.ndarray]) -> np.ndarray:
-    """[k, WIDTH] float64 statistics of k 1-d C-contiguous float32 arrays."""
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def args(arrays, acts=()) -> tuple:
+    """The batch kernel's arguments for 1-d C-contiguous float32 `arrays` and `acts`: (C-contiguous
+    float32 array with ndim >= 2, lo, hi). The arrays must stay alive until the kernel returns."""
+    addrs = [_address(a) for a in arrays] + [_address(x) for x, _, _ in acts]
+    dims = [(x.shape[0], x.shape[1], x.size // (x.shape[0] * x.shape[1]), lo, hi) for x, lo, hi in acts]
+    return args_at(addrs, [a.size for a in arrays], dims)
+
+
+def args_at(addrs: list[int], sizes: list[int], acts: list[tuple[int, int, int, float, float]] = ()) -> tuple:
+    """The batch kernel's arguments by address: `addrs` of the k moment inputs (`sizes`
+    elements each) then of the activity inputs, `acts`: (samples, units, rest, lo, hi) each.
+    Its outputs are args[3] (moments, [k, WIDTH] float64) and args[9] (activity counts, float32,
+    act j at args[8][j] : args[8][j + 1])."""
+    k, m = len(sizes), len(acts)
+    act_of = np.arange(k, k + m, dtype=np.int64)
+    if m:
+        spec = np.array(acts, dtype=np.float64).reshape(m, 5)
+        dims = spec[:, :3].astype(np.int64)
+        los = spec[:, 3].astype(np.float32)
+        his = spec[:, 4].astype(np.float32)
+        offs = np.zeros(m + 1, np.int64)
+        np.cumsum(dims[:, 1], out=offs[1:])
+    else:
+        dims, los, his, offs = _NO_DIMS, _NO_F32, _NO_F32, _NO_OFFS
+    out = np.empty((k, WIDTH))
+    counts = np.zeros(int(offs[-1]), np.float32)
+    return (
+        np.array(addrs, dtype=np.intp),
+        np.array(sizes, dtype=np.int64),
+        CHUNK,
+        out,
+        act_of,
+        dims,
+        los,
+        his,
+        offs,
+        counts,
+    )
+
+
+_NO_DIMS = np.empty((0, 3), np.int64)
+_NO_F32 = np.empty(0, np.float32)
+_NO_OFFS = np.zeros(1, np.int64)
+
+
+def outputs(a: tuple) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(moments, per-act counts) of a batch run with arguments `a` (see `args`)."""
+    offs, counts = a[8], a[9]
+    return a[3], [counts[offs[j] : offs[j + 1]] for j in range(len(offs) - 1)]
+
+
+def _run(kernel, arrays, acts=()):
+    """Moments of 1-d C-contiguous float32 `arrays` ([k, WIDTH] float64) and per-unit activity
+    counts (float32 [units] each) of `acts`, in one kernel call."""
+    a = args(arrays, acts)
+    kernel(*a)
+    return outputs(a)
+
+
+def _need():
     k = _get()
     if k is None:
         raise RuntimeError("numba is not installed: pip install 'tensorpulse[fast]'")
-    out = np.empty((len(arrays), WIDTH))
-    part = np.empty(WIDTH)
-    for i, x in enumerate(arrays):
-        if x.size <= CHUNK:
-            k[0](x, out[i])
-            continue
-        acc = out[i]
-        acc[:] = (0.0, 0.0, np.inf, -np.inf, 0.0, 0.0)
-        for start in range(0, x.size, CHUNK):
-            k[0](x[start : start + CHUNK], part)
-            acc[[0, 1, 4, 5]] += part[[0, 1, 4, 5]]
-            # NaN propagates, as in amin / amax
-            acc[2] = part[2] if np.isnan(part[2]) or part[2] < acc[2] else acc[2]
-            acc[3] = part[3] if np.isnan(part[3]) or part[3] > acc[3] else acc[3]
-    return out
+    return k
+
+
+def batch(
+    arrays: list[np.ndarray], acts: list[tuple[np.ndarray, float, float]] = ()
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`moments` of `arrays` and `active_counts` (float32) of each (array, lo, hi) of `acts`, in
+    one kernel call that releases the GIL once."""
+    return _run(_need(), arrays, acts)
+
+
+def batch_at(
+    addrs: list[int], sizes: list[int], acts: list[tuple[int, int, int, float, float]] = ()
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`batch` by address (see `args_at`): for tensors, without a numpy view of each. Whoever owns
+    the memory must keep it alive and unchanged until this returns."""
+    a = args_at(addrs, sizes, acts)
+    _need()(*a)
+    return outputs(a)
+
+
+def moments(arrays: list[np.ndarray]) -> np.ndarray:
+    """[k, WIDTH] float64 statistics of k 1-d C-contiguous float32 arrays."""
+    return _run(_need(), arrays)[0]
 
 
 def active_counts(x: np.ndarray, lo: float = 0.0, hi: float = np.inf) -> np.ndarray:
     """Per-unit (dim 1) counts of elements with lo < x < hi, over every other dim (float64 [units]).
 
     `x`: C-contiguous float32 with ndim >= 2 and fewer than 2**24 elements per unit (float32
-    counts stay exact). NaN is in no range.
+    counts stay exact); no empty dimension. NaN is in no range.
     """
-    k = _get()
-    if k is None:
-        raise RuntimeError("numba is not installed: pip install 'tensorpulse[fast]'")
-    counts = np.zeros(x.shape[1], np.float32)
-    if x.ndim == 2:
-        k[1](x, np.float32(lo), np.float32(hi), counts)
-    else:
-        k[2](x.reshape(x.shape[0], x.shape[1], -1), np.float32(lo), np.float32(hi), counts)
-    return counts.astype(np.float64)
+    return _run(_need(), [], [(x, lo, hi)])[1][0].astype(np.float64)
+
+
+def deltas_at(xaddrs: list[int], paddrs: list[int], sizes: list[int], rtol: float) -> np.ndarray:
+    """[k, 3] weight deltas (see `_delta`) of float32 tensors at `xaddrs` against their copies at
+    `paddrs` (`sizes` elements each), copying each tensor into its copy; one call, GIL released.
+    The caller keeps both alive and the tensors unchanged until it returns."""
+    _need()
+    out = np.empty((len(sizes), 3))
+    _kdeltas(np.array(xaddrs, np.intp), np.array(paddrs, np.intp), np.array(sizes, np.int64), float(rtol), CHUNK, out)
+    return out

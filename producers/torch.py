@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -59,12 +60,23 @@ from torch import nn
 
 from tensorpulse.errors import ConfigError
 
+from . import stats_numba
 from .hook import Hook, _Part
-from .stats_torch import DeviceStats, HostStats, reduce_many, reduce_on_device, transfer
+from .stats_torch import (
+    DeviceStats,
+    FusedBatch,
+    HostStats,
+    reduce_host_fused,
+    reduce_many,
+    reduce_on_device,
+    transfer,
+)
 
 #: Non-saturated input ranges of tanh and sigmoid (SageMaker's SaturatedActivation defaults).
 TANH_RANGE = (-9.4999, 9.4999)
 SIGMOID_RANGE = (-23.0, 16.99999)
+#: A ReLU-like unit is active where its output is > 0.
+_POSITIVE = (0.0, math.inf)
 
 #: Modules whose outputs are captured as activations (with per-unit activity).
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -137,6 +149,13 @@ class _Deferred(NamedTuple):
     tensor: torch.Tensor
     version: int | None  # the tensor's version counter when captured (None: not tracked)
     kwargs: dict[str, Any]
+
+
+def _first_value(v: Any) -> float:
+    """A scalar extra (loss, learning rate, recorded scalar) as a float, as `transfer` reads it."""
+    if not isinstance(v, torch.Tensor):
+        return float(v)
+    return float(v.detach().reshape(-1)[0]) if v.numel() else math.nan
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -368,6 +387,10 @@ class TorchHook(Hook):
         return [(self._param_items[i][1], self._param_items[i][0]) for i in self._delta_idx]
 
     def _reduce_weights(self, step: int, tensors: list[torch.Tensor], delta_keys: Any) -> HostStats:
+        if delta_keys is None:
+            host = reduce_host_fused(tensors)
+            if host is not None:
+                return host
         stats = reduce_many(tensors)
         if delta_keys is not None:
             idx = self._delta_idx
@@ -558,13 +581,18 @@ class TorchHook(Hook):
         return hook
 
     def _reduce_activation(self, t: torch.Tensor, kwargs: dict[str, Any], *, now: bool) -> DeviceStats | _Deferred:
-        """Reduce an activation here, or keep it for the step's background job (offloading on CPU).
+        """Reduce an activation here, or keep it for the step's reduction (CPU tensors).
 
-        A deferred activation is kept alive until the job reads it; autograd keeps most of them
-        until backward anyway. Its version counter tells whether it changed in place meanwhile.
+        Kept when offloading (the background job reads it), and on the training thread when
+        autograd records the pass and the numba kernels are on: then the step reduces it in the
+        same kernel call as the gradients, instead of in one call per module here. A kept
+        activation stays alive until it is read; autograd keeps most of them until backward
+        anyway. Its version counter tells whether it changed in place meanwhile.
         """
         x = t.detach()
-        if now or not self._offloading or x.device.type != "cpu":
+        if now or x.device.type != "cpu":
+            return reduce_on_device(x, exact_nonfinite=True, **kwargs)
+        if not (self._offloading or (torch.is_grad_enabled() and stats_numba.enabled())):
             return reduce_on_device(x, exact_nonfinite=True, **kwargs)
         return _Deferred(x, _version(x), kwargs)
 
@@ -647,6 +675,11 @@ class TorchHook(Hook):
 
     def _reduce(self, step, tensors, quants, delta_keys, act_stats, extras, caps, versions=None):
         """Statistics of one step, to host values: on the training thread, or offloaded."""
+        batch = self._lean_batch(tensors, quants, delta_keys, act_stats, caps)
+        if batch is not None:
+            got = self._lean_result(batch.run(), tensors, act_stats, extras, versions)
+            if got is not None:
+                return got
         stats = reduce_many(tensors, quantiles=quants)
         if delta_keys is not None:
             idx = self._delta_idx
@@ -662,6 +695,32 @@ class TorchHook(Hook):
             for t, v in zip(tensors, versions, strict=True):
                 self._check_unchanged(t, v)
         return transfer([*stats, *acts], extras, vectors=[c.values for c in caps])
+
+    def _lean_batch(self, tensors, quants, delta_keys, act_stats, caps) -> FusedBatch | None:
+        """The step as one numba batch (`FusedBatch`) in the common case: CPU float32 tensors,
+        activations kept for the job, no quantiles, weight deltas or label/input captures this
+        step. None: take the general path."""
+        if delta_keys is not None or caps or any(quants):
+            return None
+        acts: list[torch.Tensor] = []
+        ranges: list[tuple[float, float] | None] = [None] * len(tensors)
+        for a in act_stats:
+            if not isinstance(a, _Deferred) or a.kwargs.get("quantiles") or not a.kwargs.get("activity"):
+                return None
+            acts.append(a.tensor)
+            ranges.append(a.kwargs.get("active_range", _POSITIVE))
+        return FusedBatch.of([*tensors, *acts], ranges)
+
+    def _lean_result(self, host, tensors, act_stats, extras, versions):
+        """`_reduce`'s (host, values) from a batch's HostStats; None (the general path) for None."""
+        if host is None:
+            return None
+        for a in act_stats:
+            self._check_unchanged(a.tensor, a.version)
+        if versions is not None:
+            for t, v in zip(tensors, versions, strict=True):
+                self._check_unchanged(t, v)
+        return host, [_first_value(e) for e in extras]
 
     def _check_unchanged(self, t: torch.Tensor, version: int | None) -> None:
         """Warn (once) that a tensor read off the training thread was changed in place meanwhile."""

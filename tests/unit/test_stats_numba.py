@@ -19,7 +19,7 @@ def reference(x: np.ndarray) -> list[float]:
         return [f.sum(), (f * f).sum(), f.min(), f.max(), np.abs(f).sum(), float(np.count_nonzero(f))]
 
 
-@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 40_003])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 63, 64, 65, 1000, 40_003])
 def test_moments_match_the_float64_reference(n: int) -> None:
     rng = np.random.default_rng(n)
     x = rng.normal(3.0, 2.0, n).astype(np.float32)
@@ -102,3 +102,89 @@ def test_the_kernel_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None
     assert not stats_numba.enabled()
     monkeypatch.setenv("TENSORPULSE_NUMBA", "1")
     assert stats_numba.enabled()
+
+
+def test_one_batch_call_gives_each_tensors_moments_and_activity() -> None:
+    rng = np.random.default_rng(5)
+    arrays = [rng.normal(size=n).astype(np.float32) for n in (3, 1000, 65)]
+    act2 = rng.normal(size=(9, 7)).astype(np.float32)
+    act4 = rng.normal(size=(4, 3, 2, 5)).astype(np.float32)
+    m, counts = stats_numba.batch(arrays, [(act2, 0.0, math.inf), (act4, -0.5, 0.5)])
+    for row, x in zip(m, arrays, strict=True):
+        np.testing.assert_allclose(row, stats_numba.moments([x])[0], rtol=1e-12)
+    assert counts[0].tolist() == (act2 > 0).sum(axis=0).tolist()
+    assert counts[1].tolist() == ((act4 > -0.5) & (act4 < 0.5)).sum(axis=(0, 2, 3)).tolist()
+
+
+def _wire(host: stats_torch.HostStats):
+    cols = host.finish()
+    return cols.floats, cols.zeros.tolist(), cols.nan.tolist(), cols.inf.tolist(), cols.activity
+
+
+def test_the_lean_host_path_matches_reduce_many_and_transfer() -> None:
+    g = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(300, 7, generator=g), torch.zeros(5), torch.relu(torch.randn(64, 20, generator=g))]
+    active = [None, None, (0.0, math.inf)]
+    lean = stats_torch.reduce_host_fused(tensors, active)
+    assert lean is not None
+    stats = stats_torch.reduce_many(tensors[:2])
+    stats.append(stats_torch.reduce_on_device(tensors[2], activity=True, exact_nonfinite=True))
+    general, _ = stats_torch.transfer(stats)
+    got, want = _wire(lean), _wire(general)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
+    assert got[1:] == want[1:]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.tensor([1.0, float("nan"), 2.0]),  # exact nan counts: the torch path
+        torch.tensor([1.0, float("inf")]),
+        torch.full((100,), 1e4) + torch.arange(100) * 1e-3,  # mean >> spread: cancellation
+        torch.randn(6, 4).t(),  # not contiguous
+        torch.randn(5, dtype=torch.float64),
+        torch.zeros(0),
+    ],
+)
+def test_the_lean_host_path_declines_what_needs_the_torch_path(bad: torch.Tensor) -> None:
+    assert stats_torch.reduce_host_fused([torch.randn(10), bad]) is None
+
+
+def test_weight_deltas_by_the_kernel_match_the_torch_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(6)
+    before = [torch.randn(1000, generator=g), torch.randn(33, 3, generator=g)]
+    after = [b + 1e-3 * torch.randn(b.shape, generator=g) for b in before]
+    after[1][0, 0] = float("nan")
+
+    def deltas(numba: str) -> list[list[float]]:
+        monkeypatch.setenv("TENSORPULSE_NUMBA", numba)
+        tracker = stats_torch.DeltaTracker(1e-3, 0.0)
+        keys = ["a", "b"]
+        tracker.track(1, keys, before, [stats_torch.DeviceStats(n=t.numel()) for t in before])
+        stats = [stats_torch.DeviceStats(n=t.numel()) for t in after]
+        tracker.track(2, keys, after, stats)
+        rows = [s.delta.tolist() for s in stats]
+        # the copy now holds `after`: the next delta against it is zero
+        again = [stats_torch.DeviceStats(n=t.numel()) for t in after]
+        tracker.track(3, keys, after, again)
+        assert again[0].delta.tolist()[0] == 0.0
+        return rows
+
+    want, got = deltas("0"), deltas("1")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    assert math.isnan(got[1][0]) and math.isnan(got[1][2]) and math.isnan(want[1][2])
+
+
+def test_weight_deltas_are_combined_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = np.random.default_rng(7).normal(size=1000).astype(np.float32)
+    p = (x + 0.01).astype(np.float32)
+    p[777] = 5.0
+    p1 = p.copy()  # the kernel reads by address: the copy must outlive the call
+    whole = stats_numba.deltas_at([x.ctypes.data], [p1.ctypes.data], [1000], 1e-3)
+    monkeypatch.setattr(stats_numba, "CHUNK", 64)
+    q = p.copy()
+    parts = stats_numba.deltas_at([x.ctypes.data], [q.ctypes.data], [1000], 1e-3)
+    np.testing.assert_allclose(parts, whole, rtol=1e-5)
+    assert q.tolist() == x.tolist(), "the copy is updated to the current values"
+    d = x.astype(np.float64) - p
+    assert parts[0, 2] == pytest.approx((np.abs(d) - 1e-3 * np.abs(p)).max(), rel=1e-6)
