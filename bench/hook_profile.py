@@ -8,11 +8,13 @@
 - contention: the step time of plain training beside a background thread of this process that
   (a) calls a ~20 us torch reduction in a loop, (b) sleeps 0.5 ms in a loop (each wake-up takes
   the GIL), against no thread: what sharing the interpreter with a helper thread costs.
+- floor: the same ratio for the least a hook that reads every weight and gradient once per step
+  can cost: one numba kernel call over them, on the training thread or on a background thread.
 - hook: the mean step-time ratio of TorchHook(save_interval=1) against an interleaved no-hook copy,
   reduced on the training thread or offloaded, with the numba kernels or torch ops; then the
   training thread's time per step in each of the hook's entry points (offloaded, numba).
 
-    python bench/hook_profile.py                 # all three, about two minutes
+    python bench/hook_profile.py                 # all four, about two minutes
     python bench/hook_profile.py hook --reps 5
 
 Ratios from one run on a shared machine: repeat a run before trusting a difference below 0.05.
@@ -143,6 +145,54 @@ def contention(steps: int, reps: int) -> None:
         print(f"  {name:40s} {ratio:5.3f}x")
 
 
+class _KernelOnly:
+    """The least any hook that reads every weight and gradient once per step can cost: one numba
+    batch call over them (no records, no activations, no Python per tensor beyond an address),
+    on the training thread or on a background thread waited for at the next step. The background
+    variant is a lower bound only: it reads the weights while the optimizer updates them, which
+    the real hook may not do (it reads them between two optimizer steps, a second job)."""
+
+    def __init__(self, model: nn.Module, background: bool) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tensorpulse.producers import stats_numba
+
+        self.batch_at = stats_numba.batch_at
+        self.params = list(model.parameters())
+        self.pool = ThreadPoolExecutor(1) if background else None
+        self.future: Any = None
+
+    def _reduce(self, tensors: list[torch.Tensor]) -> None:
+        self.batch_at([t.data_ptr() for t in tensors], [t.numel() for t in tensors])
+
+    def step(self, step: int, loss: Any = None) -> None:
+        tensors = [*self.params, *(p.grad for p in self.params)]
+        if self.pool is None:
+            self._reduce(tensors)
+            return
+        if self.future is not None:
+            self.future.result()
+        self.future = self.pool.submit(self._reduce, tensors)
+
+
+def floor(steps: int, reps: int) -> None:
+    from tensorpulse.producers import stats_numba
+
+    if not stats_numba.available():
+        print("\nfloor: numba is not installed: pip install 'tensorpulse[fast]'")
+        return
+    base = _Trainer()
+    base.run(20)
+    print(f"\nfloor: one kernel call over all weights and gradients per step / no hook ({reps} reps of {steps} steps)")
+    for background in (False, True):
+        tooled = _Trainer()
+        hook = _KernelOnly(tooled.model, background)
+        tooled.run(20, hook)
+        ratio = _interleaved(lambda: base.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
+        where = "background thread" if background else "training thread"
+        print(f"  on the {where:18s} {ratio:5.3f}x")
+
+
 def _wrap_timers(hook: Any, names: list[str], totals: dict[str, float]) -> None:
     for name in names:
         fn = getattr(hook, name)
@@ -194,20 +244,22 @@ def hook_variants(steps: int, reps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parts", nargs="*", metavar="PART", help="kernels, contention, hook (default: all)")
+    ap.add_argument("parts", nargs="*", metavar="PART", help="kernels, contention, floor, hook (default: all)")
     ap.add_argument("--steps", type=int, default=100, help="timed steps per segment")
     ap.add_argument("--reps", type=int, default=6, help="repetitions (segment pairs)")
     args = ap.parse_args()
-    parts = args.parts or ["kernels", "contention", "hook"]
-    unknown = sorted(set(parts) - {"kernels", "contention", "hook"})
+    parts = args.parts or ["kernels", "contention", "floor", "hook"]
+    unknown = sorted(set(parts) - {"kernels", "contention", "floor", "hook"})
     if unknown:
-        ap.error(f"unknown part(s) {', '.join(unknown)}: choose from kernels, contention, hook")
+        ap.error(f"unknown part(s) {', '.join(unknown)}: choose from kernels, contention, floor, hook")
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, {os.cpu_count()} CPUs")
     if "kernels" in parts:
         kernels()
     if "contention" in parts:
         contention(args.steps, args.reps)
+    if "floor" in parts:
+        floor(args.steps, args.reps)
     if "hook" in parts:
         hook_variants(args.steps, args.reps)
 
