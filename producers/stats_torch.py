@@ -25,6 +25,10 @@ shared/bench). So:
 4. `HostStats.finish()` turns the raw host numbers into wire columns in float64 (numpy); the
    publisher runs it on its background thread.
 
+With the numba kernels (`stats_numba`), CPU float32 tensors skip all of this: `FusedBatch` reduces
+a whole job in one kernel call and builds the HostStats with a few numpy calls, handing the rare
+tensor with a non-finite value or cancelling plain sums back to the path above.
+
 Activation outputs are reduced inside forward hooks and the activation itself is not kept, so
 there is no tensor left for a second pass: for them (`exact_nonfinite=True`) the nan/inf
 counts are computed up front with float indicator sums (on CPU only when sum|x| is not finite).

@@ -13,7 +13,8 @@ Usage::
     hook.close()
 
 Activations are reduced inside forward hooks, on the device, to a few scalars per module (the
-activation itself is not kept), or kept until a background thread reduces them (offloading). Whether a forward pass is captured is decided once, by a
+activation itself is not kept), or, on the CPU, kept until the step reduces them with the
+gradients (offloading, or autograd recording the pass with the numba kernels on). Whether a forward pass is captured is decided once, by a
 pre-hook on the top module: mode = "train" if model.training else "eval", and the upcoming step
 is the last step passed to `step()` for that mode plus one (0 at first). Only the first forward
 pass after each `step()` is captured (gradient accumulation would otherwise repeat names).
@@ -32,8 +33,10 @@ example clipping after it) would race with the reading; a tensor whose version c
 meanwhile is reported once in the log. Without an optimizer passed to `attach`, weights are
 reduced on the training thread.
 
-With numba installed (`pip install tensorpulse[fast]`), float32 CPU tensors are reduced by one
-fused pass each that releases the GIL (`stats_numba`); set TENSORPULSE_NUMBA=0 to use torch ops.
+With numba installed (`pip install tensorpulse[fast]`), the float32 CPU tensors of a job (the
+weights; or the gradients and activations) are reduced by one kernel call, one fused pass each,
+that releases the GIL (`stats_torch.FusedBatch`); weight deltas likewise. Set
+TENSORPULSE_NUMBA=0 to use torch ops.
 
 The inputs of nn.Tanh and nn.Sigmoid modules are captured on saved steps as
 `<module>/Tanh_input` / `<module>/Sigmoid_input` ("activations"), with the per-unit activity
@@ -143,6 +146,32 @@ class _Job(NamedTuple):
         return self.weights is None or self.weights.done()
 
 
+class _Pick:
+    """One part of a background job that computes two: `(ok, value)` pairs in a Future's result."""
+
+    __slots__ = ("_future", "_index")
+
+    def __init__(self, future: Future, index: int) -> None:
+        self._future = future
+        self._index = index
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> Any:
+        ok, value = self._future.result()[self._index]
+        if not ok:
+            raise value
+        return value
+
+    def exception(self) -> BaseException | None:
+        exc = self._future.exception()
+        if exc is not None:
+            return exc
+        ok, value = self._future.result()[self._index]
+        return None if ok else value
+
+
 class _Deferred(NamedTuple):
     """An activation captured on the training thread and reduced later, off it."""
 
@@ -212,6 +241,9 @@ class TorchHook(Hook):
         self._offloading = False  # decided at attach
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: collections.deque[_Job] = collections.deque()  # offloaded steps, in order
+        # An offloaded step whose job waits for the optimizer's step, to share the weights' job:
+        # (_reduce arguments, _Job fields); submitted on its own when no optimizer step comes.
+        self._staged: tuple[tuple, tuple] | None = None
         self._restore: list[Any] = []  # undo functions for wrapped zero_grad methods
         # Weights may be read off the training thread only between two optimizer steps, which
         # the optimizer's step hooks delimit: `_generation` counts optimizer steps, and
@@ -349,7 +381,8 @@ class TorchHook(Hook):
 
     def _train_index(self) -> int:
         # Offloaded train steps not yet turned into records count too: they are the earlier saves.
-        return self._train_saves + sum(1 for job in self._jobs if job.mode == "train" and job.names)
+        staged = self._staged is not None and self._staged[1][1] == "train" and bool(self._staged[1][2])
+        return self._train_saves + staged + sum(1 for job in self._jobs if job.mode == "train" and job.names)
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         if self._pool is None:
@@ -361,12 +394,15 @@ class TorchHook(Hook):
         self._generation += 1
         self._weights = None
         self._prefetch_weights("train")
+        self._flush_staged()  # no weights to read for the upcoming step
 
     def _prefetch_weights(self, mode: str) -> None:
         """Start reducing the weights now if the upcoming step of `mode` is saved.
 
         They stay unchanged until the optimizer's next step, which waits for the reduction: it
-        overlaps the forward and backward passes instead of delaying the training thread.
+        overlaps the forward and backward passes instead of delaying the training thread. A step
+        staged by `step()` (its gradients and activations) goes into the same background job:
+        one handover to the background thread per step instead of two (`bench/hook_profile.py`).
         """
         if not (self._weights_offloadable and self.enabled and self._param_items):
             return
@@ -375,10 +411,32 @@ class TorchHook(Hook):
         upcoming = self._last_step.get(mode, -1) + 1
         if not self.save_config.should_save(upcoming, mode):
             return
-        delta_keys = self._delta_keys(mode)
+        delta_keys = self._delta_keys(mode)  # counts the staged step among the earlier saves
         tensors = [p for _, _, p in self._param_items]
-        future = self._submit(self._reduce_weights, upcoming, tensors, delta_keys)
-        self._weights = _WeightsJob(self._generation, upcoming, delta_keys is not None, future)
+        staged, self._staged = self._staged, None
+        both = self._submit(self._reduce_both, staged[0] if staged else None, upcoming, tensors, delta_keys)
+        self._weights = _WeightsJob(self._generation, upcoming, delta_keys is not None, _Pick(both, 1))
+        if staged is not None:
+            self._jobs.append(_Job(*staged[1][:6], _Pick(both, 0), *staged[1][6:]))
+
+    def _reduce_both(self, step_args: tuple | None, upcoming: int, tensors: list[torch.Tensor], delta_keys: Any):
+        """One background job: the weights of the upcoming step, then a staged step."""
+        out: list[tuple[bool, Any]] = []
+        for fn, args in ((self._reduce_weights, (upcoming, tensors, delta_keys)), (self._reduce, step_args)):
+            if args is None:
+                out.append((True, None))
+                continue
+            try:
+                out.append((True, fn(*args)))
+            except Exception as exc:  # noqa: BLE001 - reported when that part is read
+                out.append((False, exc))
+        return out[1], out[0]
+
+    def _flush_staged(self) -> None:
+        """Submit the step staged by `step()` on its own (no optimizer step came to carry it)."""
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            self._jobs.append(_Job(*staged[1][:6], self._submit(self._reduce, *staged[0]), *staged[1][6:]))
 
     def _delta_keys(self, mode: str) -> list[tuple[str, str]] | None:
         """(collection, name) of the tracked weights when this save reports weight deltas."""
@@ -414,7 +472,7 @@ class TorchHook(Hook):
 
     def _make_grad_guard(self, p: nn.Parameter):
         def guard(grad: torch.Tensor) -> None:
-            if self._jobs and p.grad is not None:  # this gradient will be added into p.grad
+            if (self._jobs or self._staged is not None) and p.grad is not None:  # added into p.grad
                 self._wait_jobs()
 
         return guard
@@ -425,6 +483,7 @@ class TorchHook(Hook):
                 self._weights.future.exception()
 
     def _wait_jobs(self) -> None:
+        self._flush_staged()
         self._wait_weights()
         for job in list(self._jobs):
             with contextlib.suppress(Exception):  # a failed job is reported when it is drained
@@ -432,6 +491,8 @@ class TorchHook(Hook):
 
     def _drain(self, wait: bool) -> None:
         """Turn finished offloaded steps (all of them with `wait`) into records, in order."""
+        if wait:
+            self._flush_staged()
         while self._jobs and (wait or (self._jobs[0].future.done() and self._jobs[0].weights_done())):
             job = self._jobs.popleft()
             try:
@@ -490,6 +551,8 @@ class TorchHook(Hook):
     # ------------------------------------------------------------------ forward hooks
     def _on_forward_start(self, module: nn.Module, args: Any) -> None:
         self._capturing = None
+        if self._staged is not None:
+            self._flush_staged()
         if self._capture_handles:
             self._end_capture()  # a forward pass that raised left its hooks behind
         if not self.enabled:
@@ -663,8 +726,13 @@ class TorchHook(Hook):
             act_stats = [a for _, _, a in acts]
             if offload:
                 versions = [_version(t) for t in tensors]
-                fut = self._submit(self._reduce, step, tensors, quants, None, act_stats, extras, caps, versions)
-                self._jobs.append(_Job(step, mode, names, colls, extra_names, caps, fut, weights, wnames, wcolls))
+                self._flush_staged()
+                self._staged = (
+                    (step, tensors, quants, None, act_stats, extras, caps, versions),
+                    (step, mode, names, colls, extra_names, caps, weights, wnames, wcolls),
+                )
+                if not (self._weights_offloadable and mode == "train"):
+                    self._flush_staged()  # no optimizer step will carry it
                 return
             host, values = self._reduce(step, tensors, quants, delta_keys, act_stats, extras, caps)
             self._assemble(step, mode, names, colls, extra_names, caps, host, values)

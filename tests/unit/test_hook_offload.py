@@ -85,3 +85,126 @@ def test_weights_are_read_between_optimizer_steps_in_the_background() -> None:
         opt.step()
         assert hook._weights is not None and hook._weights.generation == step + 1 and not hook._weights.taken
     hook.close()
+
+
+@pytest.mark.parametrize(("interval", "jobs_per_step"), [(1, 1), (2, 2)])
+def test_a_step_before_the_optimizer_shares_one_background_job_with_the_next_weights(
+    interval: int, jobs_per_step: int
+) -> None:
+    """hook.step() then optimizer.step(): the step's gradients and activations ride in the job
+    that reads the next step's weights (one handover per step); when the next step is not saved
+    the step's job goes alone, after its weights' own job (two per saved step)."""
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sent: list[bytes] = []
+    hook = TorchHook("off", produce_fn=lambda t, v, k: sent.append(v), offload=True, save_interval=interval)
+    hook.attach(model, opt)
+    submitted: list[str] = []
+    original = hook._submit
+
+    def counting(fn, *args):
+        submitted.append(fn.__name__)
+        return original(fn, *args)
+
+    hook._submit = counting  # type: ignore[method-assign]
+    x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    steps = 8
+    for step in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        hook.step(step)
+        opt.step()
+    hook.close()
+    saved = steps // interval
+    # the first step's weights are read on their own (at the first forward pass)
+    assert len(submitted) == 1 + saved * jobs_per_step, submitted
+    if interval == 1:
+        assert submitted[1:] == ["_reduce_both"] * saved
+    schemas = wire.SchemaCache()
+    records = [r for r in (wire.decode(p, schemas) for p in sent) if r.kind == "step"]
+    assert [r.step for r in records] == list(range(0, steps, interval))
+    assert all(any(t.name == "gradient/0.weight" for t in r.tensors) for r in records)
+    assert all(any(t.name == "0.weight" for t in r.tensors) for r in records)
+
+
+def test_a_failing_part_of_a_shared_job_leaves_the_other_part(caplog: pytest.LogCaptureFixture) -> None:
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sent: list[bytes] = []
+    hook = TorchHook("off", produce_fn=lambda t, v, k: sent.append(v), offload=True).attach(model, opt)
+    original = hook._reduce
+    calls = {"n": 0}
+
+    def failing_once(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom in the step part")
+        return original(*args)
+
+    hook._reduce = failing_once  # type: ignore[method-assign]
+    x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    for step in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        hook.step(step)
+        opt.step()
+    hook.close()
+    assert "boom in the step part" in caplog.text
+    schemas = wire.SchemaCache()
+    steps = [r.step for r in (wire.decode(p, schemas) for p in sent) if r.kind == "step"]
+    assert 1 not in steps and {0, 2, 3} <= set(steps), steps
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_the_one_kernel_call_path_gives_the_records_of_the_torch_path(
+    offload: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Numba on (one batch call per job, numba weight deltas) or off (torch ops): same records."""
+    pytest.importorskip("numba")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
+    monkeypatch.setenv("TENSORPULSE_NUMBA", "0")
+    ops = _run(offload, "before", True, copy.deepcopy(model))
+    monkeypatch.setenv("TENSORPULSE_NUMBA", "1")
+    fused = _run(offload, "before", True, copy.deepcopy(model))
+    assert [r.step for r in fused] == [r.step for r in ops] == list(range(12))
+    for a, b in zip(ops, fused, strict=True):
+        assert a.scalars == pytest.approx(b.scalars)
+        assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+        for ta, tb in zip(a.tensors, b.tensors, strict=True):
+            assert (ta.n, ta.min, ta.max, ta.zeros, ta.nan, ta.inf) == (tb.n, tb.min, tb.max, tb.zeros, tb.nan, tb.inf)
+            assert (ta.mean, ta.std) == pytest.approx((tb.mean, tb.std), rel=1e-5, abs=1e-7)
+            assert ta.activity == tb.activity
+            assert (ta.delta is None) == (tb.delta is None)
+            if ta.delta is not None:
+                da, db = ta.delta, tb.delta
+                assert da.prev_step == db.prev_step
+                assert (da.update_l2, da.prev_l2, da.allclose_excess) == pytest.approx(
+                    (db.update_l2, db.prev_l2, db.allclose_excess), rel=1e-4, abs=1e-9
+                )
+
+
+class _ScaledGelu(nn.Module):
+    """Changes its activation in place after the activation module ran (GELU keeps its input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc(x))
+        h.mul_(0.5)
+        return self.out(h)
+
+
+def test_an_activation_changed_after_its_module_is_reported_on_the_training_thread_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("numba")
+    model = _ScaledGelu()
+    hook = TorchHook("off", produce_fn=lambda *a: None, offload=False)
+    hook.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    model(torch.randn(3, 4)).sum().backward()
+    hook.step(0)
+    hook.close()
+    assert "changed in place" in caplog.text
