@@ -261,6 +261,14 @@ def _thresholds(samples: int) -> tuple[int, ...]:
     return tuple(activity_thresholds(samples))
 
 
+@functools.lru_cache(maxsize=1024)
+def _thresholds_np(samples: int) -> np.ndarray:
+    """`_thresholds` as a [1, edges] row (read-only: it is shared)."""
+    thr = np.asarray(_thresholds(samples))[None, :]
+    thr.flags.writeable = False
+    return thr
+
+
 def _quantiles(flat: torch.Tensor, ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest-rank (p5, p95) of a strided subsample of <= MAX_QUANTILE_SAMPLES elements, 0-d each.
 
@@ -635,23 +643,24 @@ class FusedBatch:
     def finish(self, m: np.ndarray, counts: Sequence[np.ndarray]) -> HostStats | None:
         """HostStats from the kernel's output, or None when a tensor needs the torch path: a
         non-finite value (exact nan/inf counts) or plain sums that lose the variance to
-        cancellation (MAX_PLAIN_RATIO)."""
+        cancellation (MAX_PLAIN_RATIO). Few numpy calls: it runs beside training, on the GIL."""
         n = self.n
+        head = m[:, :5]
+        if not np.isfinite(head).all():
+            return None
+        s = m[:, 0]
         with np.errstate(over="ignore", invalid="ignore"):
-            if not np.isfinite(m[:, :5]).all():
-                return None
-            mean = m[:, 0] / n
-            if (mean * mean > MAX_PLAIN_RATIO * (m[:, 1] / n - mean * mean)).any():
+            # mean^2 > R * (ss/n - mean^2)  <=>  (1 + R) s^2 > R ss n
+            if ((1.0 + MAX_PLAIN_RATIO) * s * s > MAX_PLAIN_RATIO * m[:, 1] * n).any():
                 return None
         k = len(n)
-        raw = np.empty((k, 6))
-        raw[:, 0] = 0.0
-        raw[:, 1:] = m[:, :5]
+        raw = np.zeros((k, 6))
+        raw[:, 1:] = head
         activity: dict[int, tuple[int, ...]] = {}
         for i, c in zip(self.act_at, counts, strict=True):
             units = c.size
-            thr = np.asarray(_thresholds(int(n[i]) // units))
-            activity[i] = (units, *(int(v) for v in (c[:, None] < thr[None, :]).sum(0)))
+            below = (c[:, None] < _thresholds_np(int(n[i]) // units)).sum(0)
+            activity[i] = (units, *below.tolist())
         zeros = np.zeros(k, np.int64)
         return HostStats(n, raw, m[:, 5].astype(np.int64), zeros, zeros.copy(), {}, activity)
 

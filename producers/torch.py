@@ -184,7 +184,10 @@ def _first_value(v: Any) -> float:
     """A scalar extra (loss, learning rate, recorded scalar) as a float, as `transfer` reads it."""
     if not isinstance(v, torch.Tensor):
         return float(v)
-    return float(v.detach().reshape(-1)[0]) if v.numel() else math.nan
+    n = v.numel()
+    if n == 1:
+        return float(v.item())  # one call: this runs beside training, on the GIL
+    return float(v.detach().reshape(-1)[0]) if n else math.nan
 
 
 def _version(t: torch.Tensor) -> int | None:
