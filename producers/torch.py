@@ -146,32 +146,6 @@ class _Job(NamedTuple):
         return self.weights is None or self.weights.done()
 
 
-class _Pick:
-    """One part of a background job that computes two: `(ok, value)` pairs in a Future's result."""
-
-    __slots__ = ("_future", "_index")
-
-    def __init__(self, future: Future, index: int) -> None:
-        self._future = future
-        self._index = index
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def result(self) -> Any:
-        ok, value = self._future.result()[self._index]
-        if not ok:
-            raise value
-        return value
-
-    def exception(self) -> BaseException | None:
-        exc = self._future.exception()
-        if exc is not None:
-            return exc
-        ok, value = self._future.result()[self._index]
-        return None if ok else value
-
-
 class _Deferred(NamedTuple):
     """An activation captured on the training thread and reduced later, off it."""
 
@@ -417,23 +391,22 @@ class TorchHook(Hook):
         delta_keys = self._delta_keys(mode)  # counts the staged step among the earlier saves
         tensors = [p for _, _, p in self._param_items]
         staged, self._staged = self._staged, None
-        both = self._submit(self._reduce_both, staged[0] if staged else None, upcoming, tensors, delta_keys)
-        self._weights = _WeightsJob(self._generation, upcoming, delta_keys is not None, _Pick(both, 1))
+        weights: Future = Future()
+        both = self._submit(self._reduce_both, weights, upcoming, tensors, delta_keys, staged[0] if staged else None)
+        self._weights = _WeightsJob(self._generation, upcoming, delta_keys is not None, weights)
         if staged is not None:
-            self._jobs.append(_Job(*staged[1][:6], _Pick(both, 0), *staged[1][6:]))
+            self._jobs.append(_Job(*staged[1][:6], both, *staged[1][6:]))
 
-    def _reduce_both(self, step_args: tuple | None, upcoming: int, tensors: list[torch.Tensor], delta_keys: Any):
-        """One background job: the weights of the upcoming step, then a staged step."""
-        out: list[tuple[bool, Any]] = []
-        for fn, args in ((self._reduce_weights, (upcoming, tensors, delta_keys)), (self._reduce, step_args)):
-            if args is None:
-                out.append((True, None))
-                continue
-            try:
-                out.append((True, fn(*args)))
-            except Exception as exc:  # noqa: BLE001 - reported when that part is read
-                out.append((False, exc))
-        return out[1], out[0]
+    def _reduce_both(
+        self, weights: Future, upcoming: int, tensors: list[torch.Tensor], delta_keys: Any, step_args: tuple | None
+    ) -> Any:
+        """One background job: the weights of the upcoming step (into `weights`, at once: the
+        optimizer's next step waits for them alone), then a staged step (the job's result)."""
+        try:
+            weights.set_result(self._reduce_weights(upcoming, tensors, delta_keys))
+        except Exception as exc:  # noqa: BLE001 - reported when the weights are read
+            weights.set_exception(exc)
+        return None if step_args is None else self._reduce(*step_args)
 
     def _flush_staged(self) -> None:
         """Submit the step staged by `step()` on its own (no optimizer step came to carry it)."""

@@ -176,7 +176,7 @@ def test_noisy_repetitions_are_dropped() -> None:
 
 
 def test_hook_profile_reports_every_part() -> None:
-    """bench/hook_profile.py runs its three parts on a tiny configuration and prints a ratio per variant."""
+    """bench/hook_profile.py runs its four parts on a tiny configuration and prints a ratio per variant."""
     cmd = [sys.executable, str(BENCH / "hook_profile.py"), "--steps", "3", "--reps", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -184,6 +184,9 @@ def test_hook_profile_reports_every_part() -> None:
     assert "numba kernel (6 statistics)" in out or "numba is not installed" in out
     assert out.count("x sum") >= 6
     assert "sleep 0.5 ms in a loop" in out
+    floors = [line for line in out.splitlines() if line.strip().startswith("on the ")]
+    assert len(floors) == 2 or "numba is not installed" in out, out
+    assert all(float(line.split()[-1].rstrip("x")) > 0 for line in floors)
     ratios = [line for line in out.splitlines() if line.strip().startswith(("inline", "background"))]
     assert len(ratios) in (2, 4), out
     assert all(float(line.split()[-1].rstrip("x")) > 0 for line in ratios)

@@ -128,10 +128,8 @@ def test_a_step_before_the_optimizer_shares_one_background_job_with_the_next_wei
 
 
 def test_a_failing_part_of_a_shared_job_leaves_the_other_part() -> None:
-    """The step part of a shared job fails: reading it raises, the weights part still reads."""
+    """The step part of a shared job fails: the job raises, the weights part is still read."""
     from concurrent.futures import Future
-
-    from tensorpulse.producers.torch import _Pick
 
     model = nn.Sequential(nn.Linear(4, 3))
     hook = TorchHook("off", produce_fn=lambda *a: None, offload=True).attach(model)
@@ -141,15 +139,11 @@ def test_a_failing_part_of_a_shared_job_leaves_the_other_part() -> None:
 
     hook._reduce = failing  # type: ignore[method-assign]
     tensors = [p for _, _, p in hook._param_items]
-    both: Future = Future()
-    both.set_result(hook._reduce_both(("step args",), 0, tensors, None))
-    step_part, weights_part = _Pick(both, 0), _Pick(both, 1)
-    assert step_part.done() and weights_part.done()
-    assert isinstance(step_part.exception(), RuntimeError)
+    weights: Future = Future()
     with pytest.raises(RuntimeError, match="boom"):
-        step_part.result()
-    assert weights_part.exception() is None
-    assert weights_part.result().n.tolist() == [12, 3]
+        hook._reduce_both(weights, 0, tensors, None, ("step args",))
+    assert weights.done() and weights.exception() is None
+    assert weights.result().n.tolist() == [12, 3]
     hook.close()
 
 
@@ -206,3 +200,30 @@ def test_an_activation_changed_after_its_module_is_reported_on_the_training_thre
     hook.step(0)
     hook.close()
     assert "changed in place" in caplog.text
+
+
+def test_the_optimizer_waits_for_the_weights_not_for_the_step_sharing_their_job() -> None:
+    import threading
+
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = TorchHook("off", produce_fn=lambda *a: None, offload=True).attach(model, opt)
+    release = threading.Event()
+    original = hook._reduce
+
+    def slow(*args):
+        release.wait(10)
+        return original(*args)
+
+    hook._reduce = slow  # type: ignore[method-assign]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(16, 10)), torch.randint(0, 3, (16,))).backward()
+    hook.step(0)
+    opt.step()  # its post-hook starts one job: the weights of step 1, then step 0's gradients
+    try:
+        assert hook._weights is not None
+        hook._weights.future.result(timeout=5)  # read while the step part still waits
+        assert not hook._jobs[-1].future.done()
+    finally:
+        release.set()
+        hook.close()
