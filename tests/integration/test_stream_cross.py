@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 NAMES = ["fc.weight", "gradient/fc.weight"]
 COLLS = ["weights", "gradients"]
-STALL = 2.0  # seconds without a record before the stall alert
+STALL = 4.0  # seconds without a record before the stall alert (2 s flaked: a busy worker paused that long)
 DIVERGE_AT = 17
 
 
