@@ -4,7 +4,8 @@
 `hook_overhead.py` compares whole tools; this breaks our own hook down, in one process:
 
 - kernels: microseconds per reduction of one 401k-element float32 tensor (the MLP's first weight):
-  torch's single-statistic ops, the torch path of the hook (six statistics), the numba kernel.
+  torch's single-statistic ops, the torch path of the hook (six statistics), the numba kernel;
+  and a weight delta against a previous copy, by the torch pass and by the numba kernel.
 - contention: the step time of plain training beside a background thread of this process that
   (a) calls a ~20 us torch reduction in a loop, (b) sleeps 0.5 ms in a loop (each wake-up takes
   the GIL), against no thread: what sharing the interpreter with a helper thread costs.
@@ -63,9 +64,19 @@ def kernels() -> None:
     ]
     os.environ["TENSORPULSE_NUMBA"] = "0"
     rows.append(("hook, torch path (6 statistics)", lambda: transfer([reduce_on_device(x)])))
+    from tensorpulse.producers.stats_torch import _delta
+
+    prev = x + 1e-3 * torch.randn(x.shape)
+    rows.append(("weight delta, torch pass", lambda: _delta(x, prev, 1e-3)))
     if stats_numba.available():
         arr = x.numpy()
         rows.append(("numba kernel (6 statistics)", lambda: stats_numba.moments([arr])))
+        rows.append(
+            (
+                "weight delta, numba kernel",
+                lambda: stats_numba.deltas_at([x.data_ptr()], [prev.data_ptr()], [x.numel()], 1e-3),
+            )
+        )
     else:
         print("numba is not installed: pip install 'tensorpulse[fast]'")
     base = None

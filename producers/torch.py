@@ -26,7 +26,9 @@ only collects references and a background thread reduces them. Weights are read 
 optimizer steps: their reduction starts right after the optimizer's step (or at the first saved
 forward pass) and the optimizer's next step waits for it, so it overlaps the forward and
 backward passes. A step's gradients and activations are reduced after `step()` returns, while
-the optimizer steps and the next forward pass runs; the next backward waits only if it would
+the optimizer steps and the next forward pass runs: when `step()` comes before the optimizer's
+step, in the same background job as the next step's weights (one hand-over per step; the
+optimizer still waits for the weights alone). The next backward waits only if it would
 accumulate into a gradient still being read, and zero_grad(set_to_none=False) waits too. Records
 are published one step later. In-place changes to a gradient or activation after `step()` (for
 example clipping after it) would race with the reading; a tensor whose version counter moved
