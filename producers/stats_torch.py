@@ -620,7 +620,14 @@ class FusedBatch:
         act_at: list[int] = []
         for i, t in enumerate(tensors):
             n = t.numel()
-            if t.dtype is not torch.float32 or not t.is_cpu or not n or not t.is_contiguous():
+            if (
+                t.dtype is not torch.float32
+                or not t.is_cpu
+                or not n
+                or t.layout is not torch.strided
+                or not t.is_contiguous()
+                or t.is_neg()  # a lazily negated view: its memory holds the values un-negated
+            ):
                 return None
             addrs.append(t.data_ptr())
             sizes.append(n)
@@ -1107,7 +1114,14 @@ class DeltaTracker:
                 s.delta_step = got[0]
                 s.delta_atol = self.atol
                 self._prev[key] = (step, got[1])
-                if fused is not None and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous():
+                if (
+                    fused is not None
+                    and x.dtype is torch.float32
+                    and x.is_cpu
+                    and x.layout is torch.strided
+                    and x.is_contiguous()
+                    and not x.is_neg()
+                ):
                     fused.append((x, got[1], s))
                 elif x.device.type in _HOST_DEVICES or x.numel() > DELTA_GROUP:
                     s.delta = _delta(x, got[1], self.rtol)

@@ -144,6 +144,8 @@ def test_the_lean_host_path_matches_reduce_many_and_transfer() -> None:
         torch.randn(6, 4).t(),  # not contiguous
         torch.randn(5, dtype=torch.float64),
         torch.zeros(0),
+        torch._neg_view(torch.randn(5)),  # lazily negated: memory and values differ in sign
+        torch.randn(4, 4).to_sparse(),
     ],
 )
 def test_the_lean_host_path_declines_what_needs_the_torch_path(bad: torch.Tensor) -> None:
