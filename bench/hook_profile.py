@@ -8,7 +8,9 @@
   and a weight delta against a previous copy, by the torch pass and by the numba kernel.
 - contention: the step time of plain training beside a background thread of this process that
   (a) calls a ~20 us torch reduction in a loop, (b) sleeps 0.5 ms in a loop (each wake-up takes
-  the GIL), against no thread: what sharing the interpreter with a helper thread costs.
+  the GIL), (c) runs the numba kernel over 32 MiB of its own (long calls without the GIL, no data
+  shared with training), against no thread: what sharing the interpreter, and the machine, with
+  a helper thread costs.
 - floor: the same ratio for the least a hook that reads every weight and gradient once per step
   can cost: one numba kernel call over them, on the training thread or on a background thread.
 - hook: the mean step-time ratio of TorchHook(save_interval=1) against an interleaved no-hook copy,
@@ -37,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import make_batches, make_model  # noqa: E402
 from torch import nn  # noqa: E402
@@ -147,11 +150,17 @@ def contention(steps: int, reps: int) -> None:
 
         return segment
 
-    print(f"\ncontention: MLP step time beside a background thread / alone ({reps} reps of {steps} steps)")
-    for name, body in (
+    bodies: list[tuple[str, Callable[[], Any]]] = [
         ("a ~20 us torch reduction in a loop", lambda: work.sum()),
         ("sleep 0.5 ms in a loop", lambda: time.sleep(0.0005)),
-    ):
+    ]
+    from tensorpulse.producers import stats_numba
+
+    if stats_numba.available():
+        own = np.ones(8 << 20, dtype=np.float32)  # 32 MiB of its own: no data shared with training
+        bodies.append(("the numba kernel over its own 32 MiB", lambda: stats_numba.moments([own])))
+    print(f"\ncontention: MLP step time beside a background thread / alone ({reps} reps of {steps} steps)")
+    for name, body in bodies:
         ratio = _interleaved(lambda: trainer.run(steps), with_thread(body), reps)
         print(f"  {name:40s} {ratio:5.3f}x")
 

@@ -184,6 +184,7 @@ def test_hook_profile_reports_every_part() -> None:
     assert "numba kernel (6 statistics)" in out or "numba is not installed" in out
     assert out.count("x sum") >= 7
     assert "sleep 0.5 ms in a loop" in out
+    assert "the numba kernel over its own 32 MiB" in out or "numba is not installed" in out
     floors = [line for line in out.splitlines() if line.strip().startswith("on the ")]
     assert len(floors) == 2 or "numba is not installed" in out, out
     assert all(float(line.split()[-1].rstrip("x")) > 0 for line in floors)
