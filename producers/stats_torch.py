@@ -25,8 +25,8 @@ shared/bench). So:
 4. `HostStats.finish()` turns the raw host numbers into wire columns in float64 (numpy); the
    publisher runs it on its background thread.
 
-With the numba kernels (`stats_numba`), CPU float32 tensors skip all of this: `FusedBatch` reduces
-a whole job in one kernel call and builds the HostStats with a few numpy calls, handing the rare
+With the numba kernels (`stats_numba`), CPU float32 tensors skip all of this: `reduce_host_fused`
+reduces a whole job in one kernel call and builds the HostStats with a few numpy calls, handing the rare
 tensor with a non-finite value or cancelling plain sums back to the path above.
 
 Activation outputs are reduced inside forward hooks and the activation itself is not kept, so
@@ -585,100 +585,70 @@ def _reduce_fused(xs: list[torch.Tensor]) -> _Rows:
     return _Rows(rows, torch.zeros(len(xs), dtype=rows.dtype))
 
 
-class FusedBatch:
-    """CPU float32 tensors ready for one call of the numba batch kernel, and how to read its output.
+def reduce_host_fused(
+    tensors: Sequence[torch.Tensor], active: Sequence[tuple[float, float] | None] | None = None
+) -> HostStats | None:
+    """HostStats of CPU float32 tensors from one numba kernel call, or None: use reduce_many /
+    transfer then.
 
     Why: the offloaded hook's background work shares the GIL with training, and `reduce_many` +
     `transfer` cost a few hundred microseconds of Python per step; this is one kernel call (one
     GIL release) and a dozen numpy calls. The kernel reads the tensors by address: a few
     attribute reads per tensor, no numpy view (Python on a training thread runs on cold caches,
     where each call costs two to three times its cost in a micro-benchmark).
+
+    `active[i]`: (lo, hi) of the per-unit activity of tensor i (unit = dim 1), or None. None is
+    returned when the kernel is off, a tensor is empty, not a dense contiguous float32 CPU tensor,
+    or a result needs the torch path: a non-finite value (exact nan/inf counts) or plain sums that
+    lose the variance to cancellation (MAX_PLAIN_RATIO). The tensors must not change until it
+    returns.
     """
-
-    __slots__ = ("tensors", "addrs", "sizes", "n", "acts", "act_at")
-
-    def __init__(self, tensors: list[torch.Tensor], addrs: list[int], sizes: list[int], acts: list, act_at: list[int]):
-        self.tensors = tensors  # keeps the memory alive
-        self.addrs = addrs
-        self.sizes = sizes
-        self.n = np.array(sizes, dtype=np.int64)
-        self.acts = acts
-        self.act_at = act_at
-
-    @classmethod
-    def of(
-        cls, tensors: Sequence[torch.Tensor], active: Sequence[tuple[float, float] | None] | None = None
-    ) -> FusedBatch | None:
-        """The batch of `tensors`; `active[i]`: (lo, hi) of the per-unit activity of tensor i
-        (unit = dim 1), or None. None when the kernel is off or a tensor is empty, not float32,
-        not on the CPU or not contiguous."""
-        if not stats_numba.enabled():
+    if not stats_numba.enabled():
+        return None
+    addrs: list[int] = []
+    sizes: list[int] = []
+    acts: list[tuple[int, int, int, float, float]] = []
+    act_at: list[int] = []
+    for i, t in enumerate(tensors):
+        n = t.numel()
+        if (
+            t.dtype is not torch.float32
+            or not t.is_cpu
+            or not n
+            or t.layout is not torch.strided
+            or not t.is_contiguous()
+            or t.is_neg()  # a lazily negated view: its memory holds the values un-negated
+        ):
             return None
-        addrs: list[int] = []
-        sizes: list[int] = []
-        acts: list[tuple[int, int, int, float, float]] = []
-        act_at: list[int] = []
-        for i, t in enumerate(tensors):
-            n = t.numel()
-            if (
-                t.dtype is not torch.float32
-                or not t.is_cpu
-                or not n
-                or t.layout is not torch.strided
-                or not t.is_contiguous()
-                or t.is_neg()  # a lazily negated view: its memory holds the values un-negated
-            ):
+        addrs.append(t.data_ptr())
+        sizes.append(n)
+        rng = active[i] if active is not None else None
+        if rng is not None and t.dim() >= 2 and t.shape[1]:
+            samples, units = t.shape[0], t.shape[1]
+            if n // units > _EXACT_F32:
                 return None
-            addrs.append(t.data_ptr())
-            sizes.append(n)
-            rng = active[i] if active is not None else None
-            if rng is not None and t.dim() >= 2:
-                samples, units = t.shape[0], t.shape[1]
-                if units and n // units > _EXACT_F32:
-                    return None
-                if units:
-                    acts.append((samples, units, n // (samples * units), rng[0], rng[1]))
-                    act_at.append(i)
-        for i in act_at:
-            addrs.append(addrs[i])
-        return cls(list(tensors), addrs, sizes, acts, act_at)
-
-    def run(self) -> HostStats | None:
-        """Reduce here (the GIL is released during the kernel)."""
-        return self.finish(*stats_numba.batch_at(self.addrs, self.sizes, self.acts))
-
-    def finish(self, m: np.ndarray, counts: Sequence[np.ndarray]) -> HostStats | None:
-        """HostStats from the kernel's output, or None when a tensor needs the torch path: a
-        non-finite value (exact nan/inf counts) or plain sums that lose the variance to
-        cancellation (MAX_PLAIN_RATIO). Few numpy calls: it runs beside training, on the GIL."""
-        n = self.n
-        head = m[:, :5]
-        if not np.isfinite(head).all():
+            acts.append((samples, units, n // (samples * units), rng[0], rng[1]))
+            act_at.append(i)
+    m, counts = stats_numba.batch_at(addrs + [addrs[i] for i in act_at], sizes, acts)
+    nn = np.array(sizes, dtype=np.int64)
+    head = m[:, :5]
+    if not np.isfinite(head).all():
+        return None
+    s = m[:, 0]
+    with np.errstate(over="ignore", invalid="ignore"):
+        # mean^2 > R * (ss/n - mean^2)  <=>  (1 + R) s^2 > R ss n
+        if ((1.0 + MAX_PLAIN_RATIO) * s * s > MAX_PLAIN_RATIO * m[:, 1] * nn).any():
             return None
-        s = m[:, 0]
-        with np.errstate(over="ignore", invalid="ignore"):
-            # mean^2 > R * (ss/n - mean^2)  <=>  (1 + R) s^2 > R ss n
-            if ((1.0 + MAX_PLAIN_RATIO) * s * s > MAX_PLAIN_RATIO * m[:, 1] * n).any():
-                return None
-        k = len(n)
-        raw = np.zeros((k, 6))
-        raw[:, 1:] = head
-        activity: dict[int, tuple[int, ...]] = {}
-        for i, c in zip(self.act_at, counts, strict=True):
-            units = c.size
-            below = (c[:, None] < _thresholds_np(int(n[i]) // units)).sum(0)
-            activity[i] = (units, *below.tolist())
-        zeros = np.zeros(k, np.int64)
-        return HostStats(n, raw, m[:, 5].astype(np.int64), zeros, zeros.copy(), {}, activity)
-
-
-def reduce_host_fused(
-    tensors: Sequence[torch.Tensor], active: Sequence[tuple[float, float] | None] | None = None
-) -> HostStats | None:
-    """HostStats of CPU float32 tensors from one numba kernel call, or None (see FusedBatch):
-    use reduce_many / transfer then. The tensors must not change until it returns."""
-    batch = FusedBatch.of(tensors, active)
-    return None if batch is None else batch.run()
+    k = len(nn)
+    raw = np.zeros((k, 6))
+    raw[:, 1:] = head
+    activity: dict[int, tuple[int, ...]] = {}
+    for i, c in zip(act_at, counts, strict=True):
+        units = c.size
+        below = (c[:, None] < _thresholds_np(sizes[i] // units)).sum(0)
+        activity[i] = (units, *below.tolist())
+    zeros = np.zeros(k, np.int64)
+    return HostStats(nn, raw, m[:, 5].astype(np.int64), zeros, zeros.copy(), {}, activity)
 
 
 def reduce_many(

@@ -37,7 +37,7 @@ reduced on the training thread.
 
 With numba installed (`pip install tensorpulse[fast]`), the float32 CPU tensors of a job (the
 weights; or the gradients and activations) are reduced by one kernel call, one fused pass each,
-that releases the GIL (`stats_torch.FusedBatch`); weight deltas likewise. Set
+that releases the GIL (`stats_torch.reduce_host_fused`); weight deltas likewise. Set
 TENSORPULSE_NUMBA=0 to use torch ops.
 
 The inputs of nn.Tanh and nn.Sigmoid modules are captured on saved steps as
@@ -69,7 +69,6 @@ from . import stats_numba
 from .hook import Hook, _Part
 from .stats_torch import (
     DeviceStats,
-    FusedBatch,
     HostStats,
     reduce_host_fused,
     reduce_many,
@@ -631,9 +630,8 @@ class TorchHook(Hook):
         anyway. Its version counter tells whether it changed in place meanwhile.
         """
         x = t.detach()
-        if now or x.device.type != "cpu":
-            return reduce_on_device(x, exact_nonfinite=True, **kwargs)
-        if not (self._offloading or (torch.is_grad_enabled() and stats_numba.enabled())):
+        keep = self._offloading or (torch.is_grad_enabled() and stats_numba.enabled())
+        if now or x.device.type != "cpu" or not keep:
             return reduce_on_device(x, exact_nonfinite=True, **kwargs)
         return _Deferred(x, _version(x), kwargs)
 
@@ -721,31 +719,29 @@ class TorchHook(Hook):
 
     def _reduce(self, step, tensors, quants, delta_keys, act_stats, extras, caps, versions=None):
         """Statistics of one step, to host values: on the training thread, or offloaded."""
-        batch = self._lean_batch(tensors, quants, delta_keys, act_stats, caps)
-        if batch is not None:
-            got = self._lean_result(batch.run(), tensors, act_stats, extras, versions)
-            if got is not None:
-                return got
-        stats = reduce_many(tensors, quantiles=quants)
-        if delta_keys is not None:
-            idx = self._delta_idx
-            self._delta_tracker().track(step, delta_keys, [tensors[i] for i in idx], [stats[i] for i in idx])
-        acts = []
+        got = self._reduce_lean(tensors, quants, delta_keys, act_stats, extras, caps)
+        if got is None:
+            stats = reduce_many(tensors, quantiles=quants)
+            if delta_keys is not None:
+                idx = self._delta_idx
+                self._delta_tracker().track(step, delta_keys, [tensors[i] for i in idx], [stats[i] for i in idx])
+            acts = [
+                reduce_on_device(a.tensor, exact_nonfinite=True, **a.kwargs) if isinstance(a, _Deferred) else a
+                for a in act_stats
+            ]
+            got = transfer([*stats, *acts], extras, vectors=[c.values for c in caps])
         for a in act_stats:
             if isinstance(a, _Deferred):
-                acts.append(reduce_on_device(a.tensor, exact_nonfinite=True, **a.kwargs))
                 self._check_unchanged(a.tensor, a.version)
-            else:
-                acts.append(a)
         if versions is not None:
             for t, v in zip(tensors, versions, strict=True):
                 self._check_unchanged(t, v)
-        return transfer([*stats, *acts], extras, vectors=[c.values for c in caps])
+        return got
 
-    def _lean_batch(self, tensors, quants, delta_keys, act_stats, caps) -> FusedBatch | None:
-        """The step as one numba batch (`FusedBatch`) in the common case: CPU float32 tensors,
-        activations kept for the job, no quantiles, weight deltas or label/input captures this
-        step. None: take the general path."""
+    def _reduce_lean(self, tensors, quants, delta_keys, act_stats, extras, caps):
+        """`_reduce`'s (host, values) by one numba call (`reduce_host_fused`) in the common case:
+        CPU float32 tensors, activations kept for the step, no quantiles, weight deltas or
+        label/input captures this step. None: take the general path."""
         if delta_keys is not None or caps or any(quants):
             return None
         acts: list[torch.Tensor] = []
@@ -755,18 +751,8 @@ class TorchHook(Hook):
                 return None
             acts.append(a.tensor)
             ranges.append(a.kwargs.get("active_range", _POSITIVE))
-        return FusedBatch.of([*tensors, *acts], ranges)
-
-    def _lean_result(self, host, tensors, act_stats, extras, versions):
-        """`_reduce`'s (host, values) from a batch's HostStats; None (the general path) for None."""
-        if host is None:
-            return None
-        for a in act_stats:
-            self._check_unchanged(a.tensor, a.version)
-        if versions is not None:
-            for t, v in zip(tensors, versions, strict=True):
-                self._check_unchanged(t, v)
-        return host, [_first_value(e) for e in extras]
+        host = reduce_host_fused([*tensors, *acts], ranges)
+        return None if host is None else (host, [_first_value(e) for e in extras])
 
     def _check_unchanged(self, t: torch.Tensor, version: int | None) -> None:
         """Warn (once) that a tensor read off the training thread was changed in place meanwhile."""
@@ -774,10 +760,11 @@ class TorchHook(Hook):
             self._log_once(
                 "changed",
                 logging.WARNING,
-                "tensorpulse: a gradient or activation of job %s was changed in place while it was "
-                "being reduced in the background (e.g. gradient clipping or unscaling after step()); "
-                "its statistics may mix old and new values. Call hook.step() after such changes, or "
-                "pass offload=False.",
+                "tensorpulse: a gradient or activation of job %s was changed in place between its "
+                "capture and its reduction (e.g. gradient clipping or unscaling after step(), or an "
+                "in-place op on a module's output); its statistics may mix old and new values. Call "
+                "hook.step() after such changes, or pass offload=False (and set TENSORPULSE_NUMBA=0 "
+                "for activations).",
                 self.job,
             )
 
