@@ -10,12 +10,19 @@
   (a) calls a ~20 us torch reduction in a loop, (b) sleeps 0.5 ms in a loop (each wake-up takes
   the GIL), (c) runs the numba kernel over 32 MiB of its own (long calls without the GIL, no data
   shared with training), against no thread: what sharing the interpreter, and the machine, with
-  a helper thread costs.
+  a helper thread costs. Then a thread handed one job per step, as the hook's pool is: (d) a job
+  that does nothing (one wake-up, one take of the GIL), (e) a job that calls the numba kernel on
+  64 floats (the call gives the GIL back and takes it again), waited for at the next step.
 - floor: the same ratio for the least a hook that reads every weight and gradient once per step
-  can cost: one numba kernel call over them, on the training thread or on a background thread.
+  can cost: one numba kernel call over them, on the training thread or on a background thread;
+  and on a background thread over a copy of the same bytes that training never touches (what
+  reading training's own data from the other core adds).
 - hook: the mean step-time ratio of TorchHook(save_interval=1) against an interleaved no-hook copy,
-  reduced on the training thread or offloaded, with the numba kernels or torch ops; then the
-  training thread's time per step in each of the hook's entry points (offloaded, numba).
+  reduced on the training thread or offloaded, with the numba kernels or torch ops, and (a
+  diagnostic, not a mode of the hook) with the numba kernel replaced by a stub that reads no
+  tensor and writes plausible sums: what the hook costs besides reading and reducing the
+  tensors. Then the training thread's time per step in each of the hook's entry points
+  (offloaded, numba).
 
     python bench/hook_profile.py                 # all four, about two minutes
     python bench/hook_profile.py hook --reps 5
@@ -163,6 +170,37 @@ def contention(steps: int, reps: int) -> None:
     for name, body in bodies:
         ratio = _interleaved(lambda: trainer.run(steps), with_thread(body), reps)
         print(f"  {name:40s} {ratio:5.3f}x")
+    jobs: list[tuple[str, Callable[[], Any]]] = [("a job that does nothing", lambda: None)]
+    if stats_numba.available():
+        tiny = np.ones(64, dtype=np.float32)
+        jobs.append(("a job that calls the kernel on 64 floats", lambda: stats_numba.moments([tiny])))
+    for name, body in jobs:
+        tooled = _Trainer()
+        hook = _PerStepJob(body)
+        tooled.run(20, hook)
+        ratio = _interleaved(lambda: trainer.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
+        print(f"  one thread woken per step, {name:41s} {ratio:5.3f}x")
+        hook.close()
+
+
+class _PerStepJob:
+    """Hands `body` to a one-thread pool at every step and waits for it at the next, as the
+    offloaded hook hands over its jobs."""
+
+    def __init__(self, body: Callable[[], Any]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1)
+        self.body = body
+        self.future: Any = None
+
+    def step(self, step: int, loss: Any = None) -> None:
+        if self.future is not None:
+            self.future.result()
+        self.future = self.pool.submit(self.body)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 class _KernelOnly:
@@ -172,7 +210,7 @@ class _KernelOnly:
     variant is a lower bound only: it reads the weights while the optimizer updates them, which
     the real hook may not do (it reads them between two optimizer steps, a second job)."""
 
-    def __init__(self, model: nn.Module, background: bool) -> None:
+    def __init__(self, model: nn.Module, background: bool, own_copy: bool = False) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from tensorpulse.producers import stats_numba
@@ -181,12 +219,14 @@ class _KernelOnly:
         self.params = list(model.parameters())
         self.pool = ThreadPoolExecutor(1) if background else None
         self.future: Any = None
+        # The same bytes, in memory that training never reads or writes.
+        self.copy = [p.detach().clone() for p in self.params] * 2 if own_copy else None
 
     def _reduce(self, tensors: list[torch.Tensor]) -> None:
         self.batch_at([t.data_ptr() for t in tensors], [t.numel() for t in tensors])
 
     def step(self, step: int, loss: Any = None) -> None:
-        tensors = [*self.params, *(p.grad for p in self.params)]
+        tensors = self.copy or [*self.params, *(p.grad for p in self.params)]
         if self.pool is None:
             self._reduce(tensors)
             return
@@ -204,13 +244,14 @@ def floor(steps: int, reps: int) -> None:
     base = _Trainer()
     base.run(20)
     print(f"\nfloor: one kernel call over all weights and gradients per step / no hook ({reps} reps of {steps} steps)")
-    for background in (False, True):
+    for background, own in ((False, False), (True, False), (True, True)):
         tooled = _Trainer()
-        hook = _KernelOnly(tooled.model, background)
+        hook = _KernelOnly(tooled.model, background, own)
         tooled.run(20, hook)
         ratio = _interleaved(lambda: base.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
         where = "background thread" if background else "training thread"
-        print(f"  on the {where:18s} {ratio:5.3f}x")
+        where += ", over a copy of its own" if own else ""
+        print(f"  on the {where:42s} {ratio:5.3f}x")
 
 
 def _wrap_timers(hook: Any, names: list[str], totals: dict[str, float]) -> None:
@@ -227,6 +268,15 @@ def _wrap_timers(hook: Any, names: list[str], totals: dict[str, float]) -> None:
         setattr(hook, name, timed)
 
 
+def _stub_kernel(addrs, sizes, chunk, out, act_of, dims, los, his, offs, counts) -> None:  # noqa: ANN001
+    """In place of the numba batch kernel: no tensor read, sums of a mean-0, std-1 tensor without
+    zeros, and no active unit (so every result takes the kernel's path, never the torch one)."""
+    out[:] = 0.0
+    out[:, 1] = sizes  # sum of squares: n
+    out[:, 5] = sizes  # non-zero count
+    counts[:] = 0.0
+
+
 def hook_variants(steps: int, reps: int) -> None:
     from tensorpulse.producers import stats_numba
     from tensorpulse.producers.torch import TorchHook
@@ -234,11 +284,14 @@ def hook_variants(steps: int, reps: int) -> None:
     torch.set_num_threads(1)
     variants = [(False, "0"), (True, "0")]
     if stats_numba.available():
-        variants += [(False, "1"), (True, "1")]
+        variants += [(False, "1"), (True, "1"), (True, "stub")]
     base = _Trainer()
     print(f"\nhook: TorchHook(save_interval=1) / no hook, mean step time ({reps} reps of {steps} steps)")
     for offload, numba in variants:
-        os.environ["TENSORPULSE_NUMBA"] = numba
+        os.environ["TENSORPULSE_NUMBA"] = "0" if numba == "0" else "1"
+        kernel = stats_numba._get()
+        if numba == "stub":
+            stats_numba._kernel = _stub_kernel
         tooled = _Trainer()
         hook = TorchHook(
             "profile", save_interval=1, listen_for_actions=False, produce_fn=lambda *a: None, offload=offload
@@ -253,9 +306,10 @@ def hook_variants(steps: int, reps: int) -> None:
         ratio = _interleaved(lambda: base.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
         hooked_steps = reps * steps
         hook.close()
+        stats_numba._kernel = kernel
         where = "background" if offload else "inline"
-        kernel = "numba" if numba == "1" else "torch ops"
-        print(f"  {where:16s} {kernel:10s} {ratio:5.3f}x")
+        name = {"0": "torch ops", "1": "numba", "stub": "numba kernel stubbed (reads no tensor)"}[numba]
+        print(f"  {where:11s} {name:38s} {ratio:5.3f}x")
         if offload and numba == "1":
             for name in entry:
                 print(f"      training thread in {name:22s} {totals[name] / hooked_steps * 1e3:6.3f} ms/step")
