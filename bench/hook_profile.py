@@ -10,18 +10,20 @@
   (a) calls a ~20 us torch reduction in a loop, (b) sleeps 0.5 ms in a loop (each wake-up takes
   the GIL), (c) runs the numba kernel over 32 MiB of its own (long calls without the GIL, no data
   shared with training), against no thread: what sharing the interpreter, and the machine, with
-  a helper thread costs. Then a thread handed one job per step, as the hook's pool is: (d) a job
-  that does nothing (one wake-up, one take of the GIL), (e) a job that calls the numba kernel on
-  64 floats (the call gives the GIL back and takes it again), waited for at the next step.
+  a helper thread costs. Then a thread handed one job per step and waited for at the next: woken
+  for each (a ThreadPoolExecutor), with (d) a job that does nothing (one wake-up, one take of the
+  GIL) or (e) one that calls the numba kernel on 64 floats (the call gives the GIL back and takes
+  it again); and (f) the hook's PollingWorker, which looks for (e)'s jobs on its own clock.
 - floor: the same ratio for the least a hook that reads every weight and gradient once per step
   can cost: one numba kernel call over them, on the training thread or on a background thread;
   and on a background thread over a copy of the same bytes that training never touches (what
   reading training's own data from the other core adds).
 - hook: the mean step-time ratio of TorchHook(save_interval=1) against an interleaved no-hook copy,
-  reduced on the training thread or offloaded, with the numba kernels or torch ops, and (a
-  diagnostic, not a mode of the hook) with the numba kernel replaced by a stub that reads no
-  tensor and writes plausible sums: what the hook costs besides reading and reducing the
-  tensors. Then the training thread's time per step in each of the hook's entry points
+  reduced on the training thread or offloaded, with the numba kernels or torch ops; and two
+  diagnostics, not modes of the hook: offloaded to a ThreadPoolExecutor instead of its polling
+  worker (what the worker saves), and with the numba kernel replaced by a stub that reads no
+  tensor and writes plausible sums (what the hook costs besides reading and reducing the
+  tensors). Then the training thread's time per step in each of the hook's entry points
   (offloaded, numba).
 
     python bench/hook_profile.py                 # all four, about two minutes
@@ -170,27 +172,31 @@ def contention(steps: int, reps: int) -> None:
     for name, body in bodies:
         ratio = _interleaved(lambda: trainer.run(steps), with_thread(body), reps)
         print(f"  {name:40s} {ratio:5.3f}x")
-    jobs: list[tuple[str, Callable[[], Any]]] = [("a job that does nothing", lambda: None)]
+    jobs: list[tuple[str, Callable[[], Any], bool]] = [("a job that does nothing", lambda: None, False)]
     if stats_numba.available():
         tiny = np.ones(64, dtype=np.float32)
-        jobs.append(("a job that calls the kernel on 64 floats", lambda: stats_numba.moments([tiny])))
-    for name, body in jobs:
+        kernel = ("a job that calls the kernel on 64 floats", lambda: stats_numba.moments([tiny]))
+        jobs += [(*kernel, False), (*kernel, True)]
+    for name, body, polling in jobs:
         tooled = _Trainer()
-        hook = _PerStepJob(body)
+        hook = _PerStepJob(body, polling)
         tooled.run(20, hook)
         ratio = _interleaved(lambda: trainer.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
-        print(f"  one thread woken per step, {name:41s} {ratio:5.3f}x")
+        how = "one polling thread (the hook's)" if polling else "one thread woken per step"
+        print(f"  {how:31s} {name:41s} {ratio:5.3f}x")
         hook.close()
 
 
 class _PerStepJob:
-    """Hands `body` to a one-thread pool at every step and waits for it at the next, as the
-    offloaded hook hands over its jobs."""
+    """Hands `body` to one background thread at every step and waits for it at the next, as the
+    offloaded hook hands over its jobs: a ThreadPoolExecutor, or the hook's PollingWorker."""
 
-    def __init__(self, body: Callable[[], Any]) -> None:
+    def __init__(self, body: Callable[[], Any], polling: bool = False) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.pool = ThreadPoolExecutor(1)
+        from tensorpulse.producers.worker import PollingWorker
+
+        self.pool = PollingWorker() if polling else ThreadPoolExecutor(1)
         self.body = body
         self.future: Any = None
 
@@ -211,13 +217,12 @@ class _KernelOnly:
     the real hook may not do (it reads them between two optimizer steps, a second job)."""
 
     def __init__(self, model: nn.Module, background: bool, own_copy: bool = False) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         from tensorpulse.producers import stats_numba
+        from tensorpulse.producers.worker import PollingWorker
 
         self.batch_at = stats_numba.batch_at
         self.params = list(model.parameters())
-        self.pool = ThreadPoolExecutor(1) if background else None
+        self.pool = PollingWorker() if background else None  # the hook's background thread
         self.future: Any = None
         # The same bytes, in memory that training never reads or writes.
         self.copy = [p.detach().clone() for p in self.params] * 2 if own_copy else None
@@ -284,7 +289,7 @@ def hook_variants(steps: int, reps: int) -> None:
     torch.set_num_threads(1)
     variants = [(False, "0"), (True, "0")]
     if stats_numba.available():
-        variants += [(False, "1"), (True, "1"), (True, "stub")]
+        variants += [(False, "1"), (True, "1"), (True, "pool"), (True, "stub")]
     base = _Trainer()
     print(f"\nhook: TorchHook(save_interval=1) / no hook, mean step time ({reps} reps of {steps} steps)")
     for offload, numba in variants:
@@ -300,6 +305,10 @@ def hook_variants(steps: int, reps: int) -> None:
         entry = ["step", "_on_forward_start", "_on_optimizer_step", "_wait_weights", "_reduce_activation"]
         _wrap_timers(hook, entry, totals)  # before attach, which registers the bound methods
         hook.attach(tooled.model, tooled.opt)
+        if numba == "pool":  # before the first job creates the hook's PollingWorker
+            from concurrent.futures import ThreadPoolExecutor
+
+            hook._pool = ThreadPoolExecutor(1)  # type: ignore[assignment]
         base.run(20)
         tooled.run(20, hook)
         totals.clear()
@@ -308,7 +317,12 @@ def hook_variants(steps: int, reps: int) -> None:
         hook.close()
         stats_numba._kernel = kernel
         where = "background" if offload else "inline"
-        name = {"0": "torch ops", "1": "numba", "stub": "numba kernel stubbed (reads no tensor)"}[numba]
+        name = {
+            "0": "torch ops",
+            "1": "numba",
+            "pool": "numba, on a ThreadPoolExecutor",
+            "stub": "numba kernel stubbed (reads no tensor)",
+        }[numba]
         print(f"  {where:11s} {name:38s} {ratio:5.3f}x")
         if offload and numba == "1":
             for name in entry:

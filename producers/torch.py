@@ -33,7 +33,8 @@ accumulate into a gradient still being read, and zero_grad(set_to_none=False) wa
 are published one step later. In-place changes to a gradient or activation after `step()` (for
 example clipping after it) would race with the reading; a tensor whose version counter moved
 meanwhile is reported once in the log. Without an optimizer passed to `attach`, weights are
-reduced on the training thread.
+reduced on the training thread. The background thread is not woken for each job: it looks for
+jobs every half millisecond while they keep coming (`worker.PollingWorker`).
 
 With numba installed (`pip install tensorpulse[fast]`), the float32 CPU tensors of a job (the
 weights; or the gradients and activations) are reduced by one kernel call, one fused pass each,
@@ -57,7 +58,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 import torch
@@ -75,6 +76,7 @@ from .stats_torch import (
     reduce_on_device,
     transfer,
 )
+from .worker import PollingWorker
 
 #: Non-saturated input ranges of tanh and sigmoid (SageMaker's SaturatedActivation defaults).
 TANH_RANGE = (-9.4999, 9.4999)
@@ -217,7 +219,7 @@ class TorchHook(Hook):
         self._auto_inputs: dict[str, Any] | None = None
         self.offload = offload
         self._offloading = False  # decided at attach
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: PollingWorker | None = None  # the background thread, started at its first job
         self._jobs: collections.deque[_Job] = collections.deque()  # offloaded steps, in order
         # An offloaded step whose job waits for the optimizer's step, to share the weights' job:
         # (_reduce arguments, _Job fields); submitted on its own when no optimizer step comes.
@@ -364,7 +366,7 @@ class TorchHook(Hook):
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tensorpulse-stats")
+            self._pool = PollingWorker(f"tensorpulse-stats-{self.job}")
         return self._pool.submit(fn, *args)
 
     def _on_optimizer_step(self, *_: Any) -> None:
