@@ -18,8 +18,10 @@ gradients (offloading, or autograd recording the pass with the numba kernels on)
 pre-hook on the top module: mode = "train" if model.training else "eval", and the upcoming step
 is the last step passed to `step()` for that mode plus one (0 at first). Only the first forward
 pass after each `step()` is captured (gradient accumulation would otherwise repeat names).
-The activation hooks themselves are registered for a captured pass only (and removed when it
-ends): a step that is not saved costs one Python call per forward pass.
+The activation hooks themselves are registered for captured passes only: they stay from one
+captured pass to the next (registering them costs more than the hooks' calls) and are removed
+before a pass that is not captured, so a step that is not saved costs one Python call per
+forward pass.
 
 Offloading (CPU models, when torch leaves a core free, or `offload=True`): the training thread
 only collects references and a background thread reduces them. Weights are read between two
@@ -205,6 +207,7 @@ class TorchHook(Hook):
         self._params: list[tuple[str, str, nn.Parameter]] = []
         self._handles: list[Any] = []
         self._capture_handles: list[Any] = []
+        self._capture_key: Any = None  # what the registered capture hooks were registered for
         self._act_modules: list[_ActModule] = []
         self._param_items: list[tuple[str, str, nn.Parameter]] = []
         self._grad_items: list[tuple[str, nn.Parameter]] = []
@@ -529,27 +532,30 @@ class TorchHook(Hook):
 
     # ------------------------------------------------------------------ forward hooks
     def _on_forward_start(self, module: nn.Module, args: Any) -> None:
-        self._capturing = None
+        self._capturing = None  # also after a forward pass that raised
         if self._staged is not None:
             self._flush_staged()
-        if self._capture_handles:
-            self._end_capture()  # a forward pass that raised left its hooks behind
-        if not self.enabled:
-            return
         mode = "train" if module.training else "eval"
-        if mode in self._acts:
-            return  # already captured a forward pass for this step (e.g. gradient accumulation)
         upcoming = self._last_step.get(mode, -1) + 1
-        if self.save_config.should_save(upcoming, mode):
-            if self._offloading and mode == "train":
-                self._prefetch_weights(mode)  # the first step, or no optimizer step since the last
-            self._capturing = mode
-            self._capture_inputs = self._quantiles_now(mode)
-            self._calls = {}
-            self._acts[mode] = []
-            if self._auto_inputs is not None and args and isinstance(args[0], torch.Tensor):
-                self.record_inputs(args[0], step=upcoming, mode=mode, **self._auto_inputs)
+        # not after a captured pass of this step (e.g. gradient accumulation)
+        if not (self.enabled and mode not in self._acts and self.save_config.should_save(upcoming, mode)):
+            if self._capture_handles:
+                self._end_capture()
+            return
+        if self._offloading and mode == "train":
+            self._prefetch_weights(mode)  # the first step, or no optimizer step since the last
+        self._capturing = mode
+        self._capture_inputs = self._quantiles_now(mode)
+        self._calls = {}
+        self._acts[mode] = []
+        if self._auto_inputs is not None and args and isinstance(args[0], torch.Tensor):
+            self.record_inputs(args[0], step=upcoming, mode=mode, **self._auto_inputs)
+        key = (id(module), self._capture_inputs)  # the hooks registered depend on both
+        if self._capture_handles and self._capture_key != key:
+            self._end_capture()
+        if not self._capture_handles:
             self._begin_capture(module)
+            self._capture_key = key
 
     def _begin_capture(self, model: nn.Module) -> None:
         handles = self._capture_handles
@@ -566,10 +572,10 @@ class TorchHook(Hook):
         for h in self._capture_handles:
             h.remove()
         self._capture_handles = []
+        self._capture_key = None
 
     def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         self._capturing = None  # modules called outside the model's forward are not captured
-        self._end_capture()
 
     def _make_pre_hook(self, in_name: str, want_input: bool, in_range: tuple[float, float] | None = None):
         """The input hook: activation inputs (early steps), or tanh/sigmoid inputs with activity."""
@@ -633,7 +639,7 @@ class TorchHook(Hook):
         """
         x = t.detach()
         keep = self._offloading or (torch.is_grad_enabled() and stats_numba.enabled())
-        if now or x.device.type != "cpu" or not keep:
+        if now or not x.is_cpu or not keep:
             return reduce_on_device(x, exact_nonfinite=True, **kwargs)
         return _Deferred(x, _version(x), kwargs)
 
@@ -645,9 +651,7 @@ class TorchHook(Hook):
         captured in train mode only. `loss` may be a tensor (copied with the statistics, no
         .item()) or a number.
         """
-        self._capturing = None
-        if self._capture_handles:
-            self._end_capture()
+        self._capturing = None  # the capture hooks stay registered for the next captured pass
         if mode is None:
             mode = "train" if self._model is None or self._model.training else "eval"
         acts = self._acts.pop(mode, None) or []

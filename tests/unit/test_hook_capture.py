@@ -372,3 +372,45 @@ def test_deltas_every_nth_saved_step_by_default() -> None:
     assert sorted(with_delta) == [10, 20]
     assert with_delta[20].prev_step == 10
     assert with_delta[20].update_l2 == pytest.approx(np.sqrt(12 * 10.0**2), rel=1e-6)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_capture_hooks_stay_between_captured_passes_and_leave_before_the_others(offload: bool) -> None:
+    """Registering the activation hooks at every captured pass costs more than calling them: they
+    stay registered from one captured pass to the next (and are re-registered when what they
+    capture changes: activation inputs on the first saves), and a pass that is not saved runs
+    without them. The records are the same either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    from tensorpulse.producers.schedule import SaveConfig
+
+    schedule = SaveConfig(end_step=6, save_steps=[8])  # steps 0-5, then 8
+    hook = TorchHook("keep", produce_fn=sink, offload=offload, quantile_steps=2, save_config=schedule)
+    hook.attach(model, opt)
+    relu = model[1]
+    x, y = torch.randn(8, 6), torch.randint(0, 2, (8,))
+    registered: list[list[int]] = []  # ids of the capture handles, per step (empty: none)
+    relu_hooks: list[int] = []
+    for step in range(10):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        registered.append([id(h) for h in hook._capture_handles])
+        relu_hooks.append(len(relu._forward_hooks) + len(relu._forward_pre_hooks))
+        hook.step(step)
+        opt.step()
+    hook.close()
+    saved = [0, 1, 2, 3, 4, 5, 8]
+    assert [bool(r) for r in registered] == [s in saved for s in range(10)]
+    assert [n > 0 for n in relu_hooks] == [s in saved for s in range(10)]
+    # steps 0-1 capture ReLU inputs too (quantiles), 2-5 only outputs: registered anew at 2, then kept
+    assert registered[0] == registered[1] != registered[2]
+    assert registered[2] == registered[3] == registered[4] == registered[5]
+    assert relu_hooks[0] == relu_hooks[1] == 2 and relu_hooks[2] == 1
+    records = sink.records()
+    assert [r.step for r in records] == saved
+    for r in records:
+        names = {t.name for t in r.tensors}
+        assert "1/relu_output" in names, (r.step, names)
+        assert ("1/relu_input" in names) == (r.step < 2), (r.step, names)
