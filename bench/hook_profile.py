@@ -26,7 +26,7 @@
   tensors). Then the training thread's time per step in each of the hook's entry points
   (offloaded, numba).
 
-    python bench/hook_profile.py                 # all four, about two minutes
+    python bench/hook_profile.py                 # all four, about four minutes
     python bench/hook_profile.py hook --reps 5
 
 Ratios from one run on a shared machine: repeat a run before trusting a difference below 0.05.
