@@ -254,6 +254,8 @@ def floor(steps: int, reps: int) -> None:
         hook = _KernelOnly(tooled.model, background, own)
         tooled.run(20, hook)
         ratio = _interleaved(lambda: base.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
+        if hook.pool is not None:
+            hook.pool.shutdown()
         where = "background thread" if background else "training thread"
         where += ", over a copy of its own" if own else ""
         print(f"  on the {where:42s} {ratio:5.3f}x")

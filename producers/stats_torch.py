@@ -585,6 +585,17 @@ def _reduce_fused(xs: list[torch.Tensor]) -> _Rows:
     return _Rows(rows, torch.zeros(len(xs), dtype=rows.dtype))
 
 
+def _kernel_takes(t: torch.Tensor) -> bool:
+    """The numba kernels read `t` by address: dense, contiguous float32 in CPU memory."""
+    return (
+        t.dtype is torch.float32
+        and t.is_cpu
+        and t.layout is torch.strided
+        and t.is_contiguous()
+        and not t.is_neg()  # a lazily negated view: its memory holds the values un-negated
+    )
+
+
 def reduce_host_fused(
     tensors: Sequence[torch.Tensor], active: Sequence[tuple[float, float] | None] | None = None
 ) -> HostStats | None:
@@ -611,14 +622,7 @@ def reduce_host_fused(
     act_at: list[int] = []
     for i, t in enumerate(tensors):
         n = t.numel()
-        if (
-            t.dtype is not torch.float32
-            or not t.is_cpu
-            or not n
-            or t.layout is not torch.strided
-            or not t.is_contiguous()
-            or t.is_neg()  # a lazily negated view: its memory holds the values un-negated
-        ):
+        if not (n and _kernel_takes(t)):
             return None
         addrs.append(t.data_ptr())
         sizes.append(n)
@@ -1084,14 +1088,7 @@ class DeltaTracker:
                 s.delta_step = got[0]
                 s.delta_atol = self.atol
                 self._prev[key] = (step, got[1])
-                if (
-                    fused is not None
-                    and x.dtype is torch.float32
-                    and x.is_cpu
-                    and x.layout is torch.strided
-                    and x.is_contiguous()
-                    and not x.is_neg()
-                ):
+                if fused is not None and _kernel_takes(x):
                     fused.append((x, got[1], s))
                 elif x.device.type in _HOST_DEVICES or x.numel() > DELTA_GROUP:
                     s.delta = _delta(x, got[1], self.rtol)

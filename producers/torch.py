@@ -142,13 +142,25 @@ class _Job(NamedTuple):
     colls: list[str]
     extra_names: list[str]
     caps: list[Any]
-    future: Future  # -> (HostStats, scalar values)
+    future: Future  # -> (HostStats, scalar values); None while staged
     weights: Future | None = None
     weight_names: list[str] = []
     weight_colls: list[str] = []
 
     def weights_done(self) -> bool:
         return self.weights is None or self.weights.done()
+
+    @property
+    def is_train_save(self) -> bool:
+        """A train step with tensors: it counts among the earlier saves (quantiles, deltas)."""
+        return self.mode == "train" and bool(self.names)
+
+
+class _Staged(NamedTuple):
+    """A step whose background job waits for the optimizer's step (to share the weights' job)."""
+
+    args: tuple  # `_reduce` arguments
+    job: _Job  # its future still None: set when submitted
 
 
 class _Deferred(NamedTuple):
@@ -226,7 +238,7 @@ class TorchHook(Hook):
         self._jobs: collections.deque[_Job] = collections.deque()  # offloaded steps, in order
         # An offloaded step whose job waits for the optimizer's step, to share the weights' job:
         # (_reduce arguments, _Job fields); submitted on its own when no optimizer step comes.
-        self._staged: tuple[tuple, tuple] | None = None
+        self._staged: _Staged | None = None
         self._restore: list[Any] = []  # undo functions for wrapped zero_grad methods
         # Weights may be read off the training thread only between two optimizer steps, which
         # the optimizer's step hooks delimit: `_generation` counts optimizer steps, and
@@ -364,8 +376,8 @@ class TorchHook(Hook):
 
     def _train_index(self) -> int:
         # Offloaded train steps not yet turned into records count too: they are the earlier saves.
-        staged = self._staged is not None and self._staged[1][1] == "train" and bool(self._staged[1][2])
-        return self._train_saves + staged + sum(1 for job in self._jobs if job.mode == "train" and job.names)
+        staged = self._staged is not None and self._staged.job.is_train_save
+        return self._train_saves + staged + sum(1 for job in self._jobs if job.is_train_save)
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         if self._pool is None:
@@ -398,10 +410,10 @@ class TorchHook(Hook):
         tensors = [p for _, _, p in self._param_items]
         staged, self._staged = self._staged, None
         weights: Future = Future()
-        both = self._submit(self._reduce_both, weights, upcoming, tensors, delta_keys, staged[0] if staged else None)
+        both = self._submit(self._reduce_both, weights, upcoming, tensors, delta_keys, staged.args if staged else None)
         self._weights = _WeightsJob(self._generation, upcoming, delta_keys is not None, weights)
         if staged is not None:
-            self._jobs.append(_Job(*staged[1][:6], both, *staged[1][6:]))
+            self._jobs.append(staged.job._replace(future=both))
 
     def _reduce_both(
         self, weights: Future, upcoming: int, tensors: list[torch.Tensor], delta_keys: Any, step_args: tuple | None
@@ -418,7 +430,7 @@ class TorchHook(Hook):
         """Submit the step staged by `step()` on its own (no optimizer step came to carry it)."""
         staged, self._staged = self._staged, None
         if staged is not None:
-            self._jobs.append(_Job(*staged[1][:6], self._submit(self._reduce, *staged[0]), *staged[1][6:]))
+            self._jobs.append(staged.job._replace(future=self._submit(self._reduce, *staged.args)))
 
     def _delta_keys(self, mode: str) -> list[tuple[str, str]] | None:
         """(collection, name) of the tracked weights when this save reports weight deltas."""
@@ -709,9 +721,9 @@ class TorchHook(Hook):
             if offload:
                 versions = [_version(t) for t in tensors]
                 self._flush_staged()
-                self._staged = (
+                self._staged = _Staged(
                     (step, tensors, quants, None, act_stats, extras, caps, versions),
-                    (step, mode, names, colls, extra_names, caps, weights, wnames, wcolls),
+                    _Job(step, mode, names, colls, extra_names, caps, None, weights, wnames, wcolls),
                 )
                 if not (self._weights_offloadable and mode == "train"):
                     self._flush_staged()  # no optimizer step will carry it
