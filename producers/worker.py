@@ -1,8 +1,7 @@
 """The hook's background thread: it looks for jobs on its own clock instead of being woken for each.
 
-Why not a ThreadPoolExecutor: its `submit` wakes the sleeping worker with a system call (42 us
-of the training thread's time per call on the 2-core benchmark VM, under cProfile), and the
-woken thread then wants the GIL at once, while the training thread is still running Python, so
+Why not a ThreadPoolExecutor: its `submit` wakes the sleeping worker with a system call, made
+by the training thread, and the woken thread then wants the GIL at once, while the training thread is still running Python, so
 the training thread waits for it at its next torch op. `bench/hook_profile.py`, one run on the
 MLP: a thread woken once per step for a job that calls the numba kernel costs training 1.051,
 this thread handed the same job 1.018; TorchHook offloaded to a ThreadPoolExecutor 1.20, to
