@@ -13,21 +13,25 @@
   a helper thread costs. Then a thread handed one job per step and waited for at the next: woken
   for each (a ThreadPoolExecutor), with (d) a job that does nothing (one wake-up, one take of the
   GIL) or (e) one that calls the numba kernel on 64 floats (the call gives the GIL back and takes
-  it again); and (f) the hook's PollingWorker, which looks for (e)'s jobs on its own clock.
+  it again); and the hook's PollingWorker, which looks for (e)'s jobs on its own clock: (f) with
+  `time.sleep` between looks (each look takes the GIL), (g) without the GIL (numba, its default).
+  Last, 0.1 ms of busy Python per step, (h) as the polling thread's job or (i) on the training
+  thread itself: what Python costs training when it runs on the other core.
 - floor: the same ratio for the least a hook that reads every weight and gradient once per step
   can cost: one numba kernel call over them, on the training thread or on a background thread;
   and on a background thread over a copy of the same bytes that training never touches (what
   reading training's own data from the other core adds).
-- hook: the mean step-time ratio of TorchHook(save_interval=1) against an interleaved no-hook copy,
-  reduced on the training thread or offloaded, with the numba kernels or torch ops; and two
-  diagnostics, not modes of the hook: offloaded to a ThreadPoolExecutor instead of its polling
-  worker (what the worker saves), and with the numba kernel replaced by a stub that reads no
-  tensor and writes plausible sums (what the hook costs besides reading and reducing the
-  tensors). Then the training thread's time per step in each of the hook's entry points
-  (offloaded, numba).
+- hook: the mean step-time ratio of TorchHook(save_interval=1, or --interval) against an
+  interleaved no-hook copy, reduced on the training thread or offloaded, with the numba kernels
+  or torch ops; and three diagnostics, not modes of the hook: offloaded to a ThreadPoolExecutor
+  instead of its polling worker, to a worker that polls with `time.sleep` (the worker without
+  numba), and with the numba kernel replaced by a stub that reads no tensor and writes plausible
+  sums (what the hook costs besides reading and reducing the tensors). Then the training
+  thread's time per step in each of the hook's entry points (offloaded, numba).
 
     python bench/hook_profile.py                 # all four, about four minutes
     python bench/hook_profile.py hook --reps 5
+    python bench/hook_profile.py hook --interval 10 --steps 200 --reps 10
 
 Ratios from one run on a shared machine: repeat a run before trusting a difference below 0.05.
 """
@@ -172,18 +176,25 @@ def contention(steps: int, reps: int) -> None:
     for name, body in bodies:
         ratio = _interleaved(lambda: trainer.run(steps), with_thread(body), reps)
         print(f"  {name:40s} {ratio:5.3f}x")
-    jobs: list[tuple[str, Callable[[], Any], bool]] = [("a job that does nothing", lambda: None, False)]
+    jobs: list[tuple[str, Callable[[], Any], str]] = [("a job that does nothing", lambda: None, "woken")]
     if stats_numba.available():
         tiny = np.ones(64, dtype=np.float32)
         kernel = ("a job that calls the kernel on 64 floats", lambda: stats_numba.moments([tiny]))
-        jobs += [(*kernel, False), (*kernel, True)]
-    for name, body, polling in jobs:
+        jobs += [(*kernel, "woken"), (*kernel, "sleep"), (*kernel, "native")]
+    python = ("a job of 0.1 ms of Python (no GIL release)", lambda: _python_for(1e-4))
+    jobs += [(*python, "native" if stats_numba.available() else "sleep"), (*python, "inline")]
+    hows = {
+        "woken": "one thread woken per step",
+        "sleep": "polling with time.sleep",
+        "native": "polling without the GIL (the hook's)",
+        "inline": "no thread: on the training thread",
+    }
+    for name, body, how in jobs:
         tooled = _Trainer()
-        hook = _PerStepJob(body, polling)
+        hook = _PerStepJob(body, polling=how != "woken", native=how == "native", inline=how == "inline")
         tooled.run(20, hook)
         ratio = _interleaved(lambda: trainer.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
-        how = "one polling thread (the hook's)" if polling else "one thread woken per step"
-        print(f"  {how:31s} {name:41s} {ratio:5.3f}x")
+        print(f"  {hows[how]:36s} {name:41s} {ratio:5.3f}x")
         hook.close()
 
 
@@ -191,22 +202,36 @@ class _PerStepJob:
     """Hands `body` to one background thread at every step and waits for it at the next, as the
     offloaded hook hands over its jobs: a ThreadPoolExecutor, or the hook's PollingWorker."""
 
-    def __init__(self, body: Callable[[], Any], polling: bool = False) -> None:
+    def __init__(
+        self, body: Callable[[], Any], polling: bool = False, native: bool = True, inline: bool = False
+    ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from tensorpulse.producers.worker import PollingWorker
 
-        self.pool = PollingWorker() if polling else ThreadPoolExecutor(1)
+        self.pool: Any = None if inline else PollingWorker(native=native) if polling else ThreadPoolExecutor(1)
         self.body = body
         self.future: Any = None
 
     def step(self, step: int, loss: Any = None) -> None:
+        if self.pool is None:
+            self.body()
+            return
         if self.future is not None:
             self.future.result()
         self.future = self.pool.submit(self.body)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def _python_for(seconds: float) -> None:
+    """Busy Python for `seconds` (dict stores between clock reads): holds the GIL throughout."""
+    t0 = time.perf_counter()
+    d: dict[int, int] = {}
+    while time.perf_counter() - t0 < seconds:
+        d[len(d) % 64] = 1
 
 
 class _KernelOnly:
@@ -284,24 +309,37 @@ def _stub_kernel(addrs, sizes, chunk, out, act_of, dims, los, his, offs, counts)
     counts[:] = 0.0
 
 
-def hook_variants(steps: int, reps: int) -> None:
+def _stub_host_kernel(addrs, sizes, chunk, out, act_of, dims, los, his, offs, counts, thr, ratio, raw, nonzero, below, floats, zeros):  # noqa: ANN001, E501
+    """In place of the numba kernel that also checks and arranges its results (see _stub_kernel)."""
+    _stub_kernel(addrs, sizes, chunk, out, act_of, dims, los, his, offs, counts)
+    raw[:] = 0.0
+    raw[:, 2] = sizes
+    nonzero[:] = sizes
+    below[:] = np.diff(offs)[:, None]  # every unit below every threshold
+    floats[:] = 0.0
+    floats[:, 1] = 1.0  # std
+    zeros[:] = 0
+    return True
+
+
+def hook_variants(steps: int, reps: int, interval: int = 1) -> None:
     from tensorpulse.producers import stats_numba
     from tensorpulse.producers.torch import TorchHook
 
     torch.set_num_threads(1)
     variants = [(False, "0"), (True, "0")]
     if stats_numba.available():
-        variants += [(False, "1"), (True, "1"), (True, "pool"), (True, "stub")]
+        variants += [(False, "1"), (True, "1"), (True, "pool"), (True, "sleep"), (True, "stub")]
     base = _Trainer()
-    print(f"\nhook: TorchHook(save_interval=1) / no hook, mean step time ({reps} reps of {steps} steps)")
+    print(f"\nhook: TorchHook(save_interval={interval}) / no hook, mean step time ({reps} reps of {steps} steps)")
     for offload, numba in variants:
         os.environ["TENSORPULSE_NUMBA"] = "0" if numba == "0" else "1"
-        kernel = stats_numba._get()
+        kernel, host_kernel = stats_numba._get(), stats_numba._host_kernel
         if numba == "stub":
-            stats_numba._kernel = _stub_kernel
+            stats_numba._kernel, stats_numba._host_kernel = _stub_kernel, _stub_host_kernel
         tooled = _Trainer()
         hook = TorchHook(
-            "profile", save_interval=1, listen_for_actions=False, produce_fn=lambda *a: None, offload=offload
+            "profile", save_interval=interval, listen_for_actions=False, produce_fn=lambda *a: None, offload=offload
         )
         totals: dict[str, float] = collections.defaultdict(float)
         entry = ["step", "_on_forward_start", "_on_optimizer_step", "_wait_weights", "_reduce_activation"]
@@ -311,18 +349,23 @@ def hook_variants(steps: int, reps: int) -> None:
             from concurrent.futures import ThreadPoolExecutor
 
             hook._pool = ThreadPoolExecutor(1)  # type: ignore[assignment]
+        elif numba == "sleep":
+            from tensorpulse.producers.worker import PollingWorker
+
+            hook._pool = PollingWorker(native=False)
         base.run(20)
         tooled.run(20, hook)
         totals.clear()
         ratio = _interleaved(lambda: base.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
         hooked_steps = reps * steps
         hook.close()
-        stats_numba._kernel = kernel
+        stats_numba._kernel, stats_numba._host_kernel = kernel, host_kernel
         where = "background" if offload else "inline"
         name = {
             "0": "torch ops",
             "1": "numba",
             "pool": "numba, on a ThreadPoolExecutor",
+            "sleep": "numba, worker polling with time.sleep",
             "stub": "numba kernel stubbed (reads no tensor)",
         }[numba]
         print(f"  {where:11s} {name:38s} {ratio:5.3f}x")
@@ -337,6 +380,7 @@ def main() -> None:
     ap.add_argument("parts", nargs="*", metavar="PART", help="kernels, contention, floor, hook (default: all)")
     ap.add_argument("--steps", type=int, default=100, help="timed steps per segment")
     ap.add_argument("--reps", type=int, default=6, help="repetitions (segment pairs)")
+    ap.add_argument("--interval", type=int, default=1, help="the hook's save interval in the `hook` part")
     args = ap.parse_args()
     parts = args.parts or ["kernels", "contention", "floor", "hook"]
     unknown = sorted(set(parts) - {"kernels", "contention", "floor", "hook"})
@@ -351,7 +395,7 @@ def main() -> None:
     if "floor" in parts:
         floor(args.steps, args.reps)
     if "hook" in parts:
-        hook_variants(args.steps, args.reps)
+        hook_variants(args.steps, args.reps, args.interval)
 
 
 if __name__ == "__main__":

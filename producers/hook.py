@@ -516,6 +516,11 @@ class Hook:
 
     def publish(self, step: int | None = None, mode: str | None = None) -> None:
         """Hand pending records (all, or those of `step` and/or `mode`) to the publisher."""
+        if step is not None and mode is not None:  # the per-step call: at most one record
+            rec = self._pending.pop((step, mode), None)
+            if rec is not None:
+                self._emit(rec)
+            return
         keys = sorted(
             (k for k in self._pending if (step is None or k[0] == step) and (mode is None or k[1] == mode)),
             key=lambda k: (k[0], k[1]),

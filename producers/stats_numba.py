@@ -222,12 +222,59 @@ def _batch(addrs, sizes, chunk, out, act_of, dims, los, his, offs, counts):  # p
             _kactive_planes(carray(_f32_ptr(addrs[i]), (samples, units, rest)), los[j], his[j], c)
 
 
+def _batch_host(
+    addrs, sizes, chunk, out, act_of, dims, los, his, offs, counts, thr, ratio, raw, nonzero, below, floats, zeros
+):  # pragma: no cover - run compiled by numba
+    """`_batch`, then what the hook keeps of its results, in the same call (no numpy call per
+    result on a thread that holds the GIL). False when a result needs the torch path: a
+    non-finite moment, or plain sums too close to cancellation for the variance, i.e.
+    (1 + ratio) S^2 > ratio SS n. Else raw[i] = [0, S, SS, min, max, sum|x|] and nonzero[i] of
+    tensor i; its wire columns, floats[i] = [mean, std, min, max, mean |x|] and zeros[i], as
+    `stats_torch.HostStats.finish` computes them for finite sums; and below[j, e] = the units of
+    act j active in fewer than thr[j, e] samples."""
+    counts[:] = 0.0
+    _kbatch(addrs, sizes, chunk, out, act_of, dims, los, his, offs, counts)
+    k = sizes.size
+    for i in range(k):
+        for c in range(5):
+            if not np.isfinite(out[i, c]):
+                return False
+        s = out[i, 0]
+        if (1.0 + ratio) * s * s > ratio * out[i, 1] * sizes[i]:
+            return False
+    for i in range(k):
+        raw[i, 0] = 0.0
+        for c in range(5):
+            raw[i, c + 1] = out[i, c]
+        nonzero[i] = np.int64(out[i, 5])
+        n = sizes[i]
+        mean = out[i, 0] / n
+        var = out[i, 1] / n - mean * mean
+        floats[i, 0] = mean
+        floats[i, 1] = np.sqrt(var) if var > 0.0 else 0.0
+        floats[i, 2] = out[i, 2]
+        floats[i, 3] = out[i, 3]
+        floats[i, 4] = out[i, 4] / n
+        zeros[i] = n - nonzero[i]
+    for j in range(act_of.size):
+        for e in range(thr.shape[1]):
+            t = thr[j, e]
+            n = 0
+            for u in range(offs[j], offs[j + 1]):
+                if counts[u] < t:
+                    n += 1
+            below[j, e] = n
+    return True
+
+
 # Resolved by _batch when it compiles; set by _build() (numba is imported only then).
-_f32_ptr = _kmoments = _kactive_rows = _kactive_planes = _kdelta = _kdeltas = carray = None
+_f32_ptr = _kmoments = _kactive_rows = _kactive_planes = _kdelta = _kdeltas = _kbatch = carray = None
+#: The compiled _batch_host (set by _build).
+_host_kernel = None
 
 
 def _build():
-    global _f32_ptr, _kmoments, _kactive_rows, _kactive_planes, _kdelta, _kdeltas, carray
+    global _f32_ptr, _kmoments, _kactive_rows, _kactive_planes, _kdelta, _kdeltas, _kbatch, _host_kernel, carray
     import numba
     from numba import njit, types
     from numba.extending import intrinsic
@@ -250,7 +297,9 @@ def _build():
     _kdelta = jit(_delta)
     # not cached: they call an intrinsic
     _kdeltas = njit(nogil=True, boundscheck=False)(_deltas)
-    return njit(nogil=True, boundscheck=False)(_batch)
+    _kbatch = njit(nogil=True, boundscheck=False)(_batch)
+    _host_kernel = njit(nogil=True, boundscheck=False)(_batch_host)
+    return _kbatch
 
 
 def _get():
@@ -266,6 +315,9 @@ def _get():
                 _run(k, [x], [(x.reshape(4, 10), 0.0, np.inf), (x.reshape(2, 4, 5), 0.0, np.inf)])
                 prev = x.copy()
                 _kdeltas(np.array([_address(x)]), np.array([_address(prev)]), np.array([40]), 1e-3, CHUNK, np.empty((1, 3)))
+                a = args([x], [(x.reshape(4, 10), 0.0, np.inf)])
+                outs = np.empty((1, 6)), np.empty(1, np.int64), np.empty((1, 2), np.int64)
+                _host_kernel(*a, np.ones((1, 2)), 16.0, *outs, np.empty((1, 5)), np.empty(1, np.int64))
                 _kernel = k
             except ImportError:
                 _failed = True
@@ -360,6 +412,12 @@ def batch(
     """`moments` of `arrays` and `active_counts` (float32) of each (array, lo, hi) of `acts`, in
     one kernel call that releases the GIL once."""
     return _run(_need(), arrays, acts)
+
+
+def host_kernel():
+    """The compiled `_batch_host` (see `stats_torch.reduce_host_fused`); numba must be available."""
+    _need()
+    return _host_kernel
 
 
 def batch_at(

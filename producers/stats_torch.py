@@ -141,6 +141,8 @@ class HostStats:
     deltas: dict[int, tuple[int, float, float, float]] = field(default_factory=dict)
     #: Host copies (float64) of the `vectors` passed to `transfer`, in order.
     vectors: list[np.ndarray] = field(default_factory=list)
+    #: The wire columns when whoever made these already computed them (`reduce_host_fused`).
+    finished: Columns | None = None
 
     def __len__(self) -> int:
         return len(self.n)
@@ -151,6 +153,8 @@ class HostStats:
         Runs on the publisher thread, which competes with training for the GIL: a fixed number of
         vectorised numpy calls, Python loops only over rescaled or non-finite rows (rare).
         """
+        if self.finished is not None:
+            return self.finished
         k = len(self.n)
         raw = self.raw
         floats = np.empty((k, 5), dtype=np.float64)
@@ -604,9 +608,10 @@ def reduce_host_fused(
 
     Why: the offloaded hook's background work shares the GIL with training, and `reduce_many` +
     `transfer` cost a few hundred microseconds of Python per step; this is one kernel call (one
-    GIL release) and a dozen numpy calls. The kernel reads the tensors by address: a few
-    attribute reads per tensor, no numpy view (Python on a training thread runs on cold caches,
-    where each call costs two to three times its cost in a micro-benchmark).
+    GIL release) that also checks and arranges its results, with arguments allocated once per
+    layout of tensors (`_FusedPlan`). The kernel reads the tensors by address: a few attribute
+    reads per tensor, no numpy view (Python on a training thread runs on cold caches, where each
+    call costs two to three times its cost in a micro-benchmark).
 
     `active[i]`: (lo, hi) of the per-unit activity of tensor i (unit = dim 1), or None. None is
     returned when the kernel is off, a tensor is empty, not a dense contiguous float32 CPU tensor,
@@ -617,42 +622,68 @@ def reduce_host_fused(
     if not stats_numba.enabled():
         return None
     addrs: list[int] = []
-    sizes: list[int] = []
-    acts: list[tuple[int, int, int, float, float]] = []
-    act_at: list[int] = []
+    layout: list[Any] = []
     for i, t in enumerate(tensors):
         n = t.numel()
         if not (n and _kernel_takes(t)):
             return None
         addrs.append(t.data_ptr())
-        sizes.append(n)
         rng = active[i] if active is not None else None
         if rng is not None and t.dim() >= 2 and t.shape[1]:
             samples, units = t.shape[0], t.shape[1]
             if n // units > _EXACT_F32:
                 return None
-            acts.append((samples, units, n // (samples * units), rng[0], rng[1]))
-            act_at.append(i)
-    m, counts = stats_numba.batch_at(addrs + [addrs[i] for i in act_at], sizes, acts)
-    nn = np.array(sizes, dtype=np.int64)
-    head = m[:, :5]
-    if not np.isfinite(head).all():
-        return None
-    s = m[:, 0]
-    with np.errstate(over="ignore", invalid="ignore"):
-        # mean^2 > R * (ss/n - mean^2)  <=>  (1 + R) s^2 > R ss n
-        if ((1.0 + MAX_PLAIN_RATIO) * s * s > MAX_PLAIN_RATIO * m[:, 1] * nn).any():
+            layout.append((n, samples, units, rng[0], rng[1]))
+        else:
+            layout.append(n)
+    key = tuple(layout)
+    plans = _plans.__dict__  # per thread: a plan's scratch arrays are reused by every call
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= 64:
+            plans.clear()
+        plan = plans[key] = _FusedPlan(layout)
+    return plan.run(addrs)
+
+
+_plans = threading.local()
+
+
+class _FusedPlan:
+    """The fused kernel's arguments for one layout of tensors (element counts; shape and range
+    of the activations), allocated once: a call then sets the addresses and allocates only its
+    results. Used by one thread (see `_plans`)."""
+
+    __slots__ = ("args", "acts", "below_shape", "k", "n", "none", "thr")
+
+    def __init__(self, layout: list[Any]) -> None:
+        sizes = [x if isinstance(x, int) else x[0] for x in layout]
+        acts = [(i, x) for i, x in enumerate(layout) if not isinstance(x, int)]
+        dims = [(samples, units, n // (samples * units), lo, hi) for _, (n, samples, units, lo, hi) in acts]
+        self.args = stats_numba.args_at([0] * len(sizes), sizes, dims)
+        self.args[4][:] = [i for i, _ in acts]  # act j reads tensor i: no second address
+        self.acts = [(i, x[2]) for i, x in acts]  # (tensor, units)
+        self.k = len(sizes)
+        self.n = np.array(sizes, dtype=np.int64)
+        self.n.flags.writeable = False  # shared by every HostStats of this plan
+        self.none = np.zeros(self.k, np.int64)  # nan and inf counts: the kernel takes finite sums only
+        self.none.flags.writeable = False
+        self.thr = np.array([_thresholds(n // units) for _, (n, _, units, _, _) in acts], dtype=np.float64)
+        self.thr = self.thr.reshape(len(acts), _NA)
+        self.below_shape = (len(acts), _NA)
+
+    def run(self, addrs: list[int]) -> HostStats | None:
+        a = self.args
+        a[0][:] = addrs
+        k = self.k
+        raw, nonzero, below = np.empty((k, 6)), np.empty(k, np.int64), np.empty(self.below_shape, np.int64)
+        floats, zeros = np.empty((k, 5)), np.empty(k, np.int64)
+        if not stats_numba.host_kernel()(*a, self.thr, MAX_PLAIN_RATIO, raw, nonzero, below, floats, zeros):
             return None
-    k = len(nn)
-    raw = np.zeros((k, 6))
-    raw[:, 1:] = head
-    activity: dict[int, tuple[int, ...]] = {}
-    for i, c in zip(act_at, counts, strict=True):
-        units = c.size
-        below = (c[:, None] < _thresholds_np(sizes[i] // units)).sum(0)
-        activity[i] = (units, *below.tolist())
-    zeros = np.zeros(k, np.int64)
-    return HostStats(nn, raw, m[:, 5].astype(np.int64), zeros, zeros.copy(), {}, activity)
+        activity = {i: (units, *row) for (i, units), row in zip(self.acts, below.tolist(), strict=True)}
+        none = self.none
+        cols = Columns(self.n, floats, zeros, none, none, activity)
+        return HostStats(self.n, raw, nonzero, none, none, {}, activity, finished=cols)
 
 
 def reduce_many(

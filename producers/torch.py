@@ -218,11 +218,18 @@ class TorchHook(Hook):
         self._optimizer: Any = None
         self._params: list[tuple[str, str, nn.Parameter]] = []
         self._handles: list[Any] = []
+        self._grad_guards: list[tuple[nn.Parameter, Any]] = []  # (parameter, its guard), made at attach
+        self._guard_handles: list[Any] = []  # the guards registered now (see _guard_gradients)
         self._capture_handles: list[Any] = []
         self._capture_key: Any = None  # what the registered capture hooks were registered for
         self._act_modules: list[_ActModule] = []
         self._param_items: list[tuple[str, str, nn.Parameter]] = []
         self._grad_items: list[tuple[str, nn.Parameter]] = []
+        self._wnames: list[str] = []
+        self._wcolls: list[str] = []
+        self._wtensors: list[nn.Parameter] = []
+        self._gnames: list[str] = []
+        self._gparams: list[nn.Parameter] = []
         self._acts: dict[str, list[tuple[str, str, DeviceStats]]] = {}
         self._capturing: str | None = None
         self._capture_inputs = False
@@ -297,6 +304,12 @@ class TorchHook(Hook):
             for name, _, p in self._params
             if self.wants_collection("gradients") and self._wanted(f"gradient/{name}")
         ]
+        # What step() reads at every saved step, laid out once.
+        self._wnames = [name for name, _, _ in self._param_items]
+        self._wcolls = [coll for _, coll, _ in self._param_items]
+        self._wtensors = [p for _, _, p in self._param_items]
+        self._gnames = [gname for gname, _ in self._grad_items]
+        self._gparams = [p for _, p in self._grad_items]
         self._act_modules = []
         if activations:
             for path, module in model.named_modules():
@@ -324,11 +337,11 @@ class TorchHook(Hook):
                         in_range,
                     )
                 )
-        if activations or self._auto_inputs is not None:
+        self._offloading = self._should_offload(model)
+        if activations or self._auto_inputs is not None or self._offloading:
             # The only permanent hook: steps that are not saved cost one call per forward pass.
             # The activation hooks are registered when a capture starts and removed when it ends.
             self._handles.append(model.register_forward_pre_hook(self._on_forward_start))
-        self._offloading = self._should_offload(model)
         if self._offloading:
             self._guard_offloaded_reads(model, optimizer)
         return self
@@ -350,16 +363,14 @@ class TorchHook(Hook):
     def _guard_offloaded_reads(self, model: nn.Module, optimizer: Any) -> None:
         """Nothing may change a tensor while the background thread reads it: wait for the weights
         before the optimizer updates them, and for a step's gradients before a gradient is
-        accumulated into one in place or gradients are zeroed in place
-        (zero_grad(set_to_none=False)). With set_to_none (the default) a new step's gradients are
-        new tensors, so the previous ones stay readable."""
+        accumulated into one in place (guards registered only when needed: `_guard_gradients`)
+        or gradients are zeroed in place (zero_grad(set_to_none=False)). With set_to_none (the
+        default) a new step's gradients are new tensors, so the previous ones stay readable."""
         if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._wait_weights()))
             self._handles.append(optimizer.register_step_post_hook(self._on_optimizer_step))
             self._weights_offloadable = True
-        for _, p in self._grad_items:
-            if p.requires_grad:
-                self._handles.append(p.register_hook(self._make_grad_guard(p)))
+        self._grad_guards = [(p, self._make_grad_guard(p)) for p in self._gparams if p.requires_grad]
         for owner in (optimizer, model):
             original = getattr(owner, "zero_grad", None)
             if original is None:
@@ -407,7 +418,7 @@ class TorchHook(Hook):
         if not self.save_config.should_save(upcoming, mode):
             return
         delta_keys = self._delta_keys(mode)  # counts the staged step among the earlier saves
-        tensors = [p for _, _, p in self._param_items]
+        tensors = self._wtensors
         staged, self._staged = self._staged, None
         weights: Future = Future()
         both = self._submit(self._reduce_both, weights, upcoming, tensors, delta_keys, staged.args if staged else None)
@@ -463,6 +474,28 @@ class TorchHook(Hook):
             return None
         self._weights = w._replace(taken=True)
         return w.future
+
+    def _guard_gradients(self) -> None:
+        """Before a forward pass: register the gradient guards if a job may still be reading
+        gradients that this pass's backward would accumulate into in place, else remove them.
+
+        Why not keep them registered: each is a Python call from autograd at every backward
+        (`bench/hook_profile.py`); gradients already set at a forward pass are rare (gradient
+        accumulation, or zero_grad after the forward pass). A backward that follows no forward
+        pass of the model is not covered: the version check in `_reduce` warns if it changed a
+        gradient being read.
+        """
+        jobs = self._jobs
+        need = bool(jobs) and not jobs[-1].future.done() and any(p.grad is not None for p in self._gparams)
+        if need and not self._guard_handles:
+            self._guard_handles = [p.register_hook(guard) for p, guard in self._grad_guards]
+        elif not need and self._guard_handles:
+            self._remove_guards()
+
+    def _remove_guards(self) -> None:
+        for h in self._guard_handles:
+            h.remove()
+        self._guard_handles = []
 
     def _make_grad_guard(self, p: nn.Parameter):
         def guard(grad: torch.Tensor) -> None:
@@ -529,6 +562,8 @@ class TorchHook(Hook):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._remove_guards()
+        self._grad_guards = []
         for undo in self._restore:
             undo()
         self._restore = []
@@ -547,6 +582,8 @@ class TorchHook(Hook):
         self._capturing = None  # also after a forward pass that raised
         if self._staged is not None:
             self._flush_staged()
+        if self._offloading:
+            self._guard_gradients()
         mode = "train" if module.training else "eval"
         upcoming = self._last_step.get(mode, -1) + 1
         # not after a captured pass of this step (e.g. gradient accumulation)
@@ -677,9 +714,7 @@ class TorchHook(Hook):
         try:
             offload = self._offloading
             quant = self._quantiles_now(mode)
-            wnames = [name for name, _, _ in self._param_items]
-            wcolls = [coll for _, coll, _ in self._param_items]
-            wtensors = [p for _, _, p in self._param_items]
+            wnames, wcolls, wtensors = self._wnames, self._wcolls, self._wtensors
             delta_keys = self._delta_keys(mode) if wtensors else None
             weights = self._take_weights(step, mode) if offload else None
             if offload and weights is None and wtensors:
@@ -688,16 +723,20 @@ class TorchHook(Hook):
                 weights = Future()
                 weights.set_result(self._reduce_weights(step, wtensors, delta_keys))
             if weights is None:  # reduced with the rest
-                names, colls, tensors = list(wnames), list(wcolls), wtensors
+                names, colls, tensors = list(wnames), list(wcolls), list(wtensors)
             else:
                 names, colls, tensors, delta_keys = [], [], [], None
             nparams = len(tensors)
-            if mode == "train":
-                for gname, p in self._grad_items:
-                    if p.grad is not None:
-                        names.append(gname)
-                        colls.append("gradients")
-                        tensors.append(p.grad)
+            if mode == "train" and self._gparams:
+                grads = [p.grad for p in self._gparams]
+                if any(g is None for g in grads):  # parameters that took no part in this backward
+                    kept = [i for i, g in enumerate(grads) if g is not None]
+                    names += [self._gnames[i] for i in kept]
+                    grads = [grads[i] for i in kept]
+                else:
+                    names += self._gnames
+                colls += ["gradients"] * len(grads)
+                tensors += grads
             quants = [False] * nparams + [quant] * (len(tensors) - nparams)
             for name, coll, _ in acts:
                 names.append(name)

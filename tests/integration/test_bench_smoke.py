@@ -185,13 +185,17 @@ def test_hook_profile_reports_every_part() -> None:
     assert out.count("x sum") >= 7
     assert "sleep 0.5 ms in a loop" in out
     assert "the numba kernel over its own 32 MiB" in out or "numba is not installed" in out
-    woken = [line for line in out.splitlines() if "one thread woken per step" in line or "one polling thread" in line]
-    assert len(woken) == (1 if "numba is not installed" in out else 3), out
+    heads = ("one thread woken per step", "polling with time.sleep", "polling without the GIL", "no thread")
+    woken = [line for line in out.splitlines() if line.strip().startswith(heads)]
+    assert len(woken) == (3 if "numba is not installed" in out else 6), out
+    assert sum("0.1 ms of Python" in line for line in woken) == 2, out
+    assert ("polling without the GIL" in out) != ("numba is not installed" in out), out
     floors = [line for line in out.splitlines() if line.strip().startswith("on the ")]
     assert len(floors) == 3 or "numba is not installed" in out, out
     assert sum("over a copy of its own" in line for line in floors) == (0 if "numba is not installed" in out else 1)
     assert all(float(line.split()[-1].rstrip("x")) > 0 for line in [*woken, *floors])
     ratios = [line for line in out.splitlines() if line.strip().startswith(("inline", "background"))]
-    assert len(ratios) in (2, 6), out
-    assert ("kernel stubbed" in out) == ("on a ThreadPoolExecutor" in out) == (len(ratios) == 6), out
+    assert len(ratios) in (2, 7), out
+    assert ("kernel stubbed" in out) == ("on a ThreadPoolExecutor" in out) == (len(ratios) == 7), out
+    assert ("worker polling with time.sleep" in out) == (len(ratios) == 7), out
     assert all(float(line.split()[-1].rstrip("x")) > 0 for line in ratios)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 
@@ -227,3 +228,60 @@ def test_the_optimizer_waits_for_the_weights_not_for_the_step_sharing_their_job(
     finally:
         release.set()
         hook.close()
+
+
+def _accumulating(offload: bool, model: nn.Module, slow_job_s: float = 0.0) -> tuple[list[wire.StepRecord], int]:
+    """Two micro-batches per optimizer step, each saved (hook.step after its backward): the second
+    backward accumulates into the gradients the first one's job reads."""
+    sent: list[bytes] = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = TorchHook("acc", produce_fn=lambda t, v, k: sent.append(v), offload=offload)
+    hook.attach(model, opt)
+    if slow_job_s:  # the job would read the gradients after the next backward, if nothing waited
+        reduce = hook._reduce
+
+        def slow(*args, **kwargs):
+            time.sleep(slow_job_s)
+            return reduce(*args, **kwargs)
+
+        hook._reduce = slow  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(3)
+    guarded = 0
+    for step in range(8):
+        x, y = torch.randn(16, 10, generator=g), torch.randint(0, 3, (16,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        guarded += bool(hook._guard_handles)
+        hook.step(step)
+        if step % 2:
+            opt.step()
+            opt.zero_grad()
+    hook.close()
+    schemas = wire.SchemaCache()
+    return [r for r in (wire.decode(p, schemas) for p in sent) if r.kind == "step"], guarded
+
+
+def test_gradients_accumulated_in_place_wait_for_the_job_still_reading_them() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    inline, _ = _accumulating(False, copy.deepcopy(model))
+    offloaded, guarded = _accumulating(True, copy.deepcopy(model), slow_job_s=0.05)
+    assert guarded == 4  # the second micro-batch of each optimizer step
+    assert [r.step for r in offloaded] == list(range(8))
+    for a, b in zip(inline, offloaded, strict=True):
+        grads_a = {t.name: (t.mean, t.std, t.min, t.max) for t in a.tensors if t.name.startswith("gradient/")}
+        grads_b = {t.name: (t.mean, t.std, t.min, t.max) for t in b.tensors if t.name.startswith("gradient/")}
+        assert grads_a and grads_a == grads_b, a.step
+
+
+def test_no_gradient_guard_is_registered_when_zero_grad_comes_before_the_forward_pass() -> None:
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = TorchHook("off", produce_fn=lambda *a: None, offload=True).attach(model, opt)
+    x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    for step in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        assert hook._guard_handles == [] and all(not p._backward_hooks for p in model.parameters())
+        hook.step(step)
+        opt.step()
+    hook.close()

@@ -190,3 +190,39 @@ def test_weight_deltas_are_combined_across_chunks(monkeypatch: pytest.MonkeyPatc
     assert q.tolist() == x.tolist(), "the copy is updated to the current values"
     d = x.astype(np.float64) - p
     assert parts[0, 2] == pytest.approx((np.abs(d) - 1e-3 * np.abs(p)).max(), rel=1e-6)
+
+
+def test_the_kernel_s_own_wire_columns_equal_those_numpy_computes_from_its_sums() -> None:
+    import dataclasses
+
+    g = torch.Generator().manual_seed(8)
+    tensors = [torch.randn(500, generator=g) * 3 + 1, torch.relu(torch.randn(32, 16, 3, generator=g)), torch.arange(7.0)]
+    host = stats_torch.reduce_host_fused(tensors, [None, (0.0, math.inf), None])
+    assert host is not None and host.finished is not None
+    by_numpy = dataclasses.replace(host, finished=None).finish()
+    np.testing.assert_array_equal(host.finished.floats, by_numpy.floats)
+    np.testing.assert_array_equal(host.finished.zeros, by_numpy.zeros)
+    assert host.finished.nan.tolist() == by_numpy.nan.tolist() == [0, 0, 0]
+    assert host.finished.activity == by_numpy.activity and set(host.finished.activity) == {1}
+
+
+def test_a_reused_plan_gives_each_call_its_own_results_on_each_thread() -> None:
+    import threading
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.relu(torch.randn(64, 8, generator=g))
+    first = [x, torch.arange(10, dtype=torch.float32)]
+    second = [-x, torch.arange(10, dtype=torch.float32) * 2]
+    active = [(0.0, math.inf), None]
+    a = stats_torch.reduce_host_fused(first, active)
+    b = stats_torch.reduce_host_fused(second, active)  # same layout: the same plan
+    assert a is not None and b is not None
+    mean = float(x.double().mean())
+    assert a.finish().floats[:, 0] == pytest.approx([mean, 4.5])  # not overwritten by the second call
+    assert b.finish().floats[:, 0] == pytest.approx([-mean, 9.0])
+    assert a.activity[0][1:] != b.activity[0][1:]  # all units active, then none
+    other: list[stats_torch.HostStats | None] = []
+    t = threading.Thread(target=lambda: other.append(stats_torch.reduce_host_fused(second, active)))
+    t.start()
+    t.join()
+    assert other[0] is not None and other[0].finish().floats.tolist() == b.finish().floats.tolist()

@@ -5,13 +5,24 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
+from tensorpulse.producers import native_wait
 from tensorpulse.producers.worker import PollingWorker
 
+HAS_NUMBA = native_wait.waiter() is not None
 
-def test_jobs_run_in_order_on_one_thread_and_return_through_futures() -> None:
-    w = PollingWorker("tp-test")
+
+@pytest.fixture(params=[True, False], ids=["native-wait", "sleep-polling"])
+def native(request: pytest.FixtureRequest) -> bool:
+    if request.param and not HAS_NUMBA:
+        pytest.skip("numba is not installed")
+    return request.param
+
+
+def test_jobs_run_in_order_on_one_thread_and_return_through_futures(native: bool) -> None:
+    w = PollingWorker("tp-test", native=native)
     seen: list[tuple[int, str]] = []
     futures = [w.submit(lambda i=i: seen.append((i, threading.current_thread().name)) or i * i) for i in range(50)]
     assert [f.result(timeout=5) for f in futures] == [i * i for i in range(50)]
@@ -20,8 +31,8 @@ def test_jobs_run_in_order_on_one_thread_and_return_through_futures() -> None:
     w.shutdown()
 
 
-def test_an_exception_reaches_the_caller_and_later_jobs_still_run() -> None:
-    w = PollingWorker()
+def test_an_exception_reaches_the_caller_and_later_jobs_still_run(native: bool) -> None:
+    w = PollingWorker(native=native)
 
     def boom() -> None:
         raise ValueError("boom in a job")
@@ -34,8 +45,8 @@ def test_an_exception_reaches_the_caller_and_later_jobs_still_run() -> None:
     w.shutdown()
 
 
-def test_an_idle_worker_parks_and_the_next_submit_wakes_it() -> None:
-    w = PollingWorker(poll_s=0.001, idle_s=0.005)
+def test_an_idle_worker_parks_and_the_next_submit_wakes_it(native: bool) -> None:
+    w = PollingWorker(poll_s=0.001, idle_s=0.005, native=native, park_s=0.02)
     assert w.submit(lambda: 1).result(timeout=5) == 1
     deadline = time.monotonic() + 5
     while not w._parked and time.monotonic() < deadline:
@@ -47,8 +58,22 @@ def test_an_idle_worker_parks_and_the_next_submit_wakes_it() -> None:
     w.shutdown()
 
 
-def test_a_polling_worker_needs_no_wake_up_while_jobs_keep_coming() -> None:
-    w = PollingWorker(poll_s=0.0005, idle_s=0.5)
+def test_a_native_worker_keeps_looking_without_wake_ups_between_jobs_far_apart() -> None:
+    if not HAS_NUMBA:
+        pytest.skip("numba is not installed")
+    w = PollingWorker(idle_s=0.002, park_s=5.0, native=True)  # slow looks from 2 ms to 5 s
+    sets: list[int] = []
+    original = w._wake.set
+    w._wake.set = lambda: (sets.append(1), original())[1]  # type: ignore[method-assign]
+    for i in range(5):
+        assert w.submit(lambda i=i: i).result(timeout=5) == i
+        time.sleep(0.03)  # as a save every 10 steps of a 3 ms step
+    assert sets == [] and not w._parked
+    w.shutdown()
+
+
+def test_a_polling_worker_needs_no_wake_up_while_jobs_keep_coming(native: bool) -> None:
+    w = PollingWorker(poll_s=0.0005, idle_s=0.5, native=native)
     sets: list[int] = []
     original = w._wake.set
     w._wake.set = lambda: (sets.append(1), original())[1]  # type: ignore[method-assign]
@@ -59,8 +84,8 @@ def test_a_polling_worker_needs_no_wake_up_while_jobs_keep_coming() -> None:
     w.shutdown()
 
 
-def test_shutdown_runs_the_jobs_already_submitted_then_refuses_more() -> None:
-    w = PollingWorker(poll_s=0.01)
+def test_shutdown_runs_the_jobs_already_submitted_then_refuses_more(native: bool) -> None:
+    w = PollingWorker(poll_s=0.01, native=native)
     done: list[int] = []
     futures = [w.submit(lambda i=i: (time.sleep(0.002), done.append(i))) for i in range(5)]
     w.shutdown(wait=True)
@@ -68,3 +93,38 @@ def test_shutdown_runs_the_jobs_already_submitted_then_refuses_more() -> None:
     assert not w._thread.is_alive()
     with pytest.raises(RuntimeError, match="shut down"):
         w.submit(lambda: None)
+
+
+def test_the_worker_says_how_it_polls(native: bool) -> None:
+    w = PollingWorker(native=native)
+    w.submit(lambda: None).result(timeout=5)
+    assert w.polls_natively is native
+    w.shutdown()
+
+
+def test_a_shutdown_ends_a_native_wait_long_before_its_idle_time() -> None:
+    if not HAS_NUMBA:
+        pytest.skip("numba is not installed")
+    w = PollingWorker(idle_s=30.0, park_s=30.0, native=True)  # would wait 30 s without the bump
+    w.submit(lambda: None).result(timeout=5)
+    t0 = time.monotonic()
+    w.shutdown(wait=True)
+    assert time.monotonic() - t0 < 5.0
+    assert not w._thread.is_alive()
+
+
+def test_the_native_wait_returns_the_moved_counter_or_the_same_one_after_its_looks() -> None:
+    wait = native_wait.waiter()
+    if wait is None:
+        pytest.skip("numba is not installed")
+    counter = np.zeros(1, np.int64)
+    addr = counter.ctypes.data
+    assert wait(addr, 0, 3, 10, 2, 20) == 0  # nothing moved: back after five looks
+    counter[0] = 7
+    assert wait(addr, 0, 1_000_000, 10, 0, 0) == 7  # moved before the call: back at once
+    for looks, slow_looks in ((1_000_000, 0), (1, 100_000)):  # moved during the fast, the slow looks
+        seen = int(counter[0])
+        threading.Timer(0.05, lambda v=seen + 1: counter.__setitem__(0, v)).start()
+        t0 = time.monotonic()
+        assert wait(addr, seen, looks, 100, slow_looks, 1000) == seen + 1
+        assert time.monotonic() - t0 < 50.0  # the looks alone would take 100 s

@@ -1,0 +1,88 @@
+"""Waiting for the next job without holding the GIL (numba), for the hook's polling worker.
+
+Why: a polling thread that sleeps in Python takes the GIL back at every look, while the
+training thread is between two torch ops: each look is a hand-over that the training thread
+pays for. `wait_for_change` looks at a counter in a loop of `usleep` calls inside one nogil
+numba call, and returns (taking the GIL once) only when the counter moved or the idle time is
+up: a number of looks a short time apart, then more looks a longer time apart (a job that
+comes a few steps later waits a little longer to start, and the looks cost almost no CPU). `bench/hook_profile.py contention` compares the two ways of polling.
+
+Optional: without numba (or when it fails to compile) `waiter()` is None and the worker polls
+with `time.sleep`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+#: (counter address, value seen, looks, microseconds between them, then slow looks, microseconds
+#: between those) -> the counter's value.
+Waiter = Callable[[int, int, int, int, int, int], int]
+
+_waiter: Waiter | None = None
+_tried = False
+_lock = threading.Lock()
+
+
+def _build() -> Waiter:
+    import llvmlite.ir as lir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def load_acquire(typingctx, addr):
+        """An int64 load with acquire ordering: the compiler may not hoist it out of the loop."""
+        sig = types.int64(types.intp)
+
+        def codegen(context, builder, signature, args):
+            ptr = builder.inttoptr(args[0], lir.IntType(64).as_pointer())
+            return builder.load_atomic(ptr, "acquire", 8)
+
+        return sig, codegen
+
+    path = ctypes.util.find_library("c")
+    usleep = ctypes.CDLL(path).usleep
+    usleep.argtypes = [ctypes.c_uint]
+    usleep.restype = ctypes.c_int
+
+    @njit(nogil=True)
+    def wait_for_change(addr, seen, looks, us, slow_looks, slow_us):  # pragma: no cover - numba
+        for i in range(looks + slow_looks):
+            now = load_acquire(addr)
+            if now != seen:
+                return now
+            usleep(us if i < looks else slow_us)
+        return load_acquire(addr)
+
+    return wait_for_change
+
+
+def waiter() -> Waiter | None:
+    """The compiled wait (compiled at the first call, ~0.3 s), or None without numba."""
+    global _waiter, _tried
+    if _tried:
+        return _waiter
+    with _lock:
+        if not _tried:
+            try:
+                import numpy as np
+
+                fn = _build()
+                counter = np.zeros(1, np.int64)
+                fn(counter.ctypes.data, 0, 1, 1, 1, 1)  # compile now
+                _waiter = fn
+            except ImportError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - any numba failure: poll with time.sleep
+                log.warning("tensorpulse: GIL-free polling unavailable, polling with time.sleep: %s", exc)
+            _tried = True
+    return _waiter
+
+
+__all__ = ["Waiter", "waiter"]
