@@ -31,16 +31,18 @@ backward passes. A step's gradients and activations are reduced after `step()` r
 the optimizer steps and the next forward pass runs: when `step()` comes before the optimizer's
 step, in the same background job as the next step's weights (one hand-over per step; the
 optimizer still waits for the weights alone). The next backward waits only if it would
-accumulate into a gradient still being read, and zero_grad(set_to_none=False) waits too. Records
+accumulate into a gradient still being read (checked at the forward pass before it, which then
+registers the gradient guards), and zero_grad(set_to_none=False) waits too. Records
 are published one step later. In-place changes to a gradient or activation after `step()` (for
 example clipping after it) would race with the reading; a tensor whose version counter moved
 meanwhile is reported once in the log. Without an optimizer passed to `attach`, weights are
 reduced on the training thread. The background thread is not woken for each job: it looks for
-jobs every half millisecond while they keep coming (`worker.PollingWorker`).
+jobs on its own clock, without the GIL when numba is installed (`worker.PollingWorker`).
 
 With numba installed (`pip install tensorpulse[fast]`), the float32 CPU tensors of a job (the
 weights; or the gradients and activations) are reduced by one kernel call, one fused pass each,
-that releases the GIL (`stats_torch.reduce_host_fused`); weight deltas likewise. Set
+that releases the GIL and also checks the results and computes their wire columns
+(`stats_torch.reduce_host_fused`); weight deltas likewise. Set
 TENSORPULSE_NUMBA=0 to use torch ops.
 
 The inputs of nn.Tanh and nn.Sigmoid modules are captured on saved steps as
@@ -479,9 +481,9 @@ class TorchHook(Hook):
         """Before a forward pass: register the gradient guards if a job may still be reading
         gradients that this pass's backward would accumulate into in place, else remove them.
 
-        Why not keep them registered: each is a Python call from autograd at every backward
-        (`bench/hook_profile.py`); gradients already set at a forward pass are rare (gradient
-        accumulation, or zero_grad after the forward pass). A backward that follows no forward
+        Why not keep them registered: each is a Python call from autograd, per parameter, at
+        every backward; gradients already set at a forward pass are rare (gradient accumulation,
+        or zero_grad after the forward pass). A backward that follows no forward
         pass of the model is not covered: the version check in `_reduce` warns if it changed a
         gradient being read.
         """
