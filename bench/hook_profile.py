@@ -15,8 +15,9 @@
   GIL) or (e) one that calls the numba kernel on 64 floats (the call gives the GIL back and takes
   it again); and the hook's PollingWorker, which looks for (e)'s jobs on its own clock: (f) with
   `time.sleep` between looks (each look takes the GIL), (g) without the GIL (numba, its default).
-  Last, 0.1 ms of busy Python per step, (h) as the polling thread's job or (i) on the training
-  thread itself: what Python costs training when it runs on the other core.
+  Then 0.1 ms of busy Python per step, (h) as the polling thread's job or (i) on the training
+  thread itself: what Python costs training when it runs on the other core. Last, (j) (e)'s job
+  handed to a thread that stays inside a numba loop and never takes the GIL.
 - floor: the same ratio for the least a hook that reads every weight and gradient once per step
   can cost: one numba kernel call over them, on the training thread or on a background thread;
   and on a background thread over a copy of the same bytes that training never touches (what
@@ -196,6 +197,13 @@ def contention(steps: int, reps: int) -> None:
         ratio = _interleaved(lambda: trainer.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
         print(f"  {hows[how]:36s} {name:41s} {ratio:5.3f}x")
         hook.close()
+    if stats_numba.available():
+        tooled = _Trainer()
+        gil_free = _GilFreeKernelJob(tiny)
+        tooled.run(20, gil_free)
+        ratio = _interleaved(lambda: trainer.run(steps), lambda t=tooled, h=gil_free: t.run(steps, h), reps)
+        print(f"  {'a thread that never takes the GIL':36s} {kernel[0]:41s} {ratio:5.3f}x")
+        gil_free.close()
 
 
 class _PerStepJob:
@@ -224,6 +232,49 @@ class _PerStepJob:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+
+
+class _GilFreeKernelJob:
+    """The kernel job of `contention`, handed to a thread that stays inside one numba loop and
+    never takes the GIL: `step` bumps a counter, the loop runs the kernel and bumps another. What
+    a hand-over costs training when no Python runs beside it (not how the hook works today)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        from numba import njit
+
+        from tensorpulse.producers import native_wait, stats_numba
+
+        load_acquire, store_release, usleep = native_wait.primitives()
+        kernel = stats_numba._get()
+
+        @njit(nogil=True)
+        def serve(ctrl, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9):  # pragma: no cover - numba
+            base = ctrl.ctypes.data  # [jobs submitted, jobs done, stop]
+            done = 0
+            while load_acquire(base + 16) == 0:
+                if load_acquire(base) == done:
+                    usleep(100)
+                    continue
+                kernel(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9)
+                done += 1
+                store_release(base + 8, done)
+            return done
+
+        self.args = stats_numba.args([x])
+        self.ctrl = np.zeros(3, np.int64)
+        self.submitted = 0
+        self.thread = threading.Thread(target=serve, args=(self.ctrl, *self.args), daemon=True)
+        self.thread.start()
+
+    def step(self, step: int, loss: Any = None) -> None:
+        while self.ctrl[1] < self.submitted:  # the previous job, as _PerStepJob waits for it
+            time.sleep(0)
+        self.submitted += 1
+        self.ctrl[0] = self.submitted
+
+    def close(self) -> None:
+        self.ctrl[2] = 1
+        self.thread.join()
 
 
 def _python_for(seconds: float) -> None:

@@ -18,6 +18,7 @@ import ctypes.util
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -26,30 +27,54 @@ log = logging.getLogger(__name__)
 Waiter = Callable[[int, int, int, int, int, int], int]
 
 _waiter: Waiter | None = None
+_primitives: tuple[Any, Any, Any] | None = None
 _tried = False
 _lock = threading.Lock()
 
 
+def primitives() -> tuple[Any, Any, Any]:
+    """(load_acquire(addr) -> int64, store_release(addr, value), usleep(us)) for numba nopython
+    code that waits on counters in memory shared with Python. Needs numba (ImportError)."""
+    global _primitives
+    if _primitives is None:
+        import llvmlite.ir as lir
+        from numba import types
+        from numba.extending import intrinsic
+
+        @intrinsic
+        def load_acquire(typingctx, addr):
+            """An int64 load with acquire ordering: the compiler may not hoist it out of a loop."""
+            sig = types.int64(types.intp)
+
+            def codegen(context, builder, signature, args):
+                ptr = builder.inttoptr(args[0], lir.IntType(64).as_pointer())
+                return builder.load_atomic(ptr, "acquire", 8)
+
+            return sig, codegen
+
+        @intrinsic
+        def store_release(typingctx, addr, value):
+            """An int64 store with release ordering: what was written before it is seen first."""
+            sig = types.void(types.intp, types.int64)
+
+            def codegen(context, builder, signature, args):
+                ptr = builder.inttoptr(args[0], lir.IntType(64).as_pointer())
+                builder.store_atomic(args[1], ptr, "release", 8)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        usleep = ctypes.CDLL(ctypes.util.find_library("c")).usleep
+        usleep.argtypes = [ctypes.c_uint]
+        usleep.restype = ctypes.c_int
+        _primitives = (load_acquire, store_release, usleep)
+    return _primitives
+
+
 def _build() -> Waiter:
-    import llvmlite.ir as lir
-    from numba import njit, types
-    from numba.extending import intrinsic
+    from numba import njit
 
-    @intrinsic
-    def load_acquire(typingctx, addr):
-        """An int64 load with acquire ordering: the compiler may not hoist it out of the loop."""
-        sig = types.int64(types.intp)
-
-        def codegen(context, builder, signature, args):
-            ptr = builder.inttoptr(args[0], lir.IntType(64).as_pointer())
-            return builder.load_atomic(ptr, "acquire", 8)
-
-        return sig, codegen
-
-    path = ctypes.util.find_library("c")
-    usleep = ctypes.CDLL(path).usleep
-    usleep.argtypes = [ctypes.c_uint]
-    usleep.restype = ctypes.c_int
+    load_acquire, _, usleep = primitives()
 
     @njit(nogil=True)
     def wait_for_change(addr, seen, looks, us, slow_looks, slow_us):  # pragma: no cover - numba
@@ -85,4 +110,4 @@ def waiter() -> Waiter | None:
     return _waiter
 
 
-__all__ = ["Waiter", "waiter"]
+__all__ = ["Waiter", "primitives", "waiter"]

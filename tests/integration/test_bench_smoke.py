@@ -185,9 +185,10 @@ def test_hook_profile_reports_every_part() -> None:
     assert out.count("x sum") >= 7
     assert "sleep 0.5 ms in a loop" in out
     assert "the numba kernel over its own 32 MiB" in out or "numba is not installed" in out
-    heads = ("one thread woken per step", "polling with time.sleep", "polling without the GIL", "no thread")
+    heads = ("one thread woken per step", "polling with time.sleep", "polling without the GIL", "no thread", "a thread")
     woken = [line for line in out.splitlines() if line.strip().startswith(heads)]
-    assert len(woken) == (3 if "numba is not installed" in out else 6), out
+    assert len(woken) == (3 if "numba is not installed" in out else 7), out
+    assert ("never takes the GIL" in out) != ("numba is not installed" in out), out
     assert sum("0.1 ms of Python" in line for line in woken) == 2, out
     assert ("polling without the GIL" in out) != ("numba is not installed" in out), out
     floors = [line for line in out.splitlines() if line.strip().startswith("on the ")]
