@@ -1,11 +1,12 @@
 """Waiting for the next job without holding the GIL (numba), for the hook's polling worker.
 
-Why: a polling thread that sleeps in Python takes the GIL back at every look, while the
-training thread is between two torch ops: each look is a hand-over that the training thread
-pays for. `wait_for_change` looks at a counter in a loop of `usleep` calls inside one nogil
-numba call, and returns (taking the GIL once) only when the counter moved or the idle time is
-up: a number of looks a short time apart, then more looks a longer time apart (a job that
-comes a few steps later waits a little longer to start, and the looks cost almost no CPU). `bench/hook_profile.py contention` compares the two ways of polling.
+Why: a thread that polls with `time.sleep` takes the GIL at every look, so it looks only for a
+few milliseconds after a job and then parks; jobs further apart (a save every few steps) each
+need a wake-up by system call and a hand-over of the GIL. `wait_for_change` looks at a counter
+in a loop of `usleep` calls inside one nogil numba call, and returns (taking the GIL once) only
+when the counter moved or the idle time is up: looks a short time apart, then looks a longer
+time apart, at almost no CPU, so the thread can keep looking between two saves.
+`bench/hook_profile.py` compares the two ways of polling (`contention` and `hook` rows).
 
 Optional: without numba (or when it fails to compile) `waiter()` is None and the worker polls
 with `time.sleep`.

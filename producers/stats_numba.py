@@ -5,10 +5,11 @@ sum|x| and the non-zero count are slow paths (vector_norm(ord=1) and count_nonze
 a plain sum in `bench/hook_profile.py kernels`), so the six statistics cost six or more passes and a dozen calls per tensor.
 This loop makes one pass over 64 lanes that LLVM vectorises (reassociation allowed, NaN
 semantics kept: no `nnan`), and it runs without the GIL, so a background reduction does not
-hold up the training thread. `bench/hook_profile.py kernels` timed it at 88 us for a 401k-element
-tensor, against 449 us for the hook's torch path (and 118 us for this loop with 16 lanes). `batch`
+hold up the training thread. `bench/hook_profile.py kernels` timed it at 85 us for a 401k-element
+tensor, against 415 us for the hook's torch path (and, in an earlier run, 118 us for this loop
+with 16 lanes). `batch`
 reduces all tensors of a job in one call: one GIL release, and no Python per tensor between
-kernels. `_delta` does a weight delta in one pass (103 us there, 496 us for the torch pass).
+kernels. `_delta` does a weight delta in one pass (102 us there, 485 us for the torch pass).
 
 Float32 tensors only (float64 ones keep the torch path). Accuracy: 64 float32 lanes per call of
 at most CHUNK elements, combined in float64. NaN: min and max are NaN when any element is, as

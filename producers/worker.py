@@ -3,9 +3,9 @@
 Why not a ThreadPoolExecutor: its `submit` wakes the sleeping worker with a system call, made
 by the training thread, and the woken thread then wants the GIL at once, while the training
 thread is still running Python, so the training thread waits for it at its next torch op.
-`bench/hook_profile.py`, one run on the MLP: a thread woken once per step for a job that calls
-the numba kernel costs training 1.051, this thread handed the same job 1.018; TorchHook
-offloaded to a ThreadPoolExecutor 1.20, to this thread 1.17 (bench/README.md).
+`bench/hook_profile.py`, one run on the MLP (bench/README.md): a thread woken once per step for
+a job that calls the numba kernel costs training 1.049, this thread handed the same job 1.023;
+TorchHook offloaded to a ThreadPoolExecutor 1.195, to this thread 1.156.
 
 Here `submit` only appends to a deque and bumps a counter (no system call). The thread looks
 for the next job on its own clock. With numba it waits inside one call that holds no GIL
