@@ -10,9 +10,9 @@ TorchHook offloaded to a ThreadPoolExecutor 1.195, to this thread 1.156.
 Here `submit` only appends to a deque and bumps a counter (no system call). The thread looks
 for the next job on its own clock. With numba it waits inside one call that holds no GIL
 (`native_wait`), looking at the counter every NATIVE_POLL_US for IDLE_S after its last job, then
-every NATIVE_SLOW_POLL_US up to NATIVE_PARK_S: the looks cost the training thread nothing, so
-the thread can keep looking across the steps between two saves (a save every 10 steps of a
-small model) instead of being woken for each. Without numba it looks with `time.sleep(POLL_S)`
+every NATIVE_SLOW_POLL_US up to NATIVE_PARK_S: the looks hold no GIL, so the thread can keep
+looking across the steps between two saves (a save every 10 steps of a small model) instead of
+being woken for each. Without numba it looks with `time.sleep(POLL_S)`
 for IDLE_S, each look taking the GIL for a microsecond or two. After that it parks on an Event
 and the next `submit` wakes it the ordinary way: jobs that far apart are handed over as a pool
 would, with no cost between them.
