@@ -26,8 +26,9 @@ shared/bench). So:
    publisher runs it on its background thread.
 
 With the numba kernels (`stats_numba`), CPU float32 tensors skip all of this: `reduce_host_fused`
-reduces a whole job in one kernel call and builds the HostStats with a few numpy calls, handing the rare
-tensor with a non-finite value or cancelling plain sums back to the path above.
+reduces a whole job in one kernel call, which also computes the wire columns (so `finish()` has
+nothing left to do), handing the rare tensor with a non-finite value or cancelling plain sums
+back to the path above.
 
 Activation outputs are reduced inside forward hooks and the activation itself is not kept, so
 there is no tensor left for a second pass: for them (`exact_nonfinite=True`) the nan/inf
@@ -263,14 +264,6 @@ def _quantile_ranks(m: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=1024)
 def _thresholds(samples: int) -> tuple[int, ...]:
     return tuple(activity_thresholds(samples))
-
-
-@functools.lru_cache(maxsize=1024)
-def _thresholds_np(samples: int) -> np.ndarray:
-    """`_thresholds` as a [1, edges] row (read-only: it is shared)."""
-    thr = np.asarray(_thresholds(samples))[None, :]
-    thr.flags.writeable = False
-    return thr
 
 
 def _quantiles(flat: torch.Tensor, ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
