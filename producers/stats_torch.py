@@ -614,21 +614,22 @@ def reduce_host_fused(
     """
     if not stats_numba.enabled():
         return None
-    addrs: list[int] = []
-    layout: list[Any] = []
-    for i, t in enumerate(tensors):
-        n = t.numel()
-        if not (n and _kernel_takes(t)):
+    f32, strided = torch.float32, torch.strided
+    for t in tensors:  # `_kernel_takes`, inlined: this runs per tensor per step, on the GIL
+        if t.dtype is not f32 or not t.is_cpu or t.layout is not strided or not t.is_contiguous() or t.is_neg():
             return None
-        addrs.append(t.data_ptr())
-        rng = active[i] if active is not None else None
-        if rng is not None and t.dim() >= 2 and t.shape[1]:
-            samples, units = t.shape[0], t.shape[1]
-            if n // units > _EXACT_F32:
-                return None
-            layout.append((n, samples, units, rng[0], rng[1]))
-        else:
-            layout.append(n)
+    layout: list[Any] = [t.numel() for t in tensors]
+    if 0 in layout:
+        return None
+    if active is not None:
+        for i, rng in enumerate(active):
+            t = tensors[i]
+            if rng is not None and t.dim() >= 2 and t.shape[1]:
+                n, samples, units = layout[i], t.shape[0], t.shape[1]
+                if n // units > _EXACT_F32:
+                    return None
+                layout[i] = (n, samples, units, rng[0], rng[1])
+    addrs = [t.data_ptr() for t in tensors]
     key = tuple(layout)
     plans = _plans.__dict__  # per thread: a plan's scratch arrays are reused by every call
     plan = plans.get(key)

@@ -56,13 +56,11 @@ device values ride along in the step's one host copy.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 import torch
@@ -80,7 +78,7 @@ from .stats_torch import (
     reduce_on_device,
     transfer,
 )
-from .worker import PollingWorker
+from .worker import Outcome, PollingWorker
 
 #: Non-saturated input ranges of tanh and sigmoid (SageMaker's SaturatedActivation defaults).
 TANH_RANGE = (-9.4999, 9.4999)
@@ -131,7 +129,7 @@ class _WeightsJob(NamedTuple):
     generation: int
     upcoming: int  # the step expected to save them (the label of their weight deltas)
     deltas: bool
-    future: Future  # -> HostStats of the hook's parameter items
+    future: Outcome  # -> HostStats of the hook's parameter items
     taken: bool = False
 
 
@@ -144,8 +142,8 @@ class _Job(NamedTuple):
     colls: list[str]
     extra_names: list[str]
     caps: list[Any]
-    future: Future  # -> (HostStats, scalar values); None while staged
-    weights: Future | None = None
+    future: Outcome  # -> (HostStats, scalar values); None while staged
+    weights: Outcome | None = None
     weight_names: list[str] = []
     weight_colls: list[str] = []
 
@@ -188,6 +186,14 @@ def _version(t: torch.Tensor) -> int | None:
         return t._version
     except RuntimeError:  # inference tensors have no version counter
         return None
+
+
+def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
+    """`_version` of each tensor; one comprehension, per-tensor calls only for inference tensors."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return [_version(t) for t in tensors]
 
 
 class TorchHook(Hook):
@@ -248,6 +254,7 @@ class TorchHook(Hook):
         # An offloaded step whose job waits for the optimizer's step, to share the weights' job:
         # (_reduce arguments, _Job fields); submitted on its own when no optimizer step comes.
         self._staged: _Staged | None = None
+        self._unreported_train = 0  # staged or queued jobs that are train saves (`_train_index`)
         self._restore: list[Any] = []  # undo functions for wrapped zero_grad methods
         # Weights may be read off the training thread only between two optimizer steps, which
         # the optimizer's step hooks delimit: `_generation` counts optimizer steps, and
@@ -389,10 +396,9 @@ class TorchHook(Hook):
 
     def _train_index(self) -> int:
         # Offloaded train steps not yet turned into records count too: they are the earlier saves.
-        staged = self._staged is not None and self._staged.job.is_train_save
-        return self._train_saves + staged + sum(1 for job in self._jobs if job.is_train_save)
+        return self._train_saves + self._unreported_train
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Outcome:
         if self._pool is None:
             self._pool = PollingWorker(f"tensorpulse-stats-{self.job}")
         return self._pool.submit(fn, *args)
@@ -422,14 +428,14 @@ class TorchHook(Hook):
         delta_keys = self._delta_keys(mode)  # counts the staged step among the earlier saves
         tensors = self._wtensors
         staged, self._staged = self._staged, None
-        weights: Future = Future()
+        weights = Outcome()
         both = self._submit(self._reduce_both, weights, upcoming, tensors, delta_keys, staged.args if staged else None)
         self._weights = _WeightsJob(self._generation, upcoming, delta_keys is not None, weights)
         if staged is not None:
             self._jobs.append(staged.job._replace(future=both))
 
     def _reduce_both(
-        self, weights: Future, upcoming: int, tensors: list[torch.Tensor], delta_keys: Any, step_args: tuple | None
+        self, weights: Outcome, upcoming: int, tensors: list[torch.Tensor], delta_keys: Any, step_args: tuple | None
     ) -> Any:
         """One background job: the weights of the upcoming step (into `weights`, at once: the
         optimizer's next step waits for them alone), then a staged step (the job's result)."""
@@ -462,7 +468,7 @@ class TorchHook(Hook):
             self._delta_tracker().track(step, delta_keys, [tensors[i] for i in idx], [stats[i] for i in idx])
         return transfer(stats)[0]
 
-    def _take_weights(self, step: int, mode: str) -> Future | None:
+    def _take_weights(self, step: int, mode: str) -> Outcome | None:
         """The background reduction of this generation's weights, if it fits (step, mode)."""
         w = self._weights
         if w is None or w.generation != self._generation or w.taken:
@@ -488,7 +494,12 @@ class TorchHook(Hook):
         gradient being read.
         """
         jobs = self._jobs
-        need = bool(jobs) and not jobs[-1].future.done() and any(p.grad is not None for p in self._gparams)
+        need = False
+        if jobs and not jobs[-1].future.done():
+            for p in self._gparams:  # a loop, not any(genexpr): one frame fewer per parameter
+                if p.grad is not None:
+                    need = True
+                    break
         if need and not self._guard_handles:
             self._guard_handles = [p.register_hook(guard) for p, guard in self._grad_guards]
         elif not need and self._guard_handles:
@@ -508,15 +519,14 @@ class TorchHook(Hook):
 
     def _wait_weights(self) -> None:
         if self._weights is not None:
-            with contextlib.suppress(Exception):  # a failure is reported when the step drains
-                self._weights.future.exception()
+            # exception() only waits: a failure is reported when the step drains
+            self._weights.future.exception()
 
     def _wait_jobs(self) -> None:
         self._flush_staged()
         self._wait_weights()
         for job in list(self._jobs):
-            with contextlib.suppress(Exception):  # a failed job is reported when it is drained
-                job.future.exception()
+            job.future.exception()  # only waits: a failed job is reported when it is drained
 
     def _drain(self, wait: bool) -> None:
         """Turn finished offloaded steps (all of them with `wait`) into records, in order."""
@@ -524,6 +534,7 @@ class TorchHook(Hook):
             self._flush_staged()
         while self._jobs and (wait or (self._jobs[0].future.done() and self._jobs[0].weights_done())):
             job = self._jobs.popleft()
+            self._unreported_train -= job.is_train_save
             try:
                 weights = job.weights.result() if job.weights is not None else None
                 host, values = job.future.result()
@@ -722,7 +733,7 @@ class TorchHook(Hook):
             if offload and weights is None and wtensors:
                 # No background reduction of these weights (no optimizer hooks, or the first
                 # step): the optimizer may change them once step() returns, so reduce them now.
-                weights = Future()
+                weights = Outcome()
                 weights.set_result(self._reduce_weights(step, wtensors, delta_keys))
             if weights is None:  # reduced with the rest
                 names, colls, tensors = list(wnames), list(wcolls), list(wtensors)
@@ -731,7 +742,12 @@ class TorchHook(Hook):
             nparams = len(tensors)
             if mode == "train" and self._gparams:
                 grads = [p.grad for p in self._gparams]
-                if any(g is None for g in grads):  # parameters that took no part in this backward
+                missing = False
+                for g in grads:  # a loop, not any(genexpr): one frame fewer per gradient
+                    if g is None:
+                        missing = True
+                        break
+                if missing:  # parameters that took no part in this backward
                     kept = [i for i, g in enumerate(grads) if g is not None]
                     names += [self._gnames[i] for i in kept]
                     grads = [grads[i] for i in kept]
@@ -760,12 +776,11 @@ class TorchHook(Hook):
                 pending.scalar_tensors = {}
             act_stats = [a for _, _, a in acts]
             if offload:
-                versions = [_version(t) for t in tensors]
+                versions = _versions(tensors)
                 self._flush_staged()
-                self._staged = _Staged(
-                    (step, tensors, quants, None, act_stats, extras, caps, versions),
-                    _Job(step, mode, names, colls, extra_names, caps, None, weights, wnames, wcolls),
-                )
+                job = _Job(step, mode, names, colls, extra_names, caps, None, weights, wnames, wcolls)
+                self._staged = _Staged((step, tensors, quants, None, act_stats, extras, caps, versions), job)
+                self._unreported_train += job.is_train_save
                 if not (self._weights_offloadable and mode == "train"):
                     self._flush_staged()  # no optimizer step will carry it
                 return
@@ -792,7 +807,7 @@ class TorchHook(Hook):
         for a in act_stats:
             if isinstance(a, _Deferred):
                 self._check_unchanged(a.tensor, a.version)
-        if versions is not None:
+        if versions is not None and _versions(tensors) != versions:
             for t, v in zip(tensors, versions, strict=True):
                 self._check_unchanged(t, v)
         return got
@@ -845,7 +860,7 @@ class TorchHook(Hook):
             return []
         out = []
         for i, g in enumerate(groups):
-            lr = g.get("lr") if isinstance(g, Mapping) else None
+            lr = g.get("lr") if type(g) is dict or isinstance(g, Mapping) else None
             if isinstance(lr, torch.Tensor):
                 out.append(("lr" if len(groups) == 1 else f"lr/{i}", lr.detach()))
             elif isinstance(lr, (int, float)):

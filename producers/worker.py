@@ -24,7 +24,6 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -43,8 +42,60 @@ NATIVE_PARK_S = 0.5
 IDLE_S = 0.007
 
 
+class Outcome:
+    """The result of one job: the part of `concurrent.futures.Future` that the hook uses
+    (`done`, `result`, `exception`, `set_result`, `set_exception`; no callbacks, no cancel).
+
+    Why not Future itself: each of its calls runs several Python calls under a Condition (an
+    RLock written in Python), and a job's Future is made, set, polled and read on every saved
+    step, on the GIL that training shares (`bench/README.md`: Python costs training wherever it
+    runs). Here `done` reads an attribute and waiting takes a plain lock, held from creation
+    until the result is set.
+    """
+
+    __slots__ = ("_done", "_exc", "_lock", "_value")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._value: Any = None
+        self._exc: BaseException | None = None
+        self._lock = threading.Lock()
+        self._lock.acquire()  # released once, by set_result / set_exception
+
+    def set_result(self, value: Any) -> None:
+        self._value = value
+        self._done = True
+        self._lock.release()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exc = exc
+        self._done = True
+        self._lock.release()
+
+    def done(self) -> bool:
+        return self._done
+
+    def _wait(self, timeout: float | None) -> None:
+        if self._done:
+            return
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise TimeoutError(f"the job did not finish within {timeout} s")
+        self._lock.release()  # for the next waiter
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The job's return value (waiting up to `timeout` s); its exception is raised here."""
+        self._wait(timeout)
+        if self._exc is not None:
+            raise self._exc
+        return self._value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return self._exc
+
+
 class PollingWorker:
-    """One daemon thread that runs submitted callables in order; `submit` returns a Future.
+    """One daemon thread that runs submitted callables in order; `submit` returns an Outcome.
 
     `submit` and `shutdown` are for one thread (the training thread) at a time. `native`: wait
     for jobs without the GIL when numba is installed (False: always `time.sleep`); it then parks
@@ -60,7 +111,7 @@ class PollingWorker:
         native: bool = True,
         park_s: float = NATIVE_PARK_S,
     ) -> None:
-        self._jobs: collections.deque[tuple[Future, Callable[..., Any], tuple]] = collections.deque()
+        self._jobs: collections.deque[tuple[Outcome, Callable[..., Any], tuple]] = collections.deque()
         self._looks = max(1, round(idle_s / poll_s))  # empty looks before parking
         self._native_looks = max(1, round(idle_s * 1e6 / NATIVE_POLL_US))
         self._slow_looks = max(0, round((park_s - idle_s) * 1e6 / NATIVE_SLOW_POLL_US))
@@ -76,10 +127,10 @@ class PollingWorker:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Outcome:
         if self._stop:
             raise RuntimeError("cannot submit to a worker that was shut down")
-        future: Future = Future()
+        future = Outcome()
         self._jobs.append((future, fn, args))
         self._bump()
         if self._parked:  # read after the append: a thread parking meanwhile sees the job
@@ -128,9 +179,10 @@ class PollingWorker:
                 continue
             empty = 0
             future, fn, args = jobs.popleft()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as exc:  # noqa: BLE001 - the Future carries it to the caller
-                    future.set_exception(exc)
+            try:
+                value = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - the Outcome carries it to the caller
+                future.set_exception(exc)
+            else:
+                future.set_result(value)
             del future, fn, args  # drop the job's tensors now, not at the next job

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tensorpulse.producers import native_wait
-from tensorpulse.producers.worker import PollingWorker
+from tensorpulse.producers.worker import Outcome, PollingWorker
 
 HAS_NUMBA = native_wait.waiter() is not None
 
@@ -128,3 +128,29 @@ def test_the_native_wait_returns_the_moved_counter_or_the_same_one_after_its_loo
         t0 = time.monotonic()
         assert wait(addr, seen, looks, 100, slow_looks, 1000) == seen + 1
         assert time.monotonic() - t0 < 50.0  # the looks alone would take 100 s
+
+
+def test_an_outcome_waits_with_a_timeout_and_wakes_every_waiter() -> None:
+    out = Outcome()
+    assert not out.done()
+    with pytest.raises(TimeoutError, match="did not finish within 0.05 s"):
+        out.result(timeout=0.05)
+    got: list[object] = []
+    waiters = [threading.Thread(target=lambda: got.append(out.result(timeout=5))) for _ in range(3)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.05)
+    out.set_result("r")
+    for t in waiters:
+        t.join(5)
+    assert got == ["r", "r", "r"] and out.done()
+    assert out.exception(timeout=0) is None and out.result(timeout=0) == "r"
+
+
+def test_an_outcome_keeps_its_exception_for_result_and_exception() -> None:
+    out = Outcome()
+    err = KeyError("in the job")
+    out.set_exception(err)
+    assert out.done() and out.exception() is err
+    with pytest.raises(KeyError, match="in the job"):
+        out.result()
