@@ -8,7 +8,11 @@ so both see the same drift of a shared machine, and each repetition gives two ra
 of the mean step time (the save steps amortised: throughput) and of the median step time (a
 typical step). A repetition during which processes outside this run used more than
 --max-foreign of the machine is dropped (all are kept, and the row marked noisy, if none is
-clean); each row reports the median of its repetitions' ratios. Bytes per step: files the peers
+clean); each row reports the median of its repetitions' ratios. Before its repetitions, each
+child runs both copies once for --startup-saves saves' worth of steps (10 by default), outside
+the ratios, so that the rows are steady state: tensorpulse adds p5/p95 of the gradients at its
+first 10 saves (`quantile_steps`), which would otherwise fall into the first repetition at every
+10 steps; that segment's extra time is reported as the cell's start-up. Bytes per step: files the peers
 wrote; for tensorpulse the records handed to Kafka (key + value, before compression). Peak memory:
 growth of the child's peak RSS once the tool is set up, plus the RSS of processes the tool
 started (wandb's service).
@@ -73,9 +77,11 @@ def run_cell(
     workdir: str,
     bootstrap: str | None = None,
     tree_root: int | None = None,
+    startup_saves: int = 0,
 ) -> dict[str, Any]:
     """Measure one (tool, model, interval) cell in this process; see the module docstring.
-    `tree_root`: the pid whose process tree is this benchmark (CPU used outside it is foreign)."""
+    `tree_root`: the pid whose process tree is this benchmark (CPU used outside it is foreign).
+    `startup_saves`: both copies first run that many saves' worth of steps, outside the ratios."""
     import torch
     from common import children_rss_mb, cpu_snapshot, foreign_share, make_batches, make_model, peak_rss_mb
     from peers import make_tool
@@ -97,10 +103,18 @@ def run_cell(
     t0 = time.perf_counter()
     tool = make_tool(tool_name, hooked, loss_h, opt_h, workdir, interval, bootstrap)
     setup_s = time.perf_counter() - t0
-    bytes0 = tool.bytes_written()
 
+    # Start-up, outside the ratios: what a tool does only at its first saves (tensorpulse: p5/p95
+    # during the first `quantile_steps` saves, numba compiles) would otherwise weigh on the first
+    # repetition only, and the more so the rarer the saves. Its cost is reported on its own.
+    start = startup_saves * interval
+    startup_extra_s = sum(_train(hooked, loss_h, opt_h, batches, start, 0, tool)) - sum(
+        _train(base, loss_b, opt_b, batches, start, 0)
+    )
+    tool.flush()
+    bytes0 = tool.bytes_written()
     seg = warmup + steps
-    step_b = step_h = 0
+    step_b = step_h = start
     out_reps = []
     for r in range(reps):
         hook_first = r % 2 == 1  # ABBA order: a drift within a repetition cancels over two
@@ -139,8 +153,10 @@ def run_cell(
         "status": "ok",
         "reps": out_reps,
         "bytes": nbytes,
-        "hook_steps": step_h,
-        "saves": len(range(0, step_h, interval)),
+        "hook_steps": step_h - start,
+        "saves": len(range(start, step_h, interval)),
+        "startup_steps": start,
+        "startup_extra_s": startup_extra_s,
         "peak_self_mb": peak_self,
         "children_mb": children_mb,
         "rss_ref_mb": rss_ref,
@@ -166,6 +182,7 @@ def cell_main(args: argparse.Namespace) -> int:
             workdir=args.workdir,
             bootstrap=args.bootstrap,
             tree_root=args.tree_root,
+            startup_saves=args.startup_saves,
         )
         rc = 0
     except NotInstalled as exc:
@@ -201,6 +218,7 @@ def spawn_cell(
     cmd = [
         python, os.path.abspath(__file__), "--cell", tool, "--models", kind, "--intervals", str(interval),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--reps", str(args.reps),
+        "--startup-saves", str(args.startup_saves),
         "--threads", str(args.threads), "--workdir", os.path.join(work, "out"), "--result", result,
         "--tree-root", str(os.getpid()),
     ]  # fmt: skip
@@ -231,8 +249,8 @@ def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     out["reps"] = old["reps"] + new["reps"]
     for k in ("bytes", "hook_steps", "saves"):
         out[k] = old[k] + new[k]
-    for k in ("peak_self_mb", "children_mb", "setup_s", "close_s"):
-        out[k] = max(old[k], new[k])
+    for k in ("peak_self_mb", "children_mb", "setup_s", "close_s", "startup_extra_s"):
+        out[k] = max(old.get(k, 0.0), new.get(k, 0.0))
     return out
 
 
@@ -267,6 +285,8 @@ def summarise(
         children_mb=cell["children_mb"],
         setup_s=cell["setup_s"],
         close_s=cell["close_s"],
+        startup_steps=cell.get("startup_steps", 0),
+        startup_extra_s=cell.get("startup_extra_s", 0.0),
         versions=cell["versions"],
         per_rep=reps,
     )
@@ -341,6 +361,8 @@ def format_table(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> st
             lines.append(f"{head} {r['status']}: {r.get('reason', '')}")
             continue
         note = "NOISY (no clean repetition)" if r["noisy"] else ""
+        if r.get("startup_steps"):
+            note = f"start-up {r['startup_extra_s']:+.2f} s over {r['startup_steps']} steps {note}".rstrip()
         lines.append(
             f"{head} {r['mean_ratio']:7.2f} {r['median_ratio']:8.2f} {_fmt_bytes(r['bytes_per_step']):>11} "
             f"{r['peak_mb']:8.1f}  {r['reps_kept']:>2}/{r['reps_total']:<2}  {note}"
@@ -406,6 +428,7 @@ def drive(args: argparse.Namespace) -> int:
                 "tools",
                 "steps",
                 "warmup",
+                "startup_saves",
                 "reps",
                 "rounds",
                 "threads",
@@ -433,6 +456,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tools", nargs="+", default=list(TOOLS), help=f"of: {', '.join(TOOLS)}")
     ap.add_argument("--steps", type=int, default=200, help="timed steps per segment")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of each segment")
+    ap.add_argument(
+        "--startup-saves",
+        type=int,
+        default=10,
+        help="saves' worth of steps (times the interval) each cell runs once before its repetitions, "
+        "outside the ratios; their extra time is reported as start-up (tensorpulse's first 10 saves add p5/p95)",
+    )
     ap.add_argument("--reps", type=int, default=5, help="repetitions (base + tool segment pairs) per cell")
     ap.add_argument("--rounds", type=int, default=1, help="passes over all cells; repetitions pool per cell")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -457,8 +487,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "reps", "rounds", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1")
-    if args.warmup < 0 or any(i < 1 for i in args.intervals):
-        ap.error("--warmup must be >= 0 and every interval >= 1")
+    if args.warmup < 0 or args.startup_saves < 0 or any(i < 1 for i in args.intervals):
+        ap.error("--warmup and --startup-saves must be >= 0 and every interval >= 1")
     return args
 
 

@@ -19,7 +19,7 @@
   thread itself: what Python costs training when it runs on the other core. Last, (j) (e)'s job
   handed to a thread that stays inside a numba loop and never takes the GIL.
 - floor: the same ratio for the least a hook that reads every weight and gradient once per step
-  can cost: one numba kernel call over them, on the training thread or on a background thread;
+  (or every --interval steps) can cost: one numba kernel call over them, on the training thread or on a background thread;
   and on a background thread over a copy of the same bytes that training never touches (what
   reading training's own data from the other core adds).
 - hook: the mean step-time ratio of TorchHook(save_interval=1, or --interval) against an
@@ -33,6 +33,7 @@
     python bench/hook_profile.py                 # all four, about four minutes
     python bench/hook_profile.py hook --reps 5
     python bench/hook_profile.py hook --interval 10 --steps 200 --reps 10
+    python bench/hook_profile.py floor --interval 10 --steps 200 --reps 10
 
 Ratios from one run on a shared machine: repeat a run before trusting a difference below 0.05.
 """
@@ -292,7 +293,7 @@ class _KernelOnly:
     variant is a lower bound only: it reads the weights while the optimizer updates them, which
     the real hook may not do (it reads them between two optimizer steps, a second job)."""
 
-    def __init__(self, model: nn.Module, background: bool, own_copy: bool = False) -> None:
+    def __init__(self, model: nn.Module, background: bool, own_copy: bool = False, interval: int = 1) -> None:
         from tensorpulse.producers import stats_numba
         from tensorpulse.producers.worker import PollingWorker
 
@@ -300,6 +301,7 @@ class _KernelOnly:
         self.params = list(model.parameters())
         self.pool = PollingWorker() if background else None  # the hook's background thread
         self.future: Any = None
+        self.interval = interval  # read them at every interval-th step only
         # The same bytes, in memory that training never reads or writes.
         self.copy = [p.detach().clone() for p in self.params] * 2 if own_copy else None
 
@@ -307,6 +309,8 @@ class _KernelOnly:
         self.batch_at([t.data_ptr() for t in tensors], [t.numel() for t in tensors])
 
     def step(self, step: int, loss: Any = None) -> None:
+        if step % self.interval:
+            return
         tensors = self.copy or [*self.params, *(p.grad for p in self.params)]
         if self.pool is None:
             self._reduce(tensors)
@@ -316,7 +320,7 @@ class _KernelOnly:
         self.future = self.pool.submit(self._reduce, tensors)
 
 
-def floor(steps: int, reps: int) -> None:
+def floor(steps: int, reps: int, interval: int = 1) -> None:
     from tensorpulse.producers import stats_numba
 
     if not stats_numba.available():
@@ -324,10 +328,11 @@ def floor(steps: int, reps: int) -> None:
         return
     base = _Trainer()
     base.run(20)
-    print(f"\nfloor: one kernel call over all weights and gradients per step / no hook ({reps} reps of {steps} steps)")
+    every = "per step" if interval == 1 else f"every {interval} steps"
+    print(f"\nfloor: one kernel call over all weights and gradients {every} / no hook ({reps} reps of {steps} steps)")
     for background, own in ((False, False), (True, False), (True, True)):
         tooled = _Trainer()
-        hook = _KernelOnly(tooled.model, background, own)
+        hook = _KernelOnly(tooled.model, background, own, interval)
         tooled.run(20, hook)
         ratio = _interleaved(lambda: base.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
         if hook.pool is not None:
@@ -431,7 +436,7 @@ def main() -> None:
     ap.add_argument("parts", nargs="*", metavar="PART", help="kernels, contention, floor, hook (default: all)")
     ap.add_argument("--steps", type=int, default=100, help="timed steps per segment")
     ap.add_argument("--reps", type=int, default=6, help="repetitions (segment pairs)")
-    ap.add_argument("--interval", type=int, default=1, help="the hook's save interval in the `hook` part")
+    ap.add_argument("--interval", type=int, default=1, help="the save interval of the `hook` and `floor` parts")
     args = ap.parse_args()
     parts = args.parts or ["kernels", "contention", "floor", "hook"]
     unknown = sorted(set(parts) - {"kernels", "contention", "floor", "hook"})
@@ -444,7 +449,7 @@ def main() -> None:
     if "contention" in parts:
         contention(args.steps, args.reps)
     if "floor" in parts:
-        floor(args.steps, args.reps)
+        floor(args.steps, args.reps, args.interval)
     if "hook" in parts:
         hook_variants(args.steps, args.reps, args.interval)
 

@@ -40,6 +40,9 @@ class Tool:
         """Bytes the tool has produced so far (files, or records handed to the transport)."""
         return 0
 
+    def flush(self) -> None:
+        """Write out what is buffered, so that bytes_written() counts every step run so far."""
+
     def close(self) -> None:
         """Flush and stop; bytes_written() is final afterwards."""
 
@@ -83,12 +86,15 @@ class TensorPulse(Tool):
         self.hook.step(step, loss=loss)
 
     def bytes_written(self) -> int:
-        return self._bytes  # final after close() (which reads the topic back when publishing)
+        return self._bytes  # up to date after flush() and close() (which read the topic back when publishing)
 
-    def close(self) -> None:
+    def flush(self) -> None:
         self.hook.flush(30)
         if self.bootstrap is not None:
             self._bytes = topic_bytes(self.bootstrap, self.hook.topic)
+
+    def close(self) -> None:
+        self.flush()
         self.hook.close(10)
 
     def versions(self) -> dict[str, str]:
@@ -145,6 +151,9 @@ class TensorBoard(Tool):
 
     def bytes_written(self) -> int:
         return dir_bytes(self.workdir)
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()

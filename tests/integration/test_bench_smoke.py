@@ -46,6 +46,8 @@ def _run(tmp_path: Path, *extra: str) -> dict:
         "4",
         "--warmup",
         "0",
+        "--startup-saves",
+        "3",
     ]
     cmd += ["--reps", "2", "--out-dir", str(tmp_path), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
@@ -75,6 +77,9 @@ def test_tiny_run_writes_the_table(tmp_path: Path) -> None:
         assert (r["model"], r["interval"], r["reps_total"]) == ("mlp", 1, 2)
         assert len(r["per_rep"]) == 2
         assert r["mean_ratio"] > 0 and r["median_ratio"] > 0 and r["peak_mb"] >= 0
+    # the start-up steps run once per cell, outside the repetitions and their step counts
+    assert rows["tensorpulse"]["startup_steps"] == 3 and "start-up" in rep["_stdout"]
+    assert len(rows["tensorpulse"]["per_rep"]) == 2 and rep["config"]["startup_saves"] == 3
     assert rows["no-hook"]["bytes_per_step"] == 0
     # every step is saved: records of a few hundred bytes each reach the (counting) transport
     assert rows["tensorpulse"]["bytes_per_step"] > 100
