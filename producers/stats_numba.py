@@ -296,10 +296,12 @@ def _build():
     carray, _f32_ptr = numba.carray, f32_ptr
     _kmoments, _kactive_rows, _kactive_planes = jit(_moments), jit(_active_rows), jit(_active_planes)
     _kdelta = jit(_delta)
-    # not cached: they call an intrinsic
-    _kdeltas = njit(nogil=True, boundscheck=False)(_deltas)
-    _kbatch = njit(nogil=True, boundscheck=False)(_batch)
-    _host_kernel = njit(nogil=True, boundscheck=False)(_batch_host)
+    # Cached too (numba's cache, beside this file or in the user's cache dir; the intrinsic is
+    # inlined when they compile): a job's first save then loads them instead of compiling them,
+    # which took most of the hook's start-up (`bench/hook_overhead.py`'s start-up column).
+    _kdeltas = njit(nogil=True, boundscheck=False, cache=True)(_deltas)
+    _kbatch = njit(nogil=True, boundscheck=False, cache=True)(_batch)
+    _host_kernel = njit(nogil=True, boundscheck=False, cache=True)(_batch_host)
     return _kbatch
 
 

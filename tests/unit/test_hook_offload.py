@@ -132,7 +132,7 @@ def test_a_step_before_the_optimizer_shares_one_background_job_with_the_next_wei
 
 def test_a_failing_part_of_a_shared_job_leaves_the_other_part() -> None:
     """The step part of a shared job fails: the job raises, the weights part is still read."""
-    from concurrent.futures import Future
+    from tensorpulse.producers.worker import Outcome
 
     model = nn.Sequential(nn.Linear(4, 3))
     hook = TorchHook("off", produce_fn=lambda *a: None, offload=True).attach(model)
@@ -142,7 +142,7 @@ def test_a_failing_part_of_a_shared_job_leaves_the_other_part() -> None:
 
     hook._reduce = failing  # type: ignore[method-assign]
     tensors = [p for _, _, p in hook._param_items]
-    weights: Future = Future()
+    weights = Outcome()
     with pytest.raises(RuntimeError, match="boom"):
         hook._reduce_both(weights, 0, tensors, None, ("step args",))
     assert weights.done() and weights.exception() is None

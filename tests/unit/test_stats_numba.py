@@ -226,3 +226,28 @@ def test_a_reused_plan_gives_each_call_its_own_results_on_each_thread() -> None:
     t.start()
     t.join()
     assert other[0] is not None and other[0].finish().floats.tolist() == b.finish().floats.tolist()
+
+
+def test_a_second_process_loads_the_kernels_from_numba_cache_instead_of_compiling(tmp_path) -> None:
+    """Compiling the kernels took most of the hook's start-up: every kernel a job calls is cached
+    (the ones they call are compiled into them)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import json; from tensorpulse.producers import stats_numba as s; s._get(); "
+        "ks = {'batch': s._kbatch, 'host': s._host_kernel, 'deltas': s._kdeltas}; "
+        "print(json.dumps({k: [len(d.stats.cache_hits), len(d.stats.cache_misses)] for k, d in ks.items()}))"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+
+    def run() -> dict[str, list[int]]:
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert all(misses > 0 for _, misses in first.values()), first  # an empty cache: compiled
+    assert all(hits > 0 and misses == 0 for hits, misses in second.values()), second
