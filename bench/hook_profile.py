@@ -29,8 +29,11 @@
   numba), and with the numba kernel replaced by a stub that reads no tensor and writes plausible
   sums (what the hook costs besides reading and reducing the tensors). Then the training
   thread's time per step in each of the hook's entry points (offloaded, numba).
+- unsaved: the same ratio over steps that the hook does not save (it saved the first step only):
+  with the hook unhooking itself between saves, its default, and with its hooks kept on the
+  model and optimizer (a diagnostic: how the hook ran before).
 
-    python bench/hook_profile.py                 # all four, about four minutes
+    python bench/hook_profile.py                 # all five, about five minutes
     python bench/hook_profile.py hook --reps 5
     python bench/hook_profile.py hook --interval 10 --steps 200 --reps 10
     python bench/hook_profile.py floor --interval 10 --steps 200 --reps 10
@@ -431,17 +434,41 @@ def hook_variants(steps: int, reps: int, interval: int = 1) -> None:
     os.environ.pop("TENSORPULSE_NUMBA", None)
 
 
+def unsaved(steps: int, reps: int) -> None:
+    """Steps that are not saved, only: the hook saved step 0 and saves nothing after it."""
+    from tensorpulse.producers.torch import TorchHook
+
+    torch.set_num_threads(1)
+    base = _Trainer()
+    base.run(20)
+    print(f"\nunsaved: steps that TorchHook does not save / no hook, mean step time ({reps} reps of {steps} steps)")
+    for kept in (False, True):
+        tooled = _Trainer()
+        hook = TorchHook("profile", save_interval=10**9, listen_for_actions=False, produce_fn=lambda *a: None)
+        hook.attach(tooled.model, tooled.opt)
+        if kept:  # a diagnostic: as before 2026-11-24 08:59 UTC, the hooks stay on between saves
+            hook._disarm = lambda: None  # type: ignore[method-assign]
+        tooled.run(20, hook)
+        ratio = _interleaved(lambda: base.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
+        hook.close()
+        name = "hooks kept on the model and optimizer" if kept else "the hook unhooked between saves (default)"
+        print(f"  {name:50s} {ratio:5.3f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parts", nargs="*", metavar="PART", help="kernels, contention, floor, hook (default: all)")
+    ap.add_argument(
+        "parts", nargs="*", metavar="PART", help="kernels, contention, floor, hook, unsaved (default: all)"
+    )
     ap.add_argument("--steps", type=int, default=100, help="timed steps per segment")
     ap.add_argument("--reps", type=int, default=6, help="repetitions (segment pairs)")
     ap.add_argument("--interval", type=int, default=1, help="the save interval of the `hook` and `floor` parts")
     args = ap.parse_args()
-    parts = args.parts or ["kernels", "contention", "floor", "hook"]
-    unknown = sorted(set(parts) - {"kernels", "contention", "floor", "hook"})
+    names = ["kernels", "contention", "floor", "hook", "unsaved"]
+    parts = args.parts or names
+    unknown = sorted(set(parts) - set(names))
     if unknown:
-        ap.error(f"unknown part(s) {', '.join(unknown)}: choose from kernels, contention, floor, hook")
+        ap.error(f"unknown part(s) {', '.join(unknown)}: choose from {', '.join(names)}")
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, {os.cpu_count()} CPUs")
     if "kernels" in parts:
@@ -452,6 +479,8 @@ def main() -> None:
         floor(args.steps, args.reps, args.interval)
     if "hook" in parts:
         hook_variants(args.steps, args.reps, args.interval)
+    if "unsaved" in parts:
+        unsaved(args.steps, args.reps)
 
 
 if __name__ == "__main__":

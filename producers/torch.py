@@ -20,8 +20,12 @@ is the last step passed to `step()` for that mode plus one (0 at first). Only th
 pass after each `step()` is captured (gradient accumulation would otherwise repeat names).
 The activation hooks themselves are registered for captured passes only: they stay from one
 captured pass to the next (registering them costs more than the hooks' calls) and are removed
-before a pass that is not captured, so a step that is not saved costs one Python call per
-forward pass.
+before a pass that is not captured. Between saves the hook unhooks itself altogether (`_disarm`):
+once a saved step's background job has been read (and its record handed on, a step or two
+after the save instead of at the next one), `step()` removes the forward pre-hook and the
+optimizer's step hooks while no upcoming step is saved, and registers them again at the
+`step()` before a saved one, or when model.train() / model.eval() switches to a mode whose
+next step is saved. A step that is not saved then costs one `step()` call.
 
 Offloading (CPU models, when torch leaves a core free, or `offload=True`): the training thread
 only collects references and a background thread reduces them. Weights are read between two
@@ -225,7 +229,9 @@ class TorchHook(Hook):
         self._model: nn.Module | None = None
         self._optimizer: Any = None
         self._params: list[tuple[str, str, nn.Parameter]] = []
-        self._handles: list[Any] = []
+        self._handles: list[Any] = []  # the step hooks registered now (see _arm)
+        self._arm_with: list[Callable[[], Any]] = []  # what registers each of them, made at attach
+        self._armed = False
         self._grad_guards: list[tuple[nn.Parameter, Any]] = []  # (parameter, its guard), made at attach
         self._guard_handles: list[Any] = []  # the guards registered now (see _guard_gradients)
         self._capture_handles: list[Any] = []
@@ -350,10 +356,26 @@ class TorchHook(Hook):
         if activations or self._auto_inputs is not None or self._offloading:
             # The only permanent hook: steps that are not saved cost one call per forward pass.
             # The activation hooks are registered when a capture starts and removed when it ends.
-            self._handles.append(model.register_forward_pre_hook(self._on_forward_start))
+            self._arm_with.append(lambda: model.register_forward_pre_hook(self._on_forward_start))
         if self._offloading:
             self._guard_offloaded_reads(model, optimizer)
+        if self._arm_with:
+            self._watch_mode(model)
+        self._arm()
         return self
+
+    def _watch_mode(self, model: nn.Module) -> None:
+        """Wrap model.train (which model.eval calls): a switch of mode re-arms the hook if the
+        new mode's next step is saved (`_disarm`)."""
+        original = model.train
+
+        def train(mode: bool = True) -> nn.Module:
+            out = original(mode)
+            self._on_mode_change()
+            return out
+
+        model.train = train  # type: ignore[method-assign]
+        self._restore.append(lambda: model.__dict__.pop("train", None))
 
     # ------------------------------------------------------------------ offloading
     def _should_offload(self, model: nn.Module) -> bool:
@@ -376,8 +398,8 @@ class TorchHook(Hook):
         or gradients are zeroed in place (zero_grad(set_to_none=False)). With set_to_none (the
         default) a new step's gradients are new tensors, so the previous ones stay readable."""
         if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
-            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._wait_weights()))
-            self._handles.append(optimizer.register_step_post_hook(self._on_optimizer_step))
+            self._arm_with.append(lambda: optimizer.register_step_pre_hook(self._on_optimizer_pre_step))
+            self._arm_with.append(lambda: optimizer.register_step_post_hook(self._on_optimizer_step))
             self._weights_offloadable = True
         self._grad_guards = [(p, self._make_grad_guard(p)) for p in self._gparams if p.requires_grad]
         for owner in (optimizer, model):
@@ -402,6 +424,61 @@ class TorchHook(Hook):
         if self._pool is None:
             self._pool = PollingWorker(f"tensorpulse-stats-{self.job}")
         return self._pool.submit(fn, *args)
+
+    # ------------------------------------------------------------------ arming
+    def _arm(self) -> None:
+        """Register the step hooks (forward pre-hook, optimizer step hooks)."""
+        if not self._armed:
+            self._handles = [register() for register in self._arm_with]
+            self._armed = True
+
+    def _disarm(self) -> None:
+        """Remove the step hooks until a step that may be saved comes near (`_settle`).
+
+        Why: a step that is not saved would still run them, one Python call each, and each costs
+        the training thread its cold-cache time, far more than in a micro-benchmark
+        (`bench/hook_profile.py unsaved` compares the two ways on steps that are not saved).
+        """
+        if self._armed:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            self._end_capture()
+            self._remove_guards()
+            self._weights = None
+            self._generation += 1  # optimizer steps go uncounted now: no weights job is current
+            self._armed = False
+
+    def _upcoming_saved(self) -> bool:
+        """Whether the next step of a mode that may run next is saved (its forward pass must be
+        seen): train, the model's current mode, and every mode passed to `step()` so far."""
+        last = self._last_step
+        modes = {"train", *last}
+        if self._model is not None:
+            modes.add("train" if self._model.training else "eval")
+        return any(self.save_config.should_save(last.get(m, -1) + 1, m) for m in modes)
+
+    def _on_mode_change(self) -> None:
+        """model.train() / model.eval(): the next forward pass may be of a saved step again."""
+        if not self._armed and self._arm_with and self._upcoming_saved():
+            self._arm()
+
+    def _settle(self) -> None:
+        """On a step that is not saved: publish the finished offloaded steps, and disarm when
+        nothing is being read in the background and no upcoming step is saved."""
+        if self._jobs:
+            self._drain(wait=False)
+        if (
+            self._armed
+            and self._staged is None
+            and not self._jobs
+            and (self._weights is None or self._weights.future.done())
+            and not self._upcoming_saved()
+        ):
+            self._disarm()
+
+    def _on_optimizer_pre_step(self, *_: Any) -> None:
+        self._wait_weights()
 
     def _on_optimizer_step(self, *_: Any) -> None:
         """The weights changed: a new generation, whose weights can be read until the next step."""
@@ -571,10 +648,9 @@ class TorchHook(Hook):
     def detach(self) -> None:
         """Remove every hook from the model; the Kafka side stays open until close()."""
         self._drain(wait=True)
+        self._disarm()
+        self._arm_with = []
         self._end_capture()
-        for h in self._handles:
-            h.remove()
-        self._handles = []
         self._remove_guards()
         self._grad_guards = []
         for undo in self._restore:
@@ -720,7 +796,12 @@ class TorchHook(Hook):
         if not (self.enabled and self._valid(step, mode)):
             return
         self._last_step[mode] = step
-        if not self.save_config.should_save(step, mode):
+        saved = self.save_config.should_save(step, mode)
+        if not saved and (self._armed or self._jobs):
+            self._settle()
+        if not self._armed and self._arm_with and self.save_config.should_save(step + 1, mode):
+            self._arm()  # before the next forward pass, which is saved
+        if not saved:
             return
         pending = self._pending.get((step, mode))
         self._drain(wait=False)

@@ -181,7 +181,7 @@ def test_noisy_repetitions_are_dropped() -> None:
 
 
 def test_hook_profile_reports_every_part() -> None:
-    """bench/hook_profile.py runs its four parts on a tiny configuration and prints a ratio per variant."""
+    """bench/hook_profile.py runs its five parts on a tiny configuration and prints a ratio per variant."""
     cmd = [sys.executable, str(BENCH / "hook_profile.py"), "--steps", "3", "--reps", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -205,3 +205,12 @@ def test_hook_profile_reports_every_part() -> None:
     assert ("kernel stubbed" in out) == ("on a ThreadPoolExecutor" in out) == (len(ratios) == 7), out
     assert ("worker polling with time.sleep" in out) == (len(ratios) == 7), out
     assert all(float(line.split()[-1].rstrip("x")) > 0 for line in ratios)
+    unhooked = [line for line in out.splitlines() if "unhooked between saves" in line or "hooks kept on" in line]
+    assert len(unhooked) == 2 and all(float(line.split()[-1].rstrip("x")) > 0 for line in unhooked), out
+
+
+def test_hook_profile_floor_takes_an_interval() -> None:
+    cmd = [sys.executable, str(BENCH / "hook_profile.py"), "floor", "--interval", "3", "--steps", "6", "--reps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "every 3 steps" in proc.stdout or "numba is not installed" in proc.stdout, proc.stdout

@@ -274,3 +274,118 @@ def test_gradients_accumulated_in_place_wait_for_the_job_still_reading_them() ->
         grads_b = {t.name: (t.mean, t.std, t.min, t.max) for t in b.tensors if t.name.startswith("gradient/")}
         assert grads_a and grads_a == grads_b, a.step
 
+
+
+def _records(sent: list[bytes]) -> list[wire.StepRecord]:
+    schemas = wire.SchemaCache()
+    return [r for r in (wire.decode(p, schemas) for p in sent) if r.kind == "step"]
+
+
+def _wait_background(hook: TorchHook) -> None:
+    """Wait for the jobs already handed to the background thread (not for a staged one)."""
+    for job in list(hook._jobs):
+        job.future.exception(timeout=60)
+    if hook._weights is not None:
+        hook._weights.future.exception(timeout=60)
+
+
+def _hooks_on(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    return len(model._forward_pre_hooks) + len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
+
+
+def _train_saving_every(interval: int, offload: bool, order: str, model: nn.Module, *, disarm: bool = True):
+    """13 steps saved every `interval`, each step's background jobs waited for before the next;
+    returns (whether any hook of ours was on the model or optimizer after each step, records)."""
+    sent: list[bytes] = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    hook = TorchHook("arm", produce_fn=lambda t, v, k: sent.append(v), offload=offload, save_interval=interval)
+    hook.attach(model, opt)
+    if not disarm:
+        hook._disarm = lambda: None  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(2)
+    hooked = []
+    for step in range(13):
+        x, y = torch.randn(32, 10, generator=g), torch.randint(0, 3, (32,), generator=g)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if order == "before":
+            hook.step(step, loss=loss)
+        opt.step()
+        if order == "after":
+            hook.step(step, loss=loss)
+        hooked.append(_hooks_on(model, opt) > 0)
+        _wait_background(hook)
+    hook.close()
+    return hooked, _records(sent)
+
+
+@pytest.mark.parametrize("offload", [True, False])
+@pytest.mark.parametrize("order", ["after", "before"])
+def test_between_saves_the_hook_unhooks_itself_and_records_stay_the_same(offload: bool, order: str) -> None:
+    """Saving every 5 steps: once a save's job is read, no hook of ours runs on the steps that
+    are not saved; they are back before the next saved step, whose records are unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    hooked, records = _train_saving_every(5, offload, order, copy.deepcopy(model))
+    _, always = _train_saving_every(5, offload, order, copy.deepcopy(model), disarm=False)
+    # on at the saved steps 0, 5, 10 and at the step before each; off from the second step after
+    # a save (the first one unhooks only if the save's job was already read)
+    assert [hooked[i] for i in (0, 4, 5, 9, 10)] == [True] * 5
+    assert [hooked[i] for i in (2, 3, 7, 8, 12)] == [False] * 5
+    assert [r.step for r in records] == [r.step for r in always] == [0, 5, 10]
+    for a, b in zip(always, records, strict=True):
+        assert a.scalars == b.scalars
+        assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+        assert any(t.name.endswith("relu_output") for t in b.tensors)
+        for ta, tb in zip(a.tensors, b.tensors, strict=True):
+            assert (ta.n, ta.mean, ta.std, ta.min, ta.max, ta.zeros, ta.activity) == (
+                tb.n, tb.mean, tb.std, tb.min, tb.max, tb.zeros, tb.activity
+            )
+
+
+def test_a_saved_steps_record_leaves_at_the_next_steps_not_at_the_next_save() -> None:
+    """Offloaded, at interval 10 a record used to wait for the next saved step(), ten steps on."""
+    sent: list[bytes] = []
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = TorchHook("arm", produce_fn=lambda t, v, k: sent.append(v), offload=True, save_interval=10)
+    hook.attach(model, opt)
+    x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+    for step in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        hook.step(step)
+        opt.step()
+        _wait_background(hook)
+    deadline = time.monotonic() + 10
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)  # the publisher thread hands it over on its own clock
+    assert [r.step for r in _records(sent)] == [0]
+    hook.close()
+
+
+def test_switching_to_eval_hooks_the_next_saved_eval_pass() -> None:
+    """Unhooked between train saves, model.eval() brings the hooks back when the eval step is saved."""
+    sent: list[bytes] = []
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = TorchHook("arm", produce_fn=lambda t, v, k: sent.append(v), offload=True, save_interval=5).attach(model, opt)
+    x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+    for step in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        hook.step(step)
+        opt.step()
+        _wait_background(hook)
+    assert _hooks_on(model, opt) == 0  # unhooked: steps 3 and 4 are not saved
+    model.eval()
+    assert _hooks_on(model, opt) == 3  # eval step 0 is saved
+    with torch.no_grad():
+        model(x)
+    hook.step(0, mode="eval")
+    model.train()
+    hook.close()
+    evals = [r for r in _records(sent) if r.mode == "eval"]
+    assert [r.step for r in evals] == [0]
+    assert any(t.name.endswith("relu_output") for t in evals[0].tensors)
