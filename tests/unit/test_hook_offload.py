@@ -15,13 +15,11 @@ from torch import nn  # noqa: E402
 from tensorpulse.producers.torch import TorchHook  # noqa: E402
 
 
-def _run(offload: bool, order: str, set_to_none: bool, model: nn.Module) -> list[wire.StepRecord]:
-    sent: list[bytes] = []
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    hook = TorchHook("off", produce_fn=lambda t, v, k: sent.append(v), offload=offload, delta_every=1)
-    hook.attach(model, opt)
-    g = torch.Generator().manual_seed(1)
-    for step in range(12):
+def _train(hook, model, opt, steps: int, order: str, seed: int, set_to_none: bool = True, after=None) -> None:
+    """`steps` steps on seeded batches, hook.step() before or after the optimizer's step;
+    `after()` runs at the end of each step."""
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
         x, y = torch.randn(32, 10, generator=g), torch.randint(0, 3, (32,), generator=g)
         opt.zero_grad(set_to_none=set_to_none)
         loss = nn.functional.cross_entropy(model(x), y)
@@ -31,9 +29,23 @@ def _run(offload: bool, order: str, set_to_none: bool, model: nn.Module) -> list
         opt.step()
         if order == "after":
             hook.step(step, loss=loss)
-    hook.close()
+        if after is not None:
+            after()
+
+
+def _records(sent: list[bytes]) -> list[wire.StepRecord]:
     schemas = wire.SchemaCache()
     return [r for r in (wire.decode(p, schemas) for p in sent) if r.kind == "step"]
+
+
+def _run(offload: bool, order: str, set_to_none: bool, model: nn.Module) -> list[wire.StepRecord]:
+    sent: list[bytes] = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = TorchHook("off", produce_fn=lambda t, v, k: sent.append(v), offload=offload, delta_every=1)
+    hook.attach(model, opt)
+    _train(hook, model, opt, 12, order, 1, set_to_none)
+    hook.close()
+    return _records(sent)
 
 
 @pytest.mark.parametrize("order", ["after", "before"])
@@ -276,11 +288,6 @@ def test_gradients_accumulated_in_place_wait_for_the_job_still_reading_them() ->
 
 
 
-def _records(sent: list[bytes]) -> list[wire.StepRecord]:
-    schemas = wire.SchemaCache()
-    return [r for r in (wire.decode(p, schemas) for p in sent) if r.kind == "step"]
-
-
 def _wait_background(hook: TorchHook) -> None:
     """Wait for the jobs already handed to the background thread (not for a staged one)."""
     for job in list(hook._jobs):
@@ -302,20 +309,13 @@ def _train_saving_every(interval: int, offload: bool, order: str, model: nn.Modu
     hook.attach(model, opt)
     if not disarm:
         hook._disarm = lambda: None  # type: ignore[method-assign]
-    g = torch.Generator().manual_seed(2)
-    hooked = []
-    for step in range(13):
-        x, y = torch.randn(32, 10, generator=g), torch.randint(0, 3, (32,), generator=g)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        if order == "before":
-            hook.step(step, loss=loss)
-        opt.step()
-        if order == "after":
-            hook.step(step, loss=loss)
+    hooked: list[bool] = []
+
+    def after() -> None:
         hooked.append(_hooks_on(model, opt) > 0)
         _wait_background(hook)
+
+    _train(hook, model, opt, 13, order, 2, after=after)
     hook.close()
     return hooked, _records(sent)
 
@@ -351,13 +351,7 @@ def test_a_saved_steps_record_leaves_at_the_next_steps_not_at_the_next_save() ->
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     hook = TorchHook("arm", produce_fn=lambda t, v, k: sent.append(v), offload=True, save_interval=10)
     hook.attach(model, opt)
-    x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
-    for step in range(3):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        hook.step(step)
-        opt.step()
-        _wait_background(hook)
+    _train(hook, model, opt, 3, "before", 3, after=lambda: _wait_background(hook))
     deadline = time.monotonic() + 10
     while not sent and time.monotonic() < deadline:
         time.sleep(0.01)  # the publisher thread hands it over on its own clock
@@ -371,18 +365,12 @@ def test_switching_to_eval_hooks_the_next_saved_eval_pass() -> None:
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     hook = TorchHook("arm", produce_fn=lambda t, v, k: sent.append(v), offload=True, save_interval=5).attach(model, opt)
-    x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
-    for step in range(3):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        hook.step(step)
-        opt.step()
-        _wait_background(hook)
+    _train(hook, model, opt, 3, "before", 3, after=lambda: _wait_background(hook))
     assert _hooks_on(model, opt) == 0  # unhooked: steps 3 and 4 are not saved
     model.eval()
     assert _hooks_on(model, opt) == 3  # eval step 0 is saved
     with torch.no_grad():
-        model(x)
+        model(torch.randn(8, 10))
     hook.step(0, mode="eval")
     model.train()
     hook.close()
