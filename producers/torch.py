@@ -64,6 +64,7 @@ import logging
 import math
 import os
 import re
+import types
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -366,15 +367,16 @@ class TorchHook(Hook):
 
     def _watch_mode(self, model: nn.Module) -> None:
         """Wrap model.train (which model.eval calls): a switch of mode re-arms the hook if the
-        new mode's next step is saved (`_disarm`)."""
-        original = model.train
+        new mode's next step is saved (`_disarm`). A bound method, so that a deepcopy of the
+        model (an EMA copy, say) switches its own mode, not this one's."""
+        hook = self
 
-        def train(mode: bool = True) -> nn.Module:
-            out = original(mode)
-            self._on_mode_change()
+        def train(module: nn.Module, mode: bool = True) -> nn.Module:
+            out = type(module).train(module, mode)
+            hook._on_mode_change()
             return out
 
-        model.train = train  # type: ignore[method-assign]
+        model.train = types.MethodType(train, model)  # type: ignore[method-assign]
         self._restore.append(lambda: model.__dict__.pop("train", None))
 
     # ------------------------------------------------------------------ offloading
@@ -862,7 +864,7 @@ class TorchHook(Hook):
                 job = _Job(step, mode, names, colls, extra_names, caps, None, weights, wnames, wcolls)
                 self._staged = _Staged((step, tensors, quants, None, act_stats, extras, caps, versions), job)
                 self._unreported_train += job.is_train_save
-                if not (self._weights_offloadable and mode == "train"):
+                if not (self._weights_offloadable and self._armed and mode == "train"):
                     self._flush_staged()  # no optimizer step will carry it
                 return
             host, values = self._reduce(step, tensors, quants, delta_keys, act_stats, extras, caps)

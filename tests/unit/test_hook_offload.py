@@ -344,14 +344,21 @@ def test_between_saves_the_hook_unhooks_itself_and_records_stay_the_same(offload
             )
 
 
-def test_a_saved_steps_record_leaves_at_the_next_steps_not_at_the_next_save() -> None:
-    """Offloaded, at interval 10 a record used to wait for the next saved step(), ten steps on."""
+def _offloaded(interval: int, steps: int):
+    """A hooked model trained `steps` steps, saving every `interval`, its background jobs waited
+    for at every step; returns (records sent so far, model, optimizer, hook)."""
     sent: list[bytes] = []
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    hook = TorchHook("arm", produce_fn=lambda t, v, k: sent.append(v), offload=True, save_interval=10)
+    hook = TorchHook("arm", produce_fn=lambda t, v, k: sent.append(v), offload=True, save_interval=interval)
     hook.attach(model, opt)
-    _train(hook, model, opt, 3, "before", 3, after=lambda: _wait_background(hook))
+    _train(hook, model, opt, steps, "before", 3, after=lambda: _wait_background(hook))
+    return sent, model, opt, hook
+
+
+def test_a_saved_steps_record_leaves_at_the_next_steps_not_at_the_next_save() -> None:
+    """Offloaded, at interval 10 a record used to wait for the next saved step(), ten steps on."""
+    sent, _, _, hook = _offloaded(10, 3)
     deadline = time.monotonic() + 10
     while not sent and time.monotonic() < deadline:
         time.sleep(0.01)  # the publisher thread hands it over on its own clock
@@ -361,11 +368,7 @@ def test_a_saved_steps_record_leaves_at_the_next_steps_not_at_the_next_save() ->
 
 def test_switching_to_eval_hooks_the_next_saved_eval_pass() -> None:
     """Unhooked between train saves, model.eval() brings the hooks back when the eval step is saved."""
-    sent: list[bytes] = []
-    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    hook = TorchHook("arm", produce_fn=lambda t, v, k: sent.append(v), offload=True, save_interval=5).attach(model, opt)
-    _train(hook, model, opt, 3, "before", 3, after=lambda: _wait_background(hook))
+    sent, model, opt, hook = _offloaded(5, 3)
     assert _hooks_on(model, opt) == 0  # unhooked: steps 3 and 4 are not saved
     model.eval()
     assert _hooks_on(model, opt) == 3  # eval step 0 is saved
@@ -377,3 +380,31 @@ def test_switching_to_eval_hooks_the_next_saved_eval_pass() -> None:
     evals = [r for r in _records(sent) if r.mode == "eval"]
     assert [r.step for r in evals] == [0]
     assert any(t.name.endswith("relu_output") for t in evals[0].tensors)
+
+
+def test_a_deepcopy_of_the_hooked_model_switches_its_own_mode() -> None:
+    """The mode watch is a method bound to the model: an EMA-style copy's eval() leaves ours training.
+    (Copied between saves: while hooked, the model's hooks hold the TorchHook, which cannot be copied.)"""
+    _, model, _, hook = _offloaded(5, 3)
+    ema = copy.deepcopy(model)
+    ema.eval()
+    assert model.training and not ema.training
+    model.eval()
+    assert not model.training
+    hook.close()
+
+
+def test_a_saved_step_that_comes_while_unhooked_is_still_published() -> None:
+    """Step numbers that skip (3, then 5) reach a saved step with the hooks off: its job goes at once."""
+    sent, model, opt, hook = _offloaded(5, 4)  # steps 0-3
+    assert _hooks_on(model, opt) == 0
+    x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    hook.step(5)  # saved, seen without its forward pass
+    assert hook._staged is None and len(hook._jobs) == 1
+    opt.step()
+    hook.close()
+    got = {r.step: r for r in _records(sent)}
+    assert sorted(got) == [0, 5]
+    assert any(t.name == "gradient/0.weight" for t in got[5].tensors)
