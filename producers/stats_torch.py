@@ -614,9 +614,8 @@ def reduce_host_fused(
     """
     if not stats_numba.enabled():
         return None
-    f32, strided = torch.float32, torch.strided
-    for t in tensors:  # `_kernel_takes`, inlined: this runs per tensor per step, on the GIL
-        if t.dtype is not f32 or not t.is_cpu or t.layout is not strided or not t.is_contiguous() or t.is_neg():
+    for t in tensors:
+        if not _kernel_takes(t):
             return None
     layout: list[Any] = [t.numel() for t in tensors]
     if 0 in layout:

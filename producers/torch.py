@@ -355,8 +355,8 @@ class TorchHook(Hook):
                 )
         self._offloading = self._should_offload(model)
         if activations or self._auto_inputs is not None or self._offloading:
-            # The only permanent hook: steps that are not saved cost one call per forward pass.
-            # The activation hooks are registered when a capture starts and removed when it ends.
+            # Registered while a saved step may come (`_arm` / `_disarm`); the activation hooks
+            # are registered when a capture starts and removed when it ends.
             self._arm_with.append(lambda: model.register_forward_pre_hook(self._on_forward_start))
         if self._offloading:
             self._guard_offloaded_reads(model, optimizer)
@@ -650,10 +650,8 @@ class TorchHook(Hook):
     def detach(self) -> None:
         """Remove every hook from the model; the Kafka side stays open until close()."""
         self._drain(wait=True)
-        self._disarm()
+        self._disarm()  # also ends a capture and removes the gradient guards
         self._arm_with = []
-        self._end_capture()
-        self._remove_guards()
         self._grad_guards = []
         for undo in self._restore:
             undo()

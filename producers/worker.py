@@ -119,7 +119,6 @@ class PollingWorker:
         self._native = native
         # Bumped by every submit (and shutdown): what the GIL-free wait looks at.
         self._counter = np.zeros(1, np.int64)
-        self._submitted = 0
         self.polls_natively = False  # set by the thread once it knows
         self._wake = threading.Event()
         self._parked = False
@@ -146,8 +145,7 @@ class PollingWorker:
             self._thread.join()
 
     def _bump(self) -> None:
-        self._submitted += 1
-        self._counter[0] = self._submitted
+        self._counter[0] += 1  # written by the submitting thread only
 
     def _run(self) -> None:
         jobs, sleep, poll = self._jobs, time.sleep, self._poll_s
