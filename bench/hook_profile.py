@@ -21,7 +21,11 @@
 - floor: the same ratio for the least a hook that reads every weight and gradient once per step
   (or every --interval steps) can cost: one numba kernel call over them, on the training thread or on a background thread;
   and on a background thread over a copy of the same bytes that training never touches (what
-  reading training's own data from the other core adds).
+  reading training's own data from the other core adds), summing them only instead of the six
+  statistics (what the kernel's arithmetic adds to reading them), and handing the thread a job
+  that reads 64 floats (the hand-over alone). The variants and the base take turns within each
+  repetition, in rotating order. One more row has no reading at all: no-op hooks where TorchHook
+  registers its own (torch's dispatch of module and optimizer hooks).
 - hook: the mean step-time ratio of TorchHook(save_interval=1, or --interval) against an
   interleaved no-hook copy, reduced on the training thread or offloaded, with the numba kernels
   or torch ops; and three diagnostics, not modes of the hook: offloaded to a ThreadPoolExecutor
@@ -29,11 +33,16 @@
   numba), and with the numba kernel replaced by a stub that reads no tensor and writes plausible
   sums (what the hook costs besides reading and reducing the tensors). Then the training
   thread's time per step in each of the hook's entry points (offloaded, numba).
+- phases (only when named): the training thread's CPU time per step above an interleaved no-hook
+  copy, by position in the save cycle of TorchHook(save_interval=--interval, default 10): where
+  in the cycle a save costs training, including the steps after it (records encoded on the
+  publisher thread) and the step before it (the hooks registered again).
 - unsaved: the same ratio over steps that the hook does not save (it saved the first step only):
   with the hook unhooking itself between saves, its default, and with its hooks kept on the
   model and optimizer (a diagnostic: how the hook ran before).
 
-    python bench/hook_profile.py                 # all five, about five minutes
+    python bench/hook_profile.py                 # all but phases, about six minutes
+    python bench/hook_profile.py phases --interval 10 --steps 200 --reps 10
     python bench/hook_profile.py hook --reps 5
     python bench/hook_profile.py hook --interval 10 --steps 200 --reps 10
     python bench/hook_profile.py floor --interval 10 --steps 200 --reps 10
@@ -296,11 +305,16 @@ class _KernelOnly:
     variant is a lower bound only: it reads the weights while the optimizer updates them, which
     the real hook may not do (it reads them between two optimizer steps, a second job)."""
 
-    def __init__(self, model: nn.Module, background: bool, own_copy: bool = False, interval: int = 1) -> None:
+    def __init__(
+        self, model: nn.Module, background: bool, own_copy: bool = False, interval: int = 1, work: str = "kernel"
+    ) -> None:
         from tensorpulse.producers import stats_numba
         from tensorpulse.producers.worker import PollingWorker
 
-        self.batch_at = stats_numba.batch_at
+        # What the job does with the tensors: "kernel", the hook's six statistics; "sum", a plain
+        # float32 sum of each (reading them with the least arithmetic); "handover", the kernel on
+        # the first 64 floats only (the hand-over of one job per step, without the reading).
+        self.batch_at = {"kernel": stats_numba.batch_at, "sum": _sums_at(), "handover": _handover_at}[work]
         self.params = list(model.parameters())
         self.pool = PollingWorker() if background else None  # the hook's background thread
         self.future: Any = None
@@ -323,26 +337,93 @@ class _KernelOnly:
         self.future = self.pool.submit(self._reduce, tensors)
 
 
+class _NoopHooks:
+    """Hooks that do nothing, registered where TorchHook registers its own on the benchmark MLP
+    (a forward pre-hook and a forward hook on the model, a forward hook on each ReLU, the
+    optimizer's step pre- and post-hooks): what torch's dispatch of those hooks costs by itself,
+    on every step (TorchHook keeps them only around saved steps)."""
+
+    def __init__(self, model: nn.Module, optimizer: Any) -> None:
+        model.register_forward_pre_hook(lambda *a: None)
+        model.register_forward_hook(lambda *a: None)
+        for module in model.modules():
+            if isinstance(module, nn.ReLU):
+                module.register_forward_hook(lambda *a: None, prepend=True)
+        optimizer.register_step_pre_hook(lambda *a: None)
+        optimizer.register_step_post_hook(lambda *a: None)
+
+    def step(self, step: int, loss: Any = None) -> None:
+        pass
+
+
+def _sums_at() -> Callable[[list[int], list[int]], None]:
+    """A numba call that only sums each float32 tensor (by address), one vectorised pass each."""
+    import numba
+
+    from tensorpulse.producers import stats_numba
+
+    stats_numba.host_kernel()  # resolves stats_numba's pointer intrinsic
+    f32_ptr = stats_numba._f32_ptr
+
+    @numba.njit(nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, boundscheck=False)
+    def sums(addrs, sizes, out):  # pragma: no cover - run compiled by numba
+        for t in range(sizes.size):
+            x = numba.carray(f32_ptr(addrs[t]), (sizes[t],))
+            s = np.float32(0.0)
+            for i in range(x.size):
+                s += x[i]
+            out[t] = s
+
+    def sums_at(addrs: list[int], sizes: list[int]) -> None:
+        sums(np.array(addrs, np.intp), np.array(sizes, np.int64), np.empty(len(sizes)))
+
+    return sums_at
+
+
+def _handover_at(addrs: list[int], sizes: list[int]) -> None:
+    from tensorpulse.producers import stats_numba
+
+    stats_numba.batch_at(addrs[:1], [min(64, sizes[0])])
+
+
 def floor(steps: int, reps: int, interval: int = 1) -> None:
+    """The floor rows side by side: every repetition runs the base and each variant once, in an
+    order that rotates, so that a slow spell of the machine is spread over all of them."""
     from tensorpulse.producers import stats_numba
 
     if not stats_numba.available():
         print("\nfloor: numba is not installed: pip install 'tensorpulse[fast]'")
         return
-    base = _Trainer()
-    base.run(20)
     every = "per step" if interval == 1 else f"every {interval} steps"
     print(f"\nfloor: one kernel call over all weights and gradients {every} / no hook ({reps} reps of {steps} steps)")
-    for background, own in ((False, False), (True, False), (True, True)):
+    variants: list[tuple[str, Callable[[nn.Module, Any], Any]]] = [
+        ("training thread", lambda m, o: _KernelOnly(m, False, False, interval)),
+        ("background thread", lambda m, o: _KernelOnly(m, True, False, interval)),
+        ("background thread, over a copy of its own", lambda m, o: _KernelOnly(m, True, True, interval)),
+        ("background thread, summing them only", lambda m, o: _KernelOnly(m, True, False, interval, "sum")),
+        ("background thread, a hand-over only (64 floats)", lambda m, o: _KernelOnly(m, True, False, interval, "handover")),
+        ("training thread, no-op hooks where TorchHook hooks", _NoopHooks),
+    ]
+    base = _Trainer()
+    base.run(20)
+    runs: list[tuple[_Trainer, Any]] = []
+    for _, make in variants:
         tooled = _Trainer()
-        hook = _KernelOnly(tooled.model, background, own, interval)
+        hook = make(tooled.model, tooled.opt)
         tooled.run(20, hook)
-        ratio = _interleaved(lambda: base.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
-        if hook.pool is not None:
+        runs.append((tooled, hook))
+    ratios: list[list[float]] = [[] for _ in variants]
+    order = list(range(-1, len(variants)))  # -1: the base
+    for r in range(reps):
+        times: dict[int, float] = {}
+        for i in order[r % len(order) :] + order[: r % len(order)]:
+            times[i] = base.run(steps) if i < 0 else runs[i][0].run(steps, runs[i][1])
+        for i in range(len(variants)):
+            ratios[i].append(times[i] / times[-1])
+    for (where, _), (_, hook), rs in zip(variants, runs, ratios, strict=True):
+        if getattr(hook, "pool", None) is not None:
             hook.pool.shutdown()
-        where = "background thread" if background else "training thread"
-        where += ", over a copy of its own" if own else ""
-        print(f"  on the {where:42s} {ratio:5.3f}x")
+        print(f"  on the {where:52s} {statistics.median(rs):5.3f}x")
 
 
 def _wrap_timers(hook: Any, names: list[str], totals: dict[str, float]) -> None:
@@ -434,6 +515,59 @@ def hook_variants(steps: int, reps: int, interval: int = 1) -> None:
     os.environ.pop("TENSORPULSE_NUMBA", None)
 
 
+def phases(steps: int, reps: int, interval: int) -> None:
+    """The training thread's CPU time per step of TorchHook(save_interval=interval) above the same
+    step of an interleaved no-hook copy, by position in the save cycle (0: the saved step).
+
+    Why CPU time of the training thread (time.thread_time): it leaves out the waits (the GIL,
+    the weights), so what it shows is work done, or made slower, on the training thread itself:
+    the hook's Python, torch's dispatch of its hooks, and cache misses on data that another
+    thread touched.
+    """
+    from tensorpulse.producers.torch import TorchHook
+
+    cycle = max(1, interval)
+    base, tooled = _Trainer(), _Trainer()
+    hook = TorchHook("profile", save_interval=cycle, listen_for_actions=False, produce_fn=lambda *a: None)
+    hook.attach(tooled.model, tooled.opt)
+    seen: dict[str, list[list[int]]] = {"base": [[] for _ in range(cycle)], "hook": [[] for _ in range(cycle)]}
+    wall = {"base": 0.0, "hook": 0.0}
+
+    def run(trainer: _Trainer, hk: Any, n: int, into: list[list[int]] | None, key: str) -> None:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            c0 = time.thread_time_ns()
+            trainer.run(1, hk)
+            if into is not None:
+                into[(trainer.step - 1) % cycle].append(time.thread_time_ns() - c0)
+        wall[key] += time.perf_counter() - t0
+
+    run(base, None, 2 * cycle, None, "base")
+    run(tooled, hook, 2 * cycle, None, "hook")
+    wall = {"base": 0.0, "hook": 0.0}
+    n = max(cycle, steps - steps % cycle)  # whole cycles per segment
+    for r in range(reps):
+        for key in ("hook", "base") if r % 2 else ("base", "hook"):
+            if key == "base":
+                run(base, None, n, seen["base"], key)
+            else:
+                run(tooled, hook, n, seen["hook"], key)
+    hook.close()
+    print(
+        f"\nphases: training-thread CPU per step above no hook, by position in a cycle of {cycle} "
+        f"(TorchHook(save_interval={cycle}); {reps} reps of {n} steps; median over steps)"
+    )
+    total = 0.0
+    for k in range(cycle):
+        b, h = statistics.median(seen["base"][k]) / 1e6, statistics.median(seen["hook"][k]) / 1e6
+        total += h - b
+        what = "saved" if k == 0 else ("before a save" if k == cycle - 1 else "")
+        print(f"  step {k:3d} {what:14s} {h - b:+7.3f} ms  (no hook {b:.3f} ms)")
+    mean_base = wall["base"] / (reps * n) * 1e3
+    print(f"  per cycle      {total:+7.3f} ms of CPU; {total / cycle / mean_base:+.3f} of a {mean_base:.3f} ms step")
+    print(f"  mean step time ratio, wall clock  {wall['hook'] / wall['base']:5.3f}x")
+
+
 def unsaved(steps: int, reps: int) -> None:
     """Steps that are not saved, only: the hook saved step 0 and saves nothing after it."""
     from tensorpulse.producers.torch import TorchHook
@@ -458,14 +592,22 @@ def unsaved(steps: int, reps: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "parts", nargs="*", metavar="PART", help="kernels, contention, floor, hook, unsaved (default: all)"
+        "parts",
+        nargs="*",
+        metavar="PART",
+        help="kernels, contention, floor, hook, unsaved, phases (default: all but phases)",
     )
     ap.add_argument("--steps", type=int, default=100, help="timed steps per segment")
     ap.add_argument("--reps", type=int, default=6, help="repetitions (segment pairs)")
-    ap.add_argument("--interval", type=int, default=1, help="the save interval of the `hook` and `floor` parts")
+    ap.add_argument(
+        "--interval",
+        type=int,
+        default=None,
+        help="the save interval of the `hook` and `floor` parts (default 1) and of `phases` (default 10)",
+    )
     args = ap.parse_args()
-    names = ["kernels", "contention", "floor", "hook", "unsaved"]
-    parts = args.parts or names
+    names = ["kernels", "contention", "floor", "hook", "unsaved", "phases"]
+    parts = args.parts or names[:-1]
     unknown = sorted(set(parts) - set(names))
     if unknown:
         ap.error(f"unknown part(s) {', '.join(unknown)}: choose from {', '.join(names)}")
@@ -475,12 +617,15 @@ def main() -> None:
         kernels()
     if "contention" in parts:
         contention(args.steps, args.reps)
+    interval = args.interval or 1
     if "floor" in parts:
-        floor(args.steps, args.reps, args.interval)
+        floor(args.steps, args.reps, interval)
     if "hook" in parts:
-        hook_variants(args.steps, args.reps, args.interval)
+        hook_variants(args.steps, args.reps, interval)
     if "unsaved" in parts:
         unsaved(args.steps, args.reps)
+    if "phases" in parts:
+        phases(args.steps, args.reps, args.interval or 10)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,8 +198,9 @@ def test_hook_profile_reports_every_part() -> None:
     assert sum("0.1 ms of Python" in line for line in woken) == 2, out
     assert ("polling without the GIL" in out) != ("numba is not installed" in out), out
     floors = [line for line in out.splitlines() if line.strip().startswith("on the ")]
-    assert len(floors) == 3 or "numba is not installed" in out, out
-    assert sum("over a copy of its own" in line for line in floors) == (0 if "numba is not installed" in out else 1)
+    assert len(floors) == 6 or "numba is not installed" in out, out
+    for row in ("over a copy of its own", "summing them only", "a hand-over only", "no-op hooks"):
+        assert sum(row in line for line in floors) == (0 if "numba is not installed" in out else 1), out
     assert all(float(line.split()[-1].rstrip("x")) > 0 for line in [*woken, *floors])
     ratios = [line for line in out.splitlines() if line.strip().startswith(("inline", "background"))]
     assert len(ratios) in (2, 7), out
@@ -214,3 +216,17 @@ def test_hook_profile_floor_takes_an_interval() -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "every 3 steps" in proc.stdout or "numba is not installed" in proc.stdout, proc.stdout
+
+
+def test_hook_profile_phases_reports_each_step_of_a_cycle() -> None:
+    cmd = [sys.executable, str(BENCH / "hook_profile.py"), "phases", "--interval", "4", "--steps", "8", "--reps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    rows = re.findall(r"^  step +(\d+) (.*?) ([+-]\d+\.\d+) ms  \(no hook (\d+\.\d+) ms\)$", out, re.M)
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3], out
+    assert rows[0][1].strip() == "saved" and rows[3][1].strip() == "before a save", out
+    assert all(float(r[3]) > 0 for r in rows), out
+    total = re.search(r"per cycle +([+-]\d+\.\d+) ms of CPU", out)
+    assert total and float(total.group(1)) == pytest.approx(sum(float(r[2]) for r in rows), abs=0.01), out
+    assert float(re.search(r"wall clock +(\d+\.\d+)x", out).group(1)) > 0, out
