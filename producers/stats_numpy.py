@@ -49,6 +49,9 @@ class Columns:
     quantiles: dict[int, tuple[float, float]] = field(default_factory=dict)
     #: row -> (prev_step, ||w - w_prev||, ||w_prev||, allclose excess), see wire.Delta.
     deltas: dict[int, tuple[int, float, float, float]] = field(default_factory=dict)
+    #: Set by whoever made these from finite float32 statistics only (no NaN or inf row, every
+    #: float within float32's range): the publisher then encodes them without checking each.
+    finite: bool = False
 
     def __len__(self) -> int:
         return len(self.n)

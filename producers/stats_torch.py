@@ -675,7 +675,7 @@ class _FusedPlan:
             return None
         activity = {i: (units, *row) for (i, units), row in zip(self.acts, below.tolist(), strict=True)}
         none = self.none
-        cols = Columns(self.n, floats, zeros, none, none, activity)
+        cols = Columns(self.n, floats, zeros, none, none, activity, finite=True)
         return HostStats(self.n, raw, nonzero, none, none, {}, activity, finished=cols)
 
 

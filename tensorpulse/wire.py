@@ -274,9 +274,10 @@ def encode(
         k = len(tensors.names)
         t: dict[str, Any] = {
             "sid": schema_id(tensors.names, tensors.collections) if sid is None else sid,
-            "n": [int(x) for x in tensors.n],
+            # tolist: Python ints in one call (a comprehension makes a numpy scalar per row)
+            "n": np.asarray(tensors.n, dtype=np.int64).tolist(),
             "f": np.ascontiguousarray(tensors.floats, dtype="<f4").reshape(k, len(FLOAT_COLUMNS)).tobytes(),
-            "z": [int(x) for x in tensors.zeros],
+            "z": np.asarray(tensors.zeros, dtype=np.int64).tolist(),
         }
         if announce:
             t["names"] = list(tensors.names)

@@ -408,3 +408,37 @@ def test_a_saved_step_that_comes_while_unhooked_is_still_published() -> None:
     got = {r.step: r for r in _records(sent)}
     assert sorted(got) == [0, 5]
     assert any(t.name == "gradient/0.weight" for t in got[5].tensors)
+
+
+def test_the_finite_columns_path_encodes_what_the_general_path_encodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records of finite kernel columns skip concat/dedupe/to_block; the block must not change."""
+    from tensorpulse.producers import stats_numba
+
+    if not stats_numba.enabled():
+        pytest.skip("numba is not installed")
+    taken: list[bool] = []
+    same: list[bool] = []
+    encode = TorchHook._encode
+
+    def both_ways(hook: TorchHook, rec):  # noqa: ANN001, ANN202
+        if rec.parts:
+            fast, general = hook._finite_block(rec), hook._general_block(rec)
+            taken.append(fast is not None)
+            if fast is not None:  # runs on the publisher thread, which logs exceptions: kept for below
+                args = {"job": "j", "rank": 0, "world": 1, "step": rec.step, "mode": rec.mode, "ts": 0.0}
+                same.append(wire.encode(**args, tensors=fast, sid=1) == wire.encode(**args, tensors=general, sid=1))
+                same.append(bool(fast.activity) and not (fast.quantiles or fast.deltas or fast.nan is not None))
+        return encode(hook, rec)
+
+    monkeypatch.setattr(TorchHook, "_encode", both_ways)  # before the hook hands it to its publisher
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = TorchHook("fin", produce_fn=lambda t, v, k: None, offload=True, quantile_steps=2, delta_every=5)
+    hook.attach(model, opt)
+    _train(hook, model, opt, 12, "before", 3)
+    hook.close()
+    # the first two saves carry quantiles, every fifth weight deltas: the general path
+    assert len(taken) == 12 and not any(taken[:2]) and not taken[5] and not taken[10]
+    assert sum(taken) == 8, taken
+    assert len(same) == 16 and all(same), same
