@@ -24,8 +24,10 @@
   reading training's own data from the other core adds), summing them only instead of the six
   statistics (what the kernel's arithmetic adds to reading them), and handing the thread a job
   that reads 64 floats (the hand-over alone). The variants and the base take turns within each
-  repetition, in rotating order. One more row has no reading at all: no-op hooks where TorchHook
-  registers its own (torch's dispatch of module and optimizer hooks).
+  repetition, in rotating order. One row hands the kernel over every weight and gradient to a
+  thread that stays in numba and never takes the GIL (the hand-over without Python). One more row
+  has no reading at all: no-op hooks where TorchHook registers its own (torch's dispatch of
+  module and optimizer hooks).
 - hook: the mean step-time ratio of TorchHook(save_interval=1, or --interval) against an
   interleaved no-hook copy, reduced on the training thread or offloaded, with the numba kernels
   or torch ops; and three diagnostics, not modes of the hook: offloaded to a ThreadPoolExecutor
@@ -212,7 +214,7 @@ def contention(steps: int, reps: int) -> None:
         hook.close()
     if stats_numba.available():
         tooled = _Trainer()
-        gil_free = _GilFreeKernelJob(tiny)
+        gil_free = _GilFreeKernelJob(stats_numba.args([tiny]))
         tooled.run(20, gil_free)
         ratio = _interleaved(lambda: trainer.run(steps), lambda t=tooled, h=gil_free: t.run(steps, h), reps)
         print(f"  {'a thread that never takes the GIL':36s} {kernel[0]:41s} {ratio:5.3f}x")
@@ -252,7 +254,8 @@ class _GilFreeKernelJob:
     never takes the GIL: `step` bumps a counter, the loop runs the kernel and bumps another. What
     a hand-over costs training when no Python runs beside it (not how the hook works today)."""
 
-    def __init__(self, x: np.ndarray) -> None:
+    def __init__(self, args: tuple) -> None:
+        """`args`: the kernel's arguments (`stats_numba.args` / `args_at`), read at every job."""
         from numba import njit
 
         from tensorpulse.producers import native_wait, stats_numba
@@ -273,7 +276,7 @@ class _GilFreeKernelJob:
                 store_release(base + 8, done)
             return done
 
-        self.args = stats_numba.args([x])
+        self.args = args
         self.ctrl = np.zeros(3, np.int64)
         self.submitted = 0
         self.thread = threading.Thread(target=serve, args=(self.ctrl, *self.args), daemon=True)
@@ -288,6 +291,31 @@ class _GilFreeKernelJob:
     def close(self) -> None:
         self.ctrl[2] = 1
         self.thread.join()
+
+
+class _GilFreeFloor(_GilFreeKernelJob):
+    """The floor's kernel over every weight and gradient, run by a thread that never takes the
+    GIL: the training thread writes the gradients' addresses into the kernel's arguments and
+    bumps a counter (what a hook with no Python on its background thread could cost at least)."""
+
+    def __init__(self, model: nn.Module, interval: int = 1) -> None:
+        from tensorpulse.producers import stats_numba
+
+        self.params = list(model.parameters())
+        self.interval = interval
+        self.keep: list[torch.Tensor] = []  # the gradients being read: alive until the job is done
+        sizes = [p.numel() for p in self.params] * 2
+        super().__init__(stats_numba.args_at([p.data_ptr() for p in self.params] * 2, sizes))
+
+    def step(self, step: int, loss: Any = None) -> None:
+        if step % self.interval:
+            return
+        while self.ctrl[1] < self.submitted:
+            time.sleep(0)
+        self.keep = [p.grad for p in self.params]
+        self.args[0][len(self.params) :] = [g.data_ptr() for g in self.keep]
+        self.submitted += 1
+        self.ctrl[0] = self.submitted
 
 
 def _python_for(seconds: float) -> None:
@@ -402,6 +430,7 @@ def floor(steps: int, reps: int, interval: int = 1) -> None:
         ("background thread, over a copy of its own", lambda m, o: _KernelOnly(m, True, True, interval)),
         ("background thread, summing them only", lambda m, o: _KernelOnly(m, True, False, interval, "sum")),
         ("background thread, a hand-over only (64 floats)", lambda m, o: _KernelOnly(m, True, False, interval, "handover")),
+        ("thread that never takes the GIL", lambda m, o: _GilFreeFloor(m, interval)),
         ("training thread, no-op hooks where TorchHook hooks", _NoopHooks),
     ]
     base = _Trainer()
@@ -423,6 +452,8 @@ def floor(steps: int, reps: int, interval: int = 1) -> None:
     for (where, _), (_, hook), rs in zip(variants, runs, ratios, strict=True):
         if getattr(hook, "pool", None) is not None:
             hook.pool.shutdown()
+        if isinstance(hook, _GilFreeFloor):
+            hook.close()
         print(f"  on the {where:52s} {statistics.median(rs):5.3f}x")
 
 
