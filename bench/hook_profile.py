@@ -364,6 +364,10 @@ class _KernelOnly:
             self.future.result()
         self.future = self.pool.submit(self._reduce, tensors)
 
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
 
 class _NoopHooks:
     """Hooks that do nothing, registered where TorchHook registers its own on the benchmark MLP
@@ -381,6 +385,9 @@ class _NoopHooks:
         optimizer.register_step_post_hook(lambda *a: None)
 
     def step(self, step: int, loss: Any = None) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -450,10 +457,7 @@ def floor(steps: int, reps: int, interval: int = 1) -> None:
         for i in range(len(variants)):
             ratios[i].append(times[i] / times[-1])
     for (where, _), (_, hook), rs in zip(variants, runs, ratios, strict=True):
-        if getattr(hook, "pool", None) is not None:
-            hook.pool.shutdown()
-        if isinstance(hook, _GilFreeFloor):
-            hook.close()
+        hook.close()
         print(f"  on the {where:52s} {statistics.median(rs):5.3f}x")
 
 
@@ -561,28 +565,27 @@ def phases(steps: int, reps: int, interval: int) -> None:
     base, tooled = _Trainer(), _Trainer()
     hook = TorchHook("profile", save_interval=cycle, listen_for_actions=False, produce_fn=lambda *a: None)
     hook.attach(tooled.model, tooled.opt)
-    seen: dict[str, list[list[int]]] = {"base": [[] for _ in range(cycle)], "hook": [[] for _ in range(cycle)]}
-    wall = {"base": 0.0, "hook": 0.0}
+    copies = {"base": (base, None), "hook": (tooled, hook)}
+    seen: dict[str, list[list[int]]] = {key: [[] for _ in range(cycle)] for key in copies}
+    wall = dict.fromkeys(copies, 0.0)
 
-    def run(trainer: _Trainer, hk: Any, n: int, into: list[list[int]] | None, key: str) -> None:
+    def run(key: str, n: int, timed: bool = True) -> None:
+        trainer, hk = copies[key]
         t0 = time.perf_counter()
         for _ in range(n):
             c0 = time.thread_time_ns()
             trainer.run(1, hk)
-            if into is not None:
-                into[(trainer.step - 1) % cycle].append(time.thread_time_ns() - c0)
-        wall[key] += time.perf_counter() - t0
+            if timed:
+                seen[key][(trainer.step - 1) % cycle].append(time.thread_time_ns() - c0)
+        if timed:
+            wall[key] += time.perf_counter() - t0
 
-    run(base, None, 2 * cycle, None, "base")
-    run(tooled, hook, 2 * cycle, None, "hook")
-    wall = {"base": 0.0, "hook": 0.0}
+    run("base", 2 * cycle, timed=False)
+    run("hook", 2 * cycle, timed=False)
     n = max(cycle, steps - steps % cycle)  # whole cycles per segment
     for r in range(reps):
         for key in ("hook", "base") if r % 2 else ("base", "hook"):
-            if key == "base":
-                run(base, None, n, seen["base"], key)
-            else:
-                run(tooled, hook, n, seen["hook"], key)
+            run(key, n)
     hook.close()
     print(
         f"\nphases: training-thread CPU per step above no hook, by position in a cycle of {cycle} "

@@ -215,7 +215,6 @@ class Hook:
         # Encoder state: touched only on the publisher thread.
         self._announced: OrderedDict[int, int] = OrderedDict()
         self._schema_ids: dict[tuple[tuple[str, ...], tuple[str, ...]], int] = {}
-        self._unique_keys: set[tuple[tuple[str, ...], tuple[str, ...]]] = set()  # no name twice
 
         self._publisher: Publisher | None = None
         self._listener: ControlListener | None = None
@@ -684,66 +683,19 @@ class Hook:
         )
 
     # ------------------------------------------------------------------ encoding (publisher thread)
-    def _general_block(self, rec: _Record) -> wire.TensorBlock:
-        """The tensor block of any record: parts merged, a name recorded twice kept once (the last)."""
-        names: list[str] = []
-        colls: list[str] = []
-        cols = []
-        for part in rec.parts:
-            names += part.names
-            colls += part.collections
-            cols.append(part.stats if isinstance(part.stats, Columns) else part.stats.finish())
-        merged = Columns.concat(cols)
-        names, colls, merged = _dedupe(names, colls, merged)
-        return merged.to_block(names, colls, self.delta_tolerance)
-
-    def _finite_block(self, rec: _Record) -> wire.TensorBlock | None:
-        """`_general_block`'s result, in fewer calls, for a record whose parts are all finite
-        kernel columns without quantiles or deltas (the offloaded hook's usual record); None
-        for any other record.
-
-        Why a second path: the general one makes about twice as many Python calls per record on
-        the publisher thread, which shares the GIL and the caches with training; at a save every
-        10 steps those calls run on cold caches, several times slower than in a loop."""
-        cols = []
-        for part in rec.parts:
-            c = part.stats if isinstance(part.stats, Columns) else part.stats.finished
-            if c is None or not c.finite or c.quantiles or c.deltas:
-                return None
-            cols.append(c)
-        if len(cols) == 1:
-            names, colls = rec.parts[0].names, rec.parts[0].collections
-        else:
-            names = [name for part in rec.parts for name in part.names]
-            colls = [coll for part in rec.parts for coll in part.collections]
-        key = (tuple(names), tuple(colls))
-        if key not in self._unique_keys:
-            if len(set(zip(colls, names, strict=True))) != len(names):
-                return None  # a name recorded twice: the general path keeps the last
-            if len(self._unique_keys) >= 256:
-                self._unique_keys.clear()
-            self._unique_keys.add(key)
-        if len(cols) == 1:
-            c = cols[0]
-            n, floats, zeros, activity = c.n, c.floats, c.zeros, c.activity
-        else:
-            n = np.concatenate([c.n for c in cols])
-            floats = np.concatenate([c.floats for c in cols])
-            zeros = np.concatenate([c.zeros for c in cols])
-            activity, offset = {}, 0
-            for c in cols:
-                for i, v in c.activity.items():
-                    activity[offset + i] = v
-                offset += len(c.n)
-        # finite float32 statistics: the cast to float32 cannot overflow
-        return wire.TensorBlock(names, colls, n, floats.astype(np.float32), zeros, activity=activity)
-
     def _encode(self, rec: _Record) -> bytes:
         block = None
         if rec.parts:
-            block = self._finite_block(rec)
-            if block is None:
-                block = self._general_block(rec)
+            names: list[str] = []
+            colls: list[str] = []
+            cols = []
+            for part in rec.parts:
+                names += part.names
+                colls += part.collections
+                cols.append(part.stats if isinstance(part.stats, Columns) else part.stats.finish())
+            merged = Columns.concat(cols)
+            names, colls, merged = _dedupe(names, colls, merged)
+            block = merged.to_block(names, colls, self.delta_tolerance)
         announce = False
         sid = None
         if block is not None:
@@ -797,6 +749,7 @@ def _dedupe(names: list[str], colls: list[str], cols: Columns) -> tuple[list[str
         {remap[i]: v for i, v in cols.activity.items() if i in remap},
         {remap[i]: v for i, v in cols.quantiles.items() if i in remap},
         {remap[i]: v for i, v in cols.deltas.items() if i in remap},
+        cols.finite,
     )
     return [names[i] for i in keep], [colls[i] for i in keep], out
 

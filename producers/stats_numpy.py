@@ -50,7 +50,8 @@ class Columns:
     #: row -> (prev_step, ||w - w_prev||, ||w_prev||, allclose excess), see wire.Delta.
     deltas: dict[int, tuple[int, float, float, float]] = field(default_factory=dict)
     #: Set by whoever made these from finite float32 statistics only (no NaN or inf row, every
-    #: float within float32's range): the publisher then encodes them without checking each.
+    #: float within float32's range): `to_block` then skips its checks (fewer Python calls on the
+    #: publisher thread, which shares the GIL and the caches with training).
     finite: bool = False
 
     def __len__(self) -> int:
@@ -86,6 +87,7 @@ class Columns:
             activity,
             quantiles,
             deltas,
+            all(p.finite for p in parts),
         )
 
     def to_block(
@@ -97,16 +99,21 @@ class Columns:
         """The wire's TensorBlock for these rows (`tolerance`: the (rtol, atol) of the deltas)."""
         if len(names) != len(self) or len(collections) != len(self):
             raise ValueError(f"{len(names)} names / {len(collections)} collections for {len(self)} rows")
-        with np.errstate(over="ignore", invalid="ignore"):
-            floats = self.floats.astype(np.float32)
+        if self.finite:  # float32 statistics, no NaN or inf: the cast cannot overflow
+            floats, nan, inf = self.floats.astype(np.float32), None, None
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                floats = self.floats.astype(np.float32)
+            nan = self.nan if self.nan.any() else None
+            inf = self.inf if self.inf.any() else None
         return TensorBlock(
             names=list(names),
             collections=list(collections),
             n=self.n,
             floats=floats,
             zeros=self.zeros,
-            nan=self.nan if self.nan.any() else None,
-            inf=self.inf if self.inf.any() else None,
+            nan=nan,
+            inf=inf,
             activity=self.activity,
             quantiles=self.quantiles,
             deltas=self.deltas,

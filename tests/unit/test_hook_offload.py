@@ -410,27 +410,30 @@ def test_a_saved_step_that_comes_while_unhooked_is_still_published() -> None:
     assert any(t.name == "gradient/0.weight" for t in got[5].tensors)
 
 
-def test_the_finite_columns_path_encodes_what_the_general_path_encodes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Records of finite kernel columns skip concat/dedupe/to_block; the block must not change."""
+def test_finite_kernel_columns_encode_as_the_checked_path_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Columns marked finite (the fused kernel's) skip to_block's checks; the block must not change."""
+    import dataclasses
+
     from tensorpulse.producers import stats_numba
+    from tensorpulse.producers.stats_numpy import Columns
 
     if not stats_numba.enabled():
         pytest.skip("numba is not installed")
     taken: list[bool] = []
     same: list[bool] = []
-    encode = TorchHook._encode
+    to_block = Columns.to_block
 
-    def both_ways(hook: TorchHook, rec):  # noqa: ANN001, ANN202
-        if rec.parts:
-            fast, general = hook._finite_block(rec), hook._general_block(rec)
-            taken.append(fast is not None)
-            if fast is not None:  # runs on the publisher thread, which logs exceptions: kept for below
-                args = {"job": "j", "rank": 0, "world": 1, "step": rec.step, "mode": rec.mode, "ts": 0.0}
-                same.append(wire.encode(**args, tensors=fast, sid=1) == wire.encode(**args, tensors=general, sid=1))
-                same.append(bool(fast.activity) and not (fast.quantiles or fast.deltas or fast.nan is not None))
-        return encode(hook, rec)
+    def both_ways(cols: Columns, names, collections, tolerance=None):  # noqa: ANN001, ANN202
+        block = to_block(cols, names, collections, tolerance)
+        taken.append(cols.finite)
+        if cols.finite:  # runs on the publisher thread, which logs exceptions: kept for below
+            checked = to_block(dataclasses.replace(cols, finite=False), names, collections, tolerance)
+            args = {"job": "j", "rank": 0, "world": 1, "step": 0, "mode": "train", "ts": 0.0}
+            same.append(wire.encode(**args, tensors=block, sid=1) == wire.encode(**args, tensors=checked, sid=1))
+            same.append(bool(block.activity) and not (block.quantiles or block.deltas or block.nan is not None))
+        return block
 
-    monkeypatch.setattr(TorchHook, "_encode", both_ways)  # before the hook hands it to its publisher
+    monkeypatch.setattr(Columns, "to_block", both_ways)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -438,7 +441,7 @@ def test_the_finite_columns_path_encodes_what_the_general_path_encodes(monkeypat
     hook.attach(model, opt)
     _train(hook, model, opt, 12, "before", 3)
     hook.close()
-    # the first two saves carry quantiles, every fifth weight deltas: the general path
+    # the first two saves carry quantiles, every fifth weight deltas: their columns are checked
     assert len(taken) == 12 and not any(taken[:2]) and not taken[5] and not taken[10]
     assert sum(taken) == 8, taken
     assert len(same) == 16 and all(same), same
