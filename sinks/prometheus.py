@@ -119,6 +119,22 @@ class WorkerMetrics:
             "Alerts not published again because a crashed predecessor already had (see stream/published.py).",
             registry=r,
         )
+        self.duplicates = Counter(
+            "tensorpulse_duplicate_records",
+            "Second copies of a record (an intake handed over mid-batch) dropped before evaluation.",
+            registry=r,
+        )
+        self.state_too_large = Counter(
+            "tensorpulse_state_too_large",
+            "Rule state entries over the size limit, not stored (the rule started over), by rule.",
+            ["rule"],
+            registry=r,
+        )
+        self.states_removed = Counter(
+            "tensorpulse_job_states_removed",
+            "Ended jobs whose state was removed after state_retention_s.",
+            registry=r,
+        )
         self.rule_errors = Counter(
             "tensorpulse_rule_errors",
             "Rule evaluations that raised (the rule's state was reset).",

@@ -28,7 +28,6 @@ is followed by the group (A discovered), and the rule compares steps within its 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,13 +36,12 @@ from quixstreams.models.serializers import SerializationContext, Serializer
 
 from tensorpulse import wire
 from tensorpulse.rules.config import RuleSpec
-
-CROSSRUN_PREFIX = "tensorpulse.crossrun."
+from tensorpulse.topics import group_topic
 
 
 def crossrun_topic(group: str) -> str:
     """The internal topic of a consumer group's cross-run records."""
-    return CROSSRUN_PREFIX + (re.sub(r"[^A-Za-z0-9._-]+", "-", group)[:200] or "default")
+    return group_topic("crossrun", group)
 
 
 def _selected(spec: RuleSpec, name: str, collection: str | None) -> bool:

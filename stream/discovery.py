@@ -1,16 +1,16 @@
 """Finding job topics: the worker follows every reductions topic under the prefix.
 
-Quix Streams subscribes to a fixed topic list, so the worker polls the cluster's topic list and
-rebuilds its application when a new job appears (within `discovery_interval` plus a group rejoin).
+The intake (stream/intake.py) lists the cluster's topics every `discovery_interval` and assigns a
+new job's partitions by hand, so a job is followed from its first record without a rebalance.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from typing import Any
 
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tensorpulse.topics import job_of_topic
@@ -54,20 +54,31 @@ class JobDiscovery:
         retention_ms: int,
         *,
         partitions: int = 1,
+        replication_factor: int = 1,
         compact: bool = False,
+        max_message_bytes: int | None = None,
         timeout: float = 5.0,
     ) -> None:
-        """Create topics that do not exist yet (explicit retention; already-existing is fine)."""
+        """Create topics that do not exist yet (explicit retention; already-existing is fine).
+
+        Raises the broker's error for any other failure (no permission, too few brokers for the
+        replication factor), so that the caller can say what to fix.
+        """
         names = [n for n in names if n not in self.existing]
         if not names:
             return
         config = {"retention.ms": str(retention_ms)}
         if compact:
             config.update({"cleanup.policy": "compact", "retention.bytes": "-1"})
+        if max_message_bytes is not None:
+            config["max.message.bytes"] = str(max_message_bytes)
         futures = self._admin.create_topics(
-            [NewTopic(n, partitions, 1, config=config) for n in names], request_timeout=timeout
+            [NewTopic(n, partitions, replication_factor, config=config) for n in names], request_timeout=timeout
         )
-        for fut in futures.values():
-            # Exists already, or Quix will create it and report any problem clearly.
-            with contextlib.suppress(Exception):
+        for name, fut in futures.items():
+            try:
                 fut.result(timeout)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+            self.existing.add(name)

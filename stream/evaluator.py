@@ -35,6 +35,8 @@ JobState = dict[str, Any]
 JOB_SLOT = "*"
 #: Called with (rule name, the record or None for a clock tick, the exception) when a rule raises.
 RuleErrorHandler = Callable[[str, "StepRecord | None", Exception], None]
+#: Called with a rule name; returns rank -> that rule's state for every rank of the job.
+RankStates = Callable[[str], dict[int, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +141,13 @@ class JobEvaluator:
         *,
         now: float | None = None,
         on_rule_error: RuleErrorHandler | None = None,
+        rank_states: RankStates | None = None,
     ) -> tuple[JobState, list[Transition]]:
-        """Feed one record to every rule; a rule that raises is reset (and reported), the others go on."""
+        """Feed one record to every rule; a rule that raises is reset (and reported), the others go on.
+
+        `rank_states(rule)` gives every rank's state of a rule, for job summaries, when `state`
+        holds only the record's rank (the stream's store keeps ranks apart, stream/state.py).
+        """
         state = self.initialize() if state is None else state
         now = time.time() if now is None else now
         if record.kind == "end":
@@ -160,7 +167,9 @@ class JobEvaluator:
             if not ok:
                 continue
             if job_level:
-                tr = self._transition(state, spec, slot, finding, self._job_where(slot, finding, where), now)
+                tr = self._transition(
+                    state, spec, slot, finding, self._job_where(slot, finding, where), now, rank_states
+                )
                 if tr is not None:
                     out.append(tr)
                 continue
@@ -169,7 +178,7 @@ class JobEvaluator:
                 if last is None or record.ts >= last[2]:
                     slot["k"] = [record.step, record.mode, record.ts]
                 slot.pop("e", None)
-            tr = self._transition(state, spec, slot, finding, where, now)
+            tr = self._transition(state, spec, slot, finding, where, now, rank_states)
             if tr is not None:
                 out.append(tr)
         return state, out
@@ -329,6 +338,7 @@ class JobEvaluator:
         finding: Finding | None,
         where: _Where,
         now: float,
+        rank_states: RankStates | None = None,
     ) -> Transition | None:
         if finding is None or finding.firing == slot["f"]:
             return None
@@ -336,11 +346,14 @@ class JobEvaluator:
         details, extra = None, ""
         summary = getattr(spec.rule, "job_summary", None)
         if finding.firing and summary is not None:
-            ranks = {
-                int(k.rpartition("|")[2]): v["s"]
-                for k, v in state.get("r", {}).items()
-                if k.rpartition("|")[0] == spec.name and k.rpartition("|")[2] != JOB_SLOT
-            }
+            if rank_states is not None:
+                ranks = rank_states(spec.name)
+            else:
+                ranks = {
+                    int(k.rpartition("|")[2]): v["s"]
+                    for k, v in state.get("r", {}).items()
+                    if k.rpartition("|")[0] == spec.name and k.rpartition("|")[2] != JOB_SLOT
+                }
             found = summary(ranks, where.mode)
             if found is not None:
                 details, extra = found

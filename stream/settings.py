@@ -25,6 +25,7 @@ ENV = {
     "guarantee": "TENSORPULSE_GUARANTEE",
     "worker_id": "TENSORPULSE_WORKER_ID",
     "replication_factor": "TENSORPULSE_REPLICATION_FACTOR",
+    "partitions": "TENSORPULSE_PARTITIONS",
 }
 
 
@@ -42,13 +43,24 @@ class WorkerSettings(BaseModel):
     topic_prefix: str = DEFAULT_PREFIX
     guarantee: Literal["exactly-once", "at-least-once"] = "exactly-once"
     commit_interval: float = 0.25
-    discovery_interval: float = 0.5
+    #: How often the intake lists topics for new jobs: a new job's first record waits at most this.
+    discovery_interval: float = Field(0.1, gt=0.0, le=60.0)
+    #: Partitions of the group's steps topic: how many workers can share the processing. Fixed once
+    #: the topic exists (a job's records must keep their partition); choose it for the largest group.
+    partitions: int = Field(12, ge=1, le=1024)
+    #: Shards of the intake (jobs are spread over the workers' intakes by shard).
+    intake_shards: int = Field(64, ge=1, le=4096)
+    #: The largest record accepted (bytes); larger ones are dead-lettered with reason `too_large`.
+    max_record_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    #: Seconds after every rank of a job has sent its end record before the job's state is removed.
+    state_retention_s: float = Field(3600.0, ge=0.0)
     lag_interval: float = 5.0
     session_timeout_ms: int = 6000
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     jobs_regex: str | None = None
     retention_ms: int = 7 * 24 * 3600 * 1000
-    #: Replication of the topics a worker creates (alerts, dead letters, control); 3 on a real cluster.
+    #: Replication of the topics a worker creates (alerts, dead letters, control, its internal
+    #: topics); 3 on a real cluster.
     replication_factor: int = Field(1, ge=1)
     kafka_config: dict[str, Any] = Field(default_factory=dict)
     loglevel: str = "WARNING"

@@ -65,3 +65,18 @@ def reductions_pattern(prefix: str = DEFAULT_PREFIX) -> re.Pattern[str]:
 def job_of_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
     m = reductions_pattern(prefix).match(topic)
     return m.group(1) if m else None
+
+
+def _group_part(group: str) -> str:
+    """A consumer group name made safe for a topic name (Kafka allows [A-Za-z0-9._-])."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", group)[:200] or "default"
+
+
+def group_topic(kind: str, group: str) -> str:
+    """An internal topic of a worker group: `tensorpulse.<kind>.<group>`.
+
+    The group is part of the name so that two groups on one cluster never read each other's
+    internal records. Kinds: `steps` (every job's records, keyed by job), `intake` (the
+    coordination topic whose partitions are the intake shards), `crossrun` (stream/crossrun.py).
+    """
+    return f"tensorpulse.{kind}.{_group_part(group)}"

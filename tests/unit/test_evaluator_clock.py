@@ -1,17 +1,17 @@
-"""Clock rules in the evaluator and the worker's clock mirror: ticks between records, with fake times."""
+"""Clock rules in the evaluator and through the stream's job store: ticks between records, with fake times."""
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
 from tensorpulse.rules import StalledTrainingRule
 from tensorpulse.rules.base import Finding, Rule, RuleParams
 from tensorpulse.rules.config import RuleSpec
-from tensorpulse.stream.clock import ClockMirror, clock_interval, data_partitions
+from tensorpulse.stream.clock import clock_interval, housekeeping_interval, tick_horizon
 from tensorpulse.stream.evaluator import JobEvaluator
+from tensorpulse.stream.state import JobStore, MemoryStore
 from tensorpulse.wire import MODES, StepRecord
 
 
@@ -140,45 +140,39 @@ def test_the_catalogue_stall_rule_through_the_evaluator() -> None:
     assert [t.event.status for t in out] == ["resolved"]
 
 
-def test_mirror_overlay_carries_timer_transitions_into_the_stored_state() -> None:
-    """The worker's loop: store -> mirror; tick fires on the mirror; the next record, with the
-    mirror overlaid on the stale stored state, resolves (without the overlay it would not)."""
+def test_tick_through_the_store_fires_and_the_next_record_resolves() -> None:
+    """The worker's path: records and ticks each load and save the job's entries; a tick's firing is
+    stored, so the rank's next record resolves it (ticks and records share one state)."""
     ev = _ev()
-    mirror = ClockMirror()
-    stored, _ = ev.process(None, _rec(1, 0.0), now=0.0)
-    stored = json.loads(json.dumps(stored))
-    mirror.remember("job", ("t", 0), ev.clock_slots(stored))
-    fired = mirror.tick(lambda job: ev, 20.0)
-    assert [(t.event.job, t.event.status) for t in fired] == [("job", "firing")]
-    assert mirror.tick(lambda job: ev, 21.0) == []  # already firing
-    _, plain = ev.process(json.loads(json.dumps(stored)), _rec(2, 22.0), now=22.0)
-    assert plain == []  # the stored state never heard of the firing
-    state = mirror.overlay("job", json.loads(json.dumps(stored)))
-    state, out = ev.process(state, _rec(2, 22.0), now=22.0)
-    assert [t.event.status for t in out] == ["resolved"]
+    js = JobStore(MemoryStore(), ev.specs)
+    for rank in (0, 1):
+        js.add_rank(rank)
+        state, _ = ev.process(js.load([rank]), StepRecord("job", rank, 2, 1, "train", 0.0), now=0.0)
+        js.save(state, [rank])
+    state = js.load(js.ranks(), groups=("clock",))
+    state, fired = ev.check_idle(state, "job", 20.0)
+    js.save(state, js.ranks(), groups=("clock",))
+    assert sorted((t.event.rank, t.event.status) for t in fired) == [(0, "firing"), (1, "firing")]
+    state, again = ev.check_idle(js.load(js.ranks(), groups=("clock",)), "job", 21.0)
+    assert again == []  # already firing: the firing flag was stored
+    state, out = ev.process(js.load([1]), StepRecord("job", 1, 2, 2, "train", 22.0), now=22.0)
+    assert [(t.event.rank, t.event.status) for t in out] == [(1, "resolved")]
 
 
-def test_mirror_retain_end_and_partitions() -> None:
-    """Jobs whose partition is not assigned any more are dropped; fully finished jobs leave the mirror."""
-    ev = _ev()
-    mirror = ClockMirror()
-    for job, part in (("a", 0), ("b", 1)):
-        s, _ = ev.process(None, StepRecord(job, 0, 1, 0, "train", 0.0), now=0.0)
-        mirror.remember(job, ("topic", part), ev.clock_slots(s))
-    assert mirror.retain([("topic", 1)]) == ["a"] and mirror.jobs() == ["b"]
-    s, _ = ev.process(s, StepRecord("b", 0, 1, 1, "train", 1.0, kind="end"), now=1.0)
-    mirror.remember("b", ("topic", 1), ev.clock_slots(s))
-    assert len(mirror) == 0 and mirror.overlay("b", None) is None
-    tps = [SimpleNamespace(topic="x", partition=0), SimpleNamespace(topic="changelog__x", partition=0)]
-    assert data_partitions(tps, ["x"]) == [("x", 0)]
+def test_tick_horizon_and_housekeeping() -> None:
+    """Jobs are ticked long enough for every clock rule to fire and for ended state to expire."""
+    specs = [RuleSpec("q", Quiet(threshold=100.0), None, "warning", "none")]
+    assert tick_horizon(specs, 3600.0) == 3660.0
+    assert tick_horizon(specs, 10.0) == 260.0
+    assert housekeeping_interval(3600.0) == 60.0 and housekeeping_interval(0.0) == 1.0
 
 
 @pytest.mark.parametrize(
     ("thresholds", "expected"),
-    [([], None), ([1800.0], 1.0), ([2.0], 0.2), ([0.01], 0.05), ([30.0, 3.0], 0.3)],
+    [([], None), ([1800.0], 5.0), ([20.0], 2.0), ([0.01], 0.05), ([30.0, 3.0], 0.3)],
 )
 def test_clock_interval(thresholds: list[float], expected: float | None) -> None:
-    """A tenth of the smallest threshold, within [0.05, 1] s; None without clock rules."""
+    """A tenth of the smallest threshold, within [0.05, 5] s; None without clock rules."""
     specs = [RuleSpec(f"q{i}", Quiet(threshold=t), None, "warning", "none") for i, t in enumerate(thresholds)]
     got = clock_interval(specs)
     assert got == pytest.approx(expected) if expected is not None else got is None

@@ -1,0 +1,351 @@
+"""The intake: every job's records, from its first one, copied into the group's one steps topic.
+
+Why a stage of its own (docs/architecture.md has the measurements): a Kafka consumer group that
+subscribes to job topics must rebalance whenever a job topic appears, and a rebalance pauses
+every job and costs seconds (4.5 s measured for a pattern subscription; 8-21 s for the old
+rebuild-per-job worker). A consumer that is *assigned* partitions by hand has no rebalance: it
+lists topics every `discovery_interval` and adds a new job's partition with `incremental_assign`,
+which takes tens of milliseconds. So the intake reads job topics by hand-assignment and re-keys
+their records, unchanged, by job id into `tensorpulse.steps.<group>`; the stream application
+(stream/worker.py) consumes that one static topic in an ordinary consumer group. New jobs never
+change its subscription, so they never cause a rebalance of the processing.
+
+Which worker reads which job: the workers' intakes form a second, tiny consumer group over the
+coordination topic `tensorpulse.intake.<group>`, whose partitions are shards; a job belongs to
+shard `crc32(job) % shards`, and a worker reads the jobs of the shards assigned to it. Workers
+joining or leaving rebalance that group only (cooperative-sticky: the other shards keep going).
+
+Delivery: at least once. Source offsets are committed (group `<group>.intake`, which has no
+members) only after the copies are acknowledged (acks=all); a worker that dies in between makes
+its successor copy some records again. Each copy carries its source offset in a header and the
+processor drops a copy at or below the last offset it processed for that job partition (state,
+under the same transaction as everything else), so a copy made twice is evaluated once.
+
+Clock rules: the intake also sends each owned job a `tick` (no value, a header with the time)
+every `tick_interval` seconds while the job is within `tick_horizon` seconds of its last record.
+A tick travels the job's own partition, so the processor evaluates StalledTrainingRule in the
+job's own state and transaction, like a record (stream/clock.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import OFFSET_STORED, Consumer, KafkaError, Producer, TopicPartition
+
+from tensorpulse.topics import DEADLETTER_TOPIC, control_topic, group_topic
+
+from .deadletter import envelope
+from .discovery import JobDiscovery
+
+log = logging.getLogger("tensorpulse.stream")
+
+#: Headers of a copy on the steps topic (the record's own value and timestamp are kept as they are).
+SOURCE_HEADER = "tp.src"  # b"<partition>:<offset>" of the record on its job topic
+KEY_HEADER = "tp.key"  # the record's own key, when it had one (the processor checks it)
+TICK_HEADER = "tp.tick"  # b"<unix time>": a clock tick, no record
+
+
+def shard_of(job: str, shards: int) -> int:
+    """The intake shard a job belongs to: stable across processes and versions (crc32, not hash())."""
+    return zlib.crc32(job.encode()) % shards
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    """What the intake needs from the worker's settings (all derived there, once)."""
+
+    group: str
+    topic_prefix: str
+    jobs_regex: str | None
+    shards: int
+    discovery_interval: float
+    max_record_bytes: int
+    retention_ms: int
+    replication_factor: int
+    tick_interval: float | None  # None: no clock rule, no ticks
+    tick_horizon: float
+
+    @property
+    def steps_topic(self) -> str:
+        return group_topic("steps", self.group)
+
+    @property
+    def coordination_topic(self) -> str:
+        return group_topic("intake", self.group)
+
+
+class Intake:
+    """Runs in its own thread (`run`) until `stop` is set; never raises out of the loop."""
+
+    def __init__(
+        self,
+        config: IntakeConfig,
+        base_config: dict[str, Any],
+        *,
+        on_jobs: Callable[[dict[str, str]], None] | None = None,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._base = base_config
+        self._on_jobs = on_jobs
+        self._on_reject = on_reject
+        self.discovery = JobDiscovery(base_config, config.topic_prefix, config.jobs_regex)
+        self.jobs: dict[str, str] = {}  # every followed job (all shards) -> its topic
+        self.owned: dict[str, str] = {}  # topic -> job, for the jobs this intake reads
+        self._last_seen: dict[str, float] = {}  # job -> monotonic time of its last record (or assignment)
+        self._need_control: list[str] = []
+        self._failed: dict[tuple[str, int], int] = {}  # (topic, partition) -> first undelivered offset
+        self.copied = 0
+        self.ready = threading.Event()  # set once the coordination group has assigned shards
+
+    # ------------------------------------------------------------------ clients
+    def _clients(self) -> tuple[Consumer, Consumer, Producer]:
+        c, base = self.config, self._base
+        source = Consumer(
+            {
+                **base,
+                "group.id": f"{c.group}.intake",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": False,
+                "fetch.wait.max.ms": 10,
+                "fetch.error.backoff.ms": 10,
+                "topic.metadata.refresh.fast.interval.ms": 10,
+                "max.partition.fetch.bytes": max(1 << 20, c.max_record_bytes),
+                "client.id": f"tensorpulse-intake-{c.group}",
+            }
+        )
+        coordination = Consumer(
+            {
+                **base,
+                "group.id": f"{c.group}.intake-shards",
+                "enable.auto.commit": False,
+                "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": 6000,
+                "heartbeat.interval.ms": 1000,
+                "client.id": f"tensorpulse-shards-{c.group}",
+            }
+        )
+        coordination.subscribe([c.coordination_topic])
+        producer = Producer(
+            {
+                **base,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 1,
+                "compression.type": "lz4",
+                "message.max.bytes": c.max_record_bytes + (64 << 10),
+                "client.id": f"tensorpulse-intake-{c.group}",
+            }
+        )
+        return source, coordination, producer
+
+    def create_topics(self, partitions: int) -> None:
+        """The steps topic (`partitions`: the processing's parallelism) and the coordination topic."""
+        c = self.config
+        self.discovery.ensure_topics(
+            [c.steps_topic],
+            c.retention_ms,
+            partitions=partitions,
+            replication_factor=c.replication_factor,
+            max_message_bytes=c.max_record_bytes + (64 << 10),
+        )
+        self.discovery.ensure_topics(
+            [c.coordination_topic], c.retention_ms, partitions=c.shards, replication_factor=c.replication_factor
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop: threading.Event) -> None:
+        """Discover, assign, copy, commit, tick; until `stop`. Broker outages are waited out."""
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                source, coordination, producer = self._clients()
+            except Exception as exc:  # bad config is caught at start-up; this is the broker
+                log.warning("intake cannot start (%s); retrying in %.1fs", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            try:
+                self._loop(stop, source, coordination, producer)
+            except Exception:
+                log.exception("intake failed; starting again from the committed offsets")
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                producer.flush(5)
+                for client in (source, coordination):
+                    try:
+                        client.close()
+                    except Exception as exc:  # closing after an outage may fail; nothing to keep
+                        log.debug("closing an intake client: %s", exc)
+                self.owned = {}
+
+    def _loop(self, stop: threading.Event, source: Consumer, coordination: Consumer, producer: Producer) -> None:
+        c = self.config
+        next_discovery = next_tick = 0.0
+        logged_down = False
+        while not stop.is_set():
+            now = time.monotonic()
+            coordination.poll(0)  # serves the shard group's heartbeats and rebalances
+            if now >= next_discovery:
+                next_discovery = now + c.discovery_interval
+                try:
+                    jobs = self.discovery.jobs()
+                    logged_down = False
+                except Exception as exc:
+                    if not logged_down:
+                        log.warning("intake cannot list topics (%s); retrying", exc)
+                        logged_down = True
+                    jobs = self.jobs
+                if jobs != self.jobs:
+                    self.jobs = jobs
+                    if self._on_jobs is not None:
+                        self._on_jobs(dict(jobs))
+                self._follow(source, coordination)
+            if self.owned:
+                self._copy(source, producer)
+            else:
+                stop.wait(c.discovery_interval / 2)
+            if c.tick_interval is not None and now >= next_tick:
+                next_tick = now + c.tick_interval
+                self._tick(producer)
+            if self._need_control:
+                names, self._need_control = self._need_control, []
+                try:
+                    self.discovery.ensure_topics(
+                        [control_topic(j, c.topic_prefix) for j in names],
+                        c.retention_ms,
+                        replication_factor=c.replication_factor,
+                    )
+                except Exception as exc:
+                    log.warning("creating control topics failed (%s); retrying", exc)
+                    self._need_control += names
+
+    def _follow(self, source: Consumer, coordination: Consumer) -> None:
+        """Assign the partitions of newly owned jobs, unassign those no longer owned or deleted."""
+        c = self.config
+        shards = {tp.partition for tp in coordination.assignment() if tp.topic == c.coordination_topic}
+        if shards:
+            self.ready.set()
+        wanted = {t: j for j, t in self.jobs.items() if shard_of(j, c.shards) in shards}
+        added = [t for t in wanted if t not in self.owned]
+        removed = [t for t in self.owned if t not in wanted]
+        if removed:
+            gone = [TopicPartition(t, p) for t in removed for p in range(self.discovery.partitions.get(t, 1))]
+            try:
+                source.commit(asynchronous=False)
+            except Exception as exc:  # nothing consumed yet, or broker away: the successor re-reads
+                log.debug("commit before unassign: %s", exc)
+            source.incremental_unassign(gone)
+            for t in removed:
+                self._last_seen.pop(self.owned.pop(t), None)
+            log.info("intake: no longer reading %d job(s): %s", len(removed), ", ".join(sorted(removed)))
+        if added:
+            parts = [
+                TopicPartition(t, p, OFFSET_STORED) for t in added for p in range(self.discovery.partitions.get(t, 1))
+            ]
+            source.incremental_assign(parts)
+            now = time.monotonic()
+            for t in added:
+                self.owned[t] = wanted[t]
+                self._last_seen[wanted[t]] = now
+            self._need_control += [wanted[t] for t in added]
+            log.info("intake: reading %d new job(s): %s", len(added), ", ".join(sorted(wanted[t] for t in added)))
+
+    def _copy(self, source: Consumer, producer: Producer) -> None:
+        """One batch: copy, wait for the acknowledgements, commit the source positions."""
+        c = self.config
+        batch = source.consume(num_messages=2000, timeout=0.05)
+        if not batch:
+            producer.poll(0)
+            return
+        self._failed.clear()
+        now = time.monotonic()
+        for m in batch:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("intake: reading %s: %s", m.topic(), err)
+                continue
+            topic, partition, offset = m.topic(), m.partition(), m.offset()
+            job = self.owned.get(topic)
+            if job is None:
+                continue  # unassigned while the batch was in flight
+            self._last_seen[job] = now
+            value = m.value() or b""
+            if len(value) > c.max_record_bytes:
+                self._reject_large(producer, job, m, value)
+                continue
+            headers = [(SOURCE_HEADER, f"{partition}:{offset}".encode())]
+            key = m.key()
+            if key is not None:
+                headers.append((KEY_HEADER, key))
+            ts_type, ts = m.timestamp()
+            producer.produce(
+                c.steps_topic,
+                key=job.encode(),
+                value=value,
+                headers=headers,
+                timestamp=ts if ts_type and ts > 0 else 0,
+                on_delivery=self._delivered(topic, partition, offset),
+            )
+            self.copied += 1
+        remaining = producer.flush(10)
+        if remaining or self._failed:
+            # Not acknowledged: read those records again (the processor drops what it has seen).
+            for (topic, partition), offset in self._failed.items():
+                source.seek(TopicPartition(topic, partition, offset))
+            log.warning("intake: %d copies not acknowledged; reading them again", remaining + len(self._failed))
+            return
+        source.commit(asynchronous=True)
+
+    def _delivered(self, topic: str, partition: int, offset: int) -> Callable[[Any, Any], None]:
+        def on_delivery(err: Any, _msg: Any) -> None:
+            if err is not None:
+                key = (topic, partition)
+                self._failed[key] = min(offset, self._failed.get(key, offset))
+
+        return on_delivery
+
+    def _reject_large(self, producer: Producer, job: str, m: Any, value: bytes) -> None:
+        """A record over the documented limit: dead-lettered (truncated), counted, never copied."""
+        c = self.config
+        detail = (
+            f"record of {len(value)} bytes is over the limit of {c.max_record_bytes} bytes "
+            "(max_record_bytes); the job's hook sends fewer tensors per record or a larger limit is set"
+        )
+        log.warning("intake: job %s partition %d offset %d: %s", job, m.partition(), m.offset(), detail)
+        producer.produce(
+            DEADLETTER_TOPIC,
+            key=job.encode(),
+            value=envelope(
+                reason="too_large",
+                error=detail,
+                topic=m.topic(),
+                partition=m.partition(),
+                offset=m.offset(),
+                job=job,
+                key=m.key(),
+                payload=value,
+            ),
+        )
+        if self._on_reject is not None:
+            self._on_reject("too_large")
+
+    def _tick(self, producer: Producer) -> None:
+        """A tick for each owned job heard from within the horizon (clock rules evaluate on it)."""
+        c = self.config
+        now_mono, now = time.monotonic(), time.time()
+        stamp = repr(now).encode()
+        for job, seen in list(self._last_seen.items()):
+            if now_mono - seen <= c.tick_horizon:
+                producer.produce(c.steps_topic, key=job.encode(), value=b"", headers=[(TICK_HEADER, stamp)])
+        producer.poll(0)

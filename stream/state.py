@@ -1,0 +1,251 @@
+"""A job's state in the stream store: small entries per (job, rank) and per job-level rule.
+
+Why not one document per job (as before): its size grew with the job's ranks (slots
+`<rule>|<rank>`), and at about 1,000 ranks one state record passed Kafka's 1 MB message limit, the
+changelog produce failed and the worker crash-looped. Here every entry is bounded by the rule set,
+not by the job's size:
+
+| entry key            | holds                                                               |
+|----------------------|---------------------------------------------------------------------|
+| `rank:<r>`           | the slots of the per-rank rules (not clock rules) of rank r          |
+| `clock:<r>`          | the slots of the clock rules of rank r (read by every tick)          |
+| `job:<rule>`         | the one slot of a cross-rank rule (`per_rank = False`)               |
+| `ranks`              | the ranks seen, sorted (what a tick or a job summary iterates)       |
+| `ended`              | rank -> wall time of its end record                                  |
+| `src:<partition>`    | the last source offset processed (the intake's copies are deduplicated) |
+| `schema:<r>:<id>`, `schemas` | announced tensor names, and the list of those keys           |
+
+Inside an entry a slot is keyed `<rule name>#<digest of its class and parameters>`: a rule whose
+threshold changed starts from a fresh state instead of reading state made under other
+parameters. An entry whose JSON text would exceed `max_entry_bytes` is not written: the slots in
+it are reset (the rule starts over at the next record), the worker counts it in
+`tensorpulse_state_too_large_total{rule}` and says so once per rule, and every other rule and job
+goes on. `JobEvaluator` sees the same `{"r": {"<rule>|<rank>": slot}}` layout as ever: this module
+only decides where each slot is stored.
+
+The store is the stream engine's (Quix Streams: RocksDB with a changelog topic, keyed by the
+message key, i.e. the job); anything with `get/set/delete` works (`MemoryStore` in tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, MutableMapping, Sequence
+from typing import Any, Protocol
+
+from tensorpulse import wire
+from tensorpulse.rules.config import RuleSpec
+
+from .evaluator import JOB_SLOT, JobState, is_clock, is_per_rank
+
+#: The largest entry written, in bytes of JSON (Kafka's default message limit is 1 MB).
+MAX_ENTRY_BYTES = 100 * 1024
+
+
+class Store(Protocol):
+    """The part of a key-value state (Quix Streams' `State`) this module uses."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+    def set(self, key: str, value: Any) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+class MemoryStore(dict):
+    """A `Store` in memory (tests, and anything that evaluates without the stream engine)."""
+
+    def set(self, key: str, value: Any) -> None:
+        self[key] = value
+
+    def delete(self, key: str) -> None:
+        self.pop(key, None)
+
+
+def spec_digest(spec: RuleSpec) -> str:
+    """8 hex digits naming a rule's class and parameters (a change of either starts fresh state)."""
+    rule = spec.rule
+    params = rule.params.model_dump(mode="json") if rule.params is not None else {}
+    text = json.dumps([type(rule).__module__, type(rule).__qualname__, params], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+class TooLarge(Exception):
+    """An entry would exceed the size limit; `rules` are the rules whose slots were in it."""
+
+    def __init__(self, key: str, size: int, rules: Sequence[str]) -> None:
+        super().__init__(f"state entry {key!r} of {size} bytes is over the limit")
+        self.key, self.size, self.rules = key, size, tuple(rules)
+
+
+class JobStore:
+    """Reads and writes one job's rule slots in `store` (the job's key context) for one rule set."""
+
+    def __init__(self, store: Store, specs: Sequence[RuleSpec], *, max_entry_bytes: int = MAX_ENTRY_BYTES) -> None:
+        self._store = store
+        self.max_entry_bytes = max_entry_bytes
+        self._slot_name = {s.name: f"{s.name}#{spec_digest(s)}" for s in specs}
+        self._group = {
+            s.name: ("job" if not is_per_rank(s) else "clock" if is_clock(s) else "rank") for s in specs
+        }
+        self._by_slot_name = {v: k for k, v in self._slot_name.items()}
+        self.rejected: list[TooLarge] = []  # entries not written by the last `save`
+
+    # ------------------------------------------------------------------ small entries
+    def _get_json(self, key: str) -> Any:
+        text = self._store.get(key)
+        # Rule state travels as JSON text: it may hold NaN/inf (they are data), which the state
+        # store's own JSON serialiser would turn into null.
+        return None if text is None else json.loads(text)
+
+    def _set_json(self, key: str, value: Any) -> int:
+        text = json.dumps(value, separators=(",", ":"))
+        self._store.set(key, text)
+        return len(text)
+
+    def ranks(self) -> list[int]:
+        return list(self._get_json("ranks") or [])
+
+    def ended(self) -> dict[str, float]:
+        return dict(self._get_json("ended") or {})
+
+    def mark_ended(self, rank: int, when: float) -> dict[str, float]:
+        ended = self.ended()
+        ended[str(rank)] = when
+        self._set_json("ended", ended)
+        return ended
+
+    def seen_offset(self, partition: int) -> int:
+        """The last source offset processed from the job topic's `partition` (-1: none)."""
+        value = self._store.get(f"src:{partition}")
+        return -1 if value is None else int(value)
+
+    def set_offset(self, partition: int, offset: int) -> None:
+        self._store.set(f"src:{partition}", int(offset))
+
+    # ------------------------------------------------------------------ slots
+    def _entry_key(self, group: str, rank: int | str, rule: str) -> str:
+        return f"job:{self._slot_name[rule]}" if group == "job" else f"{group}:{rank}"
+
+    def load(self, ranks: Sequence[int], groups: Sequence[str] = ("rank", "clock", "job")) -> JobState:
+        """The evaluator's state holding the slots of `ranks` (and the job-level slots) in `groups`."""
+        slots: dict[str, Any] = {}
+        if "job" in groups:
+            for name, group in self._group.items():
+                if group == "job":
+                    slot = self._get_json(self._entry_key("job", JOB_SLOT, name))
+                    if slot is not None:
+                        slots[f"{name}|{JOB_SLOT}"] = slot
+        for group in groups:
+            if group == "job":
+                continue
+            for rank in ranks:
+                for slot_name, slot in (self._get_json(f"{group}:{rank}") or {}).items():
+                    name = self._by_slot_name.get(slot_name)
+                    if name is not None:  # else: other parameters, or a rule no longer configured
+                        slots[f"{name}|{rank}"] = slot
+        return {"r": slots}
+
+    def save(self, state: JobState, ranks: Sequence[int], groups: Sequence[str] = ("rank", "clock", "job")) -> None:
+        """Write back the slots of `ranks` (and job-level slots) in `groups`; see `rejected`."""
+        entries: dict[str, dict[str, Any]] = {}
+        wanted = {str(r) for r in ranks}
+        for key, slot in state.get("r", {}).items():
+            name, _, rank = key.rpartition("|")
+            group = self._group.get(name)
+            if group is None or group not in groups or (group != "job" and rank not in wanted):
+                continue
+            entry = self._entry_key(group, rank, name)
+            if group == "job":
+                entries[entry] = slot
+            else:
+                entries.setdefault(entry, {})[self._slot_name[name]] = slot
+        self.rejected = []
+        for key, value in entries.items():
+            text = json.dumps(value, separators=(",", ":"))
+            if len(text) > self.max_entry_bytes:
+                rules = [self._by_slot_name[key[4:]]] if key.startswith("job:") else [
+                    self._by_slot_name[n] for n in value if n in self._by_slot_name
+                ]
+                self.rejected.append(TooLarge(key, len(text), rules))
+                self._store.delete(key)  # the rules start over rather than keep state they cannot store
+                continue
+            self._store.set(key, text)
+
+    def add_rank(self, rank: int) -> None:
+        """Remember that `rank` exists (a tick and a job summary visit every rank seen)."""
+        ranks = self.ranks()
+        if rank not in ranks:
+            ranks.append(rank)
+            ranks.sort()
+            self._set_json("ranks", ranks)
+
+    def rule_states(self, rule: str, fresh: JobState) -> dict[int, Any]:
+        """Rank -> state of per-rank `rule` over every rank seen (`fresh` wins for ranks it holds)."""
+        group = self._group[rule]
+        out: dict[int, Any] = {}
+        for rank in self.ranks():
+            slot = fresh["r"].get(f"{rule}|{rank}")
+            if slot is None:
+                slot = (self._get_json(f"{group}:{rank}") or {}).get(self._slot_name[rule])
+            if slot is not None:
+                out[rank] = slot["s"]
+        return out
+
+    def delete_all(self) -> None:
+        """Remove every entry of the job (tombstones on the changelog)."""
+        for rank in self.ranks():
+            self._store.delete(f"rank:{rank}")
+            self._store.delete(f"clock:{rank}")
+        for name, group in self._group.items():
+            if group == "job":
+                self._store.delete(self._entry_key("job", JOB_SLOT, name))
+        for key in self._get_json("schemas") or []:
+            self._store.delete(key)
+        for key in ("ranks", "ended", "schemas"):
+            self._store.delete(key)
+
+    def delete_offsets(self, partitions: Sequence[int]) -> None:
+        for p in partitions:
+            self._store.delete(f"src:{p}")
+
+
+class StoredSchemas(MutableMapping[tuple[str, int, int], Any]):
+    """Announced tensor names, cached in memory and persisted in the job's state (`schema:<r>:<id>`)."""
+
+    def __init__(self, store: Store, cache: wire.SchemaCache) -> None:
+        self._store, self._cache = store, cache
+
+    @staticmethod
+    def _key(key: tuple[str, int, int]) -> str:
+        return f"schema:{key[1]}:{key[2]}"
+
+    def __getitem__(self, key: tuple[str, int, int]) -> Any:
+        try:
+            return self._cache[key]
+        except KeyError:
+            value = self._store.get(self._key(key))
+            if value is None:
+                raise
+            self._cache[key] = value
+            return value
+
+    def __setitem__(self, key: tuple[str, int, int], value: Any) -> None:
+        if self._cache.get(key) != value:
+            name = self._key(key)
+            if self._store.get(name) is None:
+                known = json.loads(self._store.get("schemas") or "[]")
+                self._store.set("schemas", json.dumps([*known, name]))
+            self._store.set(name, [list(value[0]), list(value[1])])
+        self._cache[key] = value
+
+    def __delitem__(self, key: tuple[str, int, int]) -> None:
+        self._cache.pop(key, None)
+        self._store.delete(self._key(key))
+
+    def __iter__(self) -> Iterator[tuple[str, int, int]]:
+        return iter(self._cache)
+
+    def __len__(self) -> int:
+        return len(self._cache)
