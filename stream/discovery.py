@@ -27,9 +27,15 @@ class JobDiscovery:
         self.existing: set[str] = set()
         self.ignored: set[str] = set()  # topics under the prefix whose job part is not a valid job id
 
-    def jobs(self, timeout: float = 5.0) -> dict[str, str]:
-        """job id -> reductions topic, for every job topic the cluster has now."""
-        meta = self._admin.list_topics(timeout=timeout)
+    def jobs(self, timeout: float = 5.0, via: Any = None) -> dict[str, str]:
+        """job id -> reductions topic, for every job topic the cluster has now.
+
+        `via`: the client to ask (anything with `list_topics`), default our admin client. The
+        intake asks its own consumer: the answer then also fills that consumer's metadata cache,
+        so a new job's partition is fetched at once after `incremental_assign` (on Apache Kafka
+        4.4, 0.2 s from produce to receipt instead of 1.1 s when another client listed the topic).
+        """
+        meta = (via or self._admin).list_topics(timeout=timeout)
         out = {}
         self.partitions = {}
         self.existing = set(meta.topics)

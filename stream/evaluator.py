@@ -17,7 +17,6 @@ one job-level slot that sees every rank's records (see tensorpulse.rules.cross_r
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -249,28 +248,6 @@ class JobEvaluator:
                 if tr is not None:
                     out.append(tr)
         return state, out
-
-    def clock_slots(self, state: JobState | None) -> dict[str, Any]:
-        """A deep copy of the clock rules' slots of `state` (what the worker's clock mirror keeps)."""
-        if not state:
-            return {}
-        return {
-            k: copy.deepcopy(v)
-            for k, v in state.get("r", {}).items()
-            if k.rpartition("|")[0] in self._clock_names
-        }
-
-    @staticmethod
-    def with_slots(state: JobState | None, slots: dict[str, Any]) -> JobState:
-        """`state` with the given slots replacing its own (a copy of them; the state is changed in place)."""
-        state = {"r": {}} if state is None else state
-        state.setdefault("r", {}).update(copy.deepcopy(slots))
-        return state
-
-    @staticmethod
-    def active_clock_slots(slots: dict[str, Any]) -> bool:
-        """True while any clock slot still ticks (some rank has not sent its end record)."""
-        return any(not s.get("e") for s in slots.values())
 
     # ------------------------------------------------------------------ records of other jobs
     def process_other(

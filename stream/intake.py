@@ -66,7 +66,7 @@ class IntakeConfig:
     jobs_regex: str | None
     shards: int
     discovery_interval: float
-    max_record_bytes: int
+    max_record_bytes: int  # wire.MAX_RECORD_BYTES: a larger record is dead-lettered here, not copied
     retention_ms: int
     replication_factor: int
     tick_interval: float | None  # None: no clock rule, no ticks
@@ -198,7 +198,7 @@ class Intake:
             if now >= next_discovery:
                 next_discovery = now + c.discovery_interval
                 try:
-                    jobs = self.discovery.jobs()
+                    jobs = self.discovery.jobs(via=source)
                     logged_down = False
                 except Exception as exc:
                     if not logged_down:
@@ -280,8 +280,8 @@ class Intake:
             if job is None:
                 continue  # unassigned while the batch was in flight
             self._last_seen[job] = now
-            value = m.value() or b""
-            if len(value) > c.max_record_bytes:
+            value = m.value()  # None (a tombstone) is copied as it is: the decoder names it
+            if value is not None and len(value) > c.max_record_bytes:
                 self._reject_large(producer, job, m, value)
                 continue
             headers = [(SOURCE_HEADER, f"{partition}:{offset}".encode())]
@@ -320,7 +320,7 @@ class Intake:
         c = self.config
         detail = (
             f"record of {len(value)} bytes is over the limit of {c.max_record_bytes} bytes "
-            "(max_record_bytes); the job's hook sends fewer tensors per record or a larger limit is set"
+            "(tensorpulse.wire.MAX_RECORD_BYTES); send fewer tensors per record"
         )
         log.warning("intake: job %s partition %d offset %d: %s", job, m.partition(), m.offset(), detail)
         producer.produce(

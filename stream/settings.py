@@ -50,8 +50,6 @@ class WorkerSettings(BaseModel):
     partitions: int = Field(12, ge=1, le=1024)
     #: Shards of the intake (jobs are spread over the workers' intakes by shard).
     intake_shards: int = Field(64, ge=1, le=4096)
-    #: The largest record accepted (bytes); larger ones are dead-lettered with reason `too_large`.
-    max_record_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
     #: Seconds after every rank of a job has sent its end record before the job's state is removed.
     state_retention_s: float = Field(3600.0, ge=0.0)
     lag_interval: float = 5.0

@@ -91,10 +91,12 @@ class JobStore:
         }
         self._by_slot_name = {v: k for k, v in self._slot_name.items()}
         self.rejected: list[TooLarge] = []  # entries not written by the last `save`
+        self._loaded: dict[str, Any] = {}  # entry text as read: an unchanged entry is not written again
 
     # ------------------------------------------------------------------ small entries
     def _get_json(self, key: str) -> Any:
         text = self._store.get(key)
+        self._loaded[key] = text
         # Rule state travels as JSON text: it may hold NaN/inf (they are data), which the state
         # store's own JSON serialiser would turn into null.
         return None if text is None else json.loads(text)
@@ -171,7 +173,9 @@ class JobStore:
                 self.rejected.append(TooLarge(key, len(text), rules))
                 self._store.delete(key)  # the rules start over rather than keep state they cannot store
                 continue
-            self._store.set(key, text)
+            if self._loaded.get(key) != text:  # a tick that changes nothing writes nothing
+                self._store.set(key, text)
+                self._loaded[key] = text
 
     def add_rank(self, rank: int) -> None:
         """Remember that `rank` exists (a tick and a job summary visit every rank seen)."""

@@ -123,7 +123,7 @@ class Worker:
                 jobs_regex=settings.jobs_regex,
                 shards=settings.intake_shards,
                 discovery_interval=settings.discovery_interval,
-                max_record_bytes=settings.max_record_bytes,
+                max_record_bytes=wire.MAX_RECORD_BYTES,
                 retention_ms=settings.retention_ms,
                 replication_factor=settings.replication_factor,
                 tick_interval=clock_every or housekeeping_interval(settings.state_retention_s),
@@ -239,7 +239,7 @@ class Worker:
             "session.timeout.ms": s.session_timeout_ms,
             "heartbeat.interval.ms": min(1000, s.session_timeout_ms // 3),
             "fetch.wait.max.ms": 10,
-            "max.partition.fetch.bytes": max(1 << 20, s.max_record_bytes + (64 << 10)),
+            "max.partition.fetch.bytes": wire.MAX_RECORD_BYTES + (64 << 10),
             **{k: v for k, v in self._base_config.items() if k != "bootstrap.servers"},
         }
         producer_extra = {

@@ -14,9 +14,11 @@ from tensorpulse.stream.state import MAX_ENTRY_BYTES, JobStore, MemoryStore, spe
 
 
 def _specs(**rules) -> list[RuleSpec]:
-    return [RuleSpec(r.name, r, None, r.severity, "none") for r in rules.values()] if rules else [
-        RuleSpec(r.name, r, None, r.severity, "none") for r in default_rules()
-    ]
+    return (
+        [RuleSpec(r.name, r, None, r.severity, "none") for r in rules.values()]
+        if rules
+        else [RuleSpec(r.name, r, None, r.severity, "none") for r in default_rules()]
+    )
 
 
 def _rec(rank: int, step: int, world: int, *, nan: bool = False, loss: float = 1.0):
@@ -38,7 +40,9 @@ def _run_store(ev: JobEvaluator, records, store: MemoryStore, rejected: set[str]
         js = JobStore(store, ev.specs)
         js.add_rank(r.rank)
         state = js.load([r.rank])
-        state, trs = ev.process(state, r, now=r.ts, rank_states=lambda rule, s=state, js=js: js.rule_states(rule, s))
+        state, trs = ev.process(
+            state, r, now=r.ts, rank_states=lambda rule, s=state, js=js: js.rule_states(rule, s)
+        )
         js.save(state, [r.rank])
         if rejected is None:
             assert not js.rejected
@@ -60,7 +64,11 @@ def _run_whole(ev: JobEvaluator, records) -> list:
 def test_store_gives_the_same_alerts_as_one_document_per_job() -> None:
     """Default rules over 4 ranks with a NaN on rank 2: per-rank entries change no alert and no detail."""
     ev = JobEvaluator(_specs())
-    records = [_rec(rank, step, 4, nan=(rank == 2 and step >= 30), loss=2.0 / (1 + step)) for step in range(40) for rank in random.Random(1).sample(range(4), 4)]
+    records = [
+        _rec(rank, step, 4, nan=(rank == 2 and step >= 30), loss=2.0 / (1 + step))
+        for step in range(40)
+        for rank in random.Random(1).sample(range(4), 4)
+    ]
     got = _run_store(ev, records, MemoryStore())
     want = _run_whole(ev, records)
     assert [e.to_json() for e in got] == [e.to_json() for e in want]
@@ -75,7 +83,9 @@ def test_1024_ranks_no_entry_over_the_limit_and_the_nan_rank_is_named() -> None:
     a known limit until the rule keeps bounded aggregates instead (docs/architecture.md)."""
     ev = JobEvaluator(_specs())
     store = MemoryStore()
-    records = [_rec(rank, step, 1024, nan=(rank == 777 and step == 2)) for step in range(3) for rank in range(1024)]
+    records = [
+        _rec(rank, step, 1024, nan=(rank == 777 and step == 2)) for step in range(3) for rank in range(1024)
+    ]
     rejected: set[str] = set()
     events = _run_store(ev, records, store, rejected)
     assert rejected == {"RankDivergence"}
@@ -91,7 +101,9 @@ def test_changed_parameters_start_fresh_state() -> None:
     """A slot is keyed by its rule's parameters: another threshold does not read the old state."""
     a = _specs(r=RankDivergence(patience=3))
     b = _specs(r=RankDivergence(patience=4))
-    assert spec_digest(a[0]) != spec_digest(b[0]) and spec_digest(a[0]) == spec_digest(_specs(r=RankDivergence(patience=3))[0])
+    assert spec_digest(a[0]) != spec_digest(b[0]) and spec_digest(a[0]) == spec_digest(
+        _specs(r=RankDivergence(patience=3))[0]
+    )
     store = MemoryStore()
     ev = JobEvaluator(a)
     _run_store(ev, [_rec(r, 0, 2) for r in range(2)] + [_rec(0, 1, 2)], store)

@@ -1,0 +1,194 @@
+"""The stream layer at scale: new jobs among running ones, a 1,024-rank job, and a worker killed mid-run."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import Producer
+
+from tensorpulse import wire
+from tensorpulse.events import AlertEvent
+from tensorpulse.topics import ALERTS_TOPIC, reductions_topic
+
+from .helpers import create_topic, metric_value, read_topic, scrape, wait_for, worker_process
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NAMES, COLLS = ["fc.weight", "gradient/fc.weight"], ["weights", "gradients"]
+
+
+def _record(
+    job: str, step: int, *, rank: int = 0, world: int = 1, nan: bool = False, announce: bool = False
+) -> bytes:
+    """One rank's step of `job`; `nan` puts NaN in the gradient (ExplodingTensor fires on it)."""
+    floats = np.array([[0.0, 0.1, -0.3, 0.3, 0.08], [0.0, 0.01, -0.03, 0.03, 0.008]], dtype=np.float32)
+    nans = np.zeros(2, dtype=np.int64)
+    if nan:
+        floats[1, :] = np.nan
+        nans[1] = 5
+    block = wire.TensorBlock(NAMES, COLLS, np.array([64, 64]), floats, np.zeros(2, dtype=np.int64), nan=nans)
+    return wire.encode(
+        job=job, rank=rank, world=world, step=step, mode="train", ts=time.time(), seq=step,
+        scalars={"loss": 1.0 / (step + 1)}, tensors=block, announce=announce,
+    )  # fmt: skip
+
+
+def _alerts(bootstrap: str, jobs: set[str], rule: str = "ExplodingTensor") -> list[AlertEvent]:
+    """The `rule` alerts of `jobs` on the alerts topic (the synthetic weights also make UnchangedTensor fire)."""
+    return [
+        e
+        for m in read_topic(bootstrap, ALERTS_TOPIC, timeout=1)
+        if (e := AlertEvent.from_json(m.value())).job in jobs and e.rule == rule
+    ]
+
+
+def _send(
+    producer: Producer, job: str, steps: range, *, nan_at: set[int] = frozenset(), **kw: object
+) -> None:
+    for step in steps:
+        value = _record(job, step, nan=step in nan_at, announce=step == steps.start, **kw)
+        producer.produce(reductions_topic(job), key=job.encode(), value=value)
+
+
+def test_new_jobs_alert_from_their_first_record_while_others_run(
+    kafka_bootstrap: str, unique: str, tmp_path: Path
+) -> None:
+    """Five new jobs that NaN at their first step each get one alert, while ten other jobs keep running."""
+    running = [f"run-{unique}-{i}" for i in range(10)]
+    new = [f"new-{unique}-{i}" for i in range(5)]
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
+    for job in running:
+        create_topic(kafka_bootstrap, reductions_topic(job))
+    with worker_process(kafka_bootstrap, tmp_path, group=f"g-{unique}", jobs_regex=f"-{unique}-") as (
+        proc,
+        url,
+    ):
+        for job in running:
+            _send(producer, job, range(0, 5), nan_at={3})
+        producer.flush(10)
+        wait_for(
+            lambda: len({e.job for e in _alerts(kafka_bootstrap, set(running))}) == len(running),
+            60,
+            "running jobs' alerts",
+        )
+        for job in new:  # the worker has never seen these topics
+            create_topic(kafka_bootstrap, reductions_topic(job))
+            _send(producer, job, range(0, 2), nan_at={0})
+        for job in running:
+            _send(producer, job, range(5, 10), nan_at={8})
+        producer.flush(10)
+        events = wait_for(
+            lambda: (
+                (evs := _alerts(kafka_bootstrap, set(new))) and len({e.job for e in evs}) == len(new) and evs
+            ),
+            60,
+            "an alert for every new job",
+        )
+        firing = [e for e in events if e.status == "firing"]
+        assert sorted((e.job, e.step, e.rule) for e in firing) == sorted(
+            (j, 0, "ExplodingTensor") for j in new
+        )
+        assert metric_value(scrape(url), "tensorpulse_worker_restarts_total") == 0
+        assert proc.poll() is None
+
+
+def test_1024_rank_job_names_the_nan_rank_and_a_bystander_still_alerts(
+    kafka_bootstrap: str, unique: str, tmp_path: Path
+) -> None:
+    """1,024 ranks (one record per rank and step), rank 777 goes NaN: one alert naming it, no restart."""
+    big, bystander = f"big-{unique}", f"bys-{unique}"
+    world = 1024
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 20, "batch.num.messages": 10000})
+    for job in (big, bystander):
+        create_topic(kafka_bootstrap, reductions_topic(job))
+    with worker_process(kafka_bootstrap, tmp_path, group=f"g-{unique}", jobs_regex=f"-{unique}$") as (
+        proc,
+        url,
+    ):
+        for step in range(3):
+            for rank in range(world):
+                value = _record(
+                    big, step, rank=rank, world=world, nan=(rank == 777 and step == 2), announce=step == 0
+                )
+                producer.produce(reductions_topic(big), key=big.encode(), value=value)
+        _send(producer, bystander, range(0, 3), nan_at={2})
+        producer.flush(30)
+        wait_for(lambda: _alerts(kafka_bootstrap, {bystander}), 120, "the bystander's alert")
+        events = wait_for(lambda: _alerts(kafka_bootstrap, {big}), 120, "the 1,024-rank job's alert")
+        exploding = [e for e in events if e.rule == "ExplodingTensor" and e.status == "firing"]
+        assert [(e.rank, e.step) for e in exploding] == [(777, 2)]
+        assert exploding[0].details["first_nonfinite"]["rank"] == 777
+        wait_for(
+            lambda: metric_value(scrape(url), "tensorpulse_records_total", job=big) == 3 * world,
+            120,
+            "every rank's record",
+        )
+        assert metric_value(scrape(url), "tensorpulse_worker_restarts_total") == 0
+        assert proc.poll() is None
+
+
+def test_sigkill_one_of_two_workers_loses_and_doubles_no_alert(
+    kafka_bootstrap: str, unique: str, tmp_path: Path
+) -> None:
+    """Two workers share eight jobs; one is SIGKILLed mid-run; every expected alert arrives exactly once."""
+    jobs = [f"fo-{unique}-{i}" for i in range(8)]
+    group = f"g-{unique}"
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
+    for job in jobs:
+        create_topic(kafka_bootstrap, reductions_topic(job))
+    # NaN at steps 5 and 25 (healthy between): each job fires twice and resolves twice.
+    nan_at = {5, 25}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    with (
+        worker_process(kafka_bootstrap, tmp_path / "a", group=group, jobs_regex=f"-{unique}-") as (
+            proc_a,
+            _,
+        ),
+        worker_process(kafka_bootstrap, tmp_path / "b", group=group, jobs_regex=f"-{unique}-") as (
+            proc_b,
+            _,
+        ),
+    ):
+        for job in jobs:
+            _send(producer, job, range(0, 15), nan_at=nan_at)
+        producer.flush(10)
+        wait_for(
+            lambda: (
+                len({e.job for e in _alerts(kafka_bootstrap, set(jobs)) if e.status == "resolved"})
+                == len(jobs)
+            ),
+            90,
+            "the first fire and resolve of every job",
+        )
+        os.killpg(proc_b.pid, signal.SIGKILL)
+        proc_b.wait()
+        for job in jobs:
+            _send(producer, job, range(15, 30), nan_at=nan_at)
+        producer.flush(10)
+
+        def all_four() -> list[AlertEvent] | None:
+            evs = _alerts(kafka_bootstrap, set(jobs))
+            return evs if len({(e.job, e.step, e.status) for e in evs}) == 4 * len(jobs) else None
+
+        try:
+            events = wait_for(all_four, 120, "every job's second fire and resolve after the kill")
+        except AssertionError:
+            seen = {(e.job, e.step, e.status) for e in _alerts(kafka_bootstrap, set(jobs))}
+            raise AssertionError(f"after the kill, only these alerts arrived: {sorted(seen)}") from None
+        assert proc_a.poll() is None
+    got = collections.Counter((e.job, e.rule, e.step, e.status) for e in events)
+    want = {
+        (j, "ExplodingTensor", s, st)
+        for j in jobs
+        for s, st in ((5, "firing"), (6, "resolved"), (25, "firing"), (26, "resolved"))
+    }
+    assert set(got) == want
+    assert max(got.values()) == 1, [k for k, n in got.items() if n > 1]
+    assert len({e.id for e in events}) == len(events)
