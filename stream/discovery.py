@@ -57,7 +57,7 @@ class JobDiscovery:
     def ensure_topics(
         self,
         names: list[str],
-        retention_ms: int,
+        config: dict[str, str],
         *,
         partitions: int = 1,
         replication_factor: int = 1,
@@ -65,7 +65,7 @@ class JobDiscovery:
         max_message_bytes: int | None = None,
         timeout: float = 5.0,
     ) -> None:
-        """Create topics that do not exist yet (explicit retention; already-existing is fine).
+        """Create topics that do not exist yet with `config` (explicit retention); existing ones are fine.
 
         Raises the broker's error for any other failure (no permission, too few brokers for the
         replication factor), so that the caller can say what to fix.
@@ -73,7 +73,7 @@ class JobDiscovery:
         names = [n for n in names if n not in self.existing]
         if not names:
             return
-        config = {"retention.ms": str(retention_ms)}
+        config = dict(config)
         if compact:
             config.update({"cleanup.policy": "compact", "retention.bytes": "-1"})
         if max_message_bytes is not None:

@@ -67,7 +67,7 @@ class IntakeConfig:
     shards: int
     discovery_interval: float
     max_record_bytes: int  # wire.MAX_RECORD_BYTES: a larger record is dead-lettered here, not copied
-    retention_ms: int
+    topic_config: dict[str, str]  # broker config of the topics it creates (WorkerSettings.topic_config)
     replication_factor: int
     tick_interval: float | None  # None: no clock rule, no ticks
     tick_horizon: float
@@ -152,13 +152,13 @@ class Intake:
         c = self.config
         self.discovery.ensure_topics(
             [c.steps_topic],
-            c.retention_ms,
+            c.topic_config,
             partitions=partitions,
             replication_factor=c.replication_factor,
             max_message_bytes=c.max_record_bytes + (64 << 10),
         )
         self.discovery.ensure_topics(
-            [c.coordination_topic], c.retention_ms, partitions=c.shards, replication_factor=c.replication_factor
+            [c.coordination_topic], c.topic_config, partitions=c.shards, replication_factor=c.replication_factor
         )
 
     # ------------------------------------------------------------------ the loop
@@ -222,7 +222,7 @@ class Intake:
                 try:
                     self.discovery.ensure_topics(
                         [control_topic(j, c.topic_prefix) for j in names],
-                        c.retention_ms,
+                        c.topic_config,
                         replication_factor=c.replication_factor,
                     )
                 except Exception as exc:

@@ -70,6 +70,16 @@ class WorkerSettings(BaseModel):
     #: when no worker with the same identity comes back (the broker aborts it after this).
     transaction_timeout_ms: int = 60_000
 
+    def topic_config(self) -> dict[str, str]:
+        """Broker config of every topic the worker creates: retention, and with replication 3 or
+        more, `min.insync.replicas=2` (an acknowledged write then survives the loss of a broker).
+        Quix derives its changelog topics from the steps topic without this key: set
+        `min.insync.replicas=2` as the cluster default too (deploy/ does)."""
+        config = {"retention.ms": str(self.retention_ms)}
+        if self.replication_factor >= 3:
+            config["min.insync.replicas"] = "2"
+        return config
+
     def transactional_id(self) -> str:
         """`tensorpulse-<group>-<worker id>`, stable across restarts of the same worker."""
         ident = self.worker_id

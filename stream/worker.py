@@ -124,7 +124,7 @@ class Worker:
                 shards=settings.intake_shards,
                 discovery_interval=settings.discovery_interval,
                 max_record_bytes=wire.MAX_RECORD_BYTES,
-                retention_ms=settings.retention_ms,
+                topic_config=settings.topic_config(),
                 replication_factor=settings.replication_factor,
                 tick_interval=clock_every or housekeeping_interval(settings.state_retention_s),
                 tick_horizon=tick_horizon(own_specs, settings.state_retention_s),
@@ -272,12 +272,12 @@ class Worker:
         cfg = TopicConfig(
             num_partitions=1,
             replication_factor=s.replication_factor,
-            extra_config={"retention.ms": str(s.retention_ms)},
+            extra_config=s.topic_config(),
         )
         steps_cfg = TopicConfig(
             num_partitions=s.partitions,
             replication_factor=s.replication_factor,
-            extra_config={"retention.ms": str(s.retention_ms)},
+            extra_config=s.topic_config(),
         )
         alerts = app.topic(ALERTS_TOPIC, value_serializer="bytes", key_serializer="bytes", config=cfg)
         dead = app.topic(DEADLETTER_TOPIC, value_serializer="bytes", key_serializer="bytes", config=cfg)
@@ -314,7 +314,7 @@ class Worker:
             cfg = TopicConfig(
                 num_partitions=1,
                 replication_factor=self.settings.replication_factor,
-                extra_config={"retention.ms": str(self.settings.retention_ms)},
+                extra_config=self.settings.topic_config(),
             )
             topic = self._controls[job] = self._app_for_topics.topic(
                 control_topic(job, self.settings.topic_prefix),

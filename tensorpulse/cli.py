@@ -143,6 +143,18 @@ def broker(port: int, host: str, cert: str | None, key: str | None) -> None:
     help="Stable identity of this worker across restarts (e.g. the pod name); "
     "default: host name + state directory.",
 )
+@click.option(
+    "--replication-factor",
+    type=int,
+    help="Replication of the topics the worker creates (default 1; 3 on a production cluster, which "
+    "also sets min.insync.replicas=2 on them).",
+)
+@click.option(
+    "--partitions",
+    type=int,
+    help="Partitions of the group's steps topic: the most workers that can share the processing "
+    "(default 12; fixed once the topic exists).",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def stream(
     bootstrap,
@@ -156,14 +168,17 @@ def stream(
     guarantee,
     config_file,
     worker_id,
+    replication_factor,
+    partitions,
     log_level,
 ) -> None:
     """Run a stream worker: evaluate rules on every job's records, publish alerts and metrics.
 
     \b
-    The worker follows every topic named <prefix>reductions.<job>, picks up new jobs within a
-    few seconds, keeps per-job rule state in RocksDB backed by changelog topics (a restart
-    resumes where it stopped), and publishes:
+    The worker follows every topic named <prefix>reductions.<job> from the job's first record
+    (it lists topics every 0.1 s and copies new jobs' records into the group's steps topic, so a
+    new job pauses no other), keeps per-job rule state in RocksDB backed by changelog topics (a
+    restart resumes where it stopped), and publishes:
       - alert events (JSON) on tensorpulse.alerts, once when a rule fires and once when it resolves;
       - rejected records on tensorpulse.deadletter, with the reason;
       - actions (stop, checkpoint) on <prefix>control.<job>;
@@ -189,6 +204,8 @@ def stream(
         jobs_regex=jobs_regex,
         guarantee=guarantee,
         worker_id=worker_id,
+        replication_factor=replication_factor,
+        partitions=partitions,
     )
     try:
         settings = WorkerSettings.from_env(config_file=config_file, **flags)

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from tensorpulse import wire
 from tensorpulse.events import AlertEvent
 from tensorpulse.topics import ALERTS_TOPIC, reductions_topic
 
-from .helpers import create_topic, metric_value, read_topic, scrape, wait_for, worker_process
+from .helpers import RETENTION, create_topic, metric_value, read_topic, scrape, wait_for, worker_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -192,3 +193,51 @@ def test_sigkill_one_of_two_workers_loses_and_doubles_no_alert(
     assert set(got) == want
     assert max(got.values()) == 1, [k for k, n in got.items() if n > 1]
     assert len({e.id for e in events}) == len(events)
+
+
+def test_three_brokers_one_killed_mid_run_loses_no_alert(kafka_cluster, unique: str, tmp_path: Path) -> None:
+    """Replication 3, min.insync.replicas 2: a broker SIGKILLed mid-run costs no alert and doubles none."""
+    cluster = kafka_cluster(3)
+    bootstrap = cluster.bootstrap
+    jobs = [f"ha-{unique}-{i}" for i in range(4)]
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all"})
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    topics = [
+        NewTopic(reductions_topic(j), 1, 3, config={**RETENTION, "min.insync.replicas": "2"}) for j in jobs
+    ]
+    for fut in admin.create_topics(topics).values():
+        fut.result(30)
+    nan_at = {5, 25}
+    extra = ["--replication-factor", "3", "--partitions", "3"]
+    with worker_process(bootstrap, tmp_path, group=f"g-{unique}", jobs_regex=f"-{unique}-", extra=extra) as (
+        proc,
+        _,
+    ):
+        for job in jobs:
+            _send(producer, job, range(0, 15), nan_at=nan_at)
+        assert producer.flush(30) == 0
+        wait_for(
+            lambda: (
+                len({e.job for e in _alerts(bootstrap, set(jobs)) if e.status == "resolved"}) == len(jobs)
+            ),
+            90,
+            "the first fire and resolve of every job",
+        )
+        cluster.kill(1)
+        for job in jobs:
+            _send(producer, job, range(15, 30), nan_at=nan_at)
+        assert producer.flush(60) == 0
+
+        def all_four() -> list[AlertEvent] | None:
+            evs = _alerts(bootstrap, set(jobs))
+            return evs if len({(e.job, e.step, e.status) for e in evs}) == 4 * len(jobs) else None
+
+        events = wait_for(all_four, 120, "every job's second fire and resolve with a broker down")
+        assert proc.poll() is None
+    got = collections.Counter((e.job, e.step, e.status) for e in events)
+    want = {
+        (j, s, st)
+        for j in jobs
+        for s, st in ((5, "firing"), (6, "resolved"), (25, "firing"), (26, "resolved"))
+    }
+    assert set(got) == want and max(got.values()) == 1
