@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -166,7 +166,7 @@ class WorkerMetrics:
         self.lag = Gauge(
             "tensorpulse_consumer_lag", "Records not yet consumed (sum over partitions).", ["job"], registry=r
         )
-        self.jobs = Gauge("tensorpulse_jobs", "Jobs this worker is subscribed to.", registry=r)
+        self.jobs = Gauge("tensorpulse_jobs", "Jobs whose records this worker's intake reads.", registry=r)
         self.finished = Counter("tensorpulse_jobs_finished", "Jobs whose end record was seen.", registry=r)
         self.up_since = Gauge(
             "tensorpulse_worker_start_time_seconds", "Unix time the worker started.", registry=r
@@ -188,9 +188,6 @@ class WorkerMetrics:
         for metric in self._per_job:
             metric.remove_by_labels({"job": job})
         self.latest.forget(job)
-
-    def set_jobs(self, jobs: Iterable[str]) -> None:
-        self.jobs.set(len(list(jobs)))
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         """Expose /metrics over HTTP (loopback unless told otherwise)."""

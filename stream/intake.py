@@ -82,14 +82,18 @@ class IntakeConfig:
 
 
 class Intake:
-    """Runs in its own thread (`run`) until `stop` is set; never raises out of the loop."""
+    """Runs in its own thread (`run`) until `stop` is set; never raises out of the loop.
+
+    `on_jobs(all jobs, how many this intake reads)` is called on the intake's thread whenever
+    either changes; `on_reject(reason)` for every record it dead-letters itself.
+    """
 
     def __init__(
         self,
         config: IntakeConfig,
         base_config: dict[str, Any],
         *,
-        on_jobs: Callable[[dict[str, str]], None] | None = None,
+        on_jobs: Callable[[dict[str, str], int], None] | None = None,
         on_reject: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
@@ -205,11 +209,12 @@ class Intake:
                         log.warning("intake cannot list topics (%s); retrying", exc)
                         logged_down = True
                     jobs = self.jobs
-                if jobs != self.jobs:
-                    self.jobs = jobs
-                    if self._on_jobs is not None:
-                        self._on_jobs(dict(jobs))
+                owned = len(self.owned)
+                changed = jobs != self.jobs
+                self.jobs = jobs
                 self._follow(source, coordination)
+                if (changed or owned != len(self.owned)) and self._on_jobs is not None:
+                    self._on_jobs(dict(jobs), len(self.owned))
             if self.owned:
                 self._copy(source, producer)
             else:

@@ -218,11 +218,11 @@ class Worker:
         if app is not None:
             app.stop()
 
-    def _jobs_changed(self, jobs: dict[str, str]) -> None:
-        """The intake found the job set changed (called on its thread; plain rebinds only)."""
+    def _jobs_changed(self, jobs: dict[str, str], owned: int) -> None:
+        """The intake found the job set, or its share of it, changed (on its thread; plain rebinds only)."""
         self._jobs = jobs
         self._targets = {}
-        self.metrics.set_jobs(jobs)
+        self.metrics.jobs.set(owned)
 
     def _count_reject(self, reason: str) -> None:
         self.metrics.decode_errors.labels(reason).inc()
