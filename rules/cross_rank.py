@@ -13,12 +13,19 @@ assembles them in its own bounded state and hands a step to `compare` once it is
   ranks will not report this one), or more than `max_pending_steps` steps are waiting: the
   oldest are compared with the ranks present.
 A step is compared at most once; records of a step at or before the newest compared step of
-their mode are ignored (they arrived too late). Findings say where they are: `RankedFinding`
+their mode are ignored (they arrived too late).
+
+Size: a step is kept as every rank's values while the job has at most `max_exact_ranks` ranks.
+Larger jobs (hundreds or thousands of ranks) keep, per compared name, only the extremes: how many
+ranks reported it, the smallest and largest value with their ranks, and the sum, plus a bitmap of
+the ranks that reported the step; `compare_extremes` then gets a `SummarisedStep`. State then does
+not grow with the job's size (the stream stores at most 100 KiB per entry). Findings say where they are: `RankedFinding`
 carries the compared step, its mode, the rank the alert names and the step's earliest record ts.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -55,12 +62,71 @@ class AssembledStep:
         return [r for r in range(self.world) if r not in self.ranks]
 
 
+@dataclass(frozen=True, slots=True)
+class Extremes:
+    """One name's values over the ranks that reported it at a step: count, smallest and largest
+    (with the rank of each; the lower rank on ties), their sum, and whether any was not finite."""
+
+    n: int
+    lo: float
+    lo_rank: int
+    hi: float
+    hi_rank: int
+    total: float
+    finite: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SummarisedStep:
+    """One step of a large job: per name extremes instead of every rank's values."""
+
+    step: int
+    mode: str
+    world: int
+    ts: float
+    reported: int
+    missing: list[int]
+    names: dict[str, Extremes]
+
+
+def _absorb(summary: dict[str, list[Any]], rank: int, values: dict[str, float]) -> None:
+    """Fold one rank's values into the per-name [n, lo, lo_rank, hi, hi_rank, total, finite] lists."""
+    for name, v in values.items():
+        cur = summary.get(name)
+        ok = math.isfinite(v)
+        if cur is None:
+            summary[name] = [1, v, rank, v, rank, v if ok else 0.0, ok]
+            continue
+        n, lo, lo_rank, hi, hi_rank, total, finite = cur
+        if v < lo or (v == lo and rank < lo_rank):
+            lo, lo_rank = v, rank
+        if v > hi or (v == hi and rank < hi_rank):
+            hi, hi_rank = v, rank
+        summary[name] = [n + 1, lo, lo_rank, hi, hi_rank, total + (v if ok else 0.0), finite and ok]
+
+
+def _bit(bitmap: str, rank: int) -> str:
+    """`bitmap` (hex, rank 0 = lowest bit) with `rank` set."""
+    return format(int(bitmap or "0", 16) | (1 << rank), "x")
+
+
+def _count(entry: list[Any]) -> int:
+    """Ranks that reported a pending step (exact: its rank map; summarised: its bitmap)."""
+    return len(entry[2]) if isinstance(entry[2], dict) else int(entry[2] or "0", 16).bit_count()
+
+
 class CrossRankParams(RuleParams):
     rank_timeout: float = Field(
         60.0, gt=0.0, description="seconds (record ts) to wait for a missing rank before comparing without it"
     )
     max_pending_steps: int = Field(
         16, ge=1, le=256, description="incomplete steps kept per job (ranks' records arrive in bursts)"
+    )
+    max_exact_ranks: int = Field(
+        64,
+        ge=2,
+        le=1024,
+        description="jobs with more ranks keep per-name extremes of a step, not every rank's values",
     )
 
 
@@ -69,7 +135,8 @@ class CrossRankRule(Rule):
 
     Subclasses implement `values(record)` (the numbers of one rank's record the rule compares)
     and `compare(state, step)` (a finding about one assembled step). Their Params must extend
-    `CrossRankParams`. State: {"p": {"<mode>|<step>": [first ts, world, {rank: values}]},
+    `CrossRankParams`. State: {"p": {"<mode>|<step>": [first ts, world, {rank: values}]} (a job of
+    more than `max_exact_ranks` ranks: [first ts, world, hex bitmap of the ranks, {name: extremes}]),
     "d": {mode: newest compared step}, "c": the subclass's own state, "on": whether the last finding
     returned was firing}; "p" holds at most
     `max_pending_steps` entries (+1 while a record is being added). Jobs with world 1 keep nothing.
@@ -91,6 +158,10 @@ class CrossRankRule(Rule):
     def compare(self, state: State, step: AssembledStep) -> tuple[State, Finding | None]:
         raise NotImplementedError(f"{type(self).__name__}.compare")
 
+    def compare_extremes(self, state: State, step: SummarisedStep) -> tuple[State, Finding | None]:
+        """`compare` for a job of more than `max_exact_ranks` ranks (see the module docstring)."""
+        raise NotImplementedError(f"{type(self).__name__}.compare_extremes")
+
     def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
         if record.world <= 1:
             return state, None
@@ -103,11 +174,17 @@ class CrossRankRule(Rule):
             return state, None  # that step was compared already
         key = f"{mode}|{step}"
         entry = pending.get(key)
+        large = record.world > params.max_exact_ranks
         if entry is None:
-            entry = [record.ts, record.world, {}]
+            entry = [record.ts, record.world, "0" if large else {}] + ([{}] if large else [])
         else:
-            entry = [min(entry[0], record.ts), max(entry[1], record.world), dict(entry[2])]
-        entry[2][str(record.rank)] = self.values(record)
+            entry = [min(entry[0], record.ts), max(entry[1], record.world), *entry[2:]]
+        if isinstance(entry[2], dict):
+            entry[2] = {**entry[2], str(record.rank): self.values(record)}
+        elif not int(entry[2], 16) >> record.rank & 1:  # a rank's second record of a step counts once
+            entry[2] = _bit(entry[2], record.rank)
+            entry[3] = {k: list(v) for k, v in entry[3].items()}
+            _absorb(entry[3], record.rank, self.values(record))
         pending[key] = entry
 
         ready = _ready(pending, mode, step, record.ts, params.rank_timeout, params.max_pending_steps)
@@ -115,11 +192,25 @@ class CrossRankRule(Rule):
         on = bool(state.get("on", False))
         chosen: Finding | None = None
         for k in ready:
-            ts, world, ranks = pending.pop(k)
+            entry = pending.pop(k)
+            ts, world, ranks = entry[:3]
             m, _, s = k.partition("|")
             done[m] = max(int(s), done.get(m, -1))
-            assembled = AssembledStep(int(s), m, int(world), float(ts), {int(r): v for r, v in ranks.items()})
-            cstate, finding = self.compare(cstate, assembled)
+            if isinstance(ranks, dict):
+                assembled = AssembledStep(int(s), m, int(world), float(ts), {int(r): v for r, v in ranks.items()})
+                cstate, finding = self.compare(cstate, assembled)
+            else:
+                bits = int(ranks, 16)
+                summarised = SummarisedStep(
+                    int(s),
+                    m,
+                    int(world),
+                    float(ts),
+                    bits.bit_count(),
+                    [r for r in range(int(world)) if not bits >> r & 1],
+                    {name: Extremes(*v) for name, v in entry[3].items()},
+                )
+                cstate, finding = self.compare_extremes(cstate, summarised)
             if finding is None:
                 continue
             # Report the first change of firing state among the compared steps, else the last finding.
@@ -143,12 +234,13 @@ def _ready(
 ) -> list[str]:
     """Keys of the pending steps to compare now, oldest first (see the module docstring)."""
     out: set[str] = set()
-    complete = [k for k, (_, world, ranks) in pending.items() if len(ranks) >= world]
+    complete = [k for k, entry in pending.items() if _count(entry) >= entry[1]]
     for k in complete:
         m, s = _mode_step(k)
         out.add(k)
         out.update(o for o in pending if _mode_step(o)[0] == m and _mode_step(o)[1] < s)
-    for k, (ts, _, _) in pending.items():
+    for k, entry in pending.items():
+        ts = entry[0]
         m, s = _mode_step(k)
         if m == mode and s < step and now_ts - ts > timeout:
             out.add(k)

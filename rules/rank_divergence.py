@@ -19,7 +19,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord, TensorStats
 
 from .base import Finding, RuleParams, State, compile_regex
-from .cross_rank import AssembledStep, CrossRankParams, CrossRankRule, RankedFinding
+from .cross_rank import AssembledStep, CrossRankParams, CrossRankRule, Extremes, RankedFinding, SummarisedStep
 
 #: Collection names that select scalars (scalars carry no collection on the wire).
 SCALAR_COLLECTIONS = frozenset({"losses", "metrics"})
@@ -65,6 +65,10 @@ class RankDivergence(CrossRankRule):
     then to the larger value, then the lower rank. The message names the missing ranks of a
     timed-out step. Jobs with world 1 check nothing. Memory: at most `max_pending_steps` steps ×
     ranks × compared names floats, plus one value per rank and name from the last healthy step.
+    Jobs of more than `max_exact_ranks` ranks (64) are compared from each name's extremes, so that
+    memory does not grow with the job: the ratio is the same; the outlier is the extreme (largest or
+    smallest value) farther in log space from the mean of the other ranks' values (the largest on
+    a tie, no history tie-break), and the message names the extremes instead of every rank.
     The hook must send the chosen statistic of activations (TorchHook does) and the loss scalar,
     with `rank` and `world` set (RANK / WORLD_SIZE).
     """
@@ -148,6 +152,58 @@ class RankDivergence(CrossRankRule):
         message = (
             f"ranks diverge at {step.mode} step {step.step}: {what} on rank {outlier} = {raw[outlier]:.3g} "
             f"vs {others} (ratio {ratio:.3g} > {p.ratio_threshold:g}){more}{missing}"
+        )
+        return new, RankedFinding(
+            True,
+            value=ratio,
+            threshold=p.ratio_threshold,
+            tensors=tuple(h[1] for h in hits),
+            message=message,
+            step=step.step,
+            mode=step.mode,
+            rank=outlier,
+            ts=step.ts,
+        )
+
+
+    def compare_extremes(self, state: State, step: SummarisedStep) -> tuple[State, Finding | None]:
+        """`compare` for a large job, from each name's extremes (see the class docstring)."""
+        p: Any = self.params
+        if step.reported < 2:
+            return state, None
+        floor = p.min_value
+        hits: list[tuple[float, str, int, Extremes]] = []
+        for name, x in sorted(step.names.items()):
+            if x.n < 2 or not x.finite:
+                continue
+            lo, hi = math.log(max(x.lo, floor)), math.log(max(x.hi, floor))
+            ratio = math.exp(hi - lo)
+            if ratio > p.ratio_threshold:
+                # The outlier is one of the two extremes: the one farther (in log space) from the
+                # others' mean, estimated from the sum of values as log(mean of the others).
+                rest_hi = max((x.total - x.hi) / (x.n - 1), floor)
+                rest_lo = max((x.total - x.lo) / (x.n - 1), floor)
+                far_hi, far_lo = hi - math.log(rest_hi), math.log(rest_lo) - lo
+                hits.append((ratio, name, x.hi_rank if far_hi >= far_lo else x.lo_rank, x))
+        if not hits:
+            healthy = RankedFinding(
+                False, threshold=p.ratio_threshold, step=step.step, mode=step.mode, rank=0, ts=step.ts
+            )
+            return {**state, "n": 0}, healthy
+        streak = int(state.get("n", 0)) + 1
+        new = {**state, "n": streak}
+        if streak < p.patience:
+            return new, None
+        hits.sort(key=lambda h: (-h[0], h[1]))
+        ratio, name, outlier, x = hits[0]
+        value = x.hi if outlier == x.hi_rank else x.lo
+        what = name[len(SCALAR_PREFIX) :] if name.startswith(SCALAR_PREFIX) else f"{name} {p.statistic}"
+        more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
+        missing = f"; {len(step.missing)} rank(s) missing" if step.missing else ""
+        message = (
+            f"ranks diverge at {step.mode} step {step.step}: {what} on rank {outlier} = {value:.3g}; over "
+            f"{x.n} ranks min {x.lo:.3g} (rank {x.lo_rank}), max {x.hi:.3g} (rank {x.hi_rank}), "
+            f"mean {x.total / x.n:.3g} (ratio {ratio:.3g} > {p.ratio_threshold:g}){more}{missing}"
         )
         return new, RankedFinding(
             True,

@@ -274,3 +274,41 @@ def test_invalid_parameters_are_rejected() -> None:
         RankDivergence(ratio_threshold=1.0)
     with pytest.raises(ConfigError, match="tensor_regex"):
         RankDivergence(tensor_regex="(")
+
+
+@pytest.mark.parametrize("world", [8, 1024])
+def test_large_jobs_keep_extremes_and_name_the_outlier(world: int) -> None:
+    """Over `max_exact_ranks` ranks a step is kept as per-name extremes: the same verdict and outlier,
+    and a state whose size does not grow with the job (exact below the bound, as the other tests show)."""
+    rule = RankDivergence(patience=1, max_exact_ranks=4)
+    sick = world * 3 // 4
+    records = [
+        rec(step, r, world, act=50.0 if (r == sick and step == 2) else 0.5 + 0.001 * r)
+        for step in range(4)
+        for r in random.Random(step).sample(range(world), world)
+    ]
+    state, sizes, found = rule.initialize(), [], []
+    for r in records:
+        state, finding = rule.update(state, r)
+        state = json.loads(json.dumps(state))
+        sizes.append(state_size(state))
+        if finding is not None:
+            found.append(finding)
+    firing = [f for f in found if f.firing]
+    assert [(f.step, f.rank) for f in firing] == [(2, sick)]
+    assert firing[0].value == pytest.approx(50.0 / 0.5)
+    assert f"rank {sick}" in firing[0].message
+    assert [f.step for f in found if not f.firing] == [0, 1, 3]
+    assert max(sizes) < 4096  # bytes, whatever the number of ranks
+
+
+def test_extremes_agree_with_the_exact_comparison() -> None:
+    """On 6 ranks with a low and a high outlier in turn, both ways name the same rank and ratio."""
+    records = []
+    for step, (rank, act) in enumerate([(2, 40.0), (4, 0.004), (0, 30.0), (5, 1.0)]):
+        records += [rec(step, r, 6, act=act if r == rank else 0.5) for r in range(6)]
+    exact = run(RankDivergence(patience=1), records)
+    summary = run(RankDivergence(patience=1, max_exact_ranks=2), records)
+    pick = lambda out: [(s, f.firing, f.rank if f.firing else None, round(f.value or 0, 6)) for s, f in out]  # noqa: E731
+    assert pick(summary) == pick(exact)
+    assert [r for _, f, r, _ in pick(exact) if f] == [2, 4, 0]
