@@ -241,3 +241,36 @@ def test_three_brokers_one_killed_mid_run_loses_no_alert(kafka_cluster, unique: 
         for s, st in ((5, "firing"), (6, "resolved"), (25, "firing"), (26, "resolved"))
     }
     assert set(got) == want and max(got.values()) == 1
+
+
+def test_ended_job_state_is_removed_after_its_retention(
+    kafka_bootstrap: str, unique: str, tmp_path: Path
+) -> None:
+    """Every rank sent its end record: after state_retention_s the job's entries become tombstones."""
+    job = f"end-{unique}"
+    group = f"g-{unique}"
+    config = tmp_path / "worker.yaml"
+    config.write_text("state_retention_s: 1\n")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
+    create_topic(kafka_bootstrap, reductions_topic(job))
+    with worker_process(
+        kafka_bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$", extra=["--config", str(config)]
+    ) as (
+        _,
+        url,
+    ):
+        _send(producer, job, range(0, 3))
+        end = wire.encode(job=job, rank=0, world=1, step=3, mode="train", ts=time.time(), kind="end")
+        producer.produce(reductions_topic(job), key=job.encode(), value=end)
+        producer.flush(10)
+        wait_for(
+            lambda: metric_value(scrape(url), "tensorpulse_job_states_removed_total") == 1,
+            60,
+            "the state removal",
+        )
+    changelog = f"changelog__{group}--tensorpulse.steps.{group}--default"
+    latest: dict[bytes, bytes | None] = {}
+    for m in read_topic(kafka_bootstrap, changelog, timeout=1):
+        latest[m.key()] = m.value()
+    left = sorted(k for k, v in latest.items() if v is not None)
+    assert latest and all(b"src:" in k for k in left), left  # only the dedup offsets are kept
