@@ -10,7 +10,7 @@ not by the job's size:
 | `rank:<r>`           | the slots of the per-rank rules (not clock rules) of rank r          |
 | `clock:<r>`          | the slots of the clock rules of rank r (read by every tick)          |
 | `job:<rule>`         | the one slot of a cross-rank rule (`per_rank = False`)               |
-| `ranks`              | the ranks seen, sorted (what a tick or a job summary iterates)       |
+| `ranks`              | the ranks seen, a hex bitmap (what a tick or a job summary iterates) |
 | `ended`              | rank -> wall time of its end record                                  |
 | `src:<partition>`    | the last source offset processed (the intake's copies are deduplicated) |
 | `schema:<r>:<id>`, `schemas` | announced tensor names, and the list of those keys           |
@@ -79,17 +79,28 @@ class TooLarge(Exception):
         self.key, self.size, self.rules = key, size, tuple(rules)
 
 
+class Layout:
+    """Where a rule set's slots go: each rule's slot name (with its digest) and entry group.
+
+    Made once per rule set (the worker keeps one per job): the digests hash every parameter.
+    """
+
+    def __init__(self, specs: Sequence[RuleSpec]) -> None:
+        self.slot_name = {s.name: f"{s.name}#{spec_digest(s)}" for s in specs}
+        self.group = {s.name: ("job" if not is_per_rank(s) else "clock" if is_clock(s) else "rank") for s in specs}
+        self.by_slot_name = {v: k for k, v in self.slot_name.items()}
+
+
 class JobStore:
     """Reads and writes one job's rule slots in `store` (the job's key context) for one rule set."""
 
-    def __init__(self, store: Store, specs: Sequence[RuleSpec], *, max_entry_bytes: int = MAX_ENTRY_BYTES) -> None:
+    def __init__(
+        self, store: Store, rules: Layout | Sequence[RuleSpec], *, max_entry_bytes: int = MAX_ENTRY_BYTES
+    ) -> None:
         self._store = store
         self.max_entry_bytes = max_entry_bytes
-        self._slot_name = {s.name: f"{s.name}#{spec_digest(s)}" for s in specs}
-        self._group = {
-            s.name: ("job" if not is_per_rank(s) else "clock" if is_clock(s) else "rank") for s in specs
-        }
-        self._by_slot_name = {v: k for k, v in self._slot_name.items()}
+        layout = rules if isinstance(rules, Layout) else Layout(rules)
+        self._slot_name, self._group, self._by_slot_name = layout.slot_name, layout.group, layout.by_slot_name
         self.rejected: list[TooLarge] = []  # entries not written by the last `save`
         self._loaded: dict[str, Any] = {}  # entry text as read: an unchanged entry is not written again
 
@@ -107,7 +118,12 @@ class JobStore:
         return len(text)
 
     def ranks(self) -> list[int]:
-        return list(self._get_json("ranks") or [])
+        """The ranks seen, ascending (kept as a hex bitmap: 1 KB at 4,096 ranks, cheap to test)."""
+        bits = self._rank_bits()
+        return [r for r in range(bits.bit_length()) if bits >> r & 1]
+
+    def _rank_bits(self) -> int:
+        return int(self._store.get("ranks") or "0", 16)
 
     def ended(self) -> dict[str, float]:
         return dict(self._get_json("ended") or {})
@@ -179,11 +195,9 @@ class JobStore:
 
     def add_rank(self, rank: int) -> None:
         """Remember that `rank` exists (a tick and a job summary visit every rank seen)."""
-        ranks = self.ranks()
-        if rank not in ranks:
-            ranks.append(rank)
-            ranks.sort()
-            self._set_json("ranks", ranks)
+        bits = self._rank_bits()
+        if not bits >> rank & 1:
+            self._store.set("ranks", format(bits | 1 << rank, "x"))
 
     def rule_states(self, rule: str, fresh: JobState) -> dict[int, Any]:
         """Rank -> state of per-rank `rule` over every rank seen (`fresh` wins for ranks it holds)."""

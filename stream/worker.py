@@ -55,7 +55,7 @@ from .intake import KEY_HEADER, SOURCE_HEADER, TICK_HEADER, Intake, IntakeConfig
 from .lag import LagMonitor
 from .published import PublishedAlerts, fence
 from .settings import WorkerSettings
-from .state import JobStore, StoredSchemas
+from .state import JobStore, Layout, StoredSchemas
 
 log = logging.getLogger("tensorpulse.stream")
 
@@ -99,6 +99,7 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.specs: list[RuleSpec] = load_rules(settings.rules_file)
         self._evaluators: dict[str, JobEvaluator] = {}
+        self._layouts: dict[str, Layout] = {}  # per job, beside its evaluator (stream/state.py)
         self._cross_evaluators: dict[str, JobEvaluator] = {}
         self._cross_specs = [s for s in self.specs if is_cross_run(s)]
         self._crossrun_topic = crossrun_topic(settings.group)
@@ -239,7 +240,11 @@ class Worker:
             "session.timeout.ms": s.session_timeout_ms,
             "heartbeat.interval.ms": min(1000, s.session_timeout_ms // 3),
             "fetch.wait.max.ms": 10,
-            "max.partition.fetch.bytes": wire.MAX_RECORD_BYTES + (64 << 10),
+            # Small fetches and a short prefetch queue per partition: the consumer hands out records
+            # in the order they were fetched, so a backlog of one big job must not queue thousands
+            # of records ahead of every other job's (a record over the size is still fetched whole).
+            "max.partition.fetch.bytes": 64 << 10,
+            "queued.min.messages": 200,
             **{k: v for k, v in self._base_config.items() if k != "bootstrap.servers"},
         }
         producer_extra = {
@@ -330,7 +335,13 @@ class Worker:
         if ev is None:
             specs = [s for s in rules_for_job(self.specs, job) if not is_cross_run(s)]
             ev = self._evaluators[job] = JobEvaluator(specs)
+            self._layouts[job] = Layout(ev.specs)
         return ev
+
+    def _store(self, job: str, state: State) -> JobStore:
+        """The job's state entries, laid out for its rule set."""
+        self._evaluator(job)
+        return JobStore(state, self._layouts[job])
 
     def _cross_evaluator(self, job: str) -> JobEvaluator:
         """The evaluator of a job's cross-run rules (run in the crossrun stream)."""
@@ -385,7 +396,7 @@ class Worker:
             ctx = message_context()
             src = Source(ctx.topic, ctx.partition, ctx.offset)
         else:
-            store = JobStore(state, self._evaluator(job).specs)
+            store = self._store(job, state)
             if src.offset <= store.seen_offset(src.partition):
                 self.metrics.duplicates.inc()  # a second copy of a record already evaluated
                 return _NOTHING
@@ -405,7 +416,7 @@ class Worker:
         now = time.time()
         self.metrics.observe(record, now)
         ev = self._evaluator(job)
-        store = JobStore(state, ev.specs)
+        store = self._store(job, state)
         transitions: list[Transition] = []
         if record.kind == "end":
             log.info("job %s rank %d finished at step %d", job, record.rank, record.step)
@@ -443,7 +454,7 @@ class Worker:
             self._count_reject("bad_tick")
             return _NOTHING
         ev = self._evaluator(job)
-        store = JobStore(state, ev.specs)
+        store = self._store(job, state)
         ranks = store.ranks()
         if not ranks:
             return _NOTHING
