@@ -17,7 +17,7 @@ not by the job's size:
 
 Inside an entry a slot is keyed `<rule name>#<digest of its class and parameters>`: a rule whose
 threshold changed starts from a fresh state instead of reading state made under other
-parameters. An entry whose JSON text would exceed `max_entry_bytes` is not written: the slots in
+parameters. An entry whose packed size would exceed `max_entry_bytes` is not written: the slots in
 it are reset (the rule starts over at the next record), the worker counts it in
 `tensorpulse_state_too_large_total{rule}` and says so once per rule, and every other rule and job
 goes on. `JobEvaluator` sees the same `{"r": {"<rule>|<rank>": slot}}` layout as ever: this module
@@ -29,17 +29,20 @@ message key, i.e. the job); anything with `get/set/delete` works (`MemoryStore` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator, MutableMapping, Sequence
 from typing import Any, Protocol
+
+import msgpack
 
 from tensorpulse import wire
 from tensorpulse.rules.config import RuleSpec
 
 from .evaluator import JOB_SLOT, JobState, is_clock, is_per_rank
 
-#: The largest entry written, in bytes of JSON (Kafka's default message limit is 1 MB).
+#: The largest entry written, in bytes as stored (Kafka's default message limit is 1 MB).
 MAX_ENTRY_BYTES = 100 * 1024
 
 
@@ -53,11 +56,24 @@ class Store(Protocol):
     def delete(self, key: str) -> None: ...
 
 
+#: How state values are serialised, in the store and on its changelog (the worker gives these to
+#: Quix Streams' RocksDB options). msgpack rather than JSON: NaN and inf survive (rule state holds
+#: them: they are data), and a rank's entry of the default rules round-trips in 49 µs instead of
+#: 350 µs (50 tensors), the largest cost per record after the rules themselves.
+pack = functools.partial(msgpack.packb, use_bin_type=True)
+unpack = functools.partial(msgpack.unpackb, raw=False, strict_map_key=False)
+
+
 class MemoryStore(dict):
-    """A `Store` in memory (tests, and anything that evaluates without the stream engine)."""
+    """A `Store` in memory (tests, and anything that evaluates without the stream engine); values
+    are kept serialised, as the stream's store keeps them, so a caller never shares an object with it."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        data = super().get(key)
+        return default if data is None else unpack(data)
 
     def set(self, key: str, value: Any) -> None:
-        self[key] = value
+        self[key] = pack(value)
 
     def delete(self, key: str) -> None:
         self.pop(key, None)
@@ -102,20 +118,14 @@ class JobStore:
         layout = rules if isinstance(rules, Layout) else Layout(rules)
         self._slot_name, self._group, self._by_slot_name = layout.slot_name, layout.group, layout.by_slot_name
         self.rejected: list[TooLarge] = []  # entries not written by the last `save`
-        self._loaded: dict[str, Any] = {}  # entry text as read: an unchanged entry is not written again
+        self._loaded: dict[str, bytes | None] = {}  # entries as read, packed: an unchanged one is not written
 
     # ------------------------------------------------------------------ small entries
-    def _get_json(self, key: str) -> Any:
-        text = self._store.get(key)
-        self._loaded[key] = text
-        # Rule state travels as JSON text: it may hold NaN/inf (they are data), which the state
-        # store's own JSON serialiser would turn into null.
-        return None if text is None else json.loads(text)
-
-    def _set_json(self, key: str, value: Any) -> int:
-        text = json.dumps(value, separators=(",", ":"))
-        self._store.set(key, text)
-        return len(text)
+    def _get(self, key: str) -> Any:
+        value = self._store.get(key)
+        # Packed now, because the evaluator changes the slots it is given in place.
+        self._loaded[key] = None if value is None else pack(value)
+        return value
 
     def ranks(self) -> list[int]:
         """The ranks seen, ascending (kept as a hex bitmap: 1 KB at 4,096 ranks, cheap to test)."""
@@ -126,12 +136,12 @@ class JobStore:
         return int(self._store.get("ranks") or "0", 16)
 
     def ended(self) -> dict[str, float]:
-        return dict(self._get_json("ended") or {})
+        return dict(self._get("ended") or {})
 
     def mark_ended(self, rank: int, when: float) -> dict[str, float]:
         ended = self.ended()
         ended[str(rank)] = when
-        self._set_json("ended", ended)
+        self._store.set("ended", ended)
         return ended
 
     def seen_offset(self, partition: int) -> int:
@@ -152,14 +162,14 @@ class JobStore:
         if "job" in groups:
             for name, group in self._group.items():
                 if group == "job":
-                    slot = self._get_json(self._entry_key("job", JOB_SLOT, name))
+                    slot = self._get(self._entry_key("job", JOB_SLOT, name))
                     if slot is not None:
                         slots[f"{name}|{JOB_SLOT}"] = slot
         for group in groups:
             if group == "job":
                 continue
             for rank in ranks:
-                for slot_name, slot in (self._get_json(f"{group}:{rank}") or {}).items():
+                for slot_name, slot in (self._get(f"{group}:{rank}") or {}).items():
                     name = self._by_slot_name.get(slot_name)
                     if name is not None:  # else: other parameters, or a rule no longer configured
                         slots[f"{name}|{rank}"] = slot
@@ -181,17 +191,17 @@ class JobStore:
                 entries.setdefault(entry, {})[self._slot_name[name]] = slot
         self.rejected = []
         for key, value in entries.items():
-            text = json.dumps(value, separators=(",", ":"))
-            if len(text) > self.max_entry_bytes:
+            data = pack(value)
+            if len(data) > self.max_entry_bytes:
                 rules = [self._by_slot_name[key[4:]]] if key.startswith("job:") else [
                     self._by_slot_name[n] for n in value if n in self._by_slot_name
                 ]
-                self.rejected.append(TooLarge(key, len(text), rules))
+                self.rejected.append(TooLarge(key, len(data), rules))
                 self._store.delete(key)  # the rules start over rather than keep state they cannot store
                 continue
-            if self._loaded.get(key) != text:  # a tick that changes nothing writes nothing
-                self._store.set(key, text)
-                self._loaded[key] = text
+            if self._loaded.get(key) != data:  # a tick that changes nothing writes nothing
+                self._store.set(key, value)
+                self._loaded[key] = data
 
     def add_rank(self, rank: int) -> None:
         """Remember that `rank` exists (a tick and a job summary visit every rank seen)."""
@@ -206,7 +216,7 @@ class JobStore:
         for rank in self.ranks():
             slot = fresh["r"].get(f"{rule}|{rank}")
             if slot is None:
-                slot = (self._get_json(f"{group}:{rank}") or {}).get(self._slot_name[rule])
+                slot = (self._get(f"{group}:{rank}") or {}).get(self._slot_name[rule])
             if slot is not None:
                 out[rank] = slot["s"]
         return out
@@ -219,7 +229,7 @@ class JobStore:
         for name, group in self._group.items():
             if group == "job":
                 self._store.delete(self._entry_key("job", JOB_SLOT, name))
-        for key in self._get_json("schemas") or []:
+        for key in self._get("schemas") or []:
             self._store.delete(key)
         for key in ("ranks", "ended", "schemas"):
             self._store.delete(key)
@@ -253,8 +263,7 @@ class StoredSchemas(MutableMapping[tuple[str, int, int], Any]):
         if self._cache.get(key) != value:
             name = self._key(key)
             if self._store.get(name) is None:
-                known = json.loads(self._store.get("schemas") or "[]")
-                self._store.set("schemas", json.dumps([*known, name]))
+                self._store.set("schemas", [*(self._store.get("schemas") or []), name])
             self._store.set(name, [list(value[0]), list(value[1])])
         self._cache[key] = value
 

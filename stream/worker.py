@@ -55,7 +55,7 @@ from .intake import KEY_HEADER, SOURCE_HEADER, TICK_HEADER, Intake, IntakeConfig
 from .lag import LagMonitor
 from .published import PublishedAlerts, fence
 from .settings import WorkerSettings
-from .state import JobStore, Layout, StoredSchemas
+from .state import JobStore, Layout, StoredSchemas, pack, unpack
 
 log = logging.getLogger("tensorpulse.stream")
 
@@ -70,6 +70,8 @@ ROCKSDB_OPTIONS = RocksDBOptions(
     target_file_size_base=8 << 20,
     block_cache_size=8 << 20,
     max_total_wal_size=16 << 20,
+    dumps=pack,  # state values (stream/state.py)
+    loads=unpack,
 )
 
 #: What the processor returns: (alerts, dead letters, actions, crossrun messages) to publish.
@@ -510,8 +512,7 @@ class Worker:
         ev = self._cross_evaluator(target)
         now = time.time()
         try:
-            stored = state.get(_EVAL_KEY)
-            eval_state = None if stored is None else json.loads(stored)
+            eval_state = state.get(_EVAL_KEY)
             if record.job == target:
                 eval_state, transitions = ev.process(
                     eval_state, record, now=now, on_rule_error=self._on_rule_error
@@ -524,7 +525,7 @@ class Worker:
             log.exception("cross-run evaluation failed for job %s (record of %s)", target, record.job)
             err = DecodeError("processing_error", f"{type(exc).__name__}: {exc}")
             return [], [self._reject(err, target, key, value, src)], []
-        state.set(_EVAL_KEY, json.dumps(eval_state, separators=(",", ":")))
+        state.set(_EVAL_KEY, eval_state)
         alerts, actions = self._emit(transitions)
         return alerts, [], actions
 
