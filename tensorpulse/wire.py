@@ -400,7 +400,21 @@ def decode(payload: bytes, schemas: MutableMapping[tuple[str, int, int], Any] | 
     `schemas` remembers announced tensor names between records of the same producer; pass the
     same mapping for every record of a stream (the stream worker keeps it in per-job state).
     NaN and inf *inside statistics* are data, not errors: they are what ExplodingTensor looks for.
+
+    DecodeError is the only error bad input raises: the checks below name what they can, and
+    whatever shape of value they did not foresee (a list where a number was expected, an
+    unhashable version, an infinite count) becomes reason `malformed`, so that every caller's
+    one `except DecodeError` counts and dead-letters it instead of crashing or skipping it silently.
     """
+    try:
+        return _decode(payload, schemas)
+    except DecodeError:
+        raise
+    except (TypeError, ValueError, OverflowError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raise DecodeError("malformed", f"{type(exc).__name__}: {exc}") from exc
+
+
+def _decode(payload: bytes, schemas: MutableMapping[tuple[str, int, int], Any] | None) -> StepRecord:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise DecodeError("wrong_type", f"payload is {type(payload).__name__}, expected bytes")
     if len(payload) > MAX_RECORD_BYTES:
@@ -414,7 +428,7 @@ def decode(payload: bytes, schemas: MutableMapping[tuple[str, int, int], Any] | 
     if not isinstance(rec, dict):
         raise DecodeError("not_a_record", f"top-level value is {type(rec).__name__}, expected a map")
     version = rec.get("v")
-    if version not in SUPPORTED_VERSIONS:
+    if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_VERSIONS:
         raise DecodeError(
             "unknown_version", f"wire version {version!r}; this reader supports {sorted(SUPPORTED_VERSIONS)}"
         )

@@ -70,6 +70,8 @@ def corpus(job: str, first_step: int) -> list[Case]:
         Case("not msgpack (text)", b"hello, tensorpulse", "not_msgpack"),
         Case("JSON instead of msgpack", b'{"v": 1, "job": "x"}', "not_msgpack"),
         Case("empty payload", b"", "not_msgpack"),
+        Case("version as an array (81a17690)", bytes.fromhex("81a17690"), "unknown_version"),
+        Case("version as a map", msgpack.packb({"v": {}}), "unknown_version"),
         Case("null value (tombstone)", None, "wrong_type"),
         Case("two msgpack values", valid + valid, "not_msgpack"),
         Case("nesting bomb", nested, "not_msgpack"),
