@@ -640,7 +640,8 @@ def _decode_tensors(
     width = len(FLOAT_COLUMNS)
     if not isinstance(f, bytes) or len(f) != 4 * width * k:
         raise DecodeError("bad_tensors", f"'t.f' must be {4 * width * k} bytes of float32 for {k} tensors")
-    floats = np.frombuffer(f, dtype="<f4").reshape(k, width).astype(np.float64).tolist()
+    with np.errstate(invalid="ignore"):  # any float32 bit pattern is data (signalling NaNs included)
+        floats = np.frombuffer(f, dtype="<f4").reshape(k, width).astype(np.float64).tolist()
     nonfinite = _sparse(t, "nf", k, 2)
     activity = _sparse(t, "act", k, 1 + len(ACTIVITY_EDGES))
     quantiles = _sparse(t, "q", k, 2)
