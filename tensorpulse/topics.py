@@ -16,14 +16,16 @@ ALERTS_TOPIC = "tensorpulse.alerts"
 DEADLETTER_TOPIC = "tensorpulse.deadletter"
 
 # Kafka allows [a-zA-Z0-9._-] up to 249 characters; we keep '.' for our own separators.
-_JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+# Matched with fullmatch: `$` would also accept a trailing newline ("job\n").
+_JOB_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}"
+_JOB_RE = re.compile(_JOB_PATTERN)
+_PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{0,64}")
 _SANITISE_RE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def validate_job(job: str) -> str:
     """Return `job` unchanged if it is a valid job id, else raise ConfigError."""
-    if not isinstance(job, str) or not _JOB_RE.match(job):
+    if not isinstance(job, str) or not _JOB_RE.fullmatch(job):
         raise ConfigError(
             f"invalid job id {job!r}: expected 1-128 characters of letters, digits, '_' or '-', "
             "starting with a letter or digit (try tensorpulse.topics.sanitise_job())"
@@ -40,7 +42,7 @@ def sanitise_job(name: str) -> str:
 
 
 def validate_prefix(prefix: str) -> str:
-    if not _PREFIX_RE.match(prefix):
+    if not _PREFIX_RE.fullmatch(prefix):
         raise ConfigError(f"invalid topic prefix {prefix!r}: use at most 64 of [A-Za-z0-9._-]")
     return prefix
 
@@ -56,14 +58,12 @@ def control_topic(job: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 
 def reductions_pattern(prefix: str = DEFAULT_PREFIX) -> re.Pattern[str]:
-    """Matches reductions topics and captures the job id."""
-    return re.compile(
-        "^" + re.escape(validate_prefix(prefix)) + r"reductions\.([A-Za-z0-9][A-Za-z0-9_-]{0,127})$"
-    )
+    """Matches (with fullmatch) reductions topics and captures the job id."""
+    return re.compile(re.escape(validate_prefix(prefix)) + rf"reductions\.({_JOB_PATTERN})")
 
 
 def job_of_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
-    m = reductions_pattern(prefix).match(topic)
+    m = reductions_pattern(prefix).fullmatch(topic)
     return m.group(1) if m else None
 
 

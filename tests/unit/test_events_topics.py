@@ -113,3 +113,14 @@ def test_kafka_env_pass_through_and_redaction(monkeypatch: pytest.MonkeyPatch) -
     assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.password"] == "hunter2"
     assert redact(conf)["sasl.password"] == "***" and redact(conf)["bootstrap.servers"] == "b:9092"
     assert env_overrides({"TENSORPULSE_KAFKA_": "x"}) == {}
+
+
+def test_names_match_in_full_no_trailing_newline() -> None:
+    """`$` would accept "job\\n": job ids, prefixes and topic names are matched in full."""
+    for bad in ("job\n", "job\r\n", "\njob", "jo\x00b"):
+        with pytest.raises(ConfigError):
+            topics.validate_job(bad)
+    with pytest.raises(ConfigError):
+        topics.validate_prefix("tensorpulse.\n")
+    assert topics.job_of_topic("tensorpulse.reductions.job\n") is None
+    assert topics.job_of_topic("tensorpulse.reductions.job-1") == "job-1"
