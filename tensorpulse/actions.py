@@ -60,8 +60,19 @@ def decode_action(payload: bytes) -> dict[str, Any]:
     """Decode and validate a control message; DecodeError (with a stable reason) on bad input.
 
     Unknown extra fields (and "v") are dropped so newer senders can add fields without breaking
-    hooks; messages without "v" are accepted too.
+    hooks; messages without "v" are accepted too. DecodeError is the only error bad input raises
+    (deep nesting, an unhashable action, a 400-digit timestamp: reason `malformed`), so that the
+    hook's control listener skips the message and keeps honouring genuine stops.
     """
+    try:
+        return _decode_action(payload)
+    except DecodeError:
+        raise
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise DecodeError("malformed", f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _decode_action(payload: bytes) -> dict[str, Any]:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise DecodeError("wrong_type", f"payload is {type(payload).__name__}, expected bytes")
     if len(payload) > MAX_ACTION_BYTES:
@@ -84,8 +95,8 @@ def decode_action(payload: bytes) -> dict[str, Any]:
     if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
         raise DecodeError("wrong_type", f"'ts' is {ts!r}, expected a finite number")
     step = msg.get("step")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise DecodeError("wrong_type", f"'step' is {step!r}, expected a non-negative integer or null")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63):
+        raise DecodeError("wrong_type", f"'step' is {str(step)[:40]}, expected an integer in [0, 2**63) or null")
     out: dict[str, Any] = {"action": action, "job": job, "step": step, "ts": float(ts)}
     for key in ("rule", "alert_id", "reason"):
         value = msg.get(key, "")

@@ -124,3 +124,18 @@ def test_names_match_in_full_no_trailing_newline() -> None:
         topics.validate_prefix("tensorpulse.\n")
     assert topics.job_of_topic("tensorpulse.reductions.job\n") is None
     assert topics.job_of_topic("tensorpulse.reductions.job-1") == "job-1"
+
+
+def test_control_decoder_raises_only_decode_error() -> None:
+    """The hostile control messages of the security issue give DecodeError, not a listener-killing error."""
+    stop = json.loads(encode_action("stop", "job-1", rule="R", alert_id="a", step=3, reason="r"))
+    for payload in (
+        b"[" * 60000,
+        json.dumps({**stop, "ts": int("9" * 400)}).encode(),
+        json.dumps({**stop, "action": ["stop"]}).encode(),
+        json.dumps({**stop, "job": {"a": 1}}).encode(),
+        json.dumps({**stop, "step": 10**400}).encode(),
+    ):
+        with pytest.raises(DecodeError):
+            decode_action(payload)
+    assert decode_action(json.dumps(stop).encode())["action"] == "stop"
