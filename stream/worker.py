@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -100,6 +101,7 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
         self.specs: list[RuleSpec] = load_rules(settings.rules_file)
+        self.metrics.init_rules(self.specs)  # rule error counters at 0 (and per job, alert counters)
         self._evaluators: dict[str, JobEvaluator] = {}
         self._layouts: dict[str, Layout] = {}  # per job, beside its evaluator (stream/state.py)
         self._cross_evaluators: dict[str, JobEvaluator] = {}
@@ -148,6 +150,7 @@ class Worker:
             [x.name for x in self.specs],
             redact(self._base_config),
         )
+        self._handle_signals()
         if s.guarantee == "exactly-once":
             self._take_over()
         backoff = 1.0
@@ -180,6 +183,7 @@ class Worker:
                 # transaction, and Quix gives up. Start again from the last commit: state comes
                 # back from the store and changelog, offsets from the group, nothing is lost.
                 self._app = None
+                self._handle_signals()  # Quix's handlers stop only the application that failed
                 if self._stop.is_set():
                     break
                 self.metrics.restarts.inc()
@@ -198,6 +202,17 @@ class Worker:
         self._app = None
         self._stop.set()
         log.info("worker stopped")
+
+    def _handle_signals(self) -> None:
+        """SIGTERM and SIGINT stop the worker, also between application runs (a restart's backoff).
+
+        Quix Streams installs handlers that stop the running application while `app.run()` runs;
+        they stay installed after it returns, so a signal during the backoff would be lost.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return  # embedded in another program's thread: its owner calls stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
 
     def _take_over(self) -> None:
         """Fence this worker's crashed former self, then note the alerts it already published."""
