@@ -8,16 +8,25 @@ uses it without torch."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import inspect
 import os
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+KAFKA_LOCAL = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "kafka_local.py"
 
 
 def make_model(kind: str) -> nn.Module:
@@ -55,14 +64,71 @@ def make_batches(kind: str, n: int = 8, batch: int = 128) -> list[tuple[torch.Te
 @contextlib.contextmanager
 def broker(bootstrap: str | None) -> Iterator[str]:
     """The given cluster, $KAFKA_BOOTSTRAP, or an embedded Tansu broker for the run."""
-    bootstrap = bootstrap or os.environ.get("KAFKA_BOOTSTRAP")
-    if bootstrap:
-        yield bootstrap
-        return
-    from tensorpulse.broker import EmbeddedBroker
-
-    with EmbeddedBroker() as b:
+    with open_broker(bootstrap, "tansu") as b:
         yield b.bootstrap
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A broker a benchmark runs against: its address, what it is, and its processes (if started here)."""
+
+    bootstrap: str
+    what: str
+    pids: tuple[int, ...] = ()
+
+
+def load_kafka_local() -> ModuleType:
+    """deploy/kafka/kafka_local.py, imported by path (deploy/ is not a package)."""
+    name = "tensorpulse_kafka_local"
+    if name in sys.modules:
+        return sys.modules[name]
+    if not KAFKA_LOCAL.exists():
+        raise SystemExit(
+            f"--broker kafka needs {KAFKA_LOCAL} (KafkaCluster, fetch), which is not there; use "
+            "--broker tansu, --bootstrap or $KAFKA_BOOTSTRAP"
+        )
+    spec = importlib.util.spec_from_file_location(name, KAFKA_LOCAL)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import {KAFKA_LOCAL}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look modules up by name
+    spec.loader.exec_module(module)
+    if not hasattr(module, "KafkaCluster"):
+        raise SystemExit(f"{KAFKA_LOCAL} has no KafkaCluster")
+    return module
+
+
+@contextlib.contextmanager
+def open_broker(bootstrap: str | None, kind: str = "tansu") -> Iterator[Broker]:
+    """`bootstrap`, else $KAFKA_BOOTSTRAP, else a broker started for the run: the embedded Tansu
+    (`kind` "tansu") or a one-node Apache Kafka from deploy/kafka/kafka_local.py ("kafka")."""
+    given = bootstrap or os.environ.get("KAFKA_BOOTSTRAP")
+    if given:
+        yield Broker(given, "given cluster")
+        return
+    if kind == "tansu":
+        from tensorpulse.broker import EmbeddedBroker
+
+        with EmbeddedBroker() as b:
+            yield Broker(b.bootstrap, "embedded Tansu", (b.proc.pid,) if b.proc is not None else ())
+        return
+    if kind != "kafka":
+        raise ValueError(f"unknown broker {kind!r}: tansu or kafka")
+    kafka_local = load_kafka_local()
+    fetch = getattr(kafka_local, "fetch", None)
+    if callable(fetch) and not any(
+        p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in inspect.signature(fetch).parameters.values()
+    ):
+        print("fetching Apache Kafka (deploy/kafka/kafka_local.py fetch())", flush=True)
+        fetch()
+    workdir = Path(tempfile.mkdtemp(prefix="tp-bench-kafka-"))
+    try:
+        with kafka_local.KafkaCluster(nodes=1, workdir=workdir) as cluster:
+            pids = tuple(p.pid for p in getattr(cluster, "procs", []) if p is not None)
+            yield Broker(cluster.bootstrap, "Apache Kafka, 1 node (deploy/kafka/kafka_local.py)", pids)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def percentile(values: list[float], q: float) -> float:

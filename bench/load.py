@@ -10,10 +10,19 @@ Processed records and consumer lag come from the workers' /metrics; CPU and RSS 
   knee  steps up the offered rate (--rates, --level-seconds each) and finds the highest level the
         workers keep up with: processed >= 95% of offered, backlog at the level's end under
         --max-lag-s seconds' worth of records, alert p99 <= --p99-limit-s, drained in time.
+
+        With --designs baseline current, each design gets its own jobs, consumer group and
+        worker(s) on the same broker, and the levels interleave: at every rate each design in
+        turn offers its level (the first design rotating from level to level) while the other
+        design's worker idles (its CPU is reported). A design stops (its workers too) after its
+        first level that does not keep up; the other goes on. baseline = the worker of
+        --baseline-rev (default 9382ccd, before the worker rewrite), current = the working tree
+        (bench/designs.py).
   soak  offers a fixed --rate for --minutes and samples worker RSS; reports first/last/max RSS and
         the slope (MB/min) after warm-up.
 
     python bench/load.py knee --jobs 10 --tensors 50 --rates 50,100,200,400,800,1600
+    python bench/load.py knee --designs baseline current --broker kafka --rates 200,400,800,1600,3200
     python bench/load.py soak --minutes 10 --rate 400
 
 Results (JSON) go to bench/results/ unless --out names a file.
@@ -33,11 +42,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import broker
+from common import Broker, open_broker
+from designs import DEFAULT_BASELINE_REV, DESIGNS, Design, prepare, print_imports
+from designs import start_workers as start_design_workers
 from loadgen import LoadGenerator, create_topics, make_jobs
 from loadwatch import (
     AlertCollector,
@@ -50,13 +61,13 @@ from loadwatch import (
     cpu_rss,
     read_all,
     resource_source,
-    start_workers,
     stop_workers,
     wait_until,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MB = 2**20
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 # ---------------------------------------------------------------------- small statistics
@@ -101,88 +112,133 @@ class Bench:
     sampler: Sampler
     workdir: Path
     phase: str = ""
+    design: str = "current"
+    broker_pids: tuple[int, ...] = ()
+    #: The other designs' workers (idle while this bench offers load): their CPU is reported.
+    others: list[WorkerProc] = field(default_factory=list)
+    stretches: int = 0  # stretches of load offered so far (each one's tag)
 
 
 @contextlib.contextmanager
-def bench(args: argparse.Namespace, sample_s: float, print_s: float) -> Iterator[Bench]:
-    """Broker, job topics, worker processes (joined and evaluating), alert reader and sampler."""
-    run_id = uuid.uuid4().hex[:8]
+def bench(
+    args: argparse.Namespace,
+    sample_s: float,
+    print_s: float,
+    *,
+    broker: Broker,
+    design: Design,
+    run_id: str | None = None,
+) -> Iterator[Bench]:
+    """Job topics, `design`'s worker processes (joined and evaluating), alert reader and sampler.
+
+    Every bench has its own jobs (`load-<run id>-<n>`), consumer group and work dir, so that the
+    benches of two designs can share one broker.
+    """
+    run_id = run_id or uuid.uuid4().hex[:8]
     prefix = f"load-{run_id}-"
-    workdir = Path(tempfile.mkdtemp(prefix="tp-load-"))
-    with broker(args.bootstrap) as bs:
-        jobs = make_jobs(run_id, args.jobs, args.tensors, args.seed)
-        print(
-            f"run {run_id}: {args.jobs} jobs x {args.tensors} tensors, broker {bs}, work dir {workdir}",
-            flush=True,
-        )
-        create_topics(bs, [j.topic for j in jobs])
-        gen = LoadGenerator(
-            bs, jobs, faults_per_s=args.faults_per_s, fault_jobs=args.fault_jobs, seed=args.seed
-        )
-        workers = start_workers(
-            bs,
-            args.workers,
-            group=f"load-{run_id}",
-            jobs_regex=f"^{prefix}",
-            workdir=workdir,
-            guarantee=args.guarantee,
-            rules=args.rules,
-        )
-        alerts = AlertCollector(bs, prefix)
-        b = Bench(bs, run_id, prefix, gen, workers, alerts, None, workdir)  # type: ignore[arg-type]
-        b.sampler = Sampler(
+    bs = broker.bootstrap
+    workdir = Path(tempfile.mkdtemp(prefix=f"tp-load-{design.name}-"))
+    jobs = make_jobs(run_id, args.jobs, args.tensors, args.seed)
+    print(
+        f"{design.name}: run {run_id}: {args.jobs} jobs x {args.tensors} tensors, broker {bs}, work dir {workdir}",
+        flush=True,
+    )
+    create_topics(bs, [j.topic for j in jobs])
+    gen = LoadGenerator(bs, jobs, faults_per_s=args.faults_per_s, fault_jobs=args.fault_jobs, seed=args.seed)
+    workers = start_design_workers(
+        design,
+        bs,
+        args.workers,
+        group=f"load-{run_id}",
+        jobs_regex=f"^{prefix}",
+        workdir=workdir,
+        guarantee=args.guarantee,
+        rules=args.rules,
+    )
+    alerts = AlertCollector(bs, prefix)
+    b = Bench(bs, run_id, prefix, gen, workers, alerts, None, workdir)  # type: ignore[arg-type]
+    b.design, b.broker_pids = design.name, broker.pids
+    b.sampler = Sampler(
+        workers,
+        prefix,
+        lambda: (gen.sent, gen.delivered, b.phase),
+        interval=sample_s,
+        print_every=print_s,
+    )
+    try:
+        alerts.start()
+        t0 = time.monotonic()
+        wait_until(lambda: read_all(workers, prefix) is not None, 60, "the workers' /metrics", workers)
+        gen.announce_all()
+        wait_until(
+            lambda: read_all(workers, prefix).processed >= len(jobs),
+            120,
+            f"the workers to evaluate the first record of all {len(jobs)} jobs",
             workers,
-            prefix,
-            lambda: (gen.sent, gen.delivered, b.phase),
-            interval=sample_s,
-            print_every=print_s,
         )
-        try:
-            alerts.start()
-            t0 = time.monotonic()
-            wait_until(lambda: read_all(workers, prefix) is not None, 60, "the workers' /metrics", workers)
-            gen.announce_all()
-            wait_until(
-                lambda: read_all(workers, prefix).processed >= len(jobs),
-                120,
-                f"the workers to evaluate the first record of all {len(jobs)} jobs",
-                workers,
-            )
-            print(f"workers ready after {time.monotonic() - t0:.1f}s", flush=True)
-            b.sampler.start()
-            yield b
-        finally:
-            b.sampler.stop()
-            alerts.stop()
-            gen.close()
-            stop_workers(workers)
-            if args.keep_logs:
-                print(f"worker logs kept in {workdir}", flush=True)
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
+        print(f"{design.name}: workers ready after {time.monotonic() - t0:.1f}s", flush=True)
+        b.sampler.start()
+        yield b
+    finally:
+        b.sampler.stop()
+        alerts.stop()
+        gen.close()
+        stop_workers(workers)
+        if args.keep_logs:
+            print(f"{design.name}: worker logs kept in {workdir}", flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores; from /proc/stat), or nan."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return math.nan
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / _CLK_TCK  # user nice system irq softirq steal
+
+
+def _cpu_s(procs: list[WorkerProc] | tuple[int, ...]) -> float:
+    total = 0.0
+    for p in procs:
+        pid = p.proc.pid if isinstance(p, WorkerProc) else p
+        with contextlib.suppress(Exception):  # a process that is gone (an idle design stopped)
+            total += cpu_rss(pid)[0]
+    return total
 
 
 # ---------------------------------------------------------------------- one stretch of load
 def offer(
     b: Bench, index: int, rate: float, seconds: float, drain_s: float, alert_wait_s: float
 ) -> dict[str, Any]:
-    """Offer `rate` records/s for `seconds`, drain, and measure; returns the stretch's report."""
+    """Offer `rate` records/s for `seconds`, drain, and measure; returns the stretch's report.
+
+    `index` is the level's number; every stretch (a level run again too) gets its own tag, which
+    its faults and samples carry.
+    """
     gen, workers = b.gen, b.workers
+    tag = b.stretches
+    b.stretches += 1
     check_alive(workers)
     b.sampler.raise_if_failed()
     before = read_all(workers, b.job_prefix)
     stats0 = gen.tensor_stats
+    load0, started = os.getloadavg()[0], time.time()
+    busy0, ocpu0, bcpu0 = _machine_busy_s(), _cpu_s(b.others), _cpu_s(b.broker_pids)
     wcpu0 = sum(cpu_rss(w.proc.pid)[0] for w in workers)
     gcpu0 = time.process_time()
-    b.phase = f"L{index}"
-    sent, wall = gen.run(rate, seconds, index)
+    b.phase = f"L{tag}"
+    sent, wall = gen.run(rate, seconds, tag)
     after = read_all(workers, b.job_prefix)
     wcpu1 = sum(cpu_rss(w.proc.pid)[0] for w in workers)
     gcpu1 = time.process_time()
+    busy1, ocpu1, bcpu1 = _machine_busy_s(), _cpu_s(b.others), _cpu_s(b.broker_pids)
     backlog_end = gen.sent - after.processed
 
     # Drain: everything offered evaluated, then the level's alerts read (or the waits run out).
-    b.phase = f"D{index}"
+    b.phase = f"D{tag}"
     t_drain = time.monotonic()
     gen.flush()
     drained = False
@@ -194,7 +250,7 @@ def offer(
             break
         time.sleep(0.1)
     drain_took = time.monotonic() - t_drain
-    faults = [f for f in gen.faults if f.level == index]
+    faults = [f for f in gen.faults if f.level == tag]
     deadline = time.monotonic() + alert_wait_s
     while time.monotonic() < deadline and any((f.job, f.step) not in b.alerts.firings for f in faults):
         time.sleep(0.1)
@@ -206,11 +262,16 @@ def offer(
         e2e.append(math.inf if a is None else a.read - f.ts)
         evald.append(math.inf if a is None else a.ts - f.ts)
     received = sum(1 for x in e2e if math.isfinite(x))
-    samples = [s for s in b.sampler.samples if s.phase in (f"L{index}", f"D{index}")]
-    load_samples = [s for s in samples if s.phase == f"L{index}"]
+    samples = [s for s in b.sampler.samples if s.phase in (f"L{tag}", f"D{tag}")]
+    load_samples = [s for s in samples if s.phase == f"L{tag}"]
     hist = bucket_delta(after.buckets, before.buckets)
     processed = after.processed - before.processed
+    wcpu, gcpu, bcpu = wcpu1 - wcpu0, gcpu1 - gcpu0, bcpu1 - bcpu0
+    busy = busy1 - busy0
     return {
+        "design": b.design,
+        "level_index": index,
+        "started_unix": round(started, 2),
         "target_rps": rate,
         "seconds": round(wall, 3),
         "offered_records": sent,
@@ -234,11 +295,21 @@ def offer(
         "eval_latency_p99_s": finite(percentile(evald, 99)) if faults else None,
         "publish_to_eval_p50_le_s": bucket_quantile(hist, 0.50),
         "publish_to_eval_p99_le_s": bucket_quantile(hist, 0.99),
-        "worker_cpu_pct": round(100 * (wcpu1 - wcpu0) / wall, 1),
+        "worker_cpu_pct": round(100 * wcpu / wall, 1),
+        # Worker CPU per record evaluated in the level: 1e6 / this is what one fully busy core
+        # would evaluate per second, whatever the level's rate.
+        "worker_cpu_us_per_record": round(1e6 * wcpu / processed, 1) if processed > 0 else None,
         "worker_rss_mb_max": round(max((s.worker_rss for s in samples), default=0) / MB, 1),
         "worker_rss_mb_end": round(load_samples[-1].worker_rss / MB, 1) if load_samples else None,
-        "generator_cpu_pct": round(100 * (gcpu1 - gcpu0) / wall, 1),
+        "generator_cpu_pct": round(100 * gcpu / wall, 1),
         "generator_rss_mb": round(cpu_rss(os.getpid())[1] / MB, 1),
+        # The broker's processes (when this run started them), the other designs' (idle) workers,
+        # and the whole machine (100 = one core; everything else on it = machine - the rest).
+        "broker_cpu_pct": round(100 * bcpu / wall, 1) if b.broker_pids else None,
+        "idle_designs_cpu_pct": round(100 * (ocpu1 - ocpu0) / wall, 1) if b.others else None,
+        "machine_cpu_pct": finite(100 * busy / wall, 1),
+        "rest_cpu_pct": finite(100 * (busy - wcpu - gcpu - bcpu - (ocpu1 - ocpu0)) / wall, 1),
+        "loadavg_1m_start": round(load0, 2),
         "timeline": [_point(s) for s in samples],
     }
 
@@ -277,42 +348,21 @@ def judge(level: dict[str, Any], args: argparse.Namespace) -> list[str]:
 
 
 # ---------------------------------------------------------------------- modes
-def run_knee(args: argparse.Namespace) -> dict[str, Any]:
-    rates = [float(x) for x in args.rates.split(",") if x.strip()]
-    if not rates or any(r <= 0 for r in rates):
-        raise SystemExit(f"--rates must be positive numbers separated by commas, got {args.rates!r}")
-    levels: list[dict[str, Any]] = []
+def _knee_of(levels: list[dict[str, Any]], stopped: str, totals: dict[str, Any]) -> dict[str, Any]:
+    """One design's knee: the highest level kept up before the first that did not."""
     knee = None
-    stopped = "all levels run"
-    with bench(args, args.sample_s, args.sample_s) as b:
-        try:
-            for i, rate in enumerate(rates):
-                per_job = rate / args.jobs
-                print(
-                    f"level {i + 1}/{len(rates)}: {rate:g} records/s offered "
-                    f"({per_job:.3g} steps/s per job, {rate * args.tensors:.0f} tensor stats/s) for {args.level_seconds:g}s",
-                    flush=True,
-                )
-                level = offer(b, i, rate, args.level_seconds, args.drain_s, args.alert_wait_s)
-                level["reasons"] = judge(level, args)
-                level["ok"] = not level["reasons"]
-                levels.append(level)
-                print(_HEADER + "\n" + _row(level), flush=True)
-                if all(x["ok"] for x in levels):
-                    knee = level  # the highest of the levels kept up before any failed
-                if not level["ok"] and not args.keep_going:
-                    stopped = f"stopped at level {i + 1}: " + "; ".join(level["reasons"])
-                    break
-        except KeyboardInterrupt:
-            stopped = "interrupted"
-        totals = _totals(b)
+    for level in levels:
+        if not level["ok"]:
+            break
+        knee = level
     knee_rps = knee["target_rps"] if knee else None
-    if knee is not None and knee is levels[-1] and all(x["ok"] for x in levels):
+    if knee is not None and knee is levels[-1]:
         note = "every level kept up: the knee is above the highest rate tried"
     elif knee is None:
         note = "no level kept up: try lower rates"
     else:
         note = f"highest level kept up before the first that did not: {knee_rps:g} records/s"
+    costs = [x["worker_cpu_us_per_record"] for x in levels if x.get("worker_cpu_us_per_record")]
     return {
         "mode": "knee",
         "levels": levels,
@@ -320,16 +370,148 @@ def run_knee(args: argparse.Namespace) -> dict[str, Any]:
         "knee_offered_rps": knee["offered_rps"] if knee else None,
         "knee_tensor_stats_ps": knee["offered_tensor_stats_ps"] if knee else None,
         "peak_processed_rps": max((x["processed_rps"] for x in levels), default=None),
+        # The least worker CPU per record over the levels (the busiest levels amortise the most).
+        "worker_cpu_us_per_record_min": min(costs, default=None),
         "note": note,
         "stopped": stopped,
         "totals": totals,
     }
 
 
-def run_soak(args: argparse.Namespace) -> dict[str, Any]:
+def run_knee(args: argparse.Namespace, designs: dict[str, Design], broker: Broker) -> dict[str, Any]:
+    """The knee of each design; with several, their levels interleave on one broker (see the module doc)."""
+    rates = [float(x) for x in args.rates.split(",") if x.strip()]
+    if not rates or any(r <= 0 for r in rates):
+        raise SystemExit(f"--rates must be positive numbers separated by commas, got {args.rates!r}")
+    names = list(designs)
+    run_id = uuid.uuid4().hex[:8]
+    levels: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    stopped = dict.fromkeys(names, "all levels run")
+    totals: dict[str, dict[str, Any]] = {}
+    stacks = {n: contextlib.ExitStack() for n in names}
+    benches: dict[str, Bench] = {}
+
+    def close(n: str) -> None:
+        if n in benches and n not in totals:
+            totals[n] = _totals(benches[n])
+        stacks[n].close()  # its workers stop: a backlog of its own must not load the others' levels
+        for m in benches:
+            benches[m].others = [w for w in benches[m].others if w.proc.poll() is None]
+
+    try:
+        for n in names:
+            rid = run_id if len(names) == 1 else f"{run_id}-{n[0]}"
+            benches[n] = stacks[n].enter_context(
+                bench(args, args.sample_s, args.sample_s, broker=broker, design=designs[n], run_id=rid)
+            )
+        for n in names:
+            benches[n].others = [w for m in names if m != n for w in benches[m].workers]
+        active = list(names)
+        try:
+            for i, rate in enumerate(rates):
+                shift = i % len(names)
+                for n in names[shift:] + names[:shift]:  # who goes first rotates from level to level
+                    if n not in active:
+                        continue
+                    print(
+                        f"{n}: level {i + 1}/{len(rates)}: {rate:g} records/s offered "
+                        f"({rate / args.jobs:.3g} steps/s per job, {rate * args.tensors:.0f} tensor stats/s) "
+                        f"for {args.level_seconds:g}s",
+                        flush=True,
+                    )
+                    for m, other in benches.items():  # progress lines from the design under load only
+                        other.sampler.print_every = args.sample_s if m == n else math.inf
+                    failed: list[dict[str, Any]] = []
+                    while True:
+                        level = offer(
+                            benches[n], i, rate, args.level_seconds, args.drain_s, args.alert_wait_s
+                        )
+                        level["reasons"] = judge(level, args)
+                        level["ok"] = not level["reasons"]
+                        print(_HEADER + "\n" + _row(level), flush=True)
+                        if level["ok"] or len(failed) >= args.retries:
+                            break
+                        failed.append(level)  # a busy spell of a shared machine: once more (--retries)
+                        print(
+                            f"{n}: level {i + 1} did not keep up ({'; '.join(level['reasons'])}); again",
+                            flush=True,
+                        )
+                    level["attempts"] = len(failed) + 1
+                    level["failed_attempts"] = failed
+                    levels[n].append(level)
+                    if not level["ok"] and not args.keep_going:
+                        stopped[n] = f"stopped at level {i + 1}: " + "; ".join(level["reasons"])
+                        active.remove(n)
+                        close(n)
+                if not active:
+                    break
+        except KeyboardInterrupt:
+            for n in active:
+                stopped[n] = "interrupted"
+        for n in names:
+            if n not in totals and n in benches:
+                totals[n] = _totals(benches[n])
+    finally:
+        for n in reversed(names):
+            stacks[n].close()
+    results = {n: _knee_of(levels[n], stopped[n], totals[n]) for n in names}
+    if len(names) == 1:
+        return {**results[names[0]], "design": names[0]}
+    return {
+        "mode": "knee",
+        "designs_order": names,
+        "by_design": results,
+        "comparison": compare(results, rates),
+    }
+
+
+def compare(results: dict[str, dict[str, Any]], rates: list[float]) -> dict[str, Any]:
+    """Per rate, each design's figures side by side; the knees and current/baseline ratios."""
+    rows = []
+    for i, rate in enumerate(rates):
+        row: dict[str, Any] = {"target_rps": rate}
+        for n, r in results.items():
+            lv = r["levels"][i] if i < len(r["levels"]) else None
+            row[n] = (
+                None
+                if lv is None
+                else {
+                    k: lv[k]
+                    for k in (
+                        "offered_rps",
+                        "processed_rps",
+                        "processed_ratio",
+                        "ok",
+                        "alert_latency_p99_s",
+                        "worker_cpu_pct",
+                        "worker_cpu_us_per_record",
+                        "generator_cpu_pct",
+                        "broker_cpu_pct",
+                        "machine_cpu_pct",
+                        "rest_cpu_pct",
+                        "loadavg_1m_start",
+                    )
+                }
+            )
+        rows.append(row)
+    out: dict[str, Any] = {
+        "rows": rows,
+        "knee_target_rps": {n: r["knee_target_rps"] for n, r in results.items()},
+        "peak_processed_rps": {n: r["peak_processed_rps"] for n, r in results.items()},
+        "worker_cpu_us_per_record_min": {n: r["worker_cpu_us_per_record_min"] for n, r in results.items()},
+    }
+    b, c = results.get("baseline"), results.get("current")
+    if b and c:
+        for key in ("knee_target_rps", "peak_processed_rps", "worker_cpu_us_per_record_min"):
+            x, y = b[key], c[key]
+            out[f"{key}_current_over_baseline"] = round(y / x, 3) if x and y is not None else None
+    return out
+
+
+def run_soak(args: argparse.Namespace, design: Design, broker: Broker) -> dict[str, Any]:
     seconds = args.minutes * 60
     warmup_s = (args.warmup_minutes if args.warmup_minutes is not None else min(2.0, 0.2 * args.minutes)) * 60
-    with bench(args, args.sample_s, args.sample_s) as b:
+    with bench(args, args.sample_s, args.sample_s, broker=broker, design=design) as b:
         print(
             f"soak: {args.rate:g} records/s ({args.rate / args.jobs:.3g} steps/s per job) for {args.minutes:g} min, "
             f"RSS sampled every {args.sample_s:g}s, warm-up {warmup_s:.0f}s",
@@ -361,7 +543,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         "flat_limit_mb_per_min": args.flat_mb_per_min,
         "flat": None if slope is None else slope <= args.flat_mb_per_min,
     }
-    return {"mode": "soak", "level": level, "memory": memory, "totals": totals}
+    return {"mode": "soak", "design": design.name, "level": level, "memory": memory, "totals": totals}
 
 
 def _totals(b: Bench) -> dict[str, Any]:
@@ -382,12 +564,17 @@ def _totals(b: Bench) -> dict[str, Any]:
 # ---------------------------------------------------------------------- output
 _HEADER = (
     f"{'target/s':>9} {'offered/s':>9} {'stats/s':>9} {'processed/s':>11} {'ratio':>6} {'backlog max/end':>15} "
-    f"{'lag max/end':>11} {'alert p50/p99 ms':>16} {'alerts':>9} {'cpu%':>5} {'rss MB':>6}  ok"
+    f"{'lag max/end':>11} {'alert p50/p99 ms':>16} {'alerts':>9} {'cpu%':>5} {'us/rec':>6} {'gen%':>5} "
+    f"{'mach%':>5} {'rss MB':>6}  ok"
 )
 
 
 def _ms(x: float | None) -> str:
     return "miss" if x is None else f"{x * 1000:.0f}"
+
+
+def _num(x: float | None, width: int, fmt: str = ".0f") -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}{fmt}}"
 
 
 def _row(x: dict[str, Any]) -> str:
@@ -398,41 +585,90 @@ def _row(x: dict[str, Any]) -> str:
         f"{x['target_rps']:>9g} {x['offered_rps']:>9.0f} {x['offered_tensor_stats_ps']:>9.0f} "
         f"{x['processed_rps']:>11.0f} {x['processed_ratio'] or 0:>6.3f} "
         f"{str(x['backlog_max']) + '/' + str(x['backlog_end']):>15} {lag:>11} {p:>16} {alerts:>9} "
-        f"{x['worker_cpu_pct']:>5.0f} {x['worker_rss_mb_max']:>6.0f}  {'yes' if x.get('ok') else 'NO'}"
+        f"{x['worker_cpu_pct']:>5.0f} {_num(x.get('worker_cpu_us_per_record'), 6)} "
+        f"{x['generator_cpu_pct']:>5.0f} {_num(x.get('machine_cpu_pct'), 5)} "
+        f"{x['worker_rss_mb_max']:>6.0f}  {'yes' if x.get('ok') else 'NO'}"
     )
 
 
-def print_report(report: dict[str, Any]) -> None:
-    t = report["totals"]
-    if report["mode"] == "knee":
-        print("\n" + _HEADER)
-        for level in report["levels"]:
-            print(_row(level))
-            if level["reasons"]:
-                print(f"{'':>9} ^ " + "; ".join(level["reasons"]))
-        print(f"\nknee: {report['note']} ({report['stopped']})")
-        if report["knee_target_rps"] is not None:
-            print(
-                f"      {report['knee_offered_rps']:.0f} records/s = {report['knee_tensor_stats_ps']:.0f} tensor "
-                f"statistics/s sustained; peak processed {report['peak_processed_rps']:.0f} records/s"
-            )
-    else:
-        level, m = report["level"], report["memory"]
-        print("\n" + _HEADER)
+def _print_knee(report: dict[str, Any]) -> None:
+    print("\n" + _HEADER)
+    for level in report["levels"]:
+        for k, earlier in enumerate(level.get("failed_attempts", []), 1):
+            print(_row(earlier))
+            print(f"{'':>9} ^ attempt {k} of {level['attempts']}: " + "; ".join(earlier["reasons"]))
         print(_row(level))
         if level["reasons"]:
             print(f"{'':>9} ^ " + "; ".join(level["reasons"]))
+    print(f"\nknee: {report['note']} ({report['stopped']})")
+    if report["knee_target_rps"] is not None:
         print(
-            f"\nworker RSS: first {m['worker_rss_mb_first']} MB, after warm-up {m['worker_rss_mb_after_warmup']} MB, "
-            f"last {m['worker_rss_mb_last']} MB, max {m['worker_rss_mb_max']} MB; slope after warm-up "
-            f"{m['worker_rss_slope_mb_per_min']} MB/min (all: {m['worker_rss_slope_all_mb_per_min']}) -> "
-            f"{'flat' if m['flat'] else 'GROWING' if m['flat'] is False else 'too few samples'} "
-            f"(limit {m['flat_limit_mb_per_min']:g} MB/min)"
+            f"      {report['knee_offered_rps']:.0f} records/s = {report['knee_tensor_stats_ps']:.0f} tensor "
+            f"statistics/s sustained; peak processed {report['peak_processed_rps']:.0f} records/s"
         )
+    t = report["totals"]
+    print(
+        f"records offered {t['records_offered']}, delivered {t['records_delivered']}, failed {t['records_failed']}, "
+        f"processed {t['records_processed']}; ExplodingTensor alerts {t['alerts_received']}/{t['alerts_expected']}"
+    )
+
+
+def _print_comparison(report: dict[str, Any]) -> None:
+    names = report["designs_order"]
+    c = report["comparison"]
+    cell = "processed/s  ok  cpu% us/rec gen% mach%"
+    print("\n" + f"{'':>9} " + " | ".join(f"{n:^{len(cell)}}" for n in names))
+    print(f"{'target/s':>9} " + " | ".join(cell for _ in names))
+    for row in c["rows"]:
+        parts = []
+        for n in names:
+            x = row[n]
+            if x is None:
+                parts.append(f"{'(not run)':^{len(cell)}}")
+                continue
+            parts.append(
+                f"{x['processed_rps']:>11.0f} {'yes' if x['ok'] else ' NO':>3} {x['worker_cpu_pct']:>5.0f} "
+                f"{_num(x['worker_cpu_us_per_record'], 6)} {x['generator_cpu_pct']:>4.0f} "
+                f"{_num(x['machine_cpu_pct'], 5)}"
+            )
+        print(f"{row['target_rps']:>9g} " + " | ".join(parts))
+    for n in names:
+        r = report["by_design"][n]
         print(
-            f"generator RSS: first {m['generator_rss_mb_first']} MB, last {m['generator_rss_mb_last']} MB, "
-            f"slope {m['generator_rss_slope_mb_per_min']} MB/min"
+            f"{n}: knee {_num(r['knee_target_rps'], 0, 'g').strip()} records/s; {r['note']} ({r['stopped']})"
         )
+    for key in ("knee_target_rps", "peak_processed_rps", "worker_cpu_us_per_record_min"):
+        ratio = c.get(f"{key}_current_over_baseline")
+        if ratio is not None:
+            print(f"current/baseline {key}: {ratio:.3f}")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    if report["mode"] == "knee":
+        if "by_design" in report:
+            for n in report["designs_order"]:
+                print(f"\n=== {n}")
+                _print_knee(report["by_design"][n])
+            _print_comparison(report)
+        else:
+            _print_knee(report)
+        return
+    level, m, t = report["level"], report["memory"], report["totals"]
+    print("\n" + _HEADER)
+    print(_row(level))
+    if level["reasons"]:
+        print(f"{'':>9} ^ " + "; ".join(level["reasons"]))
+    print(
+        f"\nworker RSS: first {m['worker_rss_mb_first']} MB, after warm-up {m['worker_rss_mb_after_warmup']} MB, "
+        f"last {m['worker_rss_mb_last']} MB, max {m['worker_rss_mb_max']} MB; slope after warm-up "
+        f"{m['worker_rss_slope_mb_per_min']} MB/min (all: {m['worker_rss_slope_all_mb_per_min']}) -> "
+        f"{'flat' if m['flat'] else 'GROWING' if m['flat'] is False else 'too few samples'} "
+        f"(limit {m['flat_limit_mb_per_min']:g} MB/min)"
+    )
+    print(
+        f"generator RSS: first {m['generator_rss_mb_first']} MB, last {m['generator_rss_mb_last']} MB, "
+        f"slope {m['generator_rss_slope_mb_per_min']} MB/min"
+    )
     print(
         f"records offered {t['records_offered']}, delivered {t['records_delivered']}, failed {t['records_failed']}, "
         f"processed {t['records_processed']}; ExplodingTensor alerts {t['alerts_received']}/{t['alerts_expected']}"
@@ -476,7 +712,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--guarantee", default="exactly-once", choices=["exactly-once", "at-least-once"])
     g.add_argument("--rules", help="rules file for the workers (default: the built-in default set)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--bootstrap", help="a Kafka cluster (default: $KAFKA_BOOTSTRAP, else an embedded broker)")
+    g.add_argument("--bootstrap", help="a Kafka cluster (default: $KAFKA_BOOTSTRAP, else --broker)")
+    g.add_argument(
+        "--broker",
+        choices=["tansu", "kafka"],
+        default="tansu",
+        help="broker started for the run: the embedded Tansu (default) or a one-node Apache Kafka "
+        "from deploy/kafka/kafka_local.py",
+    )
+    g.add_argument(
+        "--designs",
+        nargs="+",
+        choices=DESIGNS,
+        default=["current"],
+        help="worker designs (bench/designs.py): current = the working tree (default), baseline = the "
+        "worker of --baseline-rev; knee: several interleave level by level, in this order at the first "
+        "level; soak: one",
+    )
+    g.add_argument(
+        "--baseline-rev",
+        default=DEFAULT_BASELINE_REV,
+        help=f"git revision whose worker is the baseline (default {DEFAULT_BASELINE_REV}, before the rewrite)",
+    )
     g.add_argument(
         "--drain-s", type=float, default=30.0, help="longest wait for the backlog to clear (default 30)"
     )
@@ -502,6 +759,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     k.add_argument("--level-seconds", type=float, default=25.0, help="length of each level (default 25)")
     k.add_argument("--sample-s", type=float, default=1.0, help="sampling interval (default 1)")
     k.add_argument("--keep-going", action="store_true", help="run every level, even after one fails")
+    k.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="run a level that did not keep up again, up to N times, before it counts as failed (a busy "
+        "spell of a shared machine; every attempt is in the report); default 0",
+    )
     s = sub.add_parser(
         "soak", parents=[common], help="fixed rate for a long time; is the worker's memory flat?"
     )
@@ -519,6 +783,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--jobs, --tensors and --workers must be >= 1")
     if args.fault_jobs is None:
         args.fault_jobs = max(1, args.jobs // 2)
+    args.designs = list(dict.fromkeys(args.designs))
+    if args.mode == "soak" and len(args.designs) != 1:
+        ap.error("soak runs one design at a time (--designs baseline or --designs current)")
     return args
 
 
@@ -532,12 +799,27 @@ def main(argv: list[str] | None = None) -> int:
         "resources_from": resource_source(),
         "loadavg_start": list(os.getloadavg()),
     }
-    report = run_knee(args) if args.mode == "knee" else run_soak(args)
+    tmp = Path(tempfile.mkdtemp(prefix="tp-load-designs-"))
+    try:
+        designs = {n: prepare(n, tmp, args.baseline_rev) for n in args.designs}
+        for d in designs.values():
+            print_imports(d)
+        with open_broker(args.bootstrap, args.broker) as b:
+            print(f"broker: {b.bootstrap} ({b.what})", flush=True)
+            host["broker"] = b.what
+            if args.mode == "knee":
+                report = run_knee(args, designs, b)
+            else:
+                report = run_soak(args, designs[args.designs[0]], b)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report["design_sources"] = {n: d.describe() for n, d in designs.items()}
     print_report(report)
     path = write_report(report, args, started, host)
     print(f"report: {path}")
     if report["mode"] == "knee":
-        return 0 if report["levels"] else 1
+        runs = report["by_design"].values() if "by_design" in report else [report]
+        return 0 if all(r["levels"] for r in runs) else 1
     return 0 if report["level"]["ok"] else 1  # the memory verdict is for a reader (see README)
 
 

@@ -137,7 +137,10 @@ def scrape(worker: WorkerProc, job_prefix: str, timeout: float = 5.0) -> WorkerR
     out = WorkerReading()
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if not s.labels.get("job", "").startswith(job_prefix):
+            # The training job's label: `training_job` (workers since the label was renamed away from
+            # Prometheus's own `job`), `job` before (the baseline design of bench/designs.py).
+            job = s.labels.get("training_job") or s.labels.get("job", "")
+            if not job.startswith(job_prefix):
                 continue
             if s.name == "tensorpulse_records_total":
                 out.processed += s.value

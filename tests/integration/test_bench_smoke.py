@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -230,3 +231,160 @@ def test_hook_profile_phases_reports_each_step_of_a_cycle() -> None:
     total = re.search(r"per cycle +([+-]\d+\.\d+) ms of CPU", out)
     assert total and float(total.group(1)) == pytest.approx(sum(float(r[2]) for r in rows), abs=0.01), out
     assert float(re.search(r"wall clock +(\d+\.\d+)x", out).group(1)) > 0, out
+
+
+JOB_START = BENCH / "job_start.py"
+
+
+@pytest.mark.slow
+def test_job_start_times_every_new_job(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """bench/job_start.py on the working tree's worker: each new job's first alert arrives and is timed."""
+    out = tmp_path / "job-start.json"
+    cmd = [sys.executable, str(JOB_START), "--designs", "current", "--bootstrap", kafka_bootstrap]
+    cmd += [
+        "--running",
+        "2",
+        "--new-jobs",
+        "2",
+        "--rate",
+        "20",
+        "--tensors",
+        "5",
+        "--starts-per-minute",
+        "60",
+    ]
+    cmd += ["--steady-s", "1", "--reps", "1", "--deadline-s", "30", "--alert-wait-s", "5", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    worker_file = Path(rep["designs"]["current"]["imports"]["tensorpulse.stream.worker"])
+    assert worker_file.resolve().is_relative_to(BENCH.parent), worker_file  # the working tree's worker ran
+    (scenario,) = rep["scenarios"]
+    assert scenario["design"] == "current" and scenario["status"] == "ok", scenario
+    jobs = scenario["new_jobs"]
+    assert len(jobs) == 2 and len({j["job"] for j in jobs}) == 2, jobs
+    for job in jobs:
+        assert job["error"] is None and job["fault_step"] == 0, job
+        assert not job["missed"] and job["first_alert_s"] is not None, job
+        assert math.isfinite(job["first_alert_s"]) and 0 < job["first_alert_s"] <= 30, job
+    first = rep["summary"]["current"]["first_alert"]
+    assert (first["n"], first["missed"]) == (2, 0) and first["max_s"] is not None
+    assert scenario["running_steady"]["n"] + scenario["running_new_phase"]["n"] > 0
+    assert rep["ratio_current_over_baseline"] is None  # one design: nothing to compare
+    assert "first alert p50/p99/max" in proc.stdout
+
+
+def test_job_start_pauses_are_standstills_with_records_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pause is progress standing still with records waiting (idle is none), its length a lower bound."""
+    monkeypatch.syspath_prepend(str(BENCH))  # the script imports its siblings (common, loadgen, ...)
+    spec = importlib.util.spec_from_file_location("bench_job_start", JOB_START)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up by name
+    spec.loader.exec_module(bench)
+    from loadwatch import Sample
+
+    def s(t: float, sent: int, processed: int) -> Sample:
+        return Sample(t, sent, sent, processed, 0.0, 0.0, 0, 0.0, 0, "new jobs")
+
+    progress = [s(0.0, 10, 10), s(0.5, 20, 20), s(1.0, 30, 30)]
+    stalled = [s(1.5, 40, 30), s(2.0, 50, 30), s(2.5, 60, 30), s(3.0, 70, 70)]
+    idle = [s(3.5, 70, 70), s(4.0, 70, 70), s(4.5, 70, 70)]
+    short = [s(5.0, 80, 70), s(5.5, 90, 90)]
+    pauses = bench.find_pauses(progress + stalled + idle + short, 1.0)
+    # at least 1.0 -> 2.5 (the last sample without progress), at most until progress at 3.0;
+    # the short one (one empty interval, at least 0.5 s) is not a pause
+    assert pauses == [{"phase": "new jobs", "start_t": 1.0, "seconds": 1.5, "up_to_s": 2.0}]
+    unfinished = bench.find_pauses(progress + stalled[:-1], 1.0)
+    assert unfinished == [{"phase": "new jobs", "start_t": 1.0, "seconds": 1.5, "up_to_s": 1.5}]
+    assert bench.find_pauses(progress + stalled + idle + short, 0.5)[-1]["start_t"] == 4.5
+
+
+WORKER_PROFILE = BENCH / "worker_profile.py"
+
+
+def _load_worker_profile(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_worker_profile", WORKER_PROFILE)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_worker_profile_splits_samples_by_part_and_scales_them_to_cpu(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """py-spy's collapsed stacks become parts in us per record; a thread's samples add up to its CPU."""
+    wp = _load_worker_profile(monkeypatch)
+    main = (
+        "thread (10): MainThread;_run_module_as_main (<frozen runpy>:198);Worker.run (stream/worker.py:173)"
+    )
+    quix = main + ";Application.run (quixstreams/app.py:975)"
+    proc = quix + ";_as_stateful.<locals>.wrapper (quixstreams/dataframe/dataframe.py:2328)"
+    proc += ";Worker._process (stream/worker.py:393);Worker.process_one (stream/worker.py:400)"
+    intake = "thread (11): tensorpulse-intake;Thread._bootstrap (threading.py:1002);Intake.run (stream/intake.py:170)"
+    raw = tmp_path / "stacks.txt"
+    raw.write_text(
+        "\n".join(
+            [
+                proc + ";decode (tensorpulse/wire.py:440) 30",
+                proc + ";JobEvaluator.process (stream/evaluator.py:150);_apply (stream/evaluator.py:90)"
+                ";UnchangedTensor.update (rules/unchanged_tensor.py:50) 20",
+                proc
+                + ";JobStore.save (stream/state.py:200);TransactionState.set (quixstreams/state/base/state.py:171) 10",
+                quix
+                + ";Application._run_dataframe (quixstreams/app.py:1027);RowConsumer.poll_row (quixstreams/kafka/consumer.py:10) 20",
+                "thread (10): MainThread;StepRecord.select.<locals>.<listcomp> (tensorpulse/wire.py:207) 20",
+                intake + ";Intake._loop (stream/intake.py:200);Intake._tick (stream/intake.py:340) 10",
+            ]
+        )
+        + "\n"
+    )
+    stacks = wp.parse_raw(raw)
+    assert [(tid, name) for tid, name, _, _ in stacks][:1] == [(10, "MainThread")]
+    assert stacks[0][2][-1] == ("decode", "tensorpulse/wire.py", 440) and stacks[0][3] == 30
+    # 100 records; MainThread: 100 samples for 0.5 s of CPU; the intake: 10 samples, 0.02 s
+    out = wp.summarise(stacks, hz=100.0, records=100, top=5, cpu_by_tid={10: 0.5, 11: 0.02})
+    parts = {p["name"]: p["us_per_record"] for p in out["parts"]}
+    assert parts == {
+        "process: wire.decode": 1500.0,
+        "rule: UnchangedTensor": 1000.0,
+        "state: JobStore.save (Quix state get/set)": 500.0,
+        "quix: consumer poll": 1000.0,
+        "rule: StepRecord.select (partial stack)": 1000.0,
+        "intake: clock ticks": 200.0,
+    }
+    assert out["samples_cpu_s"] == pytest.approx(0.52) and out["samples_wall_s"] == pytest.approx(1.1)
+    groups = {g["name"]: g["us_per_record"] for g in out["groups"]}
+    assert groups == {"process": 1500.0, "rule": 2000.0, "state": 500.0, "quix": 1000.0, "intake": 200.0}
+    unscaled = {p["name"]: p["us_per_record_unscaled"] for p in out["parts"]}
+    assert unscaled["process: wire.decode"] == 3000.0  # 30 samples at 100 Hz over 100 records
+    assert out["self"][0]["name"].startswith("decode")
+
+
+@pytest.mark.slow
+def test_worker_profile_stages_times_every_stage(tmp_path: Path) -> None:
+    """`worker_profile.py stages` drives Worker._process in process: every stage of a record is timed."""
+    out = tmp_path / "stages.json"
+    cmd = [
+        sys.executable,
+        str(WORKER_PROFILE),
+        "stages",
+        "--jobs",
+        "2",
+        "--tensors",
+        "10",
+        "--records",
+        "200",
+    ]
+    cmd += ["--warmup-records", "40", "--rounds", "1", "--fault-every", "50", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    stages = {s["stage"]: s for s in rep["stages"]}
+    for stage in ("wire.decode", "rule: ExplodingTensor.update", "evaluator: loop (own code)"):
+        assert stages[stage]["calls_per_record"] == pytest.approx(1.0, abs=0.01), stages[stage]
+        assert stages[stage]["us_per_record"] > 0
+    assert rep["records"] == 200 and len(rep["plain_us_per_record"]) == 1 and rep["alerts"] > 0
+    assert rep["state_entry_bytes"]["rank:0"] > 0
+    assert set(rep["what_if_us_per_record"]) == {"TensorStats not frozen"}
