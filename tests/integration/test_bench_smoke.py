@@ -388,3 +388,29 @@ def test_worker_profile_stages_times_every_stage(tmp_path: Path) -> None:
     assert rep["records"] == 200 and len(rep["plain_us_per_record"]) == 1 and rep["alerts"] > 0
     assert rep["state_entry_bytes"]["rank:0"] > 0
     assert set(rep["what_if_us_per_record"]) == {"TensorStats not frozen"}
+
+
+def test_ranks_names_the_nan_rank_and_measures_state(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """bench/ranks.py on a small world: every record evaluated, the alert names the NaN rank, state measured."""
+    out = tmp_path / "ranks.json"
+    cmd = [sys.executable, str(BENCH / "ranks.py"), "--ranks", "8", "--steps", "2", "--tensors", "4"]
+    cmd += ["--designs", "current", "--bootstrap", kafka_bootstrap, "--deadline-s", "60", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=BENCH)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["evaluated"] == row["records"] == 16, row
+    assert row["alert_ranks"] == [6] and row["alert_s"] is not None, row  # 3/4 of the way up
+    assert 0 < row["state_max_bytes"] < 100 * 1024 and row["restarts"] == 0 and not row["died"], row
+
+
+def test_scaling_reports_cpu_per_record(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """bench/scaling.py with two job counts: every record evaluated, a CPU cost per record for each."""
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, str(BENCH / "scaling.py"), "--jobs", "2", "4", "--tensors", "4", "--tensor-counts"]
+    cmd += ["--rate", "40", "--seconds", "3", "--bootstrap", kafka_bootstrap, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=BENCH)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["jobs"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["evaluated"] >= r["sent"] > 0 and r["cpu_us_per_record"] > 0, r
