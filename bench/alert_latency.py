@@ -75,7 +75,7 @@ def main() -> int:
         while time.time() < deadline:
             try:
                 body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
-                if f'tensorpulse_records_total{{job="{job}"' in body:
+                if f'tensorpulse_records_total{{training_job="{job}"' in body:
                     break
             except OSError:
                 pass

@@ -65,7 +65,7 @@ def to_alertmanager(
     labels = {
         **(extra_labels or {}),
         "alertname": ev.rule,
-        "job": ev.job,
+        "training_job": ev.job,  # as on the workers' metrics; `job` is Prometheus's scrape job
         "rank": str(ev.rank),
         "severity": ev.severity,
         "tensorpulse_mode": ev.mode,

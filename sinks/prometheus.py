@@ -3,7 +3,14 @@
 Per-tensor statistics are not set gauge by gauge on the hot path (hundreds of label look-ups per
 record): the worker keeps each (job, rank, mode)'s latest record and a custom collector turns it
 into metric families at scrape time, applying the per-job cardinality bound there. Step numbers
-are values, never labels. A finished job's series are removed.
+are values, never labels.
+
+The training job is the label `training_job`: `job` is Prometheus's own target label (a scrape
+would rename ours to `exported_job`). Counters whose label values are known in advance exist
+from the start at 0 (decode errors and dead letters per reason, rule errors per rule), and a
+job's per-job counters from its first record (actions per action, alert transitions per rule
+and status), so rate() and increase() see the first event and panels read 0, not "no data".
+A finished job's series are removed.
 """
 
 from __future__ import annotations
@@ -11,13 +18,20 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tensorpulse.actions import ACTIONS
+from tensorpulse.errors import DECODE_REASONS
+from tensorpulse.events import STATUSES
+from tensorpulse.rules.config import RuleSpec
 from tensorpulse.wire import StepRecord
+
+#: The label holding the training job's id on every per-job series (never `job`, see above).
+JOB_LABEL = "training_job"
 
 #: Statistics exported per tensor (attribute names of TensorStats).
 EXPORTED_STATS = ("mean", "std", "min", "max", "l2", "abs_mean", "zero_frac", "nan", "inf")
@@ -50,20 +64,20 @@ class _LatestRecords(Collector):
         tensor = GaugeMetricFamily(
             "tensorpulse_tensor_stat",
             "Latest statistic of a captured tensor (stat: mean, std, min, max, l2, abs_mean, zero_frac, nan, inf).",
-            labels=["job", "rank", "mode", "collection", "tensor", "stat"],
+            labels=[JOB_LABEL, "rank", "mode", "collection", "tensor", "stat"],
         )
         scalar = GaugeMetricFamily(
             "tensorpulse_scalar",
             "Latest value of a step scalar (loss, metrics).",
-            labels=["job", "rank", "mode", "name"],
+            labels=[JOB_LABEL, "rank", "mode", "name"],
         )
         step = GaugeMetricFamily(
-            "tensorpulse_last_step", "Last step evaluated.", labels=["job", "rank", "mode"]
+            "tensorpulse_last_step", "Last step evaluated.", labels=[JOB_LABEL, "rank", "mode"]
         )
         dropped = GaugeMetricFamily(
             "tensorpulse_tensor_series_over_limit",
             "Tensors of a job not exported now because the job exceeds the per-job series bound.",
-            labels=["job"],
+            labels=[JOB_LABEL],
         )
         with self._lock:
             items = sorted(self._latest.items())
@@ -99,7 +113,7 @@ class WorkerMetrics:
         r = self.registry
         self.latest = _LatestRecords(max_tensors_per_job)
         r.register(self.latest)
-        self.records = Counter("tensorpulse_records", "Records evaluated.", ["job", "mode"], registry=r)
+        self.records = Counter("tensorpulse_records", "Records evaluated.", [JOB_LABEL, "mode"], registry=r)
         self.decode_errors = Counter(
             "tensorpulse_decode_errors", "Records that failed to decode, by reason.", ["reason"], registry=r
         )
@@ -144,27 +158,30 @@ class WorkerMetrics:
         self.alerts = Counter(
             "tensorpulse_alerts",
             "Alert transitions emitted.",
-            ["job", "rule", "severity", "status"],
+            [JOB_LABEL, "rule", "severity", "status"],
             registry=r,
         )
         self.actions = Counter(
-            "tensorpulse_actions", "Actions published to jobs.", ["job", "action"], registry=r
+            "tensorpulse_actions", "Actions published to jobs.", [JOB_LABEL, "action"], registry=r
         )
         self.rule_firing = Gauge(
             "tensorpulse_rule_firing",
             "1 while a rule is firing for a job and rank.",
-            ["job", "rule", "rank"],
+            [JOB_LABEL, "rule", "rank"],
             registry=r,
         )
         self.latency = Histogram(
             "tensorpulse_publish_to_eval_seconds",
             "Time from the hook creating a record to the worker having evaluated it.",
-            ["job"],
+            [JOB_LABEL],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.lag = Gauge(
-            "tensorpulse_consumer_lag", "Records not yet consumed (sum over partitions).", ["job"], registry=r
+            "tensorpulse_consumer_lag",
+            "Records not yet consumed (sum over partitions).",
+            [JOB_LABEL],
+            registry=r,
         )
         self.jobs = Gauge("tensorpulse_jobs", "Jobs whose records this worker's intake reads.", registry=r)
         self.finished = Counter("tensorpulse_jobs_finished", "Jobs whose end record was seen.", registry=r)
@@ -173,8 +190,35 @@ class WorkerMetrics:
         )
         self.up_since.set(time.time())
         self._per_job = (self.records, self.alerts, self.actions, self.rule_firing, self.latency, self.lag)
+        self._rules: tuple[RuleSpec, ...] = ()
+        self._jobs_seen: set[str] = set()
+        for reason in DECODE_REASONS:  # 0 from the start, so the first rejection is an increase
+            self.decode_errors.labels(reason)
+            self.deadletters.labels(reason)
+
+    def init_rules(self, specs: Iterable[RuleSpec]) -> None:
+        """The worker's configured rules: their error counters exist at 0 from now on, and each new
+        job gets its alert transition counters (per applicable rule and status) at 0."""
+        self._rules = tuple(specs)
+        for spec in self._rules:
+            self.rule_errors.labels(spec.name)
+            self.state_too_large.labels(spec.name)
+        for job in self._jobs_seen:
+            self._init_job(job)
+
+    def _init_job(self, job: str) -> None:
+        """A job's event counters at 0 (on its first record; remove_job drops them with the rest)."""
+        for action in ACTIONS:
+            self.actions.labels(job, action)
+        for spec in self._rules:
+            if spec.applies_to(job):
+                for status in STATUSES:
+                    self.alerts.labels(job, spec.name, spec.severity, status)
 
     def observe(self, record: StepRecord, now: float) -> None:
+        if record.job not in self._jobs_seen:
+            self._jobs_seen.add(record.job)
+            self._init_job(record.job)
         self.records.labels(record.job, record.mode).inc()
         self.latency.labels(record.job).observe(max(now - record.ts, 0.0))
         self.latest.observe(record)
@@ -184,10 +228,11 @@ class WorkerMetrics:
         self.rule_firing.labels(job, rule, str(rank)).set(1 if status == "firing" else 0)
 
     def remove_job(self, job: str) -> None:
-        """Drop every series labelled with `job` (called when the job's end record arrives)."""
+        """Drop every series of training job `job` (called when the job's end record arrives)."""
         for metric in self._per_job:
-            metric.remove_by_labels({"job": job})
+            metric.remove_by_labels({JOB_LABEL: job})
         self.latest.forget(job)
+        self._jobs_seen.discard(job)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         """Expose /metrics over HTTP (loopback unless told otherwise)."""

@@ -314,7 +314,7 @@ def alerts(bootstrap, job, follow, as_json, new) -> None:
 @click.option(
     "--generator-url",
     metavar="TEMPLATE",
-    help="Alertmanager generatorURL, e.g. 'https://grafana/d/tp?var-job={job}'.",
+    help="Alertmanager generatorURL, e.g. 'https://grafana/d/tp?var-training_job={job}'.",
 )
 @click.option("--log-level", default="INFO", show_default=True)
 def notify(
@@ -337,7 +337,7 @@ def notify(
     """Forward alert events from tensorpulse.alerts to Alertmanager and webhooks.
 
     \b
-    Alertmanager receives every firing alert (labels alertname=<rule>, job, rank, severity,
+    Alertmanager receives every firing alert (labels alertname=<rule>, training_job, rank, severity,
     tensorpulse_mode), re-posted every --resend-interval while it fires, and resolved when the
     rule resolves. Webhooks receive each event's JSON as on the topic, with retries. Delivery
     is at-least-once: de-duplicate by the event's "id". Stops cleanly on Ctrl-C or SIGTERM.

@@ -22,3 +22,28 @@ class DecodeError(TensorpulseError, ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+#: Every `DecodeError.reason` with which a stream worker rejects a record: `wire.decode`'s own,
+#: then those the worker and its intake add (the record's key, job, size, a tick's stamp, a
+#: failure while evaluating). The worker's Prometheus counters of decode errors and dead
+#: letters start at 0 for each (docs/metrics.md); docs/wire-format.md describes them.
+DECODE_REASONS: tuple[str, ...] = (
+    # tensorpulse.wire.decode
+    "not_msgpack",
+    "not_a_record",
+    "too_large",
+    "unknown_version",
+    "missing_field",
+    "wrong_type",
+    "bad_value",
+    "bad_job",
+    "bad_tensors",
+    "unknown_schema",
+    "malformed",
+    # the stream worker and its intake
+    "wrong_key",
+    "job_mismatch",
+    "bad_tick",
+    "processing_error",
+)

@@ -1,42 +1,112 @@
-"""Shared fixtures. The broker is real: KAFKA_BOOTSTRAP, else Apache Kafka in Docker, else Tansu."""
+"""Shared fixtures. The broker is real Apache Kafka: KAFKA_BOOTSTRAP, else one started from its jars.
+
+Users run Apache Kafka, so the integration suite does too: a single KRaft node started by
+deploy/kafka/kafka_local.py (Java 17+ and Maven; the jars are fetched once into a cache). The
+embedded Tansu broker of `tensorpulse broker`/`demo` is still available: TENSORPULSE_TEST_BROKER=tansu
+runs the suite on it (fast to start, but not Kafka), and `tansu_bootstrap` serves the tests that are
+about the embedded broker itself.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
-import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
+KAFKA_LOCAL = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "kafka_local.py"
 
-def _docker_engine_running() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+
+def load_kafka_local() -> ModuleType:
+    """deploy/kafka/kafka_local.py as a module: it is a standalone script, not part of the package."""
+    name = "tensorpulse_kafka_local"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, KAFKA_LOCAL)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # one copy per session, whoever loads it (tests import it too)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _embedded_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from tensorpulse.broker import EmbeddedBroker
+
+    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    with EmbeddedBroker(log_path=log) as broker:
+        yield broker.bootstrap
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Bootstrap address of a real Kafka-protocol broker for the whole session."""
+    """Bootstrap address of a real Kafka broker for the whole session.
+
+    KAFKA_BOOTSTRAP wins (any cluster you already run); TENSORPULSE_TEST_BROKER=tansu picks the
+    embedded Tansu broker; otherwise a one-node Apache Kafka starts here (about 4 s, plus a one-off
+    jar download that `python deploy/kafka/kafka_local.py fetch` can do ahead of time).
+    """
     if os.environ.get("KAFKA_BOOTSTRAP"):
         yield os.environ["KAFKA_BOOTSTRAP"]
         return
-    if _docker_engine_running():
-        from testcontainers.kafka import KafkaContainer
-
-        with KafkaContainer("confluentinc/cp-kafka:7.6.1").with_kraft() as kafka:
-            yield kafka.get_bootstrap_server()
+    choice = os.environ.get("TENSORPULSE_TEST_BROKER", "kafka").lower()
+    if choice == "tansu":
+        yield from _embedded_broker(tmp_path_factory)
         return
-    from tensorpulse.broker import EmbeddedBroker
+    if choice != "kafka":
+        pytest.fail(f"TENSORPULSE_TEST_BROKER={choice!r}: use 'kafka' (the default) or 'tansu'")
+    cluster = start_kafka(1, tmp_path_factory.mktemp("kafka"))
+    try:
+        yield cluster.bootstrap
+    finally:
+        cluster.stop()
 
-    log = tmp_path_factory.mktemp("broker") / "tansu.log"
-    with EmbeddedBroker(log_path=log) as broker:
-        yield broker.bootstrap
+
+def start_kafka(nodes: int, workdir: Path) -> Any:
+    """A started `KafkaCluster`, or a test failure that says how to get Java and Maven."""
+    kafka_local = load_kafka_local()
+    try:
+        return kafka_local.KafkaCluster(nodes=nodes, workdir=workdir).start()
+    except kafka_local.KafkaUnavailable as exc:
+        pytest.fail(
+            "the integration tests start Apache Kafka from its Maven jars and could not:\n"
+            f"{exc}\n"
+            "Install Java 17+ and Maven (Debian: apt-get install openjdk-17-jdk-headless maven) and run "
+            "`python deploy/kafka/kafka_local.py fetch`, or point KAFKA_BOOTSTRAP=host:port at a running "
+            "broker (TENSORPULSE_TEST_BROKER=tansu runs the suite on the embedded Tansu broker instead).",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def kafka_cluster(tmp_path: Path) -> Iterator[Callable[[int], Any]]:
+    """Starts a private Apache Kafka cluster of N nodes for one test (`kafka_cluster(3)`).
+
+    For tests that kill brokers, which must not take the session's broker with them. Whatever it
+    started is SIGKILLed at the end: its data is the test's alone; the logs stay in tmp_path.
+    """
+    started: list[Any] = []
+
+    def start(nodes: int) -> Any:
+        cluster = start_kafka(nodes, tmp_path / f"kafka-{len(started)}")
+        started.append(cluster)
+        return cluster
+
+    yield start
+    for cluster in started:
+        cluster.stop(graceful=False)
+
+
+@pytest.fixture(scope="session")
+def tansu_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The embedded Tansu broker (`tensorpulse broker`), whatever broker the rest of the suite uses."""
+    yield from _embedded_broker(tmp_path_factory)
 
 
 @pytest.fixture

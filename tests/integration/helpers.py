@@ -15,6 +15,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
 
 from tensorpulse import wire
 from tensorpulse.broker import free_port
@@ -80,12 +81,12 @@ def scrape(url: str) -> str:
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:
-    """Value of the first sample `name{labels...}` in exposition text."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
+    """Value of the first sample `name` in exposition text whose labels include `labels` exactly
+    (`job="a"` does not match `training_job="a"`)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
     return None
 
 

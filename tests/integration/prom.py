@@ -50,24 +50,19 @@ def query(base: str, expr: str) -> list[dict[str, Any]]:
     return data["result"] if data["resultType"] in ("vector", "matrix") else [data["result"]]
 
 
-def scrape_config_for(shipped: Path, job_name: str, target: str, rule_files: list[Path]) -> dict[str, Any]:
-    """The shipped Prometheus config with `job_name` pointed at one static target, scraped every 1 s.
-
-    Everything else of that scrape job (honor_labels, paths) is kept, so the test checks the
-    shipped settings; alerting is dropped (no Alertmanager here)."""
-    conf = yaml.safe_load(shipped.read_text())
-    jobs = [j for j in conf["scrape_configs"] if j["job_name"] == job_name]
-    if not jobs:
-        raise AssertionError(f"{shipped} has no scrape job {job_name!r}")
-    job = dict(jobs[0])
-    for key in [k for k in job if k.endswith("_sd_configs")]:
-        del job[key]
-    job.update(static_configs=[{"targets": [target]}], scrape_interval="1s", scrape_timeout="1s")
+def default_config(job_name: str, target: str, rule_files: list[Path]) -> dict[str, Any]:
+    """A Prometheus config with the plainest scrape job any tutorial shows: a name and a static
+    target, nothing else (no honor_labels, no relabelling), scraped every 1 s; the given rule files."""
     return {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(p) for p in rule_files],
-        "scrape_configs": [job],
+        "scrape_configs": [{"job_name": job_name, "static_configs": [{"targets": [target]}]}],
     }
+
+
+def label_values(base: str, label: str, match: str) -> list[str]:
+    """What Grafana's `label_values(match, label)` lists: values of `label` on series matching `match`."""
+    return api(base, f"/api/v1/label/{urllib.parse.quote(label)}/values", **{"match[]": match})
 
 
 @contextlib.contextmanager
@@ -115,6 +110,16 @@ def prometheus_server(tmp: Path, config: Mapping[str, Any]) -> Iterator[str]:
                 proc.wait()
 
 
+def _substitute(text: str, values: Mapping[str, str], where: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in values:
+            raise AssertionError(f"{where} uses an unknown variable ${name}")
+        return values[name]
+
+    return _VAR.sub(sub, text)
+
+
 def dashboard_queries(path: Path, variables: Mapping[str, str]) -> list[tuple[str, str]]:
     """(panel title / refId, PromQL) for every target of a Grafana dashboard, variables substituted.
 
@@ -129,14 +134,28 @@ def dashboard_queries(path: Path, variables: Mapping[str, str]) -> list[tuple[st
             if not expr:
                 continue
             where = f"{path.name}: {panel.get('title')!r} {target.get('refId', '')}"
+            out.append((where, _substitute(expr, values, where)))
+    return out
 
-            def sub(m: re.Match[str], where: str = where) -> str:
-                name = m.group(1) or m.group(2)
-                if name not in values:
-                    raise AssertionError(f"{where} uses an unknown variable ${name}")
-                return values[name]
 
-            out.append((where, _VAR.sub(sub, expr)))
+_LABEL_VALUES = re.compile(r"^\s*label_values\((.+),\s*(\w+)\s*\)\s*$")
+
+
+def dashboard_variables(path: Path, variables: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(variable name, series selector, label) of every `label_values(selector, label)` query
+    variable of a dashboard, other variables substituted; other variable types are skipped."""
+    dash = json.loads(path.read_text())
+    out = []
+    for var in dash.get("templating", {}).get("list", []):
+        if var.get("type") != "query":
+            continue
+        query = var.get("query")
+        text = query.get("query", "") if isinstance(query, dict) else str(query or var.get("definition", ""))
+        m = _LABEL_VALUES.match(text)
+        if m is None:
+            raise AssertionError(f"{path.name}: variable {var['name']!r} is not label_values(...): {text!r}")
+        where = f"{path.name}: variable {var['name']!r}"
+        out.append((var["name"], _substitute(m.group(1), variables, where), m.group(2)))
     return out
 
 

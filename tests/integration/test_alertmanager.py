@@ -83,7 +83,7 @@ def _ready(url: str, proc: subprocess.Popen) -> bool:
 
 def am_alerts(url: str, job: str) -> list[dict[str, Any]]:
     """Alerts Alertmanager holds for `job` (GET /api/v2/alerts with a label filter)."""
-    q = urllib.parse.urlencode({"filter": f'job="{job}"'})
+    q = urllib.parse.urlencode({"filter": f'training_job="{job}"'})
     with urllib.request.urlopen(f"{url}/api/v2/alerts?{q}", timeout=5) as r:
         return json.loads(r.read())
 
@@ -178,7 +178,7 @@ def test_notify_drives_alertmanager_and_webhooks(
         a = found[0]
         assert a["labels"] == {
             "alertname": "ExplodingTensor",
-            "job": job,
+            "training_job": job,
             "rank": "0",
             "severity": "critical",
             "tensorpulse_mode": "train",
@@ -200,7 +200,7 @@ def test_notify_drives_alertmanager_and_webhooks(
 
         if AMTOOL is not None:
             out = subprocess.run(
-                [AMTOOL, "alert", "query", f"--alertmanager.url={alertmanager}", "-o", "json", f"job={job}"],
+                [AMTOOL, "alert", "query", f"--alertmanager.url={alertmanager}", "-o", "json", f"training_job={job}"],
                 capture_output=True,
                 text=True,
                 timeout=20,

@@ -75,7 +75,7 @@ def test_corpus_through_a_worker(kafka_bootstrap: str, unique: str, tmp_path: Pa
 
         def counted() -> str | None:
             text = scrape(url)
-            return text if metric_value(text, "tensorpulse_records_total", job=job) == valid else None
+            return text if metric_value(text, "tensorpulse_records_total", training_job=job) == valid else None
 
         text = wait_for(counted, 30, f"{valid} valid records counted")
         # records in = records evaluated + records dead-lettered (this worker follows only this job)

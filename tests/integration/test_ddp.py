@@ -104,7 +104,7 @@ def ddp_runs(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
             def evaluated() -> bool:
                 text = scrape(url)
                 return all(
-                    metric_value(text, "tensorpulse_records_total", job=j, mode="train") == WORLD * STEPS
+                    metric_value(text, "tensorpulse_records_total", training_job=j, mode="train") == WORLD * STEPS
                     for j in jobs.values()
                 )
 

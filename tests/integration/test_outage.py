@@ -113,6 +113,6 @@ def test_outage_never_blocks_training_and_recovers(tmp_path: Path, unique: str) 
 
 def _processed(url: str, job: str) -> float:
     try:
-        return metric_value(scrape(url), "tensorpulse_records_total", job=job) or 0.0
+        return metric_value(scrape(url), "tensorpulse_records_total", training_job=job) or 0.0
     except OSError:
         return 0.0

@@ -126,7 +126,7 @@ def test_1024_rank_job_names_the_nan_rank_and_a_bystander_still_alerts(
         assert [(e.rank, e.step) for e in exploding] == [(777, 2)]
         assert exploding[0].details["first_nonfinite"]["rank"] == 777
         wait_for(
-            lambda: metric_value(scrape(url), "tensorpulse_records_total", job=big) == 3 * world,
+            lambda: metric_value(scrape(url), "tensorpulse_records_total", training_job=big) == 3 * world,
             120,
             "every rank's record",
         )

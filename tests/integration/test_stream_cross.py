@@ -107,7 +107,7 @@ def test_stalled_job_and_similar_across_runs(kafka_bootstrap: str, unique: str, 
         producer.flush(10)
         last_sent = time.time()
         wait_for(
-            lambda: metric_value(scrape(url), "tensorpulse_records_total", job=job_s) == 3,
+            lambda: metric_value(scrape(url), "tensorpulse_records_total", training_job=job_s) == 3,
             30,
             "the silent job's three records evaluated",
         )
@@ -121,7 +121,7 @@ def test_stalled_job_and_similar_across_runs(kafka_bootstrap: str, unique: str, 
         assert [(e.status, e.step) for e in fired] == [("firing", 2)]
         assert fired[0].ts - fired[0].publish_ts > STALL and waited < STALL + 15
         assert (
-            metric_value(scrape(url), "tensorpulse_rule_firing", job=job_s, rule="StalledTrainingRule") == 1
+            metric_value(scrape(url), "tensorpulse_rule_firing", training_job=job_s, rule="StalledTrainingRule") == 1
         )
 
         send(job_s, _record(job_s, 3))

@@ -41,14 +41,14 @@ def test_new_job_is_picked_up_while_running(kafka_bootstrap: str, unique: str, t
         producer.produce(reductions_topic(first), key=first.encode(), value=_weights_record(first, 0, 1.0))
         producer.flush(10)
         wait_for(
-            lambda: metric_value(scrape(url), "tensorpulse_records_total", job=first) == 1, 60, "first job"
+            lambda: metric_value(scrape(url), "tensorpulse_records_total", training_job=first) == 1, 60, "first job"
         )
         create_topic(kafka_bootstrap, reductions_topic(second))
         t0 = time.monotonic()
         producer.produce(reductions_topic(second), key=second.encode(), value=_weights_record(second, 0, 1.0))
         producer.flush(10)
         wait_for(
-            lambda: metric_value(scrape(url), "tensorpulse_records_total", job=second) == 1, 30, "second job"
+            lambda: metric_value(scrape(url), "tensorpulse_records_total", training_job=second) == 1, 30, "second job"
         )
         print(f"new job evaluated {time.monotonic() - t0:.1f}s after its first record")
         assert metric_value(scrape(url), "tensorpulse_jobs") == 2
@@ -87,7 +87,7 @@ def test_rule_state_survives_a_worker_restart(kafka_bootstrap: str, unique: str,
     producer.flush(10)
     with worker_process(kafka_bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (_, url):
         wait_for(
-            lambda: metric_value(scrape(url), "tensorpulse_records_total", job=job) == 3, 60, "3 records"
+            lambda: metric_value(scrape(url), "tensorpulse_records_total", training_job=job) == 3, 60, "3 records"
         )
         time.sleep(1.5)  # let the worker commit its state (commit interval 0.5 s)
     assert unchanged_alerts() == [], "fired after only 2 equal steps"
@@ -97,6 +97,6 @@ def test_rule_state_survives_a_worker_restart(kafka_bootstrap: str, unique: str,
     with worker_process(kafka_bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (_, url):
         events = wait_for(unchanged_alerts, 60, "UnchangedTensor to fire after the restart")
         assert [(e.status, e.step) for e in events] == [("firing", 3)]
-        assert metric_value(scrape(url), "tensorpulse_records_total", job=job) == 1, (
+        assert metric_value(scrape(url), "tensorpulse_records_total", training_job=job) == 1, (
             "old records were replayed"
         )

@@ -88,20 +88,20 @@ def test_worker_alerts_dead_letters_and_metrics(kafka_bootstrap: str, unique: st
 
         def all_counted():
             text = scrape(url)
-            return text if metric_value(text, "tensorpulse_records_total", job=job) == 40 else None
+            return text if metric_value(text, "tensorpulse_records_total", training_job=job) == 40 else None
 
         text = wait_for(all_counted, 20, "40 records counted in /metrics")
         assert metric_value(text, "tensorpulse_decode_errors_total", reason="not_msgpack") >= 1
-        assert metric_value(text, "tensorpulse_rule_firing", job=job, rule="ExplodingTensor") == 0
+        assert metric_value(text, "tensorpulse_rule_firing", training_job=job, rule="ExplodingTensor") == 0
         assert (
-            metric_value(text, "tensorpulse_tensor_stat", job=job, tensor="gradient/fc.weight", stat="nan")
+            metric_value(text, "tensorpulse_tensor_stat", training_job=job, tensor="gradient/fc.weight", stat="nan")
             == 0
         )
-        assert metric_value(text, "tensorpulse_last_step", job=job, mode="train") == 39
-        assert metric_value(text, "tensorpulse_publish_to_eval_seconds_count", job=job) == 40
+        assert metric_value(text, "tensorpulse_last_step", training_job=job, mode="train") == 39
+        assert metric_value(text, "tensorpulse_publish_to_eval_seconds_count", training_job=job) == 40
 
         def lag_reported():
-            return metric_value(scrape(url), "tensorpulse_consumer_lag", job=job)
+            return metric_value(scrape(url), "tensorpulse_consumer_lag", training_job=job)
 
         wait_for(lambda: lag_reported() is not None, 20, "the consumer lag gauge")
         assert lag_reported() >= 0
@@ -109,5 +109,5 @@ def test_worker_alerts_dead_letters_and_metrics(kafka_bootstrap: str, unique: st
         end = wire.encode(job=job, rank=0, world=1, step=40, mode="train", ts=time.time(), kind="end")
         producer.produce(topic, key=job.encode(), value=end)
         producer.flush(10)
-        wait_for(lambda: f'job="{job}"' not in scrape(url), 20, "the finished job's series to disappear")
+        wait_for(lambda: f'training_job="{job}"' not in scrape(url), 20, "the finished job's series to disappear")
         assert proc.poll() is None

@@ -142,13 +142,54 @@ def test_promtool_test_rules() -> None:
     assert "SUCCESS" in out
 
 
-def test_scrape_job_keeps_the_training_job_label() -> None:
-    """The worker scrape job honours labels (job = training job) and targets the compose service."""
+def test_scrape_job_is_a_plain_one() -> None:
+    """The worker scrape job needs no honor_labels or relabelling (the training job is the
+    metrics' own `training_job` label, not Prometheus's `job`) and targets the compose service."""
     conf = yaml.safe_load((PROM / "prometheus.yml").read_text())
     job = next(j for j in conf["scrape_configs"] if j["job_name"] == "tensorpulse-workers")
-    assert job["honor_labels"] is True
+    assert not {"honor_labels", "relabel_configs", "metric_relabel_configs"} & set(job), job
     (sd,) = job["dns_sd_configs"]
     assert sd["names"] == ["worker"] and sd["port"] == METRICS_PORT
+    k8s = (DEPLOY / "k8s" / "service.yaml").read_text()
+    assert "honor_labels: true" not in k8s
+
+
+#: `job` as a label name in PromQL or a label list (not `training_job`, not a recording rule's
+#: `job:` level prefix), and as a label in a template, legend, Grafana field or link variable.
+_JOB_LABEL = re.compile(r"(?<![\w:.$])job(?=\s*(?:=|!=|=~|!~|[,)\]]))")
+_JOB_TEMPLATE = re.compile(r"\$labels\.job\b|\{\{\s*job\s*\}\}|fields\.job\b|var-job\b")
+_FREE_TEXT = {"description", "title", "summary"}
+
+
+def _job_labels(value: Any, key: str = "") -> list[str]:
+    """Every string in a parsed config that uses `job` as a label name."""
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in _job_labels(v, str(k))]
+    if isinstance(value, list):
+        return [hit for v in value for hit in _job_labels(v, key)]
+    if not isinstance(value, str):
+        return []
+    if value == "job" or _JOB_TEMPLATE.search(value) or (key not in _FREE_TEXT and _JOB_LABEL.search(value)):
+        return [value]
+    return []
+
+
+def test_the_training_job_is_never_the_label_job() -> None:
+    """Dashboards, recording and alerting rules and Alertmanager routes name the training job
+    `training_job`; `job` appears only where it means Prometheus's scrape job (up{job=...})."""
+    configs = {p.name: json.loads(p.read_text()) for p in DASHBOARDS}
+    configs |= {p.name: yaml.safe_load(p.read_text()) for p in PROM.glob("*.rules.yml")}
+    alertmanager = yaml.safe_load((DEPLOY / "alertmanager" / "alertmanager.yml").read_text())
+    configs["alertmanager.yml"] = alertmanager
+    found = {name: _job_labels(conf) for name, conf in configs.items()}
+    assert found.pop("alerts.rules.yml") == ['up{job="tensorpulse-workers"} == 0']
+    assert all(not hits for hits in found.values()), found
+    assert alertmanager["route"]["group_by"] == ["alertname", "training_job"]
+    assert all("training_job" in r.get("equal", ["training_job"]) for r in alertmanager["inhibit_rules"])
+    # The check itself finds the old label.
+    old = {"expr": 'sum by (job) (x{job="a"})', "legendFormat": "{{job}}", "group_by": ["job"]}
+    assert len(_job_labels(old)) == 3
+    assert not _job_labels({"expr": 'sum by (training_job) (job:x:rate1m{training_job="a"})'})
 
 
 def test_alertmanager_config() -> None:
@@ -172,13 +213,23 @@ def test_dashboards_are_provisioned() -> None:
     assert ds["datasources"][0]["url"] == "http://prometheus:9090"
 
 
-def test_layers_dashboard_has_a_job_variable() -> None:
-    """The per-job dashboard is templated on the training job and filters every panel by it."""
+def test_layers_dashboard_has_a_training_job_variable() -> None:
+    """The per-job dashboard is templated on the training job and filters every panel by it; the
+    links to it (the overview's job table, notify's generator URL in compose) set that variable."""
     d = json.loads((DEPLOY / "grafana/dashboards/tensorpulse-layers.json").read_text())
     variables = {v["name"]: v for v in d["templating"]["list"]}
-    assert "label_values(tensorpulse_last_step, job)" in variables["job"]["definition"]
+    assert "label_values(tensorpulse_last_step, training_job)" in variables["training_job"]["definition"]
     for title, expr in _exprs(d):
-        assert 'job="$job"' in expr, f"panel {title!r} is not filtered by $job"
+        assert 'training_job="$training_job"' in expr, f"panel {title!r} is not filtered by $training_job"
+    links = re.findall(
+        r"/d/tensorpulse-layers/[\w-]+\?([^\s\"&]+)",
+        (DEPLOY / "grafana/dashboards/tensorpulse-overview.json").read_text()
+        + (DEPLOY / "docker-compose.yml").read_text(),
+    )
+    assert len(links) == 2, links
+    for link in links:
+        name = link.partition("=")[0].removeprefix("var-")
+        assert name in variables, f"a link to the layers dashboard sets an unknown variable: {link}"
 
 
 def test_dashboard_queries_use_known_metrics_and_variables() -> None:

@@ -49,12 +49,12 @@ def when(stamp: str) -> float:
 
 
 def test_mapping_puts_identity_in_labels_and_details_in_annotations() -> None:
-    """Labels hold rule, job, rank, severity and mode; step, tensors, value and threshold are annotations."""
+    """Labels hold rule, training job, rank, severity and mode; step, tensors, value and threshold are annotations."""
     a = to_alertmanager(event(), extra_labels={"team": "ml"}, generator_url="https://g/d?job={job}&r={rule}")
     assert a["labels"] == {
         "team": "ml",
         "alertname": "ExplodingTensor",
-        "job": "resnet-42",
+        "training_job": "resnet-42",
         "rank": "3",
         "severity": "critical",
         "tensorpulse_mode": "train",
@@ -70,11 +70,11 @@ def test_mapping_puts_identity_in_labels_and_details_in_annotations() -> None:
 
 
 def test_mapping_omits_empty_annotations_and_extra_labels_cannot_override_identity() -> None:
-    """A value-less event has no value/threshold annotation; `--label job=x` does not rename the job."""
+    """A value-less event has no value/threshold annotation; `--label training_job=x` does not rename the job."""
     a = to_alertmanager(
-        event(value=None, threshold=None, tensors=(), action="none"), extra_labels={"job": "x"}
+        event(value=None, threshold=None, tensors=(), action="none"), extra_labels={"training_job": "x"}
     )
-    assert a["labels"]["job"] == "resnet-42"
+    assert a["labels"]["training_job"] == "resnet-42" and "job" not in a["labels"]
     assert not {"value", "threshold", "tensors", "action"} & set(a["annotations"])
 
 
