@@ -6,7 +6,8 @@ record is published; how long until a consumer that follows every job topic has 
 each a plain confluent-kafka consumer in this process, side by side on one broker, new topics
 created one at a time (`--topics`, `--gap-s` apart, a record produced right after each):
 
-  pattern-classic  subscribe(["^prefix.*"]), classic group protocol, cooperative-sticky,
+  pattern-classic  subscribe(["^prefix.*"]) by --members consumers in one group, classic
+                   group protocol, cooperative-sticky,
                    topic.metadata.refresh.interval.ms = --refresh-ms: the client matches the
                    pattern on its metadata, then the group rebalances to assign the new partition
   pattern-848      the same pattern with group.protocol=consumer (KIP-848, Apache Kafka 4): the
@@ -42,7 +43,7 @@ FAST = {"fetch.wait.max.ms": 10, "fetch.error.backoff.ms": 10, "topic.metadata.r
 class Follower(threading.Thread):
     """One way of following every topic under a prefix; records when each topic's first record came."""
 
-    def __init__(self, way: str, bootstrap: str, prefix: str, a: argparse.Namespace) -> None:
+    def __init__(self, way: str, bootstrap: str, prefix: str, a: argparse.Namespace, group: str) -> None:
         super().__init__(name=way, daemon=True)
         self.way, self.prefix, self.a = way, prefix, a
         self.got: dict[str, float] = {}
@@ -50,7 +51,7 @@ class Follower(threading.Thread):
         self.stop_event = threading.Event()
         conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
-            "group.id": f"sub-{way}-{uuid.uuid4().hex[:6]}",
+            "group.id": group,
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             **FAST,
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ways", nargs="+", default=["pattern-classic", "pattern-848", "assign"])
     ap.add_argument("--topics", type=int, default=8, help="new topics, one at a time")
     ap.add_argument("--gap-s", type=float, default=2.0, help="seconds between new topics")
+    ap.add_argument("--members", type=int, default=1, help="consumers in each pattern way's group")
     ap.add_argument("--refresh-ms", type=int, default=200, help="metadata refresh of the pattern consumers")
     ap.add_argument("--list-ms", type=int, default=100, help="topic listing period of `assign`")
     ap.add_argument(
@@ -125,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         bs = broker.bootstrap
         admin = AdminClient({"bootstrap.servers": bs})
         producer = Producer({"bootstrap.servers": bs, "linger.ms": 0})
-        followers = [Follower(w, bs, prefix, a) for w in a.ways]
+        followers = []
+        for way in a.ways:  # the pattern ways with --members consumers in one group (the workers)
+            group = f"sub-{way}-{uuid.uuid4().hex[:6]}"
+            n = 1 if way == "assign" else a.members
+            followers += [Follower(way, bs, prefix, a, group) for _ in range(n)]
         for f in followers:
             f.start()
         time.sleep(3.0)  # every group formed (on an empty pattern) before the first topic appears
@@ -138,23 +144,31 @@ def main(argv: list[str] | None = None) -> int:
             producer.flush(10)
             time.sleep(a.gap_s)
         end = time.monotonic() + a.wait_s
-        while time.monotonic() < end and not all(len(f.got) == len(sent) for f in followers):
+        while time.monotonic() < end and not all(
+            sum(t in f.got for f in followers if f.way == w for t in sent) >= len(sent) for w in a.ways
+        ):
             time.sleep(0.1)
         for f in followers:
             f.stop_event.set()
             f.join(15)
         what = broker.what
     rows = []
-    for f in followers:
-        lat = [f.got[t] - ts for t, ts in sent.items() if t in f.got]
+    for way in a.ways:
+        members = [f for f in followers if f.way == way]
+        got = {
+            t: min(f.got[t] for f in members if t in f.got) for t in sent if any(t in f.got for f in members)
+        }
+        lat = [got[t] - ts for t, ts in sent.items() if t in got]
+        error = next((f.error for f in members if f.error), None)
         rows.append(
             {
-                "way": f.way,
+                "way": way,
+                "members": len(members),
                 "p50_s": round(percentile(lat, 50), 3) if lat else None,
                 "max_s": round(max(lat), 3) if lat else None,
                 "missed": len(sent) - len(lat),
                 "each_s": [round(x, 3) for x in lat],
-                "error": f.error,
+                "error": error,
             }
         )
     print(f"broker: {what}; {a.topics} new topics, {a.gap_s:g} s apart; load {os.getloadavg()[0]:.1f}")
