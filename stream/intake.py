@@ -107,7 +107,6 @@ class Intake:
         self._need_control: list[str] = []
         self._failed: dict[tuple[str, int], int] = {}  # (topic, partition) -> first undelivered offset
         self.copied = 0
-        self.ready = threading.Event()  # set once the coordination group has assigned shards
 
     # ------------------------------------------------------------------ clients
     def _clients(self) -> tuple[Consumer, Consumer, Producer]:
@@ -238,8 +237,6 @@ class Intake:
         """Assign the partitions of newly owned jobs, unassign those no longer owned or deleted."""
         c = self.config
         shards = {tp.partition for tp in coordination.assignment() if tp.topic == c.coordination_topic}
-        if shards:
-            self.ready.set()
         wanted = {t: j for j, t in self.jobs.items() if shard_of(j, c.shards) in shards}
         added = [t for t in wanted if t not in self.owned]
         removed = [t for t in self.owned if t not in wanted]

@@ -325,7 +325,6 @@ class Worker:
             cout.apply(lambda r: r[0], expand=True).to_topic(alerts)
             cout.apply(lambda r: r[1], expand=True).to_topic(dead)
             cout.apply(lambda r: r[2], expand=True).to_topic(self._control_of)
-        self._app_for_topics = app
         return app
 
     def _control_of(self, value: bytes, key: Any, timestamp: int, headers: Any) -> Topic:
@@ -338,7 +337,9 @@ class Worker:
                 replication_factor=self.settings.replication_factor,
                 extra_config=self.settings.topic_config(),
             )
-            topic = self._controls[job] = self._app_for_topics.topic(
+            app = self._app
+            assert app is not None, "actions are published only while the application runs"
+            topic = self._controls[job] = app.topic(
                 control_topic(job, self.settings.topic_prefix),
                 value_serializer="bytes",
                 key_serializer="bytes",
