@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from common import open_broker, percentile
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from designs import DEFAULT_BASELINE_REV, Design, prepare_baseline, prepare_current
 from loadgen import create_topics
-from loadwatch import AlertCollector, WorkerProc, check_alive, scrape
+from loadwatch import AlertCollector, WorkerProc, check_alive, scrape, stop_workers
 
 from tensorpulse import wire
 from tensorpulse.broker import free_port
@@ -252,13 +251,7 @@ def scenario(design: Design, bootstrap: str, world: int, a: argparse.Namespace, 
     finally:
         bystander.stop_event.set()
         alerts.stop()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_workers([worker])
     return out
 
 

@@ -129,42 +129,13 @@ class RankDivergence(CrossRankRule):
                 hits.append((ratio, name, outlier, raw))
             else:
                 ref[name] = {str(r): x for r, x in logs.items()}
-        if not hits:
-            healthy = RankedFinding(
-                False,
-                threshold=p.ratio_threshold,
-                step=step.step,
-                mode=step.mode,
-                rank=min(step.ranks),
-                ts=step.ts,
-            )
-            return {"n": 0, "ref": ref}, healthy
-        streak = int(state.get("n", 0)) + 1
-        new = {"n": streak, "ref": ref}
-        if streak < p.patience:
-            return new, None
-        hits.sort(key=lambda h: (-h[0], h[1]))
-        ratio, name, outlier, raw = hits[0]
-        others = ", ".join(f"rank {r} = {raw[r]:.3g}" for r in sorted(raw) if r != outlier)
-        what = name[len(SCALAR_PREFIX) :] if name.startswith(SCALAR_PREFIX) else f"{name} {p.statistic}"
-        more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
-        missing = f"; ranks missing: {', '.join(map(str, step.missing))}" if step.missing else ""
-        message = (
-            f"ranks diverge at {step.mode} step {step.step}: {what} on rank {outlier} = {raw[outlier]:.3g} "
-            f"vs {others} (ratio {ratio:.3g} > {p.ratio_threshold:g}){more}{missing}"
-        )
-        return new, RankedFinding(
-            True,
-            value=ratio,
-            threshold=p.ratio_threshold,
-            tensors=tuple(h[1] for h in hits),
-            message=message,
-            step=step.step,
-            mode=step.mode,
-            rank=outlier,
-            ts=step.ts,
-        )
+        def describe(hit: tuple[float, str, int, dict[int, float]], what: str) -> str:
+            ratio, _, outlier, raw = hit
+            others = ", ".join(f"rank {r} = {raw[r]:.3g}" for r in sorted(raw) if r != outlier)
+            return f"{what} on rank {outlier} = {raw[outlier]:.3g} vs {others}"
 
+        missing = f"; ranks missing: {', '.join(map(str, step.missing))}" if step.missing else ""
+        return self._verdict({"ref": ref}, int(state.get("n", 0)), step, min(step.ranks), hits, describe, missing)
 
     def compare_extremes(self, state: State, step: SummarisedStep) -> tuple[State, Finding | None]:
         """`compare` for a large job, from each name's extremes (see the class docstring)."""
@@ -185,25 +156,45 @@ class RankDivergence(CrossRankRule):
                 rest_lo = max((x.total - x.lo) / (x.n - 1), floor)
                 far_hi, far_lo = hi - math.log(rest_hi), math.log(rest_lo) - lo
                 hits.append((ratio, name, x.hi_rank if far_hi >= far_lo else x.lo_rank, x))
+        def describe(hit: tuple[float, str, int, Extremes], what: str) -> str:
+            _, _, outlier, x = hit
+            value = x.hi if outlier == x.hi_rank else x.lo
+            return (
+                f"{what} on rank {outlier} = {value:.3g}; over {x.n} ranks min {x.lo:.3g} (rank {x.lo_rank}), "
+                f"max {x.hi:.3g} (rank {x.hi_rank}), mean {x.total / x.n:.3g}"
+            )
+
+        missing = f"; {len(step.missing)} rank(s) missing" if step.missing else ""
+        return self._verdict(dict(state), int(state.get("n", 0)), step, 0, hits, describe, missing)
+
+    def _verdict(
+        self,
+        kept: State,
+        streak: int,
+        step: AssembledStep | SummarisedStep,
+        healthy_rank: int,
+        hits: list[Any],
+        describe: Any,
+        missing: str,
+    ) -> tuple[State, Finding | None]:
+        """The finding on one compared step from its diverging names, (ratio, name, outlier, detail)
+        each: healthy without any, firing after `patience` in a row (both ways of comparing)."""
+        p: Any = self.params
         if not hits:
             healthy = RankedFinding(
-                False, threshold=p.ratio_threshold, step=step.step, mode=step.mode, rank=0, ts=step.ts
+                False, threshold=p.ratio_threshold, step=step.step, mode=step.mode, rank=healthy_rank, ts=step.ts
             )
-            return {**state, "n": 0}, healthy
-        streak = int(state.get("n", 0)) + 1
-        new = {**state, "n": streak}
-        if streak < p.patience:
+            return {**kept, "n": 0}, healthy
+        new = {**kept, "n": streak + 1}
+        if streak + 1 < p.patience:
             return new, None
         hits.sort(key=lambda h: (-h[0], h[1]))
-        ratio, name, outlier, x = hits[0]
-        value = x.hi if outlier == x.hi_rank else x.lo
+        ratio, name, outlier, _ = hits[0]
         what = name[len(SCALAR_PREFIX) :] if name.startswith(SCALAR_PREFIX) else f"{name} {p.statistic}"
         more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
-        missing = f"; {len(step.missing)} rank(s) missing" if step.missing else ""
         message = (
-            f"ranks diverge at {step.mode} step {step.step}: {what} on rank {outlier} = {value:.3g}; over "
-            f"{x.n} ranks min {x.lo:.3g} (rank {x.lo_rank}), max {x.hi:.3g} (rank {x.hi_rank}), "
-            f"mean {x.total / x.n:.3g} (ratio {ratio:.3g} > {p.ratio_threshold:g}){more}{missing}"
+            f"ranks diverge at {step.mode} step {step.step}: {describe(hits[0], what)} "
+            f"(ratio {ratio:.3g} > {p.ratio_threshold:g}){more}{missing}"
         )
         return new, RankedFinding(
             True,

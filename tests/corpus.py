@@ -30,7 +30,9 @@ class Case:
     step: int | None = None  # the step of a valid record
 
 
-def good(job: str, step: int, *, announce: bool = False, nan: bool = False, ts: float = 1.0) -> bytes:
+def good(
+    job: str, step: int, *, announce: bool = False, nan: bool = False, ts: float = 1.0, rank: int = 0, world: int = 1
+) -> bytes:
     """A valid record of `job` (announcing its schema when asked); `nan` puts NaN in the gradient."""
     floats = np.array([[0.0, 0.1, -0.3, 0.3, 0.08], [0.0, 0.01, -0.03, 0.03, 0.008]], dtype=np.float32)
     nans = np.zeros(2, dtype=np.int64)
@@ -39,7 +41,7 @@ def good(job: str, step: int, *, announce: bool = False, nan: bool = False, ts: 
         nans[1] = 5
     block = wire.TensorBlock(NAMES, COLLS, np.array([64, 64]), floats, np.zeros(2, dtype=np.int64), nan=nans)
     return wire.encode(
-        job=job, rank=0, world=1, step=step, mode="train", ts=ts, seq=step,
+        job=job, rank=rank, world=world, step=step, mode="train", ts=ts, seq=step,
         scalars={"loss": 1.0 / (step + 1)}, tensors=block, announce=announce,
     )  # fmt: skip
 

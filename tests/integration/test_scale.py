@@ -8,10 +8,10 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from corpus import good
 
 from tensorpulse import wire
 from tensorpulse.events import AlertEvent
@@ -21,23 +21,9 @@ from .helpers import RETENTION, create_topic, metric_value, read_topic, scrape, 
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-NAMES, COLLS = ["fc.weight", "gradient/fc.weight"], ["weights", "gradients"]
-
-
-def _record(
-    job: str, step: int, *, rank: int = 0, world: int = 1, nan: bool = False, announce: bool = False
-) -> bytes:
-    """One rank's step of `job`; `nan` puts NaN in the gradient (ExplodingTensor fires on it)."""
-    floats = np.array([[0.0, 0.1, -0.3, 0.3, 0.08], [0.0, 0.01, -0.03, 0.03, 0.008]], dtype=np.float32)
-    nans = np.zeros(2, dtype=np.int64)
-    if nan:
-        floats[1, :] = np.nan
-        nans[1] = 5
-    block = wire.TensorBlock(NAMES, COLLS, np.array([64, 64]), floats, np.zeros(2, dtype=np.int64), nan=nans)
-    return wire.encode(
-        job=job, rank=rank, world=world, step=step, mode="train", ts=time.time(), seq=step,
-        scalars={"loss": 1.0 / (step + 1)}, tensors=block, announce=announce,
-    )  # fmt: skip
+def _record(job: str, step: int, *, rank: int = 0, world: int = 1, nan: bool = False, announce: bool = False) -> bytes:
+    """One rank's step of `job`, stamped now; `nan` puts NaN in the gradient (ExplodingTensor fires on it)."""
+    return good(job, step, announce=announce, nan=nan, ts=time.time(), rank=rank, world=world)
 
 
 def _alerts(bootstrap: str, jobs: set[str], rule: str = "ExplodingTensor") -> list[AlertEvent]:
