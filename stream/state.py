@@ -13,7 +13,7 @@ not by the job's size:
 | `ranks`              | the ranks seen, a hex bitmap (what a tick or a job summary iterates) |
 | `ended`              | rank -> wall time of its end record                                  |
 | `src:<partition>`    | the last source offset processed (the intake's copies are deduplicated) |
-| `schema:<r>:<id>`, `schemas` | announced tensor names, and the list of those keys           |
+| `schema:<r>:<id>`, `schemas:<r>` | announced tensor names, and rank r's schema ids (for removal) |
 
 Inside an entry a slot is keyed `<rule name>#<digest of its class and parameters>`: a rule whose
 threshold changed starts from a fresh state instead of reading state made under other
@@ -226,17 +226,14 @@ class JobStore:
         for rank in self.ranks():
             self._store.delete(f"rank:{rank}")
             self._store.delete(f"clock:{rank}")
+            for sid in self._store.get(f"schemas:{rank}") or []:
+                self._store.delete(f"schema:{rank}:{sid}")
+            self._store.delete(f"schemas:{rank}")
         for name, group in self._group.items():
             if group == "job":
                 self._store.delete(self._entry_key("job", JOB_SLOT, name))
-        for key in self._get("schemas") or []:
+        for key in ("ranks", "ended"):
             self._store.delete(key)
-        for key in ("ranks", "ended", "schemas"):
-            self._store.delete(key)
-
-    def delete_offsets(self, partitions: Sequence[int]) -> None:
-        for p in partitions:
-            self._store.delete(f"src:{p}")
 
 
 class StoredSchemas(MutableMapping[tuple[str, int, int], Any]):
@@ -262,8 +259,9 @@ class StoredSchemas(MutableMapping[tuple[str, int, int], Any]):
     def __setitem__(self, key: tuple[str, int, int], value: Any) -> None:
         if self._cache.get(key) != value:
             name = self._key(key)
-            if self._store.get(name) is None:
-                self._store.set("schemas", [*(self._store.get("schemas") or []), name])
+            if self._store.get(name) is None:  # a new schema of this rank: note its id for removal
+                index = f"schemas:{key[1]}"
+                self._store.set(index, [*(self._store.get(index) or []), key[2]])
             self._store.set(name, [list(value[0]), list(value[1])])
         self._cache[key] = value
 

@@ -6,11 +6,12 @@ import json
 import math
 import random
 
+from tensorpulse import wire
 from tensorpulse.rules import RankDivergence, default_rules
 from tensorpulse.rules.config import RuleSpec
 from tensorpulse.rules.testing import make_record, make_stats
 from tensorpulse.stream.evaluator import JobEvaluator
-from tensorpulse.stream.state import MAX_ENTRY_BYTES, JobStore, MemoryStore, spec_digest
+from tensorpulse.stream.state import MAX_ENTRY_BYTES, JobStore, MemoryStore, StoredSchemas, spec_digest
 
 
 def _specs(**rules) -> list[RuleSpec]:
@@ -122,6 +123,11 @@ def test_delete_all_leaves_only_the_source_offsets() -> None:
     store = MemoryStore()
     _run_store(ev, [_rec(r, s, 2) for s in range(3) for r in range(2)], store)
     js = JobStore(store, ev.specs)
+    schemas = StoredSchemas(store, wire.SchemaCache())
+    for rank in range(2):  # names announced by each rank, as the decoder stores them
+        schemas[("job", rank, 7)] = (["fc.weight"], ["weights"])
+        schemas[("job", rank, 8)] = (["fc.bias"], ["biases"])
+    assert store.get("schemas:1") == [7, 8]  # per rank: no entry grows with the job's size
     js.set_offset(0, 41)
     js.mark_ended(0, 1.0)
     js.delete_all()
