@@ -34,6 +34,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,8 @@ class Intake:
         self.owned: dict[str, str] = {}  # topic -> job, for the jobs this intake reads
         self._last_seen: dict[str, float] = {}  # job -> monotonic time of its last record (or assignment)
         self._need_control: list[str] = []
+        self._creator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorpulse-topics")
+        self._creating: Future[None] | None = None
         self._failed: dict[tuple[str, int], int] = {}  # (topic, partition) -> first undelivered offset
         self.copied = 0
 
@@ -221,17 +224,22 @@ class Intake:
             if c.tick_interval is not None and now >= next_tick:
                 next_tick = now + c.tick_interval
                 self._tick(producer)
-            if self._need_control:
+            if self._need_control and (self._creating is None or self._creating.done()):
+                # Off this loop: creating topics can take seconds on a busy cluster, and the loop
+                # copies every job's records.
                 names, self._need_control = self._need_control, []
-                try:
-                    self.discovery.ensure_topics(
-                        [control_topic(j, c.topic_prefix) for j in names],
-                        c.topic_config,
-                        replication_factor=c.replication_factor,
-                    )
-                except Exception as exc:
-                    log.warning("creating control topics failed (%s); retrying", exc)
-                    self._need_control += names
+                self._creating = self._creator.submit(self._create_control_topics, names)
+
+    def _create_control_topics(self, jobs: list[str]) -> None:
+        """The new jobs' control topics (where their stop actions go), on the creator thread."""
+        c = self.config
+        try:
+            self.discovery.ensure_topics(
+                [control_topic(j, c.topic_prefix) for j in jobs], c.topic_config, replication_factor=c.replication_factor
+            )
+        except Exception as exc:
+            log.warning("creating control topics failed (%s); retrying", exc)
+            self._need_control += jobs
 
     def _follow(self, source: Consumer, coordination: Consumer) -> None:
         """Assign the partitions of newly owned jobs, unassign those no longer owned or deleted."""
