@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     print(f"broker: {what}; {a.topics} new topics, {a.gap_s:g} s apart; load {os.getloadavg()[0]:.1f}")
-    print("\n| way | first record p50 | max | missed |")
-    print("|---|---|---|---|")
+    print("\n| way | consumers | first record p50 | max | missed |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['way']} | {r['p50_s']} s | {r['max_s']} s | {r['missed']}{' (' + r['error'] + ')' if r['error'] else ''} |"
+            f"| {r['way']} | {r['members']} | {r['p50_s']} s | {r['max_s']} s | {r['missed']}{' (' + r['error'] + ')' if r['error'] else ''} |"
         )
     out = a.out or RESULTS / f"subscribe-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
