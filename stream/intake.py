@@ -51,6 +51,8 @@ log = logging.getLogger("tensorpulse.stream")
 SOURCE_HEADER = "tp.src"  # b"<partition>:<offset>" of the record on its job topic
 KEY_HEADER = "tp.key"  # the record's own key, when it had one (the processor checks it)
 TICK_HEADER = "tp.tick"  # b"<unix time>": a clock tick, no record
+#: A round of the intake's loop longer than this is logged with what took the time.
+SLOW_ROUND_S = 1.0
 
 
 def shard_of(job: str, shards: int) -> int:
@@ -198,9 +200,18 @@ class Intake:
         c = self.config
         next_discovery = next_tick = 0.0
         logged_down = False
+        steps: dict[str, float] = {}  # how long each part of this round took (a slow round is logged)
         while not stop.is_set():
             now = time.monotonic()
+            if steps and (took := sum(steps.values())) > SLOW_ROUND_S:
+                log.warning(
+                    "intake: one round took %.1f s (%s): every job's records waited",
+                    took,
+                    ", ".join(f"{k} {v:.2f} s" for k, v in steps.items() if v >= 0.05),
+                )
+            steps = {}
             coordination.poll(0)  # serves the shard group's heartbeats and rebalances
+            steps["coordination"] = time.monotonic() - now
             if now >= next_discovery:
                 next_discovery = now + c.discovery_interval
                 try:
@@ -211,19 +222,26 @@ class Intake:
                         log.warning("intake cannot list topics (%s); retrying", exc)
                         logged_down = True
                     jobs = self.jobs
+                t = time.monotonic()
+                steps["listing"] = t - now
                 owned = len(self.owned)
                 changed = jobs != self.jobs
                 self.jobs = jobs
                 self._follow(source, coordination)
                 if (changed or owned != len(self.owned)) and self._on_jobs is not None:
                     self._on_jobs(dict(jobs), len(self.owned))
+                steps["assignment"] = time.monotonic() - t
+            t = time.monotonic()
             if self.owned:
                 self._copy(source, producer)
+                steps["copy"] = time.monotonic() - t
             else:
                 stop.wait(c.discovery_interval / 2)
             if c.tick_interval is not None and now >= next_tick:
                 next_tick = now + c.tick_interval
+                t = time.monotonic()
                 self._tick(producer)
+                steps["ticks"] = time.monotonic() - t
             if self._need_control and (self._creating is None or self._creating.done()):
                 # Off this loop: creating topics can take seconds on a busy cluster, and the loop
                 # copies every job's records.
@@ -279,6 +297,7 @@ class Intake:
             return
         self._failed.clear()
         now = time.monotonic()
+        done: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to read
         for m in batch:
             err = m.error()
             if err is not None:
@@ -288,7 +307,8 @@ class Intake:
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             job = self.owned.get(topic)
             if job is None:
-                continue  # unassigned while the batch was in flight
+                continue  # unassigned while the batch was in flight: its new reader commits it
+            done[(topic, partition)] = offset + 1
             self._last_seen[job] = now
             value = m.value()  # None (a tombstone) is copied as it is: the decoder names it
             if value is not None and len(value) > c.max_record_bytes:
@@ -315,7 +335,9 @@ class Intake:
                 source.seek(TopicPartition(topic, partition, offset))
             log.warning("intake: %d copies not acknowledged; reading them again", remaining + len(self._failed))
             return
-        source.commit(asynchronous=True)
+        # Only the partitions this batch read: committing every assigned partition after every
+        # batch wrote thousands of offsets a second to the broker with 1,000 jobs.
+        source.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in done.items()], asynchronous=True)
 
     def _delivered(self, topic: str, partition: int, offset: int) -> Callable[[Any, Any], None]:
         def on_delivery(err: Any, _msg: Any) -> None:
