@@ -139,6 +139,9 @@ class Worker:
             on_reject=self._count_reject,
         )
         self._lag = LagMonitor(base, f"{settings.group}.intake", self.metrics)
+        self._intake_thread = threading.Thread(
+            target=self.intake.run, args=(self._stop,), name="tensorpulse-intake", daemon=True
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
@@ -162,7 +165,7 @@ class Worker:
                 log.warning("cannot create the worker's topics yet (%s); retrying in %.0fs", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
-        threading.Thread(target=self.intake.run, args=(self._stop,), name="tensorpulse-intake", daemon=True).start()
+        self._intake_thread.start()
         threading.Thread(target=self._watch_lag, name="tensorpulse-lag", daemon=True).start()
         backoff = 1.0
         while not self._stop.is_set():
@@ -201,6 +204,10 @@ class Worker:
             break  # app.run() returned: stopped by a signal or by stop()
         self._app = None
         self._stop.set()
+        if self._intake_thread.is_alive():
+            # Let the intake finish its round and leave the shard group, so that the other
+            # workers take its jobs now rather than after the session timeout.
+            self._intake_thread.join(10)
         log.info("worker stopped")
 
     def _handle_signals(self) -> None:
