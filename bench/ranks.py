@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,12 +35,11 @@ from typing import Any
 import numpy as np
 from common import open_broker, percentile
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from designs import DEFAULT_BASELINE_REV, Design, prepare_baseline, prepare_current
+from designs import DEFAULT_BASELINE_REV, Design, prepare_baseline, prepare_current, start_workers
 from loadgen import create_topics
 from loadwatch import AlertCollector, WorkerProc, check_alive, scrape, stop_workers
 
 from tensorpulse import wire
-from tensorpulse.broker import free_port
 from tensorpulse.sinks.alerts import read_alerts
 from tensorpulse.topics import reductions_topic
 
@@ -146,17 +144,12 @@ def scenario(design: Design, bootstrap: str, world: int, a: argparse.Namespace, 
     big, bys = f"ranks-{rid}-big", f"ranks-{rid}-bys"
     group = f"ranks-{rid}-{design.name}"
     create_topics(bootstrap, [reductions_topic(big), reductions_topic(bys)])
-    port = free_port()
-    log = work / f"worker-{design.name}-{world}.log"
-    cmd = design.command(
-        bootstrap, group=group, state_dir=work / f"state-{rid}", port=port, jobs_regex=f"^ranks-{rid}-",
-        guarantee="exactly-once",
-    )  # fmt: skip
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            cmd, stdout=f, stderr=subprocess.STDOUT, env=design.env, cwd=work, start_new_session=True
-        )
-    worker = WorkerProc(proc, port, log)
+    wdir = work / f"{design.name}-{world}-{rid}"
+    wdir.mkdir()
+    (worker,) = start_workers(
+        design, bootstrap, 1, group=group, jobs_regex=f"^ranks-{rid}-", workdir=wdir, guarantee="exactly-once"
+    )
+    proc, log = worker.proc, worker.log
     alerts = AlertCollector(bootstrap, f"ranks-{rid}-")
     alerts.start()
     bystander = Bystander(bootstrap, bys, a.tensors)

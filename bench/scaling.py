@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,11 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from common import open_broker, percentile
-from designs import prepare_current
+from designs import prepare_current, start_workers
 from loadgen import LoadGenerator, create_topics, make_jobs
-from loadwatch import AlertCollector, WorkerProc, check_alive, cpu_rss, scrape, stop_workers
-
-from tensorpulse.broker import free_port
+from loadwatch import AlertCollector, check_alive, cpu_rss, scrape, stop_workers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,17 +44,11 @@ def run_one(bootstrap: str, jobs: int, tensors: int, a: argparse.Namespace, work
     topics_s = time.monotonic() - t_topics
     (work / f"design-{rid}").mkdir()
     design = prepare_current(work / f"design-{rid}")
-    port = free_port()
-    log = work / f"worker-{rid}.log"
-    cmd = design.command(
-        bootstrap, group=f"g-{rid}", state_dir=work / f"state-{rid}", port=port, jobs_regex=f"^{prefix}",
+    (worker,) = start_workers(
+        design, bootstrap, 1, group=f"g-{rid}", jobs_regex=f"^{prefix}", workdir=work / f"design-{rid}",
         guarantee="exactly-once",
     )  # fmt: skip
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            cmd, stdout=f, stderr=subprocess.STDOUT, env=design.env, cwd=work, start_new_session=True
-        )
-    worker = WorkerProc(proc, port, log)
+    proc, log = worker.proc, worker.log
     alerts = AlertCollector(bootstrap, prefix)
     alerts.start()
     gen = LoadGenerator(bootstrap, sims, faults_per_s=1.0, fault_jobs=jobs, seed=11)
