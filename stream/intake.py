@@ -110,6 +110,7 @@ class Intake:
         self._need_control: list[str] = []
         self._creator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorpulse-topics")
         self._creating: Future[None] | None = None
+        self._followed: tuple[frozenset[int], dict[str, str]] | None = None  # what _follow last acted on
         self._failed: dict[tuple[str, int], int] = {}  # (topic, partition) -> first undelivered offset
         self.copied = 0
 
@@ -195,6 +196,7 @@ class Intake:
                     except Exception as exc:  # closing after an outage may fail; nothing to keep
                         log.debug("closing an intake client: %s", exc)
                 self.owned = {}
+                self._followed = None  # a new source consumer has nothing assigned
 
     def _loop(self, stop: threading.Event, source: Consumer, coordination: Consumer, producer: Producer) -> None:
         c = self.config
@@ -262,7 +264,10 @@ class Intake:
     def _follow(self, source: Consumer, coordination: Consumer) -> None:
         """Assign the partitions of newly owned jobs, unassign those no longer owned or deleted."""
         c = self.config
-        shards = {tp.partition for tp in coordination.assignment() if tp.topic == c.coordination_topic}
+        shards = frozenset(tp.partition for tp in coordination.assignment() if tp.topic == c.coordination_topic)
+        if (shards, self.jobs) == self._followed:
+            return  # same shards, same jobs: nothing to assign (checked every 0.1 s)
+        self._followed = (shards, dict(self.jobs))
         wanted = {t: j for j, t in self.jobs.items() if shard_of(j, c.shards) in shards}
         added = [t for t in wanted if t not in self.owned]
         removed = [t for t in self.owned if t not in wanted]

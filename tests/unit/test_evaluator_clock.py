@@ -169,10 +169,10 @@ def test_tick_horizon_and_housekeeping() -> None:
 
 @pytest.mark.parametrize(
     ("thresholds", "expected"),
-    [([], None), ([1800.0], 5.0), ([20.0], 2.0), ([0.01], 0.05), ([30.0, 3.0], 0.3)],
+    [([], None), ([1800.0], 60.0), ([20.0], 2.0), ([0.01], 0.05), ([30.0, 3.0], 0.3), ([6000.0], 60.0)],
 )
 def test_clock_interval(thresholds: list[float], expected: float | None) -> None:
-    """A tenth of the smallest threshold, within [0.05, 5] s; None without clock rules."""
+    """A tenth of the smallest threshold, within [0.05, 60] s; None without clock rules."""
     specs = [RuleSpec(f"q{i}", Quiet(threshold=t), None, "warning", "none") for i, t in enumerate(thresholds)]
     got = clock_interval(specs)
     assert got == pytest.approx(expected) if expected is not None else got is None
