@@ -131,7 +131,8 @@ class Worker:
                 max_record_bytes=wire.MAX_RECORD_BYTES,
                 topic_config=settings.topic_config(),
                 replication_factor=settings.replication_factor,
-                tick_interval=clock_every or housekeeping_interval(settings.state_retention_s),
+                # Ticks serve the clock rules and the removal of ended jobs' state: the sooner of the two.
+                tick_interval=min(clock_every or math.inf, housekeeping_interval(settings.state_retention_s)),
                 tick_horizon=tick_horizon(own_specs, settings.state_retention_s),
             ),
             base,
