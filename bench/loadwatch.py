@@ -19,9 +19,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tensorpulse.broker import free_port
 from tensorpulse.sinks.alerts import read_alerts
-from tensorpulse.stream.process import worker_command
 
 try:  # optional: /proc is the fallback
     import psutil
@@ -76,29 +74,6 @@ class WorkerProc:
             return self.log.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
-
-
-def start_workers(
-    bootstrap: str, n: int, *, group: str, jobs_regex: str, workdir: Path, guarantee: str, rules: str | None
-) -> list[WorkerProc]:
-    """`n` `tensorpulse stream` processes in one consumer group (each its own state dir and port)."""
-    out = []
-    for i in range(n):
-        port = free_port()
-        log = workdir / f"worker-{i}.log"
-        cmd = worker_command(
-            bootstrap,
-            group=group,
-            state_dir=workdir / f"state-{i}",
-            metrics_port=port,
-            rules=rules,
-            jobs_regex=jobs_regex,
-            guarantee=guarantee,
-        )
-        with open(log, "wb") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        out.append(WorkerProc(proc, port, log))
-    return out
 
 
 def stop_workers(workers: list[WorkerProc], timeout: float = 20.0) -> None:
