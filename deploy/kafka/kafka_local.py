@@ -40,7 +40,9 @@ import base64
 import contextlib
 import ctypes
 import fcntl
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -51,7 +53,7 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -78,6 +80,20 @@ rootLogger.appenderRef.file.ref = file
 logger.started.name = kafka.server.KafkaRaftServer
 logger.started.level = INFO
 """
+
+# -- the secured listener (KafkaCluster(secure=True)) ----------------------------------------------
+#: Clients authenticate with this SASL mechanism over TLS on the secured listener.
+SASL_MECHANISM = "SCRAM-SHA-512"
+#: Users every secured cluster has, both super users: the nodes' own (inter-broker traffic, which
+#: also carries the transaction markers a node sends to itself) and an administrator's.
+BROKER_USER = "broker"
+ADMIN_USER = "admin"
+#: Subject of the generated certificate. Nodes also present it to the controllers (mutual TLS), whose
+#: listener cannot take SCRAM: that makes this subject the nodes' principal there, a super user too.
+NODE_SUBJECT = "CN=tensorpulse-kafka-local"
+AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+SECURE_LISTENER = "SASL_SSL"
+SECRETS_FILE = "secure.json"
 
 
 class KafkaUnavailable(RuntimeError):
@@ -240,6 +256,14 @@ class KafkaCluster:
     `log_level` is the level of everything Kafka logs into the node logs; `extra_config` adds or
     overrides server properties (the same for every node). `libs` is a directory of Kafka's jars
     (default: `fetch()`'s cache).
+
+    `secure=True` serves clients on a TLS listener that takes SASL/SCRAM-SHA-512 only, with Kafka's
+    standard ACL authorizer (no ACL, no access; `super.users` are the nodes and `admin`). The
+    certificate (self-signed, for 127.0.0.1) is made with the JDK's keytool and the SCRAM users
+    are written into the storage when it is formatted: `admin`, `broker` (random passwords) and
+    `users` ({name: password}). Both are kept in the work directory (`secure.json`, `tls/`), so a
+    reused directory needs the same `users`. `client_settings(user)` gives a client's librdkafka
+    settings; `ca_path` is the certificate clients trust.
     """
 
     def __init__(
@@ -252,9 +276,21 @@ class KafkaCluster:
         libs: str | Path | None = None,
         start_timeout: float = 90.0,
         extra_config: dict[str, str] | None = None,
+        secure: bool = False,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
+        if users and not secure:
+            raise ValueError("SCRAM users need a secured cluster: KafkaCluster(secure=True, users=...)")
+        clash = {BROKER_USER, ADMIN_USER} & set(users or {})
+        if clash:
+            raise ValueError(f"user(s) {sorted(clash)} are the cluster's own; choose other names")
+        self.secure = secure
+        self._users = dict(users or {})
+        #: SCRAM passwords by user name, once `start()` has prepared a secured cluster.
+        self.passwords: dict[str, str] = {}
+        self._keystore_password = ""
         self.nodes = nodes
         self.log_level = log_level.upper()
         self.start_timeout = start_timeout
@@ -332,8 +368,111 @@ class KafkaCluster:
             "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
             "log.cleaner.threads": "1",
         }
+        if self.secure:
+            props.update(self._secure_properties(i))
         props.update(self.extra_config)
         return props
+
+    def _secure_properties(self, i: int) -> dict[str, str]:
+        """Clients on SASL_SSL (SCRAM only), the controllers on mutual TLS, every request authorized."""
+        listener = SECURE_LISTENER.lower()
+        login = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{BROKER_USER}" password="{self.passwords[BROKER_USER]}";'
+        )
+        return {
+            "listeners": f"{SECURE_LISTENER}://127.0.0.1:{self.ports[i]},CONTROLLER://127.0.0.1:{self.controller_ports[i]}",
+            "advertised.listeners": f"{SECURE_LISTENER}://127.0.0.1:{self.ports[i]}",
+            "listener.security.protocol.map": f"{SECURE_LISTENER}:SASL_SSL,CONTROLLER:SSL",
+            "inter.broker.listener.name": SECURE_LISTENER,
+            "sasl.enabled.mechanisms": SASL_MECHANISM,
+            "sasl.mechanism.inter.broker.protocol": SASL_MECHANISM,
+            f"listener.name.{listener}.{SASL_MECHANISM.lower()}.sasl.jaas.config": login,
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(self._keystore_path),
+            "ssl.keystore.password": self._keystore_password,
+            "ssl.key.password": self._keystore_password,
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.ca_path),
+            "listener.name.controller.ssl.client.auth": "required",
+            "authorizer.class.name": AUTHORIZER,
+            "super.users": ";".join(f"User:{u}" for u in (BROKER_USER, ADMIN_USER, NODE_SUBJECT)),
+            "allow.everyone.if.no.acl.found": "false",
+        }
+
+    @property
+    def ca_path(self) -> Path:
+        """The certificate (PEM) that clients of a secured cluster trust."""
+        return self.workdir / "tls" / "ca.pem"
+
+    @property
+    def _keystore_path(self) -> Path:
+        return self.workdir / "tls" / "node.p12"
+
+    def client_settings(self, user: str = ADMIN_USER) -> dict[str, str]:
+        """librdkafka settings (all but bootstrap.servers) for `user` on a secured cluster."""
+        if not self.secure:
+            raise ValueError("client_settings() is for a secured cluster: KafkaCluster(secure=True)")
+        if user not in self.passwords:
+            known = ", ".join(sorted(self.passwords)) or "none yet: call start() first"
+            raise KeyError(f"no SCRAM user {user!r} on this cluster (users: {known})")
+        return {
+            "security.protocol": "SASL_SSL",
+            "sasl.mechanism": SASL_MECHANISM,
+            "sasl.username": user,
+            "sasl.password": self.passwords[user],
+            "ssl.ca.location": str(self.ca_path),
+        }
+
+    def _prepare_secure(self) -> None:
+        """The SCRAM passwords and the certificate: made on first use of the work directory, then reused."""
+        saved_path = self.workdir / SECRETS_FILE
+        if saved_path.exists():
+            saved = json.loads(saved_path.read_text())
+            differ = sorted(u for u, pw in self._users.items() if saved["users"].get(u) != pw)
+            if differ:
+                raise KafkaUnavailable(
+                    f"{self.workdir} was formatted with other SCRAM users or passwords ({', '.join(differ)}): "
+                    "use another directory"
+                )
+        else:
+            users = {BROKER_USER: secrets.token_hex(16), ADMIN_USER: secrets.token_hex(16), **self._users}
+            saved = {"keystore": secrets.token_hex(16), "users": users}
+            fd = os.open(saved_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(saved, f, indent=1)
+        self.passwords = dict(saved["users"])
+        self._keystore_password = saved["keystore"]
+        if not self._keystore_path.exists() or not self.ca_path.exists():
+            self._make_certificate()
+
+    def _make_certificate(self) -> None:
+        """A self-signed key pair for 127.0.0.1 (keytool ships with every JDK and JRE), and its PEM."""
+        tls = self._keystore_path.parent
+        tls.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._keystore_path.unlink(missing_ok=True)
+        keytool = str(Path(java()).resolve().parent / "keytool")
+        store = [
+            "-keystore",
+            str(self._keystore_path),
+            "-storetype",
+            "PKCS12",
+            "-storepass",
+            self._keystore_password,
+        ]
+        steps = [
+            [keytool, "-genkeypair", "-alias", "node", "-keyalg", "EC", "-groupname", "secp256r1",
+             "-validity", "30", "-dname", NODE_SUBJECT, "-ext", "SAN=ip:127.0.0.1,dns:localhost",
+             "-keypass", self._keystore_password, *store],
+            [keytool, "-exportcert", "-rfc", "-alias", "node", "-file", str(self.ca_path), *store],
+        ]  # fmt: skip
+        for cmd in steps:
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=self.start_timeout)
+            if run.returncode != 0:
+                raise KafkaUnavailable(
+                    f"keytool could not make the test certificate (exit {run.returncode}): "
+                    f"{(run.stdout + run.stderr)[-2000:]}"
+                )
 
     def _write_config(self, i: int) -> Path:
         d = self.node_dir(i)
@@ -346,6 +485,8 @@ class KafkaCluster:
     def _prepare(self) -> str:
         """Config files for every node, and the cluster id: reused from the work directory if any."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            self._prepare_secure()
         state = self.workdir / "cluster.id"
         if state.exists():
             cluster_id, _, count = state.read_text().strip().partition(" ")
@@ -387,6 +528,8 @@ class KafkaCluster:
             return
         cfg = str(self.node_dir(i) / "server.properties")
         cmd = self._java(i, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", cfg, tool=True)
+        for user, password in self.passwords.items():  # SCRAM credentials go into the initial metadata
+            cmd += ["--add-scram", f"{SASL_MECHANISM}=[name={user},password={password}]"]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=self.start_timeout)
         if run.returncode != 0:
             raise KafkaUnavailable(
