@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 from pydantic import Field
 
 from tensorpulse.wire import StepRecord
 
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 #: Collections skipped when neither collection_names nor tensor_regex is given.
 DEFAULT_EXCLUDED = frozenset({"biases"})
@@ -44,7 +43,7 @@ class AllZero(Rule):
 
     def _check(self) -> None:
         p = self.params
-        self._regex: re.Pattern[str] | None = compile_regex(p.tensor_regex, "tensor_regex")
+        self._regex: Regex | None = compile_regex(p.tensor_regex, "tensor_regex")
         self._collections = None if p.collection_names is None else frozenset(p.collection_names)
         self._exclude = (
             DEFAULT_EXCLUDED if p.collection_names is None and p.tensor_regex is None else frozenset()

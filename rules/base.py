@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -105,7 +105,10 @@ class Rule:
                 f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors()
             )
             raise ConfigError(f"rule {self.name}: invalid parameters ({problems})") from exc
-        self._check()
+        try:
+            self._check()
+        except RegexError as exc:
+            raise ConfigError(f"rule {self.name or type(self).__name__}: parameter {exc}") from exc
 
     def _check(self) -> None:
         """Cross-parameter validation; raise ConfigError with a clear message."""
@@ -126,14 +129,70 @@ class Rule:
         return f"{type(self).__name__}({args})"
 
 
-def compile_regex(pattern: str | None, what: str) -> re.Pattern[str] | None:
-    """Compile a user regex or raise ConfigError naming the parameter."""
+class Regex(Protocol):
+    """What rules need of a compiled regex: RE2's patterns and Python's both fit."""
+
+    @property
+    def pattern(self) -> str: ...
+
+    def search(self, string: str) -> Any: ...
+
+
+#: Where the RE2 binding comes from, for the message when it is missing.
+RE2_EXTRA = "pip install 'tensorpulse[stream]' (or pip install google-re2)"
+
+
+class RegexError(ConfigError):
+    """A rule parameter's regex that RE2 cannot compile; `Rule.__init__` adds the rule's name."""
+
+    def __init__(self, message: str, parameter: str, pattern: str) -> None:
+        super().__init__(message)
+        #: The parameter (or rules-file key) that holds the pattern, and the pattern itself.
+        self.parameter = parameter
+        self.pattern = pattern
+
+
+def compile_regex(pattern: str | None, what: str) -> Regex | None:
+    """Compile a user regex with RE2, or raise ConfigError naming the parameter and the pattern.
+
+    Rule regexes run against tensor, scalar and job names that arrive over Kafka, so anyone who
+    can write a job's records chooses the text. With Python's backtracking `re`, a pattern such
+    as `^(a+)+$` takes exponential time on `aaa...a!` and one record stalls the worker for every
+    job. RE2 matches in time linear in the name, for every pattern it accepts; it has no
+    backreferences or lookarounds, and those patterns are refused here, when the rules load.
+    """
     if pattern is None:
         return None
     try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"{what}: invalid regular expression {pattern!r}: {exc}") from exc
+        import re2
+    except ImportError as exc:
+        raise RegexError(
+            f"{what}: regex {pattern!r} needs the google-re2 package, which runs rule regexes in "
+            f"linear time (Python's re can take exponential time on a hostile tensor name): {RE2_EXTRA}",
+            what,
+            pattern,
+        ) from exc
+    options = re2.Options()
+    options.log_errors = False  # the error comes back as an exception; RE2's own stderr line is noise
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = (
+            exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        )
+        try:
+            re.compile(pattern)
+        except re.error:
+            raise RegexError(
+                f"{what}: invalid regular expression {pattern!r}: {reason}", what, pattern
+            ) from exc
+        raise RegexError(
+            f"{what}: regular expression {pattern!r} uses syntax RE2 cannot run ({reason}); rule "
+            "regexes run in linear time with RE2, which has no backreferences, lookarounds or "
+            "possessive quantifiers: rewrite it without them",
+            what,
+            pattern,
+        ) from exc
 
 
 def run_rule(

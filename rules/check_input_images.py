@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import ClassVar
 
 from pydantic import Field
@@ -11,7 +10,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 #: Image inputs tracked per job and rank; further names are not accumulated (state stays bounded).
 MAX_INPUTS = 64
@@ -52,7 +51,7 @@ class CheckInputImages(Rule):
     needs: ClassVar[str] = "per-channel sums of the input images (record_inputs) on train steps"
 
     def _check(self) -> None:
-        self._regex: re.Pattern[str] | None = compile_regex(self.params.regex, "regex")
+        self._regex: Regex | None = compile_regex(self.params.regex, "regex")
 
     def initialize(self) -> State:
         return {"step": None, "inputs": {}}

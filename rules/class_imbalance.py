@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 from pydantic import Field
@@ -10,7 +9,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 
 class ClassImbalanceParams(RuleParams):
@@ -76,8 +75,8 @@ class ClassImbalance(Rule):
 
     def _check(self) -> None:
         p = self.params
-        self._labels: re.Pattern[str] | None = compile_regex(p.labels_regex, "labels_regex")
-        self._predictions: re.Pattern[str] | None = compile_regex(p.predictions_regex, "predictions_regex")
+        self._labels: Regex | None = compile_regex(p.labels_regex, "labels_regex")
+        self._predictions: Regex | None = compile_regex(p.predictions_regex, "predictions_regex")
 
     def initialize(self) -> State:
         return {"step": None, "labels": [], "rows": [], "correct": [], "last": None}

@@ -6,7 +6,7 @@ defaults: true          # include the default rule set (default true)
 rules:
   - rule: VanishingGradient        # catalogue name, Threshold, an entry-point name, or module:Class
     name: vanishing-1e-6           # optional instance name (default: the rule name); unique
-    jobs: "^resnet-.*"             # optional regex on the job id, re.search (default: every job)
+    jobs: "^resnet-.*"             # optional regex on the job id, searched (RE2 syntax; default: every job)
     severity: critical             # optional: info|warning|critical (default: the rule's own)
     action: stop                   # optional: none|stop|checkpoint
     params: {threshold: 1.0e-6}
@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 from tensorpulse.errors import ConfigError
 
 from . import default_rules
-from .base import SEVERITIES, Rule, compile_regex
+from .base import SEVERITIES, Regex, RegexError, Rule, compile_regex
 from .custom import check_initial_state, resolve_rule, rule_origin
 
 ACTIONS = ("none", "stop", "checkpoint")
@@ -50,7 +50,7 @@ class RuleSpec:
 
     name: str
     rule: Rule
-    jobs: re.Pattern[str] | None
+    jobs: Regex | None
     severity: str
     action: str
 
@@ -62,7 +62,7 @@ class RuleSpec:
 def spec_for(
     rule: Rule,
     name: str | None = None,
-    jobs: re.Pattern[str] | None = None,
+    jobs: Regex | None = None,
     severity: str | None = None,
     action: str = "none",
 ) -> RuleSpec:
@@ -352,6 +352,8 @@ def _entry_spec(raw: Any, pos: _Pos, where: str, near: Path | None) -> RuleSpec:
         bad = (
             str(cause.errors()[0]["loc"][0])
             if isinstance(cause, ValidationError) and cause.errors()[0]["loc"]
+            else cause.parameter
+            if isinstance(cause, RegexError)
             else ""
         )
         if bad in param_pos.keys:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 from pydantic import Field
@@ -10,7 +9,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 #: At most this many rows and cells are named in a Finding (k can be up to 256).
 MAX_LISTED = 32
@@ -62,8 +61,8 @@ class Confusion(Rule):
 
     def _check(self) -> None:
         p = self.params
-        self._labels: re.Pattern[str] | None = compile_regex(p.labels, "labels")
-        self._predictions: re.Pattern[str] | None = compile_regex(p.predictions, "predictions")
+        self._labels: Regex | None = compile_regex(p.labels, "labels")
+        self._predictions: Regex | None = compile_regex(p.predictions, "predictions")
 
     def initialize(self) -> State:
         k = self.params.category_no or 0

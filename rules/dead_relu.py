@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 from pydantic import Field
@@ -11,7 +10,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import ACTIVITY_EDGES, StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 #: The values threshold_inactivity may take: the activity histogram edges, in percent.
 ALLOWED_INACTIVITY = tuple(round(e * 100, 6) for e in ACTIVITY_EDGES)
@@ -53,7 +52,7 @@ class DeadRelu(Rule):
                 f"supported; allowed values (percent of samples): {allowed}"
             )
         self._edge = edge
-        self._regex: re.Pattern[str] | None = compile_regex(self.params.tensor_regex, "tensor_regex")
+        self._regex: Regex | None = compile_regex(self.params.tensor_regex, "tensor_regex")
 
     def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
         limit = self.params.threshold_layer

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, get_args
 
@@ -30,7 +29,7 @@ from pydantic_core import PydanticCustomError
 from tensorpulse.wire import MODES, StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 Statistic = Literal[
     "mean", "std", "min", "max", "abs_mean", "l2", "variance", "zero_frac", "nan", "inf", "nonfinite"
@@ -160,7 +159,7 @@ class Threshold(Rule):
 
     def _check(self) -> None:
         p = self.params
-        self._regex: re.Pattern[str] | None = compile_regex(p.tensor_regex, "tensor_regex")
+        self._regex: Regex | None = compile_regex(p.tensor_regex, "tensor_regex")
         self._collections = None if p.collection_names is None else frozenset(p.collection_names)
         # The instance watches only its own mode; the stream layer reads `rule.modes`.
         self.modes = frozenset({p.mode})  # type: ignore[misc]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from tensorpulse.wire import MODES, StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 #: Collection names that select the scalars of a record (scalars carry no collection on the wire).
 SCALAR_COLLECTIONS = frozenset({"losses", "metrics"})
@@ -50,7 +49,7 @@ class ExplodingTensor(Rule):
     needs: ClassVar[str] = "exact nan and inf counts of the selected tensors; losses and metrics as scalars"
 
     def _check(self) -> None:
-        self._regex: re.Pattern[str] | None = compile_regex(self.params.tensor_regex, "tensor_regex")
+        self._regex: Regex | None = compile_regex(self.params.tensor_regex, "tensor_regex")
         names = self.params.collection_names
         self._collections = None if names is None else frozenset(names)
         self._scalars = names is None or bool(SCALAR_COLLECTIONS & frozenset(names))

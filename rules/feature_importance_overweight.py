@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 from pydantic import Field
@@ -10,7 +9,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 
 class FeatureImportanceOverweightParams(RuleParams):
@@ -46,7 +45,7 @@ class FeatureImportanceOverweight(Rule):
     needs: ClassVar[str] = 'labelled importance vector "feature_importance/gain" (XGBoost callback)'
 
     def _check(self) -> None:
-        self._regex: re.Pattern[str] | None = compile_regex(self.params.tensor_regex, "tensor_regex")
+        self._regex: Regex | None = compile_regex(self.params.tensor_regex, "tensor_regex")
 
     def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
         p = self.params

@@ -8,10 +8,13 @@ statistics arrive as `TensorStats`.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from tensorpulse.wire import ACTIVITY_EDGES, TensorStats
+
+if TYPE_CHECKING:
+    from .base import Regex
 
 #: The fingerprint of a tensor that UnchangedTensor compares between saved steps.
 FINGERPRINT_FIELDS = ("mean", "std", "min", "max", "abs_mean")
@@ -105,12 +108,12 @@ def scalar_nonfinite(value: float, only_nan: bool = False) -> bool:
     return math.isnan(value) or (not only_nan and math.isinf(value))
 
 
-def select_scalars(scalars: Mapping[str, float], regex: re.Pattern[str] | None = None) -> dict[str, float]:
-    """Scalars whose name matches `regex` (re.search), all of them when regex is None."""
+def select_scalars(scalars: Mapping[str, float], regex: Regex | None = None) -> dict[str, float]:
+    """Scalars whose name matches `regex` (searched), all of them when regex is None."""
     return {k: float(v) for k, v in scalars.items() if regex is None or regex.search(k)}
 
 
-def loss_value(scalars: Mapping[str, float], regex: re.Pattern[str] | None = None) -> float | None:
+def loss_value(scalars: Mapping[str, float], regex: Regex | None = None) -> float | None:
     """The loss of one record: scalar "loss", or the sum of scalars matching `regex`; None if absent."""
     if regex is None:
         value = scalars.get("loss")

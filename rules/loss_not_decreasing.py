@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -12,7 +11,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import MODES, StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 
 class LossNotDecreasingParams(RuleParams):
@@ -65,7 +64,7 @@ class LossNotDecreasing(Rule):
 
     def _check(self) -> None:
         p = self.params
-        self._regex: re.Pattern[str] | None = compile_regex(p.tensor_regex, "tensor_regex")
+        self._regex: Regex | None = compile_regex(p.tensor_regex, "tensor_regex")
         others = sorted(set(p.collection_names or ()) - {"losses"})
         if others:
             raise ConfigError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -12,7 +11,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 #: Largest window (counted records) the rule keeps.
 MAX_STEPS = 10_000
@@ -116,7 +115,7 @@ class NLPSequenceRatio(Rule):
                 f"rule {self.name}: token_values has {len(self._values)} entries but token_thresholds_percent "
                 f"{len(self._thresholds)}; give one threshold per token value"
             )
-        self._regex: re.Pattern[str] | None = compile_regex(p.tensor_regex, "tensor_regex")
+        self._regex: Regex | None = compile_regex(p.tensor_regex, "tensor_regex")
 
     def initialize(self) -> State:
         return {"step": None, "w": []}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import ClassVar
 
 from pydantic import Field
@@ -11,7 +10,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 
 class OverfitParams(RuleParams):
@@ -60,7 +59,7 @@ class Overfit(Rule):
     needs: ClassVar[str] = 'scalar "loss" on train steps and on eval records'
 
     def _check(self) -> None:
-        self._regex: re.Pattern[str] | None = compile_regex(self.params.tensor_regex, "tensor_regex")
+        self._regex: Regex | None = compile_regex(self.params.tensor_regex, "tensor_regex")
 
     def initialize(self) -> State:
         return {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -11,7 +10,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 #: Normalisation-layer scales start as all ones on purpose; their constancy is not a bad init.
 NORM_WEIGHTS_REGEX = r"(?i)norm|(^|[./_])(bn|ln|gn)\d*([./_]|$)"
@@ -67,10 +66,10 @@ class PoorWeightInitialization(Rule):
 
     def _check(self) -> None:
         p = self.params
-        self._inputs: re.Pattern[str] | None = compile_regex(
+        self._inputs: Regex | None = compile_regex(
             p.activation_inputs_regex, "activation_inputs_regex"
         )
-        self._exclude: re.Pattern[str] | None = compile_regex(
+        self._exclude: Regex | None = compile_regex(
             p.constant_weights_exclude_regex, "constant_weights_exclude_regex"
         )
 

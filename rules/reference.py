@@ -24,6 +24,13 @@ rules:
   - rule: ExplodingTensor
     action: stop            # ask the job to stop when it fires
 ```
+
+Regex parameters (`tensor_regex`, `labels_regex`, a rules entry's `jobs`, ...) are searched
+anywhere in the name, like Python's `re.search`, but run with RE2 (the `google-re2` package, in
+the `stream` extra) so that matching takes time linear in the name whatever the pattern: names
+come from whoever writes a job's records. RE2 has no backreferences or lookarounds; a pattern
+using them is refused when the rules load (and by `tensorpulse rules --check`), naming the rule,
+the parameter and the pattern.
 """
 
 

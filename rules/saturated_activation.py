@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 from pydantic import Field
@@ -11,7 +10,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 from .dead_relu import ALLOWED_INACTIVITY
 
 #: The non-saturated input ranges the hook applies (SageMaker's defaults); see docs/wire-format.md.
@@ -78,7 +77,7 @@ class SaturatedActivation(Rule):
                     f"but got {lo:g} and {hi:g}"
                 )
         self._edge = edge
-        self._regex: re.Pattern[str] | None = compile_regex(p.tensor_regex, "tensor_regex")
+        self._regex: Regex | None = compile_regex(p.tensor_regex, "tensor_regex")
 
     def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
         limit = self.params.threshold_layer

@@ -11,7 +11,6 @@ on whichever worker owns it, sees both sides. Everything here stays pure and tes
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -20,7 +19,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import MODES, StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 #: Collection names that select the scalars of a record (as for ExplodingTensor).
 SCALAR_COLLECTIONS = frozenset({"losses", "metrics"})
@@ -75,7 +74,7 @@ class SimilarAcrossRuns(Rule):
 
     def _check(self) -> None:
         p = self.params
-        self._regex: re.Pattern[str] | None = compile_regex(p.tensor_regex, "tensor_regex")
+        self._regex: Regex | None = compile_regex(p.tensor_regex, "tensor_regex")
         self._collections = None if p.collection_names is None else frozenset(p.collection_names)
         self._scalars = p.collection_names is None or bool(SCALAR_COLLECTIONS & frozenset(p.collection_names))
         if isinstance(p.other_trials, str):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 from pydantic import Field
@@ -10,7 +9,7 @@ from pydantic import Field
 from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
 
-from .base import Finding, Rule, RuleParams, State, compile_regex, range_finding
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex, range_finding
 
 
 class TensorVarianceParams(RuleParams):
@@ -59,7 +58,7 @@ class TensorVariance(Rule):
                 f"rule {self.name}: expected min_threshold < max_threshold but got "
                 f"{p.min_threshold:g} and {p.max_threshold:g}"
             )
-        self._regex: re.Pattern[str] | None = compile_regex(p.tensor_regex, "tensor_regex")
+        self._regex: Regex | None = compile_regex(p.tensor_regex, "tensor_regex")
         self._collections = None if p.collection_names is None else frozenset(p.collection_names)
 
     def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -10,7 +9,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 DEFAULT_COLLECTIONS = ("weights", "biases")
 
@@ -50,7 +49,7 @@ class UnchangedTensor(Rule):
 
     def _check(self) -> None:
         p = self.params
-        self._regex: re.Pattern[str] | None = compile_regex(p.tensor_regex, "tensor_regex")
+        self._regex: Regex | None = compile_regex(p.tensor_regex, "tensor_regex")
         names = p.collection_names
         if names is None and p.tensor_regex is None:
             names = list(DEFAULT_COLLECTIONS)

@@ -7,12 +7,12 @@ new job's partitions by hand, so a job is followed from its first record without
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from tensorpulse.rules.base import compile_regex
 from tensorpulse.topics import reductions_pattern
 
 log = logging.getLogger("tensorpulse.stream")
@@ -22,7 +22,8 @@ class JobDiscovery:
     def __init__(self, admin_config: dict[str, Any], prefix: str, jobs_regex: str | None = None) -> None:
         self._admin = AdminClient(admin_config)
         self.prefix = prefix
-        self._filter = re.compile(jobs_regex) if jobs_regex else None
+        # RE2, like every rule regex: job ids are chosen by whoever creates a topic.
+        self._filter = compile_regex(jobs_regex or None, "--jobs")
         self.partitions: dict[str, int] = {}
         self.existing: set[str] = set()
         self.ignored: set[str] = set()  # topics under the prefix whose job part is not a valid job id

@@ -108,7 +108,7 @@ def test_rules_for_job(tmp_path: Path) -> None:
         ),
         (
             "rules:\n  - rule: DeadRelu\n    params: {tensor_regex: '[relu'}\n",
-            r"rules\[0\], line 3: tensor_regex: invalid regular expression",
+            r"rules\[0\], line 3: rule DeadRelu: parameter tensor_regex: invalid regular expression",
         ),
         (
             "rules:\n  - rule: Overfit\n    name: a\n  - rule: DeadRelu\n    name: a\n",
