@@ -269,6 +269,7 @@ class TorchHook(Hook):
         self._generation = 0
         self._weights: _WeightsJob | None = None
         self._weights_offloadable = False  # an optimizer with step hooks is attached
+        self._held: tuple[int, str] | None = None  # (step, mode) kept open by step(..., hold=True)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(
@@ -625,7 +626,8 @@ class TorchHook(Hook):
             except Exception as exc:  # noqa: BLE001
                 self._fail("computing statistics", exc)
                 continue
-            Hook.publish(self, job.step, job.mode)
+            if self._held != (job.step, job.mode):
+                Hook.publish(self, job.step, job.mode)
 
     def _assemble(self, step, mode, names, colls, extra_names, caps, host, values) -> None:
         rec = self._record_for(step, mode)
@@ -782,12 +784,15 @@ class TorchHook(Hook):
         return _Deferred(x, _version(x), kwargs)
 
     # ------------------------------------------------------------------ per step
-    def step(self, step: int, *, loss: Any = None, mode: str | None = None) -> None:
+    def step(self, step: int, *, loss: Any = None, mode: str | None = None, hold: bool = False) -> None:
         """Reduce everything of `step` (one device->host copy), add scalar "loss", publish.
 
         `mode` defaults to "train" if the model is in training mode, else "eval". Gradients are
         captured in train mode only. `loss` may be a tensor (copied with the statistics, no
-        .item()) or a number.
+        .item()) or a number. `hold`: keep the record open for scalars that become known only
+        after the gradients are gone (a framework's logged metrics, e.g. the Hugging Face
+        Trainer's): add them with `record_scalars(step, ...)`, then `release(step, mode)`
+        publishes it (otherwise the next step of the mode, or close(), does).
         """
         self._capturing = None  # the capture hooks stay registered for the next captured pass
         if mode is None:
@@ -795,6 +800,7 @@ class TorchHook(Hook):
         acts = self._acts.pop(mode, None) or []
         if not (self.enabled and self._valid(step, mode)):
             return
+        self._held = (step, mode) if hold else None
         self._last_step[mode] = step
         saved = self.save_config.should_save(step, mode)
         if not saved and (self._armed or self._jobs):
@@ -870,6 +876,25 @@ class TorchHook(Hook):
         except Exception as exc:  # noqa: BLE001
             self._fail("computing statistics", exc)
             return
+        if self._held != (step, mode):
+            Hook.publish(self, step, mode)
+
+    def release(self, step: int, mode: str = "train") -> None:
+        """Publish the record that `step(step, mode=mode, hold=True)` kept open; else a no-op.
+
+        If its reduction still runs in the background (offloading), the record goes out when it
+        is done, as any offloaded step's does; only when scalars were added meanwhile does this
+        wait for it, so that they join the record instead of going out on their own."""
+        if self._held != (step, mode):
+            return
+        self._held = None
+        self._drain(wait=False)
+        staged = self._staged.job if self._staged is not None else None
+        busy = [(j.step, j.mode) for j in self._jobs] + ([(staged.step, staged.mode)] if staged else [])
+        if (step, mode) in busy:
+            if (step, mode) not in self._pending:
+                return
+            self._drain(wait=True)
         Hook.publish(self, step, mode)
 
     def _reduce(self, step, tensors, quants, delta_keys, act_stats, extras, caps, versions=None):
