@@ -33,6 +33,12 @@ log = logging.getLogger("tensorpulse.producers")
 #: Actions older than the listener's start minus this many seconds are ignored.
 GRACE_S = 5.0
 
+
+def group_prefix(job: str) -> str:
+    """What the listener's consumer group starts with (it only finds its coordinator: no commits)."""
+    return f"tensorpulse-hook-{job}-"
+
+
 ActionCallback = Callable[[dict[str, Any]], None]
 
 
@@ -69,7 +75,7 @@ class ControlListener:
         self._conf = client_config(bootstrap, kafka_config)
         self._conf.update(
             {
-                "group.id": group_id or f"tensorpulse-hook-{job}-{uuid.uuid4().hex[:12]}",
+                "group.id": group_id or f"{group_prefix(job)}{uuid.uuid4().hex[:12]}",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
