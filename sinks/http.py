@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tensorpulse.errors import ConfigError, TensorpulseError
+from tensorpulse.redact import redact_text, redact_url
 
 log = logging.getLogger("tensorpulse.sinks.http")
 
@@ -78,10 +79,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 def safe_url(url: str) -> str:
     """A receiver's name fit for logs: scheme and host only (paths and queries may hold secrets)."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or "?"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}"
+    return redact_url(url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,5 +173,5 @@ class JsonPoster:
                 exc.headers.get("Retry-After")
             )
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            return Delivery(False, attempt, None, f"{type(exc).__name__}: {reason}"), None
+            reason = getattr(exc, "reason", exc)  # may quote the URL, user:password included
+            return Delivery(False, attempt, None, redact_text(f"{type(exc).__name__}: {reason}")), None

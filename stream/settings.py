@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tensorpulse.kafka import resolve_bootstrap
+from tensorpulse.kafka import client_config, resolve_bootstrap
+from tensorpulse.redact import redact
 from tensorpulse.topics import DEFAULT_PREFIX, validate_prefix
 
 #: Environment variables a worker reads (flags win over them).
@@ -26,6 +27,7 @@ ENV = {
     "worker_id": "TENSORPULSE_WORKER_ID",
     "replication_factor": "TENSORPULSE_REPLICATION_FACTOR",
     "partitions": "TENSORPULSE_PARTITIONS",
+    "job_idle_timeout_s": "TENSORPULSE_JOB_IDLE_TIMEOUT_S",
 }
 
 
@@ -52,6 +54,10 @@ class WorkerSettings(BaseModel):
     intake_shards: int = Field(64, ge=1, le=4096)
     #: Seconds after every rank of a job has sent its end record before the job's state is removed.
     state_retention_s: float = Field(3600.0, ge=0.0)
+    #: Seconds without a record after which a job that never sent its end record (killed, lost)
+    #: counts as ended: its firing alerts resolve, its series go, its state expires like an ended
+    #: job's. Longer than every clock rule's threshold, so that a stall is reported first; 0: never.
+    job_idle_timeout_s: float = Field(3600.0, ge=0.0)
     lag_interval: float = 5.0
     session_timeout_ms: int = 6000
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
@@ -88,7 +94,13 @@ class WorkerSettings(BaseModel):
         if not ident:
             digest = hashlib.sha1(f"{socket.gethostname()}:{self.state_dir.resolve()}".encode()).hexdigest()
             ident = f"{socket.gethostname()}-{digest[:10]}"
-        return f"tensorpulse-{self.group}-{ident}"
+        return transactional_id_prefix(self.group) + ident
+
+    def shown(self) -> dict[str, Any]:
+        """These settings as `--show-config` prints them: every field, and the Kafka client config
+        the worker's clients start from (environment and `kafka_config` merged), all redacted."""
+        fields = self.model_dump(mode="json", exclude={"kafka_config"})
+        return redact({**fields, "kafka": client_config(self.bootstrap, self.kafka_config)})
 
     @field_validator("topic_prefix")
     @classmethod
@@ -108,6 +120,11 @@ class WorkerSettings(BaseModel):
                 values[name] = os.environ[var]
         values.update({k: v for k, v in flags.items() if v is not None})
         return cls(**values)
+
+
+def transactional_id_prefix(group: str) -> str:
+    """What the transactional ids of a group's workers start with (a prefixed ACL covers them)."""
+    return f"tensorpulse-{group}-"
 
 
 def _settings_file(path: Path) -> dict[str, Any]:

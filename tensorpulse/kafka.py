@@ -11,11 +11,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from tensorpulse.redact import redact
+
 BOOTSTRAP_ENV = "TENSORPULSE_BOOTSTRAP"
 KAFKA_ENV_PREFIX = "TENSORPULSE_KAFKA_"
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
-
-_SECRET_WORDS = ("password", "secret", "key", "token", "jaas")
 
 
 def resolve_bootstrap(bootstrap: str | None) -> str:
@@ -44,6 +44,13 @@ def client_config(bootstrap: str | None = None, overrides: Mapping[str, Any] | N
     return conf
 
 
-def redact(conf: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy safe to log: values of secret-looking properties replaced."""
-    return {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in conf.items()}
+#: `redact` (tensorpulse.redact) is re-exported here: every client's settings are shown through it.
+__all__ = [
+    "BOOTSTRAP_ENV",
+    "DEFAULT_BOOTSTRAP",
+    "KAFKA_ENV_PREFIX",
+    "client_config",
+    "env_overrides",
+    "redact",
+    "resolve_bootstrap",
+]
