@@ -184,7 +184,11 @@ class WorkerMetrics:
             registry=r,
         )
         self.jobs = Gauge("tensorpulse_jobs", "Jobs whose records this worker's intake reads.", registry=r)
-        self.finished = Counter("tensorpulse_jobs_finished", "Jobs whose end record was seen.", registry=r)
+        self.finished = Counter(
+            "tensorpulse_jobs_finished",
+            "Jobs that ended: every rank's end record seen, or silent for job_idle_timeout_s.",
+            registry=r,
+        )
         self.up_since = Gauge(
             "tensorpulse_worker_start_time_seconds", "Unix time the worker started.", registry=r
         )
@@ -227,8 +231,15 @@ class WorkerMetrics:
         self.alerts.labels(job, rule, severity, status).inc()
         self.rule_firing.labels(job, rule, str(rank)).set(1 if status == "firing" else 0)
 
+    def set_lag(self, job: str, lag: int) -> None:
+        """A job's consumer lag, for a job that is live here or has records waiting: an ended job's
+        lag of 0 (its topic outlives it) would bring back the series that remove_job removed."""
+        if lag > 0 or job in self._jobs_seen:
+            self.lag.labels(job).set(lag)
+
     def remove_job(self, job: str) -> None:
-        """Drop every series of training job `job` (called when the job's end record arrives)."""
+        """Drop every series of training job `job` (called when the job is over: every rank's end
+        record arrived, or it was silent for the worker's job_idle_timeout_s)."""
         for metric in self._per_job:
             metric.remove_by_labels({JOB_LABEL: job})
         self.latest.forget(job)

@@ -18,6 +18,9 @@ rebalance callbacks).
   state to expire; a job silent for longer costs nothing.
 - **Finished ranks.** A rank's `kind: end` record marks its clock slots finished: they are not
   ticked, and a firing stall resolves.
+- **Silent jobs.** A tick carries how long the job has been silent; past the worker's
+  `job_idle_timeout_s` the job counts as ended (its alerts resolve, its state expires). Ticks come
+  at least every tenth of the sooner of that timeout and the state retention (`housekeeping_interval`).
 - **Identity.** A stall alert names the rank's newest record (step, mode, ts), so every tick that
   sees the same stall gives the same alert id.
 The comparison is the hook's clock (record ts) against the worker's: keep them synchronised.
@@ -55,16 +58,23 @@ def clock_interval(specs: Iterable[RuleSpec]) -> float | None:
 
 
 
+def clock_thresholds(specs: Iterable[RuleSpec]) -> list[float]:
+    """The `threshold` (seconds of silence) of every clock rule in `specs`."""
+    return [
+        float(t)
+        for s in specs
+        if is_clock(s) and isinstance(t := getattr(s.rule.params, "threshold", None), (int, float))
+    ]
+
+
 def housekeeping_interval(state_retention_s: float) -> float:
     """How often to tick jobs when no clock rule needs it: a tenth of the retention, in [1, 60] s."""
     return max(1.0, min(60.0, state_retention_s / 10))
 
 
-def tick_horizon(specs: Iterable[RuleSpec], state_retention_s: float) -> float:
-    """Seconds after a job's last record during which it is still ticked (see the module doc)."""
-    thresholds = [
-        float(t)
-        for s in specs
-        if is_clock(s) and isinstance(t := getattr(s.rule.params, "threshold", None), (int, float))
-    ]
-    return max([2 * t for t in thresholds] + [state_retention_s]) + 60.0
+def tick_horizon(specs: Iterable[RuleSpec], state_retention_s: float, job_idle_timeout_s: float = 0.0) -> float:
+    """Seconds after a job's last record during which it is still ticked (see the module doc):
+    long enough for a silent job to reach its idle timeout and then its state's retention."""
+    thresholds = clock_thresholds(specs)
+    idle = job_idle_timeout_s + state_retention_s if job_idle_timeout_s > 0 else 0.0
+    return max([2 * t for t in thresholds] + [state_retention_s, idle]) + 60.0

@@ -11,6 +11,10 @@ Three entry points, one state:
 - `process_other(state, job, record)`: a record of *another* job, for `cross_run` rules
   (SimilarAcrossRuns); the stream layer routes it here (see stream/crossrun.py).
 
+And the end of a job: a rank's `end` record (through `process`) resolves every alert firing for
+that rank; `end_job(state, job, now, reason=...)` resolves whatever still fires once the job is
+over (every rank ended, or no record for the worker's `job_idle_timeout_s`).
+
 Rules run once per rank, except cross-rank rules (`per_rank = False`, RankDivergence): they get
 one job-level slot that sees every rank's records (see tensorpulse.rules.cross_rank).
 """
@@ -103,7 +107,8 @@ class JobEvaluator:
 
     State layout: {"r": {"<rule name>|<rank>": slot}}, slot = {"s": rule state, "f": firing}; slots
     of clock rules also hold "k": [step, mode, ts] of the newest record (what a tick's event names)
-    and "e": true once the rank's end record arrived (a finished rank is not stalled).
+    and "e": true once the rank's end record arrived (a finished rank is not stalled). A firing
+    slot keeps "a": [step, mode] of its firing event (what `end_job`'s resolved event names).
     A cross-rank rule (`per_rank = False`) has one slot "<rule name>|*" fed by every rank; its
     events name the step, mode and rank its `RankedFinding` gives, and the slot's "w" keeps the
     rank its firing event named (the resolved event names the same rank).
@@ -183,21 +188,59 @@ class JobEvaluator:
         return state, out
 
     def _end(self, state: JobState, record: StepRecord, now: float) -> list[Transition]:
-        """A rank finished: its clock slots stop ticking; a firing one resolves (the job is not stalled)."""
+        """A rank finished: every alert firing for that rank resolves (nothing more will come from
+        it to resolve it), and its clock slots stop ticking (a finished rank is not stalled).
+
+        Cross-rank slots are the job's, not the rank's: `end_job` resolves them once the job is over.
+        """
         rule_states: dict[str, Any] = state.get("r", {})
+        where = _Where(record.job, record.rank, record.step, record.mode, record.ts)
+        message = f"rank {record.rank} finished at {record.mode} step {record.step}"
         out: list[Transition] = []
-        for spec in self.clock_specs:
+        for spec in self.specs:
             slot = rule_states.get(f"{spec.name}|{record.rank}")
             if slot is None:
                 continue
-            slot["e"] = True
+            if spec.name in self._clock_names:
+                slot["e"] = True
             if slot["f"]:
-                where = _Where(record.job, record.rank, record.step, record.mode, record.ts)
-                message = (
-                    f"{spec.name} resolved: rank {record.rank} finished at {record.mode} step {record.step}"
-                )
-                out.append(self._transition(state, spec, slot, Finding(False, message=message), where, now))
+                finding = Finding(False, message=f"{spec.name} resolved: {message}")
+                out.append(self._transition(state, spec, slot, finding, where, now))
         return [t for t in out if t is not None]
+
+    def end_job(
+        self, state: JobState | None, job: str, now: float, *, reason: str
+    ) -> tuple[JobState, list[Transition]]:
+        """The job is over (every rank ended, or no record came for the idle timeout): every alert
+        still firing in `state` resolves with `reason` in its message, and clock slots stop ticking.
+
+        Without this a finished job's alerts would fire forever: nothing else resolves them.
+        A resolved event names the step and mode its alert fired at (kept in the slot while it
+        fires), so its id differs from any other resolution of the same rule and rank.
+        """
+        state = self.initialize() if state is None else state
+        rule_states: dict[str, Any] = state.setdefault("r", {})
+        by_name = {s.name: s for s in self.specs}
+        out: list[Transition] = []
+        for key in sorted(rule_states):
+            name, _, rank = key.rpartition("|")
+            spec = by_name.get(name)
+            if spec is None:
+                continue
+            slot = rule_states[key]
+            if name in self._clock_names:
+                slot["e"] = True
+            if not slot.get("f"):
+                continue
+            step, mode = slot.get("a") or (slot.get("k") or [0, "global"])[:2]
+            r = int(slot.get("w", -1)) if rank == JOB_SLOT else int(rank)
+            where = _Where(job, r, int(step), str(mode), None)
+            tr = self._transition(
+                state, spec, slot, Finding(False, message=f"{name} resolved: {reason}"), where, now
+            )
+            if tr is not None:
+                out.append(tr)
+        return state, out
 
     @staticmethod
     def _job_where(slot: dict[str, Any], finding: Finding | None, where: _Where) -> _Where:
@@ -320,6 +363,10 @@ class JobEvaluator:
         if finding is None or finding.firing == slot["f"]:
             return None
         slot["f"] = finding.firing
+        if finding.firing:
+            slot["a"] = [where.step, where.mode]  # what end_job's resolved event names
+        else:
+            slot.pop("a", None)
         details, extra = None, ""
         summary = getattr(spec.rule, "job_summary", None)
         if finding.firing and summary is not None:

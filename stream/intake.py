@@ -24,7 +24,9 @@ under the same transaction as everything else), so a copy made twice is evaluate
 Clock rules: the intake also sends each owned job a `tick` (no value, a header with the time)
 every `tick_interval` seconds while the job is within `tick_horizon` seconds of its last record.
 A tick travels the job's own partition, so the processor evaluates StalledTrainingRule in the
-job's own state and transaction, like a record (stream/clock.py).
+job's own state and transaction, like a record (stream/clock.py). A tick also says how long the
+job has been silent (since its last record, or since this intake took it over): after the worker's
+`job_idle_timeout_s` the processor counts the job as ended.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ log = logging.getLogger("tensorpulse.stream")
 SOURCE_HEADER = "tp.src"  # b"<partition>:<offset>" of the record on its job topic
 KEY_HEADER = "tp.key"  # the record's own key, when it had one (the processor checks it)
 TICK_HEADER = "tp.tick"  # b"<unix time>": a clock tick, no record
+IDLE_HEADER = "tp.idle"  # on a tick: b"<seconds>" since the intake last copied a record of the job
 #: A round of the intake's loop longer than this is logged with what took the time.
 SLOW_ROUND_S = 1.0
 
@@ -384,5 +387,7 @@ class Intake:
         stamp = repr(now).encode()
         for job, seen in list(self._last_seen.items()):
             if now_mono - seen <= c.tick_horizon:
-                producer.produce(c.steps_topic, key=job.encode(), value=b"", headers=[(TICK_HEADER, stamp)])
+                idle = f"{now_mono - seen:.1f}".encode()
+                headers = [(TICK_HEADER, stamp), (IDLE_HEADER, idle)]
+                producer.produce(c.steps_topic, key=job.encode(), value=b"", headers=headers)
         producer.poll(0)

@@ -50,7 +50,7 @@ class LagMonitor:
                 job = topic_job[tp.topic]
                 out[job] = out.get(job, 0) + max(high - done, 0)
             for job, lag in out.items():
-                self.metrics.lag.labels(job).set(lag)
+                self.metrics.set_lag(job, lag)
             return out
         except Exception as exc:
             log.debug("lag poll failed: %s", exc)

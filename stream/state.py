@@ -144,6 +144,27 @@ class JobStore:
         self._store.set("ended", ended)
         return ended
 
+    def all_ended(self) -> float | None:
+        """When the last rank of the job ended, if every rank seen has ended; else None."""
+        ranks, ended = self.ranks(), self.ended()
+        if not ranks or not all(str(r) in ended for r in ranks):
+            return None
+        return max(ended.values())
+
+    def end_all(self, ranks: Sequence[int], when: float) -> None:
+        """Mark every rank of `ranks` ended at `when` (a job silent past the idle timeout)."""
+        self._store.set("ended", {**self.ended(), **{str(r): when for r in ranks}})
+
+    def resume(self, rank: int) -> None:
+        """A record of `rank` after its end: the rank runs again (its state is not to expire)."""
+        ended = self._store.get("ended")
+        if ended and str(rank) in ended:
+            del ended[str(rank)]
+            if ended:
+                self._store.set("ended", ended)
+            else:
+                self._store.delete("ended")
+
     def seen_offset(self, partition: int) -> int:
         """The last source offset processed from the job topic's `partition` (-1: none)."""
         value = self._store.get(f"src:{partition}")

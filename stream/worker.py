@@ -48,11 +48,11 @@ from tensorpulse.topics import (
     validate_job,
 )
 
-from .clock import clock_interval, housekeeping_interval, tick_horizon
+from .clock import clock_interval, clock_thresholds, housekeeping_interval, tick_horizon
 from .crossrun import KeyedValue, crossrun_topic, forward_payload
 from .deadletter import envelope
 from .evaluator import JobEvaluator, Transition, is_cross_run
-from .intake import KEY_HEADER, SOURCE_HEADER, TICK_HEADER, Intake, IntakeConfig
+from .intake import IDLE_HEADER, KEY_HEADER, SOURCE_HEADER, TICK_HEADER, Intake, IntakeConfig
 from .lag import LagMonitor
 from .published import PublishedAlerts, fence
 from .settings import WorkerSettings
@@ -78,6 +78,15 @@ ROCKSDB_OPTIONS = RocksDBOptions(
 #: What the processor returns: (alerts, dead letters, actions, crossrun messages) to publish.
 Outputs = tuple[list[bytes], list[bytes], list[bytes], list[tuple[bytes, bytes]]]
 _NOTHING: Outputs = ([], [], [], [])
+
+
+def _seconds(value: Any) -> float | None:
+    """A header's b"<seconds>" as a finite float (None when absent or not a number)."""
+    try:
+        seconds = float(bytes(value).decode())
+    except (TypeError, ValueError, UnicodeDecodeError):
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 class Source(NamedTuple):
@@ -121,6 +130,15 @@ class Worker:
         self._base_config = base
         own_specs = [s for s in self.specs if not is_cross_run(s)]
         clock_every = clock_interval(own_specs)
+        idle = settings.job_idle_timeout_s
+        housekeeping = housekeeping_interval(min(settings.state_retention_s, idle or math.inf))
+        if idle and any(t >= idle for t in clock_thresholds(own_specs)):
+            log.warning(
+                "job_idle_timeout_s=%g is not longer than a clock rule's threshold (%s): a silent job "
+                "counts as ended, and its alerts resolve, before that rule can report it stalled",
+                idle,
+                ", ".join(f"{t:g} s" for t in clock_thresholds(own_specs)),
+            )
         self.intake = Intake(
             IntakeConfig(
                 group=settings.group,
@@ -131,9 +149,9 @@ class Worker:
                 max_record_bytes=wire.MAX_RECORD_BYTES,
                 topic_config=settings.topic_config(),
                 replication_factor=settings.replication_factor,
-                # Ticks serve the clock rules and the removal of ended jobs' state: the sooner of the two.
-                tick_interval=min(clock_every or math.inf, housekeeping_interval(settings.state_retention_s)),
-                tick_horizon=tick_horizon(own_specs, settings.state_retention_s),
+                # Ticks serve the clock rules, the idle timeout and the removal of ended jobs' state.
+                tick_interval=min(clock_every or math.inf, housekeeping),
+                tick_horizon=tick_horizon(own_specs, settings.state_retention_s, idle),
             ),
             base,
             on_jobs=self._jobs_changed,
@@ -414,7 +432,7 @@ class Worker:
             return _NOTHING
         tick = meta.get(TICK_HEADER)
         if tick is not None:
-            return self._tick(job, tick, state)
+            return self._tick(job, tick, state, meta.get(IDLE_HEADER))
         try:
             partition, _, offset = bytes(meta[SOURCE_HEADER]).decode().partition(":")
             src = Source(reductions_topic(job, self.settings.topic_prefix), int(partition), int(offset))
@@ -444,10 +462,13 @@ class Worker:
         ev = self._evaluator(job)
         store = self._store(job, state)
         transitions: list[Transition] = []
+        job_over = False
         if record.kind == "end":
             log.info("job %s rank %d finished at step %d", job, record.rank, record.step)
             store.mark_ended(record.rank, now)
-        if record.kind == "step" or ev.has_clock:  # an end record matters only to clock rules
+        else:
+            store.resume(record.rank)  # a record after the rank's end (or idle timeout): it runs again
+        if record.kind in ("step", "end"):  # an end record resolves its rank's alerts
             try:
                 store.add_rank(record.rank)
                 eval_state = store.load([record.rank])
@@ -460,18 +481,23 @@ class Worker:
                 )
                 store.save(eval_state, [record.rank])
                 self._too_large(job, store)
+                if record.kind == "end" and store.all_ended() is not None:
+                    job_over = True  # the cross-rank rules' alerts resolve now, the ranks' resolved above
+                    transitions += self._end_job(job, store, [], now, "every rank of the job finished")
             except Exception as exc:  # a bug here must not stop the pipeline: keep the record
                 log.exception("rule evaluation failed for job %s step %d", job, record.step)
                 err = DecodeError("processing_error", f"{type(exc).__name__}: {exc}")
                 return [], [self._reject(err, job, key, value, src)], [], []
         alerts, actions = self._emit(transitions)
-        if record.kind == "end" and record.rank == 0:
+        if job_over:  # after the resolved events: their counters go with the rest of the job's series
             self.metrics.remove_job(job)
             self.metrics.finished.inc()
         return alerts, [], actions, self._forwards(job, record)
 
-    def _tick(self, job: str, stamp: Any, state: State) -> Outputs:
-        """Clock rules at the tick's time; an ended job's state removed once its retention passed."""
+    def _tick(self, job: str, stamp: Any, state: State, idle: Any = None) -> Outputs:
+        """Clock rules at the tick's time; a job silent for `job_idle_timeout_s` (`idle`: the
+        intake's seconds since its last record) ended; an ended job's state removed once its
+        retention passed."""
         try:
             now = float(bytes(stamp).decode())
             if not math.isfinite(now):
@@ -484,13 +510,24 @@ class Worker:
         ranks = store.ranks()
         if not ranks:
             return _NOTHING
-        ended = store.ended()
-        if len(ended) >= len(ranks) and all(str(r) in ended for r in ranks):
-            if now - max(ended.values()) >= self.settings.state_retention_s:
+        ended_at = store.all_ended()
+        if ended_at is not None:
+            if now - ended_at >= self.settings.state_retention_s:
                 store.delete_all()
                 self.metrics.states_removed.inc()
                 log.info("job %s: every rank ended; its state is removed (state_retention_s)", job)
             return _NOTHING
+        silent = _seconds(idle)
+        timeout = self.settings.job_idle_timeout_s
+        if timeout > 0 and silent is not None and silent >= timeout:
+            reason = f"no record for {silent:.0f} s (job_idle_timeout_s={timeout:g}): the job counts as ended"
+            transitions = self._end_job(job, store, ranks, now, reason)
+            store.end_all(ranks, now)
+            log.info("job %s: %s; %d alert(s) resolved", job, reason, len(transitions))
+            alerts, actions = self._emit(transitions)
+            self.metrics.remove_job(job)
+            self.metrics.finished.inc()
+            return alerts, [], actions, []
         if not ev.has_clock:
             return _NOTHING
         eval_state = store.load(ranks, groups=("clock",))
@@ -498,6 +535,13 @@ class Worker:
         store.save(eval_state, ranks, groups=("clock",))
         alerts, actions = self._emit(transitions)
         return alerts, [], actions, []
+
+    def _end_job(self, job: str, store: JobStore, ranks: list[int], now: float, reason: str) -> list[Transition]:
+        """Resolve what still fires for a job that is over: the job-level slots, and those of `ranks`."""
+        eval_state = store.load(ranks)
+        eval_state, transitions = self._evaluator(job).end_job(eval_state, job, now, reason=reason)
+        store.save(eval_state, ranks)
+        return transitions
 
     def _too_large(self, job: str, store: JobStore) -> None:
         """Count (and say once per rule) the state entries that were over the limit and reset."""
