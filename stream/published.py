@@ -30,6 +30,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 log = logging.getLogger("tensorpulse.stream")
 
+#: Consumer groups of the start-up scan of the alerts topic: this, then a random suffix.
+SCAN_GROUP_PREFIX = "tensorpulse-scan-"
+
 
 def fence(base_config: dict[str, Any], transactional_id: str, timeout: float = 15.0) -> None:
     """Take over `transactional_id`: the broker must end any transaction its last owner left open."""
@@ -63,7 +66,7 @@ class PublishedAlerts:
         consumer = Consumer(
             {
                 **base_config,
-                "group.id": f"tensorpulse-scan-{uuid.uuid4().hex[:8]}",
+                "group.id": f"{SCAN_GROUP_PREFIX}{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
                 "isolation.level": "read_committed",
                 "enable.partition.eof": True,

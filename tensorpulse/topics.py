@@ -47,19 +47,29 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+def reductions_prefix(prefix: str = DEFAULT_PREFIX) -> str:
+    """What every job's reductions topic starts with (a prefixed ACL covers all of them)."""
+    return f"{validate_prefix(prefix)}reductions."
+
+
+def control_prefix(prefix: str = DEFAULT_PREFIX) -> str:
+    """What every job's control topic starts with (a prefixed ACL covers all of them)."""
+    return f"{validate_prefix(prefix)}control."
+
+
 def reductions_topic(job: str, prefix: str = DEFAULT_PREFIX) -> str:
     """The topic that carries a job's per-step statistics."""
-    return f"{validate_prefix(prefix)}reductions.{validate_job(job)}"
+    return reductions_prefix(prefix) + validate_job(job)
 
 
 def control_topic(job: str, prefix: str = DEFAULT_PREFIX) -> str:
     """The topic on which actions (stop, checkpoint) for a job are published."""
-    return f"{validate_prefix(prefix)}control.{validate_job(job)}"
+    return control_prefix(prefix) + validate_job(job)
 
 
 def reductions_pattern(prefix: str = DEFAULT_PREFIX) -> re.Pattern[str]:
     """Matches (with fullmatch) reductions topics and captures the job id."""
-    return re.compile(re.escape(validate_prefix(prefix)) + rf"reductions\.({_JOB_PATTERN})")
+    return re.compile(re.escape(reductions_prefix(prefix)) + f"({_JOB_PATTERN})")
 
 
 def job_of_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
@@ -70,6 +80,10 @@ def job_of_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
 def _group_part(group: str) -> str:
     """A consumer group name made safe for a topic name (Kafka allows [A-Za-z0-9._-])."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", group)[:200] or "default"
+
+
+#: The kinds of a worker group's internal topics (see `group_topic`).
+GROUP_TOPIC_KINDS = ("steps", "intake", "crossrun")
 
 
 def group_topic(kind: str, group: str) -> str:

@@ -68,11 +68,12 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         cluster.stop()
 
 
-def start_kafka(nodes: int, workdir: Path) -> Any:
-    """A started `KafkaCluster`, or a test failure that says how to get Java and Maven."""
+def start_kafka(nodes: int, workdir: Path, **options: Any) -> Any:
+    """A started `KafkaCluster` (`options`: its keyword arguments, e.g. secure=True), or a test
+    failure that says how to get Java and Maven."""
     kafka_local = load_kafka_local()
     try:
-        return kafka_local.KafkaCluster(nodes=nodes, workdir=workdir).start()
+        return kafka_local.KafkaCluster(nodes=nodes, workdir=workdir, **options).start()
     except kafka_local.KafkaUnavailable as exc:
         pytest.fail(
             "the integration tests start Apache Kafka from its Maven jars and could not:\n"
@@ -85,16 +86,17 @@ def start_kafka(nodes: int, workdir: Path) -> Any:
 
 
 @pytest.fixture
-def kafka_cluster(tmp_path: Path) -> Iterator[Callable[[int], Any]]:
+def kafka_cluster(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Starts a private Apache Kafka cluster of N nodes for one test (`kafka_cluster(3)`).
 
-    For tests that kill brokers, which must not take the session's broker with them. Whatever it
-    started is SIGKILLed at the end: its data is the test's alone; the logs stay in tmp_path.
+    For tests that kill brokers, which must not take the session's broker with them, or that need
+    a secured one (`kafka_cluster(1, secure=True, users={...})`: KafkaCluster's options). Whatever
+    it started is SIGKILLed at the end: its data is the test's alone; the logs stay in tmp_path.
     """
     started: list[Any] = []
 
-    def start(nodes: int) -> Any:
-        cluster = start_kafka(nodes, tmp_path / f"kafka-{len(started)}")
+    def start(nodes: int, **options: Any) -> Any:
+        cluster = start_kafka(nodes, tmp_path / f"kafka-{len(started)}", **options)
         started.append(cluster)
         return cluster
 

@@ -99,8 +99,12 @@ def worker_process(
     rules: Path | None = None,
     jobs_regex: str | None = None,
     extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`tensorpulse stream` as a separate process; yields (process, metrics URL)."""
+    """`tensorpulse stream` as a separate process; yields (process, metrics URL).
+
+    `env` adds environment variables for the worker alone (e.g. its own SASL credentials).
+    """
     port = free_port()
     cmd = worker_command(
         bootstrap,
@@ -114,7 +118,13 @@ def worker_process(
     cmd += extra or []
     log_path = tmp / f"worker-{group}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
+        )
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         wait_for(lambda: _up(url, proc), 30, "the worker's /metrics endpoint")
