@@ -10,6 +10,13 @@ reads the whole topic from the beginning without a consumer group (explicit assi
 commits), so a hook that starts after an action was sent still sees it, and it ignores actions
 older than its own start (minus a grace period) so that a restarted job is not stopped by an
 alert about its previous run.
+
+Anyone who can write the topic can flood it (a broken sender, an attacker): the listener then
+costs training at most a small, fixed share of one core. Its work is paced by the CPU time it
+spends (`max_busy_share`, in bursts of `burst_s`), never by dropping messages, so a genuine stop
+behind a flood is honoured once the messages before it are read; malformed and ignored
+messages are summarised in one log line per `FLOOD_LOG_INTERVAL_S`, not one each; and a repeated
+action reaches the callbacks at most once per `ACTION_INTERVAL_S`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,15 @@ log = logging.getLogger("tensorpulse.producers")
 
 #: Actions older than the listener's start minus this many seconds are ignored.
 GRACE_S = 5.0
+#: The listener's CPU time is at most this share of wall time (beyond a burst): a flood of control
+#: messages costs a training job at most about this much of one core (bench/control_flood.py).
+MAX_BUSY_SHARE = 0.02
+#: CPU seconds of handling the listener may spend at once before the pacing starts.
+BURST_S = 0.05
+#: A flood (ignored messages, pacing) is logged once per this many seconds, with counts.
+FLOOD_LOG_INTERVAL_S = 10.0
+#: Another action of the same kind within this many seconds of the last one is counted, not dispatched.
+ACTION_INTERVAL_S = 10.0
 
 
 def group_prefix(job: str) -> str:
@@ -40,6 +56,87 @@ def group_prefix(job: str) -> str:
 
 
 ActionCallback = Callable[[dict[str, Any]], None]
+
+
+class WorkBudget:
+    """Pacing by CPU time: work may use `share` of the wall clock, in bursts of up to `burst_s`.
+
+    A token bucket whose tokens are CPU seconds: it refills at `share` seconds per second and
+    holds at most `burst_s`. `spend(cpu_seconds, now)` charges a piece of work and returns how
+    long to wait before the next one (0 while there is credit). Pure: the caller measures and waits.
+    """
+
+    def __init__(self, share: float, burst_s: float, now: float) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"Expected `share` to be in (0, 1] but got {share}")
+        if burst_s <= 0:
+            raise ValueError(f"Expected `burst_s` to be positive but got {burst_s}")
+        self.share = share
+        self.burst_s = burst_s
+        self._credit = burst_s
+        self._last = now
+
+    def spend(self, cpu_seconds: float, now: float) -> float:
+        """Charge `cpu_seconds` of work done by `now`; seconds to wait before the next piece."""
+        self._credit = min(self.burst_s, self._credit + max(0.0, now - self._last) * self.share) - cpu_seconds
+        self._last = now
+        return 0.0 if self._credit >= 0 else -self._credit / self.share
+
+
+class FloodLog:
+    """Log lines about control messages, at most one per kind per interval, the rest as counts.
+
+    The first malformed message of an interval is logged with its reason; later ones, and
+    messages ignored as stale or for another job, are counted and summarised in one line when
+    the interval ends (`flush`), together with the time the listener spent paced.
+    """
+
+    def __init__(self, topic: str, interval_s: float, now: float) -> None:
+        self.topic = topic
+        self.interval_s = interval_s
+        self._since = now
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._paced_s = 0.0
+
+    def malformed(self, exc: DecodeError) -> None:
+        if not any(k.startswith("malformed") for k in self._counts):
+            log.warning(
+                "tensorpulse: ignoring a malformed control message on %s: %s (more within %.0f s are "
+                "counted, then summarised)",
+                self.topic,
+                exc,
+                self.interval_s,
+            )
+        self._counts[f"malformed ({exc.reason})"] += 1
+
+    def ignored(self, why: str) -> None:
+        self._counts[why] += 1
+
+    def paced(self, seconds: float) -> None:
+        self._paced_s += seconds
+
+    def flush(self, now: float, force: bool = False) -> None:
+        """Write the summary of the interval if it is over (or `force`), and start a new one."""
+        if not force and now - self._since < self.interval_s:
+            return
+        logged_one = any(k.startswith("malformed") for k in self._counts)
+        if self._counts or self._paced_s:
+            total = sum(self._counts.values()) - (1 if logged_one else 0)
+            level = logging.WARNING if logged_one or self._paced_s else logging.DEBUG
+            parts = ", ".join(f"{n} {why}" for why, n in self._counts.most_common())
+            log.log(
+                level,
+                "tensorpulse: control topic %s: %d more message(s) ignored in the last %.0f s (%s); "
+                "handling paced for %.1f s to spare training",
+                self.topic,
+                max(0, total),
+                now - self._since,
+                parts or "none",
+                self._paced_s,
+            )
+        self._since = now
+        self._counts.clear()
+        self._paced_s = 0.0
 
 
 class ControlListener:
@@ -61,6 +158,9 @@ class ControlListener:
         grace_s: float = GRACE_S,
         group_id: str | None = None,
         poll_interval_s: float = 0.05,
+        max_busy_share: float = MAX_BUSY_SHARE,
+        burst_s: float = BURST_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.job = validate_job(job)
         self.topic = control_topic(job, prefix)
@@ -70,6 +170,12 @@ class ControlListener:
         #: The most recent accepted actions (newest last).
         self.actions: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
         self._callbacks: list[ActionCallback] = []
+        #: Messages read, by what became of them: accepted, coalesced, stale, other_job, malformed.
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._clock = clock
+        self._budget = WorkBudget(max_busy_share, burst_s, clock())
+        self._flood = FloodLog(self.topic, FLOOD_LOG_INTERVAL_S, clock())
+        self._dispatched: dict[str, float] = {}  # action kind -> when its callbacks last ran
         self._closing = threading.Event()
         self._poll = poll_interval_s
         self._conf = client_config(bootstrap, kafka_config)
@@ -106,15 +212,37 @@ class ControlListener:
 
     # ------------------------------------------------------------------ background thread
     def handle(self, payload: bytes) -> dict[str, Any] | None:
-        """Decode, filter and dispatch one message; returns the action if it was accepted."""
+        """Decode, filter and dispatch one message; returns the action if it was accepted.
+
+        A stop always sets `stop_requested`. An action of the same kind as one dispatched less
+        than ACTION_INTERVAL_S ago is accepted but coalesced: no log line, no callbacks.
+        """
+        now = self._clock()
+        self._flood.flush(now)
         try:
             action = decode_action(payload)
         except DecodeError as exc:
-            log.warning("tensorpulse: ignoring a malformed control message on %s: %s", self.topic, exc)
+            self.counts["malformed"] += 1
+            self._flood.malformed(exc)
             return None
-        if action["job"] != self.job or action["ts"] < self.start_ts - self.grace_s:
+        if action["job"] != self.job:
+            self.counts["other_job"] += 1
+            self._flood.ignored("for another job")
+            return None
+        if action["ts"] < self.start_ts - self.grace_s:
+            self.counts["stale"] += 1
+            self._flood.ignored("older than this run")
             return None
         self.actions.append(action)
+        if action["action"] == "stop":
+            self.stop_requested.set()
+        last = self._dispatched.get(action["action"])
+        if last is not None and now - last < ACTION_INTERVAL_S:
+            self.counts["coalesced"] += 1
+            self._flood.ignored(f"repeated {action['action']}")
+            return action
+        self._dispatched[action["action"]] = now
+        self.counts["accepted"] += 1
         if action["action"] == "stop":
             log.warning(
                 "tensorpulse: stop requested for job %s by rule %r (alert %s): %s",
@@ -123,7 +251,6 @@ class ControlListener:
                 action["alert_id"],
                 action["reason"],
             )
-            self.stop_requested.set()
         for cb in list(self._callbacks):
             try:
                 cb(action)
@@ -169,9 +296,24 @@ class ControlListener:
                         if err.code() != KafkaError._PARTITION_EOF:
                             once(f"msg:{err.code()}", logging.WARNING, "tensorpulse: control topic: %s", err)
                         continue
-                    self.handle(msg.value() or b"")
+                    if self._paced_handle(msg.value() or b""):
+                        break  # closing: the rest of the batch is not read
+                self._flood.flush(self._clock())
         except Exception:  # noqa: BLE001
             log.exception("tensorpulse: control listener failed")
         finally:
+            self._flood.flush(self._clock(), force=True)
             with contextlib.suppress(Exception):
                 consumer.close()
+
+    def _paced_handle(self, payload: bytes) -> bool:
+        """`handle`, then wait as long as the work budget asks (the GIL and a core go to training).
+
+        Returns True when the listener is closing (the wait was cut short)."""
+        cpu = time.thread_time()
+        self.handle(payload)
+        wait = self._budget.spend(time.thread_time() - cpu, self._clock())
+        if wait <= 0:
+            return self._closing.is_set()
+        self._flood.paced(wait)
+        return self._closing.wait(wait)

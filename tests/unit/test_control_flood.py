@@ -1,0 +1,111 @@
+"""A flood on the control topic: a few log lines per interval, repeated actions coalesced, the listener's
+CPU paced to its share, and a genuine stop still honoured (no broker: messages handed in directly)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tensorpulse.actions import encode_action
+from tensorpulse.producers.control import (
+    ACTION_INTERVAL_S,
+    FLOOD_LOG_INTERVAL_S,
+    ControlListener,
+    WorkBudget,
+)
+
+UNREACHABLE = "127.0.0.1:1"
+START = 1000.0
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def listener(clock: Clock) -> ControlListener:
+    return ControlListener("job-a", bootstrap=UNREACHABLE, start_ts=START, clock=clock)
+
+
+JUNK = [
+    b"[" * 60_000,
+    b"{not json",
+    b'{"action":"stop","job":"job-a","ts":' + b"9" * 400 + b"}",
+    b'{"action":["stop"],"job":"job-a","ts":1}',
+    b"\xff\xfe",
+]
+
+
+def test_a_flood_of_malformed_messages_logs_two_lines_and_a_stop_after_it_is_honoured(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """20,000 malformed messages: one line for the first, one summary with the count; then a stop works."""
+    caplog.set_level(logging.INFO, logger="tensorpulse.producers")
+    clock = Clock()
+    ctl = listener(clock)
+    got: list[dict] = []
+    ctl.on_action(got.append)
+    for i in range(20_000):
+        assert ctl.handle(JUNK[i % len(JUNK)]) is None
+        clock.now += 0.0001  # 20,000 messages in 2 s: all within one interval
+    assert len(caplog.records) == 1 and "ignoring a malformed control message" in caplog.text
+    clock.now += FLOOD_LOG_INTERVAL_S
+    assert ctl.handle(encode_action("stop", "job-a", ts=START + 1, rule="R")) is not None
+    assert ctl.stop_requested.is_set() and [a["action"] for a in got] == ["stop"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "19999 more message(s) ignored" in lines[1] and "malformed (not_json)" in lines[1]
+    assert "stop requested for job job-a" in lines[2]
+    assert ctl.counts["malformed"] == 20_000 and ctl.counts["accepted"] == 1
+
+
+def test_a_stop_inside_a_flood_of_valid_actions_is_honoured_and_callbacks_run_once() -> None:
+    """Thousands of checkpoints and stops (valid, for this job): one callback per kind per interval."""
+    clock = Clock()
+    ctl = listener(clock)
+    got: list[str] = []
+    ctl.on_action(lambda a: got.append(a["action"]))
+    for i in range(5_000):
+        ctl.handle(encode_action("checkpoint", "job-a", ts=START + 1))
+        if i == 2_500:
+            ctl.handle(encode_action("stop", "job-a", ts=START + 1))
+        ctl.handle(encode_action("stop", "job-b", ts=START + 1))  # another job's: ignored
+        ctl.handle(encode_action("stop", "job-a", ts=START - 60))  # an earlier run's: ignored
+    assert ctl.stop_requested.is_set()
+    assert got == ["checkpoint", "stop"]
+    assert ctl.counts["coalesced"] == 4_999 and ctl.counts["other_job"] == ctl.counts["stale"] == 5_000
+    clock.now += ACTION_INTERVAL_S
+    ctl.handle(encode_action("checkpoint", "job-a", ts=START + 2))
+    assert got == ["checkpoint", "stop", "checkpoint"]
+
+
+def test_work_budget_holds_the_share_over_a_long_flood() -> None:
+    """Paced work of 1 ms pieces uses at most `share` of the wall clock, plus one burst."""
+    share, burst = 0.02, 0.05
+    budget = WorkBudget(share, burst, now=0.0)
+    now, cpu = 0.0, 0.0
+    for _ in range(10_000):
+        now += 0.001  # the work itself
+        cpu += 0.001
+        now += budget.spend(0.001, now)
+    assert cpu <= share * now + burst
+    assert cpu >= share * now * 0.95  # and it does not wait more than it must
+
+
+def test_work_budget_lets_a_trickle_through_without_waiting() -> None:
+    """Ordinary traffic (a message now and then) is never delayed."""
+    budget = WorkBudget(0.02, 0.05, now=0.0)
+    assert all(budget.spend(0.0005, now=float(t)) == 0.0 for t in range(1, 1000))
+
+
+@pytest.mark.parametrize(("share", "burst"), [(0.0, 0.05), (1.5, 0.05), (0.02, 0.0)])
+def test_work_budget_rejects_nonsense(share: float, burst: float) -> None:
+    """A share outside (0, 1] or a burst that is not positive is refused with the argument's name."""
+    with pytest.raises(ValueError, match="Expected `(share|burst_s)`"):
+        WorkBudget(share, burst, now=0.0)
