@@ -219,15 +219,19 @@ def apply_acls(
     from confluent_kafka.admin import AdminClient
 
     bindings = acl_bindings(acls)
+    # The same order as acl_bindings: each binding's ACL and operation, to name it in an error.
+    names = [
+        f"{a.principal} {op} on {a.resource} {a.name!r} ({a.pattern})" for a in acls for op in a.operations
+    ]
     conf = client_config(bootstrap, kafka_config)
     admin = AdminClient(conf)  # held until every answer is in: a dropped client cancels its requests
     futures = admin.create_acls(bindings, request_timeout=timeout)
     failed = []
-    for binding, future in futures.items():
+    for name, binding in zip(names, bindings, strict=True):
         try:
-            future.result(timeout)
+            futures[binding].result(timeout)
         except KafkaException as exc:
-            failed.append(f"{binding}: {exc.args[0].str() if exc.args else exc}")
+            failed.append(f"{name}: {exc.args[0].str() if exc.args else exc}")
     if failed:
         raise AclError(
             f"the broker at {conf['bootstrap.servers']} refused {len(failed)} of {len(bindings)} ACLs "

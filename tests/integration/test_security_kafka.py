@@ -223,3 +223,10 @@ def test_job_confined_and_worker_runs_on_exactly_the_listed_acls(
     log = (tmp_path / f"worker-{group}.log").read_text(errors="replace")
     assert "AUTHORIZATION" not in log.upper(), "the worker was refused something: an ACL is missing"
     print(f"end to end in {time.monotonic() - t0:.1f}s")
+
+
+def test_apply_on_a_cluster_without_authorizer_fails_with_the_reason(kafka_bootstrap: str) -> None:
+    """`apply_acls` on the plaintext test broker (no authorizer) raises AclError with the broker's reason."""
+    with pytest.raises(acls.AclError, match="refused 7 of 7 ACLs") as failed:
+        acls.apply_acls(acls.job_acls("a", "job-a"), kafka_bootstrap, timeout=20)
+    assert "User:job-a Write on topic 'tensorpulse.reductions.a' (literal): " in str(failed.value)
