@@ -12,6 +12,7 @@ pom.xml anywhere and run it:
 
     python deploy/kafka/kafka_local.py fetch                 # once: Maven into the cache
     python deploy/kafka/kafka_local.py run --nodes 3         # prints KAFKA_BOOTSTRAP=...; Ctrl-C stops
+    python deploy/kafka/kafka_local.py run --secure          # TLS + SASL/SCRAM + ACLs (admin in secure.json)
 
 or from Python:
 
@@ -671,7 +672,7 @@ def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     fetch(quiet=False)
-    cluster = KafkaCluster(args.nodes, args.dir, port=args.port, log_level=args.log_level)
+    cluster = KafkaCluster(args.nodes, args.dir, port=args.port, log_level=args.log_level, secure=args.secure)
     print(f"starting {args.nodes} Kafka node(s) in {cluster.workdir} ...", file=sys.stderr, flush=True)
     try:
         cluster.start()
@@ -682,6 +683,12 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"ready in {cluster.started_s:.1f}s; logs: {cluster.workdir}/node-*/server.log", file=sys.stderr
         )
+        if cluster.secure:
+            print(
+                f"secured: SASL_SSL with {SASL_MECHANISM}, ACLs enforced; CA {cluster.ca_path}; "
+                f"SCRAM passwords (user {ADMIN_USER} is a super user) in {cluster.workdir / SECRETS_FILE}",
+                file=sys.stderr,
+            )
         print(f"KAFKA_BOOTSTRAP={cluster.bootstrap}", flush=True)
         reported: set[int] = set()
         while not stop.wait(1.0):
@@ -756,6 +763,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     r.add_argument(
         "--log-level", default="WARN", help="level of the node logs, e.g. INFO or DEBUG (default WARN)"
+    )
+    r.add_argument(
+        "--secure",
+        action="store_true",
+        help=f"clients on TLS with SASL/{SASL_MECHANISM} only, ACLs enforced; users and CA in the work directory",
     )
     r.set_defaults(func=_run)
     args = parser.parse_args(argv)
