@@ -109,7 +109,9 @@ class CallbackCore:
         self._said.add(key)
         log.log(level, msg, *args)
 
-    def check_version(self, package: str, version: str, lowest: tuple[int, ...], below: tuple[int, ...]) -> None:
+    def check_version(
+        self, package: str, version: str, lowest: tuple[int, ...], below: tuple[int, ...]
+    ) -> None:
         """Say once that `version` of `package` is outside [lowest, below): it may still work."""
         got = _leading_ints(str(version))
         if not (lowest <= got < below):
@@ -170,7 +172,9 @@ class CallbackCore:
             if n == 1 and hasattr(value, "dtype"):
                 kind = str(value.dtype)
                 if "complex" not in kind and "str" not in kind and "bool" not in kind:
-                    out[key] = value if type(value).__module__.startswith("torch") else float(value.reshape(-1)[0])
+                    out[key] = (
+                        value if type(value).__module__.startswith("torch") else float(value.reshape(-1)[0])
+                    )
                     continue
             self.say_once(
                 f"scalar-{key}",

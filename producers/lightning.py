@@ -219,9 +219,7 @@ class TensorPulseCallback(Callback):
         if trainer.sanity_checking or hook is None:
             return
         before = self._before_val
-        logged = {
-            k: v for k, v in trainer.callback_metrics.items() if k not in before or before[k] is not v
-        }
+        logged = {k: v for k, v in trainer.callback_metrics.items() if k not in before or before[k] is not v}
         self._eval_names.update(logged)
         loss = self._val_loss / self._val_count if self._val_count else logged.get(self.val_loss_name)
         step = trainer.global_step

@@ -71,7 +71,9 @@ class TensorPulseCallback(TrainerCallback):
         attach_options: Mapping[str, Any] | None = None,
         **hook_options: Any,
     ) -> None:
-        self.core = CallbackCore("Hugging Face Trainer", job, bootstrap, save_interval, hook_options, TorchHook)
+        self.core = CallbackCore(
+            "Hugging Face Trainer", job, bootstrap, save_interval, hook_options, TorchHook
+        )
         self.attach_options = dict(attach_options or {})
         self._attached: Any = None  # the model the hook is attached to
         self._held: int | None = None  # the train step whose record waits for its logs

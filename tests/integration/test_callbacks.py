@@ -159,7 +159,9 @@ def test_transformers_nan_alert_and_stop(kafka_bootstrap: str, worker: str) -> N
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()
     model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+        GPT2Config(
+            vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
+        )
     )
     args = TrainingArguments(
         output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / f"hf-{job}"),
