@@ -23,10 +23,11 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from tensorpulse.errors import ConfigError, DecodeError
 from tensorpulse.events import AlertEvent
-from tensorpulse.kafka import client_config
+from tensorpulse.kafka import client_config, resolve_bootstrap
 from tensorpulse.topics import ALERTS_TOPIC
 
 from .alertmanager import AlertmanagerSink, api_url
+from .alerts import job_selector
 from .http import DeliveryInterrupted, JsonPoster, RetryPolicy, safe_url
 from .webhook import WebhookSink, parse_header
 
@@ -53,11 +54,7 @@ class ForwarderSettings:
     def __post_init__(self) -> None:
         if self.start not in ("latest", "earliest"):
             raise ConfigError(f"Expected `start` to be 'latest' or 'earliest' but got {self.start!r}")
-        if self.job_regex:
-            try:
-                re.compile(self.job_regex)
-            except re.error as exc:
-                raise ConfigError(f"invalid --job regex {self.job_regex!r}: {exc}") from exc
+        job_selector(self.job_regex)  # the selector of `tensorpulse alerts --job` too
         if self.dedupe_window < 1:
             raise ConfigError(f"Expected `dedupe_window` to be at least 1 but got {self.dedupe_window}")
 
@@ -71,6 +68,14 @@ def parse_duration(text: str) -> float | None:
     if not m:
         raise ConfigError(f"invalid duration {text!r}: expected e.g. 90s, 15m, 24h, 7d or 'all'")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _duration(seconds: float) -> str:
+    """Seconds in the largest unit of `parse_duration` that fits (604800 -> '7d')."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 class SeenIds:
@@ -123,7 +128,7 @@ class Forwarder:
         self.clock = clock
         self.stats = ForwarderStats()
         self._seen = SeenIds(settings.dedupe_window)
-        self._job_re = re.compile(settings.job_regex) if settings.job_regex else None
+        self._job_re = job_selector(settings.job_regex)
         self._start_offsets: dict[int, int] = {}
 
     # -- configuration -------------------------------------------------------------------------
@@ -240,7 +245,15 @@ class Forwarder:
                 f"[{tp.partition}]@{tp.offset if tp.offset >= 0 else self.settings.start}" for tp in committed
             ),
         )
+        if not self.ready.is_set():
+            log.info("waiting for alert events to forward to %s (Ctrl-C or SIGTERM stops)", self.receivers())
         self.ready.set()
+
+    def receivers(self) -> str:
+        """Where events go, in words (URLs reduced to scheme, host and port)."""
+        posters = list(self.alertmanager.posters) if self.alertmanager else []
+        posters += [w.poster for w in self.webhooks]
+        return ", ".join(p.name for p in posters)
 
     def deliver(self, events: list[AlertEvent]) -> None:
         """Hand events to every sink; a sink's bug is logged and counted, never fatal."""
@@ -266,6 +279,11 @@ class Forwarder:
                 p.sleep = self.stop.wait
         for w in self.webhooks:
             w.poster.sleep = self.stop.wait
+        s = self.settings
+        since = "all" if s.lookback is None else f"the last {_duration(s.lookback)}"
+        log.info(
+            "reading %s of %s at %s to rebuild what is firing", since, s.topic, resolve_bootstrap(s.bootstrap)
+        )
         self.rebuild()
         if self.alertmanager is not None:
             self.alertmanager.tick(self.clock())

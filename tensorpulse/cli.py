@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -20,26 +22,70 @@ BOOTSTRAP_HELP = (
 )
 
 
-# A dependency of quixstreams warns about its own imports at start-up; not ours to act on.
-warnings.filterwarnings("ignore", message="The httpx module is deprecated")
+JOB_SELECTOR_HELP = (
+    "Only jobs whose id matches this regular expression, searched in the id (re.search, as the "
+    "worker's --jobs and a rules file's jobs:); '^ID$' for exactly one job."
+)
+
+#: Exit status when the reader of our output closed it early (`tensorpulse alerts | head`):
+#: 128 + SIGPIPE, what a shell reports for a program that SIGPIPE ended.
+EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+def _quiet_dependency_warnings() -> None:
+    """Keep Authlib's "httpx is deprecated" warning from every command's start.
+
+    confluent-kafka's schema registry (which Quix Streams imports) imports Authlib, whose
+    deprecation module makes its own warnings "always" shown, in front of any filter set before it
+    loads; without the `httpx2` package it then warns at import. Not ours to act on: this filter
+    goes in front of Authlib's, for that one message of that one category.
+    """
+    try:
+        from authlib.deprecate import AuthlibDeprecationWarning
+    except ImportError:
+        return
+    warnings.filterwarnings(
+        "ignore", message="The httpx module is deprecated", category=AuthlibDeprecationWarning
     )
 
 
+_quiet_dependency_warnings()
+_LOGGING: dict[str, logging.Handler] = {}  # the stderr handler this command line installed, if any
+
+
+def _setup_logging(level: str) -> None:
+    """Log records to stderr, formatted, from `level` up: librdkafka's lines come this way too
+    (tensorpulse.kafka). A program that configured logging before us (a test runner) keeps its own."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        _LOGGING["handler"] = root.handlers[0]
+    if "handler" in _LOGGING:
+        root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+class _Main(click.Group):
+    """The command group: a reader that closes our output early (`| head`) ends the command
+    quietly with EXIT_CLOSED_PIPE, not with a traceback or an error message."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # What is still buffered, and the interpreter's last flush, go nowhere instead of failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_CLOSED_PIPE)
+
+
 @click.group(
+    cls=_Main,
     context_settings={
         "help_option_names": ["-h", "--help"],
         "max_content_width": 100,
         # Every option can also come from the environment: TENSORPULSE_<COMMAND>_<OPTION>,
         # e.g. TENSORPULSE_NOTIFY_ALERTMANAGER (flags win).
         "auto_envvar_prefix": "TENSORPULSE",
-    }
+    },
 )
 @click.version_option(__version__, prog_name="tensorpulse")
 def main() -> None:
@@ -62,7 +108,13 @@ def main() -> None:
     (e.g. TENSORPULSE_NOTIFY_ALERTMANAGER=http://am:9093); `stream` also reads a settings
     file (--config) and TENSORPULSE_BOOTSTRAP, TENSORPULSE_GROUP, ... (see its --help).
     Kafka client settings (TLS, SASL): TENSORPULSE_KAFKA_<PROPERTY>, see docs/security.md.
+
+    \b
+    Exit status: 0 done; 1 an error (the message says what); 2 a wrong option or argument;
+    141 the reader closed the output early (`| head`). `demo` exits 1 when the run did not
+    end as expected (the fault not caught, or an alert on a healthy run).
     """
+    _setup_logging("WARNING")  # `stream` and `notify` raise it to their --log-level
 
 
 @main.command()
@@ -232,32 +284,50 @@ def stream(
 
 @main.command()
 @click.option("--bootstrap", help=BOOTSTRAP_HELP)
-@click.option("--job", help="Only this job's alerts.")
+@click.option("--job", metavar="REGEX", help=JOB_SELECTOR_HELP)
 @click.option("--follow", "-f", is_flag=True, help="Keep waiting for new alerts (Ctrl-C to stop).")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON events, one per line.")
 @click.option("--new", is_flag=True, help="Only alerts raised from now on (default: from the beginning).")
 def alerts(bootstrap, job, follow, as_json, new) -> None:
     """Print alert events from the tensorpulse.alerts topic.
 
+    Events go to stdout; what the command is doing, and a summary at the end, to stderr.
+
     \b
     Examples:
       tensorpulse alerts --bootstrap 127.0.0.1:9092
-      tensorpulse alerts --job resnet-42 --follow
-      tensorpulse alerts --json | jq 'select(.severity == "critical")'
+      tensorpulse alerts --job '^resnet-42$' --follow
+      tensorpulse alerts --job resnet --json | jq 'select(.severity == "critical")'
     """
-    from .sinks.alerts import read_alerts
+    from .kafka import resolve_bootstrap
+    from .sinks.alerts import job_selector, read_alerts
+    from .topics import ALERTS_TOPIC
 
-    n = 0
     try:
-        for ev in read_alerts(bootstrap, job=job, follow=follow, from_beginning=not new):
-            n += 1
+        jobs = job_selector(job)
+    except TensorpulseError as exc:
+        raise click.BadParameter(str(exc), param_hint="--job") from exc
+    which = f"jobs matching {job!r}" if job else "every job"
+    where = f"{ALERTS_TOPIC} at {resolve_bootstrap(bootstrap)}"
+    click.echo(f"reading {where} ({which})" + ("; Ctrl-C stops" if follow else ""), err=True)
+    say = lambda text: click.echo(text, err=True)  # noqa: E731
+    events = []
+    try:
+        for ev in read_alerts(bootstrap, jobs=jobs, follow=follow, from_beginning=not new, on_status=say):
+            events.append((ev.status, ev.job))
             click.echo(json.dumps(ev.to_dict()) if as_json else ev.format())
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:
+        raise  # the reader has what it wanted (`| head`): see _Main
     except Exception as exc:  # show the Kafka error plainly, not a traceback
-        raise click.ClickException(f"reading alerts failed: {exc}") from exc
-    if not as_json:
-        click.echo(f"{n} alert event(s)", err=True)
+        raise click.ClickException(f"reading {where} failed: {exc}") from exc
+    firing = sum(status == "firing" for status, _ in events)
+    click.echo(
+        f"{len(events)} alert event(s): {firing} firing, {len(events) - firing} resolved, "
+        f"{len({j for _, j in events})} job(s)",
+        err=True,
+    )
 
 
 @main.command()
@@ -283,9 +353,7 @@ def alerts(bootstrap, job, follow, as_json, new) -> None:
     metavar="'NAME: VALUE'",
     help="Webhook header; ${VAR} is read from the environment (never logged).",
 )
-@click.option(
-    "--job", "job_regex", metavar="REGEX", help="Only jobs whose id matches this regex (re.search)."
-)
+@click.option("--job", "job_regex", metavar="REGEX", help=JOB_SELECTOR_HELP)
 @click.option(
     "--group", default="tensorpulse-notify", show_default=True, help="Consumer group: a restart resumes here."
 )
@@ -646,13 +714,18 @@ def report_cmd(jobs, out, tensors_regex, stat, rank, rules_file, bootstrap, topi
       tensorpulse report --job resnet-42 --out report.html
       tensorpulse report --job run-a --job run-b --tensors 'gradient/' --stat l2 --out cmp.png
     """
+    from .kafka import resolve_bootstrap
     from .replay import JobReader, Progress
     from .report import collect_job, write_report
+    from .topics import reductions_topic
 
     data = []
     try:
         specs, prefix = _replay_inputs(rules_file, topic_prefix)
         for job in jobs:
+            click.echo(
+                f"report: reading {reductions_topic(job, prefix)} at {resolve_bootstrap(bootstrap)}", err=True
+            )
             progress = Progress(f"report {job}")
             try:
                 reader = JobReader(bootstrap, job, prefix=prefix, progress=progress)
@@ -661,10 +734,16 @@ def report_cmd(jobs, out, tensors_regex, stat, rank, rules_file, bootstrap, topi
                 progress.close()
             s = data[-1].summary
             click.echo(f"{job}: {s.records_read} records, {len(data[-1].alerts)} alert event(s)", err=True)
+        click.echo(f"report: drawing {len(data)} job(s) into {out}", err=True)
         path = write_report(data, out, stat=stat)
     except TensorpulseError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
+    records = sum(d.summary.records_read for d in data)
+    alerts = sum(len(d.alerts) for d in data)
+    click.echo(
+        f"wrote {path} ({path.stat().st_size // 1024} KiB): {len(data)} job(s), {records} records, "
+        f"{alerts} alert event(s)"
+    )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ e.g. TENSORPULSE_KAFKA_SECURITY_PROTOCOL=SSL, TENSORPULSE_KAFKA_SASL_MECHANISM=S
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from tensorpulse.redact import redact
@@ -16,6 +17,30 @@ from tensorpulse.redact import redact
 BOOTSTRAP_ENV = "TENSORPULSE_BOOTSTRAP"
 KAFKA_ENV_PREFIX = "TENSORPULSE_KAFKA_"
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+#: The Python logger that librdkafka's own log lines go to (see `client_config`).
+CLIENT_LOGGER = "tensorpulse.kafka"
+
+
+class ClientLog(logging.LoggerAdapter):
+    """librdkafka's log lines as Python log records, instead of `%3|...|FAIL|...` lines on stderr.
+
+    confluent-kafka calls `log(level, "%s [%s] %s", facility, client name, text)` with the syslog
+    level mapped to Python's. A broker connection failure (facility FAIL) is one the client
+    retries by itself: a warning, not an error (the operation that gives up reports its own error).
+    """
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if args and args[0] == "FAIL":
+            level = min(level, logging.WARNING)
+        super().log(level, msg, *args, **kwargs)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return msg, kwargs
+
+
+#: One adapter for every client; librdkafka calls it from the thread that polls the client.
+_CLIENT_LOG = ClientLog(logging.getLogger(CLIENT_LOGGER))
 
 
 def resolve_bootstrap(bootstrap: str | None) -> str:
@@ -36,8 +61,12 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def client_config(bootstrap: str | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Base configuration shared by producers, consumers and admin clients."""
-    conf: dict[str, Any] = {"bootstrap.servers": resolve_bootstrap(bootstrap)}
+    """Base configuration shared by producers, consumers and admin clients.
+
+    Its `logger` sends librdkafka's log lines to the `tensorpulse.kafka` Python logger (served
+    when the client is polled), so they reach the terminal formatted, at their level, or not at all.
+    """
+    conf: dict[str, Any] = {"bootstrap.servers": resolve_bootstrap(bootstrap), "logger": _CLIENT_LOG}
     conf.update(env_overrides())
     if overrides:
         conf.update(overrides)
@@ -47,6 +76,8 @@ def client_config(bootstrap: str | None = None, overrides: Mapping[str, Any] | N
 #: `redact` (tensorpulse.redact) is re-exported here: every client's settings are shown through it.
 __all__ = [
     "BOOTSTRAP_ENV",
+    "CLIENT_LOGGER",
+    "ClientLog",
     "DEFAULT_BOOTSTRAP",
     "KAFKA_ENV_PREFIX",
     "client_config",

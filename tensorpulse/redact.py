@@ -85,9 +85,9 @@ def redact(conf: Mapping[str, Any]) -> dict[str, Any]:
 
     Values of secret-named keys become `***`; nested mappings are redacted the same way; a URL
     password anywhere in a string value is masked. Keys are kept, so a reader can still see which
-    settings were given.
+    settings were given. A Kafka client's `logger` is an object, not a setting: it is left out.
     """
-    return {str(k): redact_value(str(k), v) for k, v in conf.items()}
+    return {str(k): redact_value(str(k), v) for k, v in conf.items() if k != "logger"}
 
 
 __all__ = ["MASK", "SECRET_WORDS", "is_secret", "redact", "redact_text", "redact_url", "redact_value"]

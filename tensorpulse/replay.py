@@ -275,7 +275,8 @@ class Replay:
         return record, self.feed_record(record)
 
     def feed_record(self, record: wire.StepRecord) -> list[AlertEvent]:
-        """Evaluate one decoded record (the worker skips `end` records, so does this)."""
+        """Evaluate one decoded record. An `end` record is counted, not evaluated: the worker resolves
+        what still fires there, a replay keeps it firing, to show what was firing when the job ended."""
         if record.kind == "end":
             self._ends += 1
             return []
