@@ -387,6 +387,11 @@ def parse_rules(text: str, source: str = "<rules>", fmt: Format | None = None) -
         loc, msg = _problems(exc)[0]
         key = str(loc[0]) if loc else ""
         what = f"unknown key {key!r} (allowed: defaults, rules)" if msg.startswith("Extra inputs") else msg
+        if msg.startswith("Extra inputs") and key in _Entry.model_fields:
+            # Left at the top, it would apply to nothing: say where it goes instead.
+            what += f"; {key!r} belongs to an entry of 'rules:', e.g. rules: [{{rule: ExplodingTensor, {key}: ...}}]"
+        if msg.startswith("Extra inputs") and key == "jobs":
+            what += "; to restrict a whole worker to some jobs, use `tensorpulse stream --jobs`"
         raise ConfigError(f"{source}: line {root.key_line(key) or 1}: {key}: {what}") from exc
 
     near = Path(source).resolve().parent if Path(source).suffix else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+from pydantic.fields import FieldInfo
+
 from . import REGISTRY, default_rules
 from .base import Rule
 
@@ -39,13 +41,30 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _default_text(field: FieldInfo) -> str:
+    """A parameter's default as code, or `required` (a rules file must give it)."""
+    if field.is_required():
+        return "required"
+    return repr(field.get_default(call_default_factory=True))
+
+
+def signature(cls: type[Rule]) -> str:
+    """`Name(param=default, ...)` as `tensorpulse rules` lists it; a parameter without a default
+    shows as `param=<required>`."""
+    params = ", ".join(
+        f"{name}=<required>" if f.is_required() else f"{name}={_default_text(f)}"
+        for name, f in cls.Params.model_fields.items()
+    )
+    return f"{cls.name or cls.__name__}({params})"
+
+
 def _params_table(cls: type[Rule]) -> list[str]:
     fields = cls.Params.model_fields
     if not fields:
         return ["No parameters.", ""]
     lines = ["| parameter | default | meaning |", "|---|---|---|"]
     for name, f in fields.items():
-        default = "required" if f.is_required() else f"`{_cell(repr(f.default))}`"
+        default = "required" if f.is_required() else f"`{_cell(_default_text(f))}`"
         lines.append(f"| `{name}` | {default} | {_cell(f.description or '')} |")
     return [*lines, ""]
 

@@ -458,6 +458,22 @@ def notify(
         raise click.ClickException(f"forwarding alerts failed: {exc}") from exc
 
 
+def _narrowed_defaults(specs: list) -> list[str]:
+    """A default rule replaced by an entry with a `jobs:` pattern runs for those jobs only: say so,
+    since every other job silently loses it."""
+    from .rules.config import default_specs
+
+    defaults = {d.name for d in default_specs()}
+    if not defaults <= {s.name for s in specs}:
+        return []  # `defaults: false`: nothing was replaced
+    return [
+        f"{s.name} replaces the default rule of that name: jobs not matching {s.jobs.pattern!r} no longer "
+        "get it (give the entry a 'name' of its own to run it beside the default)"
+        for s in specs
+        if s.name in defaults and s.jobs is not None
+    ]
+
+
 @main.command(name="rules")
 @click.option("--markdown", is_flag=True, help="Print the full reference (docs/rules.md) instead of a list.")
 @click.option(
@@ -467,7 +483,11 @@ def notify(
     help="Validate this rules file (YAML or TOML) as the worker would, and print its rules per job pattern.",
 )
 def rules_cmd(markdown: bool, check_file: Path | None) -> None:
-    """List the rule catalogue: names, parameters and defaults (or check a rules file with --check)."""
+    """List the rule catalogue: names, parameters and defaults (or check a rules file with --check).
+
+    Rules marked [default] run when no rules file is given; a parameter shown as <required> has
+    no default: a rules file that selects the rule must give it.
+    """
     from .rules import REGISTRY
 
     if check_file is not None:
@@ -478,6 +498,8 @@ def rules_cmd(markdown: bool, check_file: Path | None) -> None:
         except TensorpulseError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(describe(specs))
+        for note in _narrowed_defaults(specs):
+            click.echo(f"note: {note}", err=True)
         click.echo(f"{check_file}: OK, {len(specs)} rule(s)", err=True)
         return
     if markdown:
@@ -485,12 +507,21 @@ def rules_cmd(markdown: bool, check_file: Path | None) -> None:
 
         click.echo(render(), nl=False)
         return
+    from .rules import default_rules
+    from .rules.reference import signature
+
+    defaults = {rule.name for rule in default_rules()}
     for name, cls in sorted(REGISTRY.items()):
-        params = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
-        click.echo(f"{name}({params})")
+        click.echo(f"{signature(cls)}{'  [default]' if name in defaults else ''}")
         doc = (cls.__doc__ or "").strip().splitlines()
         if doc:
             click.echo(f"    {doc[0]}")
+    click.echo(
+        f"{len(REGISTRY)} rules; [default]: in the default rule set ({len(defaults)}), which a worker runs "
+        "without --rules and a rules file with 'defaults: true' starts from; <required>: a rules file "
+        "must give it (tensorpulse rules --markdown for the full reference)",
+        err=True,
+    )
 
 
 @main.command()
