@@ -11,6 +11,7 @@ the alerts topic), and a principal without ACLs cannot send a stop at all.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -40,9 +41,9 @@ from tensorpulse import acls, wire
 from tensorpulse.actions import encode_action
 from tensorpulse.kafka import KAFKA_ENV_PREFIX
 from tensorpulse.producers.hook import Hook
-from tensorpulse.topics import ALERTS_TOPIC, control_topic, reductions_topic
+from tensorpulse.topics import ALERTS_TOPIC, DEADLETTER_TOPIC, control_topic, reductions_topic
 
-from .helpers import worker_process
+from .helpers import wait_for, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -196,6 +197,16 @@ def test_job_confined_and_worker_runs_on_exactly_the_listed_acls(
             assert not refused, f"the hook was refused something: an ACL is missing: {refused}"
         finally:
             hook.close(10)
+        # The undecodable record went to the dead letters: the worker may write there.
+        dead = _consumer(bootstrap, admin_conf)
+        try:
+            dead.assign([TopicPartition(DEADLETTER_TOPIC, 0, OFFSET_BEGINNING)])
+            letters = wait_for(
+                lambda: [m for m in dead.consume(100, 0.5) if m.error() is None], 30, "a dead letter"
+            )
+            assert any(json.loads(m.value())["key"] == job for m in letters), [m.value() for m in letters]
+        finally:
+            dead.close()
 
         # The broker refuses the job's principal everything outside its own job. Another job's
         # topic is not even described to it, so the client cannot fetch from it at all ...
