@@ -10,6 +10,8 @@ ExplodingTensor alert at the step it was injected, and a stop action ends the tr
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -220,3 +222,42 @@ def test_keras_nan_alert_and_stop(kafka_bootstrap: str, worker: str) -> None:
     assert steps <= NAN_STEP + 3, steps
     print(f"\nKeras: stop action {waited[0]:.2f} s after step {NAN_STEP + 1} was published")
     _check_alert(kafka_bootstrap, job, "sequential/hidden/kernel")
+
+
+@pytest.mark.parametrize(
+    ("example", "package", "parameter"),
+    [
+        ("lightning_callback.py", "lightning", "net.0.weight"),
+        ("transformers_callback.py", "transformers", "transformer.h.0.mlp.c_fc.weight"),
+        ("keras_callback.py", "keras", "sequential/hidden/kernel"),
+    ],
+)
+def test_example_runs_and_its_nan_alerts(
+    kafka_bootstrap: str, worker: str, example: str, package: str, parameter: str
+) -> None:
+    """Each example in examples/ trains as its docstring says, and `--nan-step 10` raises ExplodingTensor at step 10."""
+    pytest.importorskip(package, reason=f"{package} is not installed (tensorpulse[{package}])")
+    job = f"{worker}-example-{package}"
+    script = Path(__file__).resolve().parents[2] / "examples" / example
+    env = {**os.environ, "KERAS_BACKEND": "torch", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--bootstrap",
+            kafka_bootstrap,
+            "--job",
+            job,
+            "--steps",
+            "20",
+            "--nan-step",
+            "10",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = wait_for(lambda: _exploding(kafka_bootstrap, job), 20, f"an ExplodingTensor alert for {job}")
+    assert events[0].step == 10 and any(parameter in t for t in events[0].tensors), events[0]
