@@ -58,6 +58,16 @@ IDLE_HEADER = "tp.idle"  # on a tick: b"<seconds>" since the intake last copied 
 SLOW_ROUND_S = 1.0
 
 
+def source_group(group: str) -> str:
+    """The consumer group whose offsets are the intake's position in job topics (it has no members)."""
+    return f"{group}.intake"
+
+
+def shard_group(group: str) -> str:
+    """The consumer group the workers' intakes form over the shards: one member per running worker."""
+    return f"{group}.intake-shards"
+
+
 def shard_of(job: str, shards: int) -> int:
     """The intake shard a job belongs to: stable across processes and versions (crc32, not hash())."""
     return zlib.crc32(job.encode()) % shards
@@ -123,7 +133,7 @@ class Intake:
         source = Consumer(
             {
                 **base,
-                "group.id": f"{c.group}.intake",
+                "group.id": source_group(c.group),
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "enable.partition.eof": False,
@@ -137,7 +147,7 @@ class Intake:
         coordination = Consumer(
             {
                 **base,
-                "group.id": f"{c.group}.intake-shards",
+                "group.id": shard_group(c.group),
                 "enable.auto.commit": False,
                 "partition.assignment.strategy": "cooperative-sticky",
                 "session.timeout.ms": 6000,

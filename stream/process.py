@@ -16,6 +16,7 @@ def worker_command(
     jobs_regex: str | None = None,
     guarantee: str | None = None,
     log_level: str = "WARNING",
+    topic_prefix: str | None = None,
 ) -> list[str]:
     """argv for `tensorpulse stream` run by this interpreter (so it works inside any venv)."""
     cmd = [
@@ -40,4 +41,6 @@ def worker_command(
         cmd += ["--jobs", jobs_regex]
     if guarantee is not None:
         cmd += ["--guarantee", guarantee]
+    if topic_prefix is not None:
+        cmd += ["--prefix", topic_prefix]
     return cmd

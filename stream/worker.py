@@ -52,7 +52,7 @@ from .clock import clock_interval, clock_thresholds, housekeeping_interval, tick
 from .crossrun import KeyedValue, crossrun_topic, forward_payload
 from .deadletter import envelope
 from .evaluator import JobEvaluator, Transition, is_cross_run
-from .intake import IDLE_HEADER, KEY_HEADER, SOURCE_HEADER, TICK_HEADER, Intake, IntakeConfig
+from .intake import IDLE_HEADER, KEY_HEADER, SOURCE_HEADER, TICK_HEADER, Intake, IntakeConfig, source_group
 from .lag import LagMonitor
 from .published import PublishedAlerts, fence
 from .settings import WorkerSettings
@@ -157,7 +157,7 @@ class Worker:
             on_jobs=self._jobs_changed,
             on_reject=self._count_reject,
         )
-        self._lag = LagMonitor(base, f"{settings.group}.intake", self.metrics)
+        self._lag = LagMonitor(base, source_group(settings.group), self.metrics)
         self._intake_thread = threading.Thread(
             target=self.intake.run, args=(self._stop,), name="tensorpulse-intake", daemon=True
         )

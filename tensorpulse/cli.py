@@ -537,18 +537,31 @@ def rules_cmd(markdown: bool, check_file: Path | None) -> None:
 )
 @click.option("--bootstrap", help="Use this Kafka cluster instead of starting the embedded broker.")
 @click.option("--keep-going", is_flag=True, help="Ignore the stop action: train all steps.")
-def demo(steps: int, fault: str, bootstrap: str | None, keep_going: bool) -> None:
+@click.option(
+    "--own-worker",
+    is_flag=True,
+    help="With --bootstrap: start the demo's own worker (own group and topic prefix) even when a "
+    "worker group already runs on the cluster.",
+)
+def demo(steps: int, fault: str, bootstrap: str | None, keep_going: bool, own_worker: bool) -> None:
     """Train a small PyTorch model with an injected fault and watch tensorpulse catch it.
 
     Starts the embedded broker and a stream worker, trains an MLP on synthetic data while
     printing progress, prints each alert as it arrives, and ends with a summary. The default
     fault (a learning rate raised 2000x) makes the loss explode; the ExplodingTensor rule fires
     and asks the job to stop, and the training loop does.
+
+    With --bootstrap, a worker group already running on that cluster is reused rather than
+    doubled (two groups would each publish every alert): its rules apply, so the stop action
+    comes only if they ask for it. --own-worker starts the demo's own worker instead, under a
+    group and topic prefix of its own that the running workers do not follow.
     """
     from .demo import run_demo
 
     try:
-        code = run_demo(steps=steps, fault=fault, bootstrap=bootstrap, keep_going=keep_going)
+        code = run_demo(
+            steps=steps, fault=fault, bootstrap=bootstrap, keep_going=keep_going, own_worker=own_worker
+        )
     except TensorpulseError as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(code)

@@ -90,21 +90,54 @@ def _wait_for_metrics(url: str, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.2)
 
 
+def _watch_follow(
+    bootstrap: str, group: str, topic: str, stop: threading.Event, patience: float = 20.0
+) -> None:
+    """Say whether the reused worker group reads the demo's job (a --jobs filter could leave it out)."""
+    from .stream.running import reads_topic
+
+    deadline = time.monotonic() + patience
+    while not stop.wait(0.5):
+        if reads_topic(bootstrap, group, topic):
+            _say(f"  worker    group '{group}' reads this job")
+            return
+        if time.monotonic() > deadline:
+            _say(
+                f"  WARNING   worker group '{group}' has not read this job's records after {patience:.0f} s "
+                "(a --jobs filter?): no alert will come; rerun with --own-worker"
+            )
+            return
+
+
 def run_demo(
-    *, steps: int = 400, fault: str = "exploding", bootstrap: str | None = None, keep_going: bool = False
+    *,
+    steps: int = 400,
+    fault: str = "exploding",
+    bootstrap: str | None = None,
+    keep_going: bool = False,
+    own_worker: bool = False,
 ) -> int:
+    """Run the demo; returns its exit status. With `bootstrap`, a worker group already running on
+    that cluster is reused (a second group would publish every alert again) unless `own_worker`:
+    then the demo's worker runs under a group and topic prefix of its own, which no running worker
+    follows, so that each alert still arrives once."""
     try:
         import torch
     except ImportError as exc:
         raise ConfigError("the demo trains a PyTorch model: pip install 'tensorpulse[demo]'") from exc
     from .producers.torch import TorchHook
     from .sinks.alerts import read_alerts
+    from .stream.running import running_groups
+    from .topics import DEFAULT_PREFIX, reductions_topic
 
     torch.set_num_threads(1)
-    job = f"demo-{fault}-{uuid.uuid4().hex[:6]}"
+    tag = uuid.uuid4().hex[:6]
+    job = f"demo-{fault}-{tag}"
     workdir = Path(tempfile.mkdtemp(prefix="tensorpulse-demo-"))
     broker = None
     worker = None
+    reused: str | None = None  # the running worker group the demo uses instead of its own
+    prefix = DEFAULT_PREFIX
     stop_reading = threading.Event()
     alerts: list[AlertEvent] = []
     received: dict[str, float] = {}  # alert id -> time this process received it
@@ -117,38 +150,68 @@ def run_demo(
             _say(f"  broker    embedded Tansu at {bootstrap} (in-memory)")
         else:
             _say(f"  broker    {bootstrap}")
-        rules = workdir / "rules.yaml"
-        rules.write_text(DEMO_RULES)
-        metrics_port = free_port()
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        hook = TorchHook(job, bootstrap, save_interval=1)  # creates the job's topic
-        log = open(workdir / "worker.log", "wb")  # noqa: SIM115
-        worker = subprocess.Popen(
-            worker_command(
-                bootstrap,
-                group=f"tensorpulse-{job}",
-                state_dir=workdir / "state",
-                metrics_port=metrics_port,
-                rules=rules,
-                jobs_regex=f"^{job}$",
-            ),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        _say(f"  worker    pid {worker.pid}, metrics at {metrics_url}")
-        _wait_for_metrics(metrics_url, worker, 30)
+            running = running_groups(bootstrap)
+            names = ", ".join(f"'{g.group}' ({g.workers} worker(s))" for g in running)
+            if running and own_worker:
+                prefix = f"tensorpulse-demo-{tag}."
+                _say(
+                    f"  worker    {names} already running here; as asked (--own-worker), this demo starts "
+                    f"its own under group 'tensorpulse-{job}' and topic prefix '{prefix}', which they do "
+                    "not follow: each alert arrives once"
+                )
+            elif running:
+                reused = running[0].group
+                _say(
+                    f"  worker    reusing the worker group {names.split(', ')[0]} already running on this "
+                    "cluster: its rules apply, no second worker (each alert arrives once); --own-worker "
+                    "starts the demo's own instead"
+                )
+                if len(running) > 1:
+                    _say(
+                        f"  note      {len(running)} worker groups run here ({names}): each publishes every alert"
+                    )
+        metrics_url = None
+        hook = TorchHook(job, bootstrap, save_interval=1, topic_prefix=prefix)  # creates the job's topic
+        if reused is None:
+            rules = workdir / "rules.yaml"
+            rules.write_text(DEMO_RULES)
+            metrics_port = free_port()
+            metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            log = open(workdir / "worker.log", "wb")  # noqa: SIM115
+            worker = subprocess.Popen(
+                worker_command(
+                    bootstrap,
+                    group=f"tensorpulse-{job}",
+                    state_dir=workdir / "state",
+                    metrics_port=metrics_port,
+                    rules=rules,
+                    jobs_regex=f"^{job}$",
+                    topic_prefix=None if prefix == DEFAULT_PREFIX else prefix,
+                ),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            _say(f"  worker    pid {worker.pid}, group 'tensorpulse-{job}', metrics at {metrics_url}")
+            _wait_for_metrics(metrics_url, worker, 30)
         _say(f"  job       {job}: MLP, SGD, {steps} steps, fault '{fault}' at step {int(steps * 0.4)}")
         _say("")
 
         def reader() -> None:
-            for ev in read_alerts(bootstrap, job=job, follow=True, stop=stop_reading):
+            for ev in read_alerts(bootstrap, job=job, follow=True, stop=stop_reading, from_beginning=False):
                 received[ev.id] = time.time()
                 alerts.append(ev)
                 _say(f"  ALERT  {ev.format()}")
 
         t = threading.Thread(target=reader, name="alerts", daemon=True)
         t.start()
+        if reused is not None:
+            threading.Thread(
+                target=_watch_follow,
+                args=(bootstrap, reused, reductions_topic(job, prefix), stop_reading),
+                name="follow",
+                daemon=True,
+            ).start()
 
         model = _build_model(fault)
         x, y = _data()
@@ -226,7 +289,10 @@ def _summary(job, fault, steps, stopped_at, hstats, alerts, received, metrics_ur
             f"  step->alert       {latencies[0] * 1000:.0f} ms fastest, {latencies[-1] * 1000:.0f} ms slowest"
             " (the hook created the record -> this demo read the alert)"
         )
-    _say(f"  metrics           {metrics_url} (while the worker ran)")
+    if metrics_url is not None:
+        _say(f"  metrics           {metrics_url} (while the worker ran)")
+    else:
+        _say("  metrics           on the running worker group's /metrics")
     _say(f"  wall time         {elapsed:.1f} s")
     if fault == "none":
         ok = not firing
