@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import time
 import weakref
@@ -32,9 +33,13 @@ from . import stats_numpy
 from .control import ControlListener
 from .publisher import CONTROL_RETENTION_MS, REDUCTIONS_RETENTION_MS, ProduceFn, Publisher, TopicSpec
 from .schedule import SaveConfig
+from .sketch import sketch_numpy, width_for
 from .stats_numpy import Columns, numpy_delta, numpy_stats
 
 log = logging.getLogger("tensorpulse.producers")
+
+#: How weight deltas are measured (see Hook's docstring): a sketch per tensor, or a full copy.
+DELTA_METHODS = ("sketch", "exact")
 
 ActionCallback = Callable[[dict[str, Any]], None]
 
@@ -111,17 +116,18 @@ class Hook:
     captured on train steps only (SageMaker's rule: there are none worth reporting in eval).
     Which steps: `save_config` (per-mode intervals, start/end steps, explicit steps; schedule.py).
 
-    Weight deltas: on every `delta_every`-th saved train step (10 by default, so that the copy
-    and comparison cost a tenth of what they would at every step), for tensors of the
-    collections in `track_deltas` ("weights" by default; empty to disable), the hook keeps a
-    copy of each tensor from the previous such step and sends (prev_step, ||w - w_prev||, ||w_prev||,
-    max(|w - w_prev| - (delta_atol + delta_rtol*|w_prev|))) with the tolerances (wire `d`, `tol`),
-    for WeightUpdateRatio and UnchangedTensor. Memory cost: one extra copy of every tracked
-    tensor, kept on the tensor's own device (for a model's weights: the size of the weights
-    again, e.g. 4 bytes per float32 parameter on the GPU), plus transient scratch while the
-    delta is computed. Time: about eight elementwise passes over the tracked tensors per saved
-    train step (on one CPU core roughly 1.5 ns per element; on an accelerator a few multi-tensor
-    kernels); nothing on other steps.
+    Weight deltas: on every `delta_every`-th saved train step (10 by default), for tensors of
+    the collections in `track_deltas` ("weights" by default; empty to disable), the hook reports
+    how each tensor changed since the previous such step, for WeightUpdateRatio (and
+    UnchangedTensor's readers of the allclose excess). `delta_method`:
+    - "sketch" (the default): a signed bucket sketch of each tensor (producers/sketch.py) of at
+      most 4,094 float64 values (under 1 % of a float32 tensor), kept on the tensor's own device
+      instead of a copy; sends (prev_step, ||w - w_prev|| estimated within about 1-5 % (1 sigma,
+      by tensor size), exactly 0 when the tensor did not change, ||w_prev|| exact) as wire `ds`.
+      Time: one read of the tracked tensors per delta step.
+    - "exact": a full copy of each tracked tensor on its device (the model's weights again) and
+      (prev_step, ||w - w_prev||, ||w_prev||, max(|w - w_prev| - (delta_atol + delta_rtol*|w_prev|)))
+      with the tolerances (wire `d`, `tol`); about eight elementwise passes per delta step.
     """
 
     def __init__(
@@ -143,6 +149,7 @@ class Hook:
         produce_fn: ProduceFn | None = None,
         track_deltas: Sequence[str] = ("weights",),
         delta_every: int = 10,
+        delta_method: str = "sketch",
         delta_rtol: float = 1e-5,
         delta_atol: float = 1e-8,
         include_collections: Sequence[str] | None = None,
@@ -188,6 +195,11 @@ class Hook:
         if isinstance(delta_every, bool) or not isinstance(delta_every, int) or delta_every < 1:
             raise ConfigError(f"delta_every must be an integer >= 1, got {delta_every!r}")
         self.delta_every = delta_every
+        if delta_method not in DELTA_METHODS:
+            raise ConfigError(
+                f"Expected argument `delta_method` to be one of {', '.join(DELTA_METHODS)} but got {delta_method!r}"
+            )
+        self.delta_method = delta_method
         for what, value in (("delta_rtol", delta_rtol), ("delta_atol", delta_atol)):
             if (
                 isinstance(value, bool)
@@ -197,9 +209,9 @@ class Hook:
                 raise ConfigError(f"Expected argument `{what}` to be a finite number >= 0 but got {value!r}")
         self.delta_tolerance = (float(delta_rtol), float(delta_atol))
         self.started = time.time()
-        # Copies of tracked tensors from their previous saved step (see the class docstring).
-        self._numpy_prev: dict[tuple[str, str], tuple[int, np.ndarray]] = {}
-        self._torch_deltas: Any = None  # stats_torch.DeltaTracker, created on first use
+        # Copies (or sketches) of tracked tensors from their previous saved step (class docstring).
+        self._numpy_prev: dict[tuple[str, str], tuple[int, np.ndarray, tuple[int, ...]]] = {}
+        self._torch_deltas: Any = None  # DeltaTracker or SketchTracker, created on first use
 
         self._enabled = bool(enabled)
         self._closed = False
@@ -341,23 +353,37 @@ class Hook:
 
     def _delta_tracker(self) -> Any:
         if self._torch_deltas is None:
-            from .stats_torch import DeltaTracker
+            if self.delta_method == "exact":
+                from .stats_torch import DeltaTracker
 
-            self._torch_deltas = DeltaTracker(*self.delta_tolerance)
+                self._torch_deltas = DeltaTracker(*self.delta_tolerance)
+            else:
+                from .sketch_torch import SketchTracker
+
+                self._torch_deltas = SketchTracker()
         return self._torch_deltas
 
     def _numpy_deltas(self, step: int, collection: str, items: list[tuple[Any, Any]], cols: Columns) -> None:
-        """Deltas of host arrays against their copies from the previous saved step (float64)."""
+        """Deltas of host arrays against their copies (or sketches) from the previous saved step."""
         rtol, atol = self.delta_tolerance
         for i, (name, value) in enumerate(items):
             key = (collection, str(name))
-            x = np.array(value, copy=True)
+            x = np.asarray(value)
             if x.dtype.kind not in "biuf" or x.size == 0:
                 continue
             got = self._numpy_prev.get(key)
-            self._numpy_prev[key] = (step, x)
-            if got is not None and got[0] < step and got[1].shape == x.shape:
+            if self.delta_method == "exact":
+                kept = np.array(x, copy=True)
+            else:
+                kept = sketch_numpy(x, width_for(x.shape))
+            self._numpy_prev[key] = (step, kept, x.shape)
+            if got is None or got[0] >= step or got[2] != x.shape:
+                continue
+            if self.delta_method == "exact":
                 cols.deltas[i] = (got[0], *numpy_delta(x, got[1], rtol, atol))
+            else:
+                d = kept[:-1] - got[1][:-1]
+                cols.deltas[i] = (got[0], math.sqrt(d @ d), math.sqrt(got[1][-1]), None)
 
     def record_labels(
         self,

@@ -183,6 +183,31 @@ def _deltas(xa, pa, sizes, rtol, chunk, out):  # pragma: no cover - run compiled
                 acc[2] = part[2]
 
 
+def _sketches(addrs, sizes, widths, offs, signs, out):  # pragma: no cover - run compiled by numba
+    """The signed bucket sketch (producers/sketch.py) of float32 tensor i (`sizes[i]` elements at
+    `addrs[i]`, `widths[i]` buckets) into out[offs[i] : offs[i] + widths[i]], its sum of squares
+    into out[offs[i] + widths[i]]. Float64 throughout; bucket and square sums are kept per bucket
+    (vectorised updates, no reassociation), so that the same bytes give the same sketch."""
+    for i in range(sizes.size):
+        n = sizes[i]
+        w = widths[i]
+        o = offs[i]
+        x = carray(_f32_ptr(addrs[i]), (n,))
+        acc = out[o : o + w]
+        sq = np.zeros(w)
+        for j in range(w):
+            acc[j] = 0.0
+        for r in range(-(-n // w)):
+            s = signs[r]
+            start = r * w
+            m = min(n - start, w)
+            for j in range(m):
+                v = np.float64(x[start + j])
+                acc[j] += s * v
+                sq[j] += v * v
+        out[o + w] = sq.sum()
+
+
 def _batch(addrs, sizes, chunk, out, act_of, dims, los, his, offs, counts):  # pragma: no cover - numba
     """A whole step in one call (one GIL release): moments of the float32 tensor i (`sizes[i]`
     elements at address `addrs[i]`) into out[i], in pieces of at most `chunk` elements; then the
@@ -270,12 +295,14 @@ def _batch_host(
 
 # Resolved by _batch when it compiles; set by _build() (numba is imported only then).
 _f32_ptr = _kmoments = _kactive_rows = _kactive_planes = _kdelta = _kdeltas = _kbatch = carray = None
+_ksketches = None
 #: The compiled _batch_host (set by _build).
 _host_kernel = None
 
 
 def _build():
     global _f32_ptr, _kmoments, _kactive_rows, _kactive_planes, _kdelta, _kdeltas, _kbatch, _host_kernel, carray
+    global _ksketches
     import numba
     from numba import njit, types
     from numba.extending import intrinsic
@@ -300,6 +327,7 @@ def _build():
     # inlined when they compile): a job's first save then loads them instead of compiling them,
     # which took most of the hook's start-up (`bench/hook_overhead.py`'s start-up column).
     _kdeltas = njit(nogil=True, boundscheck=False, cache=True)(_deltas)
+    _ksketches = njit(nogil=True, boundscheck=False, cache=True)(_sketches)
     _kbatch = njit(nogil=True, boundscheck=False, cache=True)(_batch)
     _host_kernel = njit(nogil=True, boundscheck=False, cache=True)(_batch_host)
     return _kbatch
@@ -318,6 +346,9 @@ def _get():
                 _run(k, [x], [(x.reshape(4, 10), 0.0, np.inf), (x.reshape(2, 4, 5), 0.0, np.inf)])
                 prev = x.copy()
                 _kdeltas(np.array([_address(x)]), np.array([_address(prev)]), np.array([40]), 1e-3, CHUNK, np.empty((1, 3)))
+                _ksketches(
+                    np.array([_address(x)]), np.array([40]), np.array([7]), np.array([0]), np.ones(6), np.empty(8)
+                )
                 a = args([x], [(x.reshape(4, 10), 0.0, np.inf)])
                 outs = np.empty((1, 6)), np.empty(1, np.int64), np.empty((1, 2), np.int64)
                 _host_kernel(*a, np.ones((1, 2)), 16.0, *outs, np.empty((1, 5)), np.empty(1, np.int64))
@@ -455,3 +486,16 @@ def deltas_at(xaddrs: list[int], paddrs: list[int], sizes: list[int], rtol: floa
     out = np.empty((len(sizes), 3))
     _kdeltas(np.array(xaddrs, np.intp), np.array(paddrs, np.intp), np.array(sizes, np.int64), float(rtol), CHUNK, out)
     return out
+
+
+def sketches_at(addrs: list[int], sizes: list[int], widths: list[int], signs: np.ndarray) -> list[np.ndarray]:
+    """The sketches (see producers/sketch.py) of float32 tensors at `addrs`: one [widths[i] + 1]
+    float64 array each (buckets, then the sum of squares); one call, GIL released. `signs` must
+    cover the longest tensor's rows. The caller keeps the tensors alive and unchanged meanwhile."""
+    _need()
+    w = np.array(widths, np.int64)
+    offs = np.zeros(len(widths), np.int64)
+    np.cumsum(w[:-1] + 1, out=offs[1:])
+    out = np.empty(int(w.sum()) + len(widths))
+    _ksketches(np.array(addrs, np.intp), np.array(sizes, np.int64), w, offs, signs, out)
+    return [out[o : o + k + 1] for o, k in zip(offs.tolist(), widths, strict=True)]

@@ -48,7 +48,7 @@ class Columns:
     activity: dict[int, tuple[int, ...]] = field(default_factory=dict)
     quantiles: dict[int, tuple[float, float]] = field(default_factory=dict)
     #: row -> (prev_step, ||w - w_prev||, ||w_prev||, allclose excess), see wire.Delta.
-    deltas: dict[int, tuple[int, float, float, float]] = field(default_factory=dict)
+    deltas: dict[int, tuple[int, float, float, float | None]] = field(default_factory=dict)
     #: Set by whoever made these from finite float32 statistics only (no NaN or inf row, every
     #: float within float32's range): `to_block` then skips its checks (fewer Python calls on the
     #: publisher thread, which shares the GIL and the caches with training).
@@ -71,7 +71,7 @@ class Columns:
             return parts[0]
         activity: dict[int, tuple[int, ...]] = {}
         quantiles: dict[int, tuple[float, float]] = {}
-        deltas: dict[int, tuple[int, float, float, float]] = {}
+        deltas: dict[int, tuple[int, float, float, float | None]] = {}
         offset = 0
         for p in parts:
             activity.update({offset + i: v for i, v in p.activity.items()})

@@ -118,6 +118,9 @@ class DeviceStats:
     delta: torch.Tensor | None = None
     delta_step: int = 0
     delta_atol: float = 0.0
+    #: False: `delta` is a sketch's estimate (producers/sketch.py): its third value is unused and
+    #: the host gets no allclose excess.
+    delta_exact: bool = True
 
     @property
     def device(self) -> torch.device | None:
@@ -139,7 +142,8 @@ class HostStats:
     rescaled: dict[int, tuple[float, ...]] = field(default_factory=dict)
     activity: dict[int, tuple[int, ...]] = field(default_factory=dict)
     quantiles: dict[int, tuple[float, float]] = field(default_factory=dict)
-    deltas: dict[int, tuple[int, float, float, float]] = field(default_factory=dict)
+    #: i -> (prev_step, ||w - w_prev||, ||w_prev||, allclose excess, None for a sketched delta)
+    deltas: dict[int, tuple[int, float, float, float | None]] = field(default_factory=dict)
     #: Host copies (float64) of the `vectors` passed to `transfer`, in order.
     vectors: list[np.ndarray] = field(default_factory=list)
     #: The wire columns when whoever made these already computed them (`reduce_host_fused`).
@@ -768,7 +772,7 @@ def transfer(
     inf = np.zeros(k, dtype=np.int64)
     activity: dict[int, tuple[int, ...]] = {}
     quantiles: dict[int, tuple[float, float]] = {}
-    deltas: dict[int, tuple[int, float, float, float]] = {}
+    deltas: dict[int, tuple[int, float, float, float | None]] = {}
     extra_values: list[float] = [math.nan] * len(extras)
     vector_values: list[np.ndarray] = [np.zeros(0)] * len(vectors)
 
@@ -887,7 +891,8 @@ def transfer(
         for i, d in dels:
             s = stats[i]
             upd, prev, ex = host[ns + d : ns + d + 3]
-            deltas[i] = (s.delta_step, math.sqrt(upd), math.sqrt(prev), float(ex) - s.delta_atol)
+            excess = float(ex) - s.delta_atol if s.delta_exact else None
+            deltas[i] = (s.delta_step, math.sqrt(upd), math.sqrt(prev), excess)
         off = ns + nb
         for j in ext:
             extra_values[j] = float(host[off])

@@ -55,7 +55,14 @@ class Delta:
     prev_step: int
     update_l2: float
     prev_l2: float
-    allclose_excess: float
+    #: max(|w - w_prev| - (atol + rtol*|w_prev|)); None when the producer sketched the change
+    #: (wire `ds`: update_l2 is then an estimate, see docs/wire-format.md).
+    allclose_excess: float | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether update_l2 was computed from both tensors (not estimated from sketches)."""
+        return self.allclose_excess is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,8 +234,9 @@ class TensorBlock:
     inf: np.ndarray | None = None
     activity: Mapping[int, Sequence[int]] = field(default_factory=dict)
     quantiles: Mapping[int, tuple[float, float]] = field(default_factory=dict)
-    #: Row index -> (prev_step, update_l2, prev_l2, allclose_excess); see TensorStats.delta.
-    deltas: Mapping[int, tuple[int, float, float, float]] = field(default_factory=dict)
+    #: Row index -> (prev_step, update_l2, prev_l2, allclose_excess); see TensorStats.delta. An
+    #: excess of None marks a sketched (estimated) delta, sent under `ds`.
+    deltas: Mapping[int, tuple[int, float, float, float | None]] = field(default_factory=dict)
     #: (rtol, atol) used for the allclose excess in `deltas`.
     tolerance: tuple[float, float] | None = None
 
@@ -301,11 +309,20 @@ def encode(
         if tensors.quantiles:
             t["q"] = {int(i): [float(a), float(b)] for i, (a, b) in tensors.quantiles.items()}
         if tensors.deltas:
-            t["d"] = {
-                int(i): [int(p), float(u), float(w), float(e)] for i, (p, u, w, e) in tensors.deltas.items()
+            exact = {
+                int(i): [int(p), float(u), float(w), float(e)]
+                for i, (p, u, w, e) in tensors.deltas.items()
+                if e is not None
             }
-            if tensors.tolerance is not None:
-                t["tol"] = [float(tensors.tolerance[0]), float(tensors.tolerance[1])]
+            sketched = {
+                int(i): [int(p), float(u), float(w)] for i, (p, u, w, e) in tensors.deltas.items() if e is None
+            }
+            if exact:
+                t["d"] = exact
+                if tensors.tolerance is not None:
+                    t["tol"] = [float(tensors.tolerance[0]), float(tensors.tolerance[1])]
+            if sketched:
+                t["ds"] = sketched
         rec["t"] = t
     if classes:
         rec["cls"] = {
@@ -652,6 +669,7 @@ def _decode_tensors(
     activity = _sparse(t, "act", k, 1 + len(ACTIVITY_EDGES))
     quantiles = _sparse(t, "q", k, 2)
     deltas = _sparse(t, "d", k, 4)
+    sketched = _sparse(t, "ds", k, 3)
     out = []
     for i in range(k):
         if zeros[i] > n[i]:
@@ -659,7 +677,7 @@ def _decode_tensors(
         nan, inf = nonfinite.get(i, (0, 0))
         act = activity.get(i)
         q = quantiles.get(i)
-        d = deltas.get(i)
+        d = deltas.get(i, sketched.get(i))
         if d is not None:
             if isinstance(d[0], bool) or not isinstance(d[0], int):
                 raise DecodeError(

@@ -65,12 +65,16 @@ def activity(x: np.ndarray, lo: float, hi: float) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------------------- weight deltas
 def test_torch_hook_sends_weight_deltas_between_saved_train_steps(path):
-    """Weights carry (prev step, ||w - w_prev||, ||w_prev||, allclose excess) from the previous saved step."""
+    """With delta_method="exact", weights carry (prev step, ||w - w_prev||, ||w_prev||, allclose excess) from the
+    previous saved step."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sink = Sink()
-    hook = TorchHook("cap-delta", produce_fn=sink, delta_every=1, save_interval=2, delta_rtol=1e-3, delta_atol=1e-6)
+    hook = TorchHook(
+        "cap-delta", produce_fn=sink, delta_every=1, save_interval=2, delta_rtol=1e-3, delta_atol=1e-6,
+        delta_method="exact",
+    )
     hook.attach(model, opt)
     snapshots = {}
     for step in range(5):
@@ -101,7 +105,7 @@ def test_chunked_deltas_and_allclose_sign(monkeypatch, path):
     monkeypatch.setattr(stats_torch, "DELTA_CPU_CHUNK", 1000)
     monkeypatch.setattr(stats_torch, "DELTA_GROUP", 4000)
     sink = Sink()
-    hook = Hook("cap-chunks", produce_fn=sink, delta_every=1)
+    hook = Hook("cap-chunks", produce_fn=sink, delta_every=1, delta_method="exact")
     g = torch.Generator().manual_seed(3)
     w0 = torch.randn(4500, generator=g)
     w1 = w0 + 1e-3 * torch.randn(4500, generator=g)
@@ -130,7 +134,7 @@ def test_numpy_hook_deltas_and_disabling_them():
     rng = np.random.default_rng(1)
     a0, a1 = rng.normal(size=(5, 7)), rng.normal(size=(5, 7))
     sink, off = Sink(), Sink()
-    hook = Hook("cap-np", produce_fn=sink, delta_every=1, delta_atol=0.5)
+    hook = Hook("cap-np", produce_fn=sink, delta_every=1, delta_atol=0.5, delta_method="exact")
     no = Hook("cap-np-off", produce_fn=off, track_deltas=())
     for h in (hook, no):
         h.record(3, {"w": a0}, collection="weights")
@@ -340,7 +344,7 @@ def test_bad_label_input_is_counted_not_raised():
 def test_all_blocks_round_trip_through_the_wire():
     """One record with deltas, labels, images, tokens and a vector decodes to the values recorded."""
     sink = Sink()
-    hook = Hook("cap-wire", produce_fn=sink, delta_every=1, announce_every=1)
+    hook = Hook("cap-wire", produce_fn=sink, delta_every=1, announce_every=1, delta_method="exact")
     w0, w1 = np.linspace(-1, 1, 12).reshape(3, 4), np.linspace(-1, 1.5, 12).reshape(3, 4)
     hook.record(0, {"w": w0}, collection="weights")
     hook.record(1, {"w": w1}, collection="weights")
