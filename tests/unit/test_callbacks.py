@@ -280,7 +280,8 @@ def test_keras_records_weights_gradients_logs_and_eval() -> None:
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(8, name="hidden"), keras.layers.Dense(1, name="out")]
+        [keras.Input((4,)), keras.layers.Dense(8, name="hidden"), keras.layers.Dense(1, name="out")],
+        name="net",  # Keras numbers unnamed models per process: sequential_1, ...
     )
     model.compile(keras.optimizers.SGD(0.05), "mse", metrics=["mae"])
     sink = Sink()
@@ -297,8 +298,8 @@ def test_keras_records_weights_gradients_logs_and_eval() -> None:
     train = sink.records("train")
     assert [r.step for r in train] == list(range(8))
     by_name = {t.name: t.collection for t in train[0].tensors}
-    assert by_name["sequential/hidden/kernel"] == "weights" and by_name["sequential/hidden/bias"] == "biases"
-    assert by_name["gradient/sequential/out/kernel"] == "gradients"
+    assert by_name["net/hidden/kernel"] == "weights" and by_name["net/hidden/bias"] == "biases"
+    assert by_name["gradient/net/out/kernel"] == "gradients"
     assert all({"loss", "mae", "lr"} <= set(r.scalars) for r in train)
     assert [r.step for r in sink.records("eval")] == [4, 8]
 
