@@ -19,6 +19,7 @@ from tensorpulse.topics import ALERTS_TOPIC
 
 log = logging.getLogger("tensorpulse.sinks")
 
+
 def job_selector(pattern: str | None) -> re.Pattern[str] | None:
     """The job selector of `tensorpulse alerts --job` and `tensorpulse notify --job`: one kind for
     both, the kind the worker's `--jobs` and a rules file's `jobs:` take (re.search on the job id)."""
