@@ -10,6 +10,9 @@ saving every step. It reports:
 
 * persistent: resident memory (VmRSS) at the end, before `close()`;
 * peak: the process's peak resident memory (VmHWM);
+* private: the anonymous part of the persistent figure (RssAnon: memory only this process
+  uses), and the peak less the file-backed pages (RssFile: shared libraries' code, such as
+  numba's LLVM, which the kernel shares between processes and can drop and reload);
 * step: the median step time of its last half of steps;
 * checkpoints: VmRSS after the imports, after attach, after the first saved step.
 
@@ -120,6 +123,8 @@ def child(model_name: str, config: str | None, steps: int, warmup: int, bootstra
     result = {
         "persistent": _status_mib("VmRSS"),
         "peak": _status_mib("VmHWM"),
+        "anon": _status_mib("RssAnon"),
+        "file": _status_mib("RssFile") + _status_mib("RssShmem"),
         "step": statistics.median(times[len(times) // 2 :]),
         "marks": marks,
         "bytes": sent[0],
@@ -192,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(raw, f, indent=1)
-    print("| model | tracked (weights) | budget | configuration | extra persistent MiB | extra peak MiB | step ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | tracked (weights) | budget | configuration | extra persistent MiB | extra peak MiB "
+        "| private persistent | private peak | step ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for model, by in raw.items():
         base = by["no-hook"]
         tracked = base[0]["tracked"]
@@ -202,11 +210,13 @@ def main(argv: list[str] | None = None) -> int:
             runs = by[config]
             pers = [r["persistent"] - b["persistent"] for r, b in zip(runs, base, strict=True)]
             peak = [r["peak"] - b["peak"] for r, b in zip(runs, base, strict=True)]
+            anon = [r["anon"] - b["anon"] for r, b in zip(runs, base, strict=True)]
+            anon_peak = [(r["peak"] - r["file"]) - (b["peak"] - b["file"]) for r, b in zip(runs, base, strict=True)]
             ratio = [r["step"] / b["step"] for r, b in zip(runs, base, strict=True)]
             rmed = statistics.median(ratio)
             print(
                 f"| {model} | {tracked:.0f} MiB | {budget:.0f} MiB | {config} | {_cell(pers)} | {_cell(peak)} "
-                f"| {rmed:.2f} ({min(ratio):.2f}..{max(ratio):.2f}) |"
+                f"| {_cell(anon)} | {_cell(anon_peak)} | {rmed:.2f} ({min(ratio):.2f}..{max(ratio):.2f}) |"
             )
     print()
     print("RSS checkpoints (MiB above the no-hook baseline after warm-up, first repetition):")

@@ -31,7 +31,14 @@ from tensorpulse.topics import DEFAULT_PREFIX, control_topic, reductions_topic, 
 
 from . import stats_numpy
 from .control import ControlListener
-from .publisher import CONTROL_RETENTION_MS, REDUCTIONS_RETENTION_MS, ProduceFn, Publisher, TopicSpec
+from .publisher import (
+    CONTROL_RETENTION_MS,
+    MAX_QUEUED_BYTES,
+    REDUCTIONS_RETENTION_MS,
+    ProduceFn,
+    Publisher,
+    TopicSpec,
+)
 from .schedule import SaveConfig
 from .sketch import sketch_numpy, width_for
 from .stats_numpy import Columns, numpy_delta, numpy_stats
@@ -40,6 +47,11 @@ log = logging.getLogger("tensorpulse.producers")
 
 #: How weight deltas are measured (see Hook's docstring): a sketch per tensor, or a full copy.
 DELTA_METHODS = ("sketch", "exact")
+#: A queued record's memory, for the publisher's byte bound: per tensor, its host statistics
+#: (about 12 float64 / int64 values in numpy arrays, plus dict entries for the rare columns);
+#: per record, the objects around them.
+TENSOR_HOST_BYTES = 128
+RECORD_OVERHEAD_BYTES = 2048
 
 ActionCallback = Callable[[dict[str, Any]], None]
 
@@ -86,6 +98,14 @@ class _Record:
         """Store a finished record-level block under its wire key ("cls", "img" or "tok")."""
         {"cls": self.classes, "img": self.images, "tok": self.tokens}[kind][name] = value
 
+    def nbytes(self) -> int:
+        """About what this record holds in memory while it waits to be published: its host
+        statistics per tensor, its scalars and blocks (names are shared with the hook, not
+        counted). What bounds the publisher's queue in bytes (`max_queued_bytes`)."""
+        tensors = sum(len(p.names) for p in self.parts)
+        blocks = len(self.classes) + len(self.images) + len(self.tokens) + len(self.vectors)
+        return RECORD_OVERHEAD_BYTES + TENSOR_HOST_BYTES * tensors + 100 * len(self.scalars) + 1024 * blocks
+
 
 def _is_torch(value: Any) -> bool:
     return type(value).__module__.startswith("torch")
@@ -108,7 +128,10 @@ class Hook:
     context manager, or call `close()` at the end of training (an atexit handler closes
     forgotten hooks with a short timeout). `save_config` wins over `save_interval`;
     `kafka_config` adds librdkafka properties; `produce_fn(topic, value, key)` replaces Kafka
-    (tests, custom transports; no control listener then).
+    (tests, custom transports; no control listener then). Records waiting to be published are
+    bounded by `max_queued` and `max_queued_bytes` (16 MiB), and librdkafka's own queue by 16 MiB
+    (`queue.buffering.max.kbytes`, overridable in `kafka_config`); beyond them the oldest are
+    dropped and counted (`stats()["dropped_queue_full"]`).
 
     Collections: `include_collections` (None: all) and `exclude_collections` select the tensor
     collections captured ("weights", "biases", "gradients", "activations", ...), as smdebug's
@@ -142,6 +165,7 @@ class Hook:
         topic_prefix: str = DEFAULT_PREFIX,
         kafka_config: Mapping[str, Any] | None = None,
         max_queued: int = 10_000,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
         announce_every: int = 100,
         enabled: bool = True,
         listen_for_actions: bool = True,
@@ -239,6 +263,8 @@ class Hook:
             bootstrap=bootstrap,
             kafka_config=kafka_config,
             max_queued=max_queued,
+            max_queued_bytes=max_queued_bytes,
+            sizeof=_Record.nbytes,
             encode=self._encode,
             topics=[
                 TopicSpec(self.topic, retention_ms=REDUCTIONS_RETENTION_MS),

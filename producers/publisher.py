@@ -27,6 +27,11 @@ REDUCTIONS_RETENTION_MS = 7 * 24 * 3600 * 1000
 CONTROL_RETENTION_MS = 24 * 3600 * 1000
 #: Upper bound of one record on the wire (tensorpulse.wire.MAX_RECORD_BYTES) plus headroom.
 MAX_MESSAGE_BYTES = 5 * 1024 * 1024
+#: Bytes the publisher's own queue may hold (records not yet encoded, by their `sizeof`), and
+#: librdkafka's queue (`queue.buffering.max.kbytes`, whose default is 1 GiB): during a broker
+#: outage the hook's memory is bounded by these two, not by the model or the outage's length.
+MAX_QUEUED_BYTES = 16 * 1024 * 1024
+LIBRDKAFKA_QUEUE_KBYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,9 @@ class Publisher:
     """Bounded, drop-oldest queue in front of a confluent_kafka.Producer, drained by a daemon thread.
 
     `submit(item)` never blocks and never raises. Items are bytes, or any object that `encode`
-    (run on the background thread) turns into bytes. `produce_fn(topic, value, key)` replaces
+    (run on the background thread) turns into bytes. The queue is bounded both in records
+    (`max_queued`) and in bytes (`max_queued_bytes`, each item sized by `sizeof`: len() of bytes,
+    else 0 unless given). `produce_fn(topic, value, key)` replaces
     Kafka entirely (tests, custom transports): a call that returns counts as delivered.
     The thread drains the queue in batches, every `batch_delay_s` (0: as soon as a record
     arrives), or at once when the queue is half full, on flush() and close().
@@ -95,6 +102,8 @@ class Publisher:
         bootstrap: str | None = None,
         kafka_config: Mapping[str, Any] | None = None,
         max_queued: int = 10_000,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+        sizeof: Callable[[Any], int] | None = None,
         encode: Callable[[Any], bytes] | None = None,
         topics: Sequence[TopicSpec] = (),
         compression: str = "lz4",
@@ -107,6 +116,8 @@ class Publisher:
     ) -> None:
         if max_queued < 1:
             raise ConfigError(f"max_queued must be >= 1, got {max_queued}")
+        if max_queued_bytes < 1:
+            raise ConfigError(f"max_queued_bytes must be >= 1, got {max_queued_bytes}")
         if compression not in ("lz4", "zstd", "gzip", "snappy", "none"):
             raise ConfigError(f"unsupported compression {compression!r}: use lz4 or zstd")
         self.topic = topic
@@ -118,7 +129,11 @@ class Publisher:
         self._batch_delay_s = max(0.0, float(batch_delay_s))
         # Wake the thread at once when the queue is this full (else it drains every batch_delay_s).
         self._wake_at = max(1, max_queued // 2) if self._batch_delay_s > 0 else 1
-        self._queue: collections.deque[Any] = collections.deque(maxlen=max_queued)
+        self._max_queued = max_queued
+        self._max_bytes = max_queued_bytes
+        self._sizeof = sizeof
+        self._queue: collections.deque[tuple[Any, int]] = collections.deque()  # (item, its size)
+        self.queued_bytes = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -144,6 +159,7 @@ class Publisher:
                 "batch.num.messages": 10_000,
                 "message.timeout.ms": message_timeout_ms,
                 "message.max.bytes": MAX_MESSAGE_BYTES,
+                "queue.buffering.max.kbytes": LIBRDKAFKA_QUEUE_KBYTES,
                 "client.id": name,
             }
             conf.update(self._base_conf)  # the user's settings win
@@ -161,15 +177,23 @@ class Publisher:
 
     # ------------------------------------------------------------------ training-thread side
     def submit(self, item: Any) -> bool:
-        """Queue one record; O(1), never blocks. A full queue drops (and counts) the oldest record."""
+        """Queue one record; never blocks. A full queue (in records or bytes) drops, and counts,
+        the oldest records; the newest is always kept."""
         if self._closed:
             return False
+        if isinstance(item, (bytes, bytearray)):
+            size = len(item)
+        else:
+            size = self._sizeof(item) if self._sizeof is not None else 0
         with self._lock:
-            if len(self._queue) == self._queue.maxlen:
+            queue = self._queue
+            queue.append((item, size))
+            self.queued_bytes += size
+            while len(queue) > 1 and (len(queue) > self._max_queued or self.queued_bytes > self._max_bytes):
+                self.queued_bytes -= queue.popleft()[1]
                 self.dropped_queue_full += 1
-            self._queue.append(item)
             self.enqueued += 1
-            wake = len(self._queue) >= self._wake_at
+            wake = len(queue) >= self._wake_at or self.queued_bytes >= self._max_bytes // 2
         if wake:
             self._wake.set()
         return True
@@ -203,6 +227,7 @@ class Publisher:
             with self._lock:
                 left = len(self._queue)
                 self._queue.clear()
+                self.queued_bytes = 0
             self.dropped_delivery += left
             if self._producer is not None:
                 try:
@@ -239,7 +264,9 @@ class Publisher:
             if not self._queue:
                 return None
             self._busy = True
-            return self._queue.popleft()
+            item, size = self._queue.popleft()
+            self.queued_bytes -= size
+            return item
 
     def _run(self) -> None:
         try:

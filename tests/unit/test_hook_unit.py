@@ -125,6 +125,48 @@ def test_publisher_with_a_stuck_transport_drops_oldest_and_flush_is_bounded():
     assert pub.stats()["sent"] == 4 and pub.stats()["enqueued"] == 10
 
 
+def test_publisher_queue_is_bounded_in_bytes_too():
+    """Large records are dropped oldest-first once the queue holds max_queued_bytes, whatever their count."""
+    gate = threading.Event()
+    seen: list[bytes] = []
+
+    def stuck(topic: str, value: bytes, key: bytes) -> None:
+        gate.wait(5)
+        seen.append(value)
+
+    pub = Publisher("t", key="job", max_queued=1000, max_queued_bytes=3000, produce_fn=stuck)
+    pub.submit(b"a" * 1000)
+    assert wait_for(lambda: pub.stats()["pending"] == 1 and pub.queued_bytes == 0)
+    for i in range(1, 10):
+        pub.submit(bytes([i]) * 1000)
+    assert pub.queued_bytes == 3000 and pub.stats()["dropped_queue_full"] == 6
+    big = b"z" * 10_000  # larger than the whole bound: kept alone, the newest is never dropped
+    pub.submit(big)
+    assert pub.queued_bytes == 10_000 and pub.stats()["dropped_queue_full"] == 9
+    gate.set()
+    assert pub.flush(2) == 0
+    pub.close(1)
+    assert seen == [b"a" * 1000, big]
+
+
+def test_hook_sizes_its_queued_records():
+    """The hook bounds its queue by records' estimated memory: more tensors, more bytes, and a small bound drops."""
+    from tensorpulse.producers.hook import TENSOR_HOST_BYTES
+
+    gate = threading.Event()
+
+    def stuck(topic: str, value: bytes, key: bytes) -> None:
+        gate.wait(5)
+
+    hook = Hook("q-bytes", produce_fn=stuck, max_queued_bytes=40 * TENSOR_HOST_BYTES * 3)
+    for step in range(12):
+        hook.record(step, {f"t{i}": np.ones(4) for i in range(40)})
+    hook.publish()
+    assert hook.stats()["dropped_queue_full"] > 0
+    gate.set()
+    hook.close(2)
+
+
 # ---------------------------------------------------------------------------- configuration
 def test_misconfiguration_raises_config_error_at_construction(monkeypatch):
     """Invalid job ids, ranks, schedules and Kafka settings raise ConfigError from the constructor."""
