@@ -86,6 +86,9 @@ _HOST_DEVICES = frozenset({"cpu"})
 SMALL = 1 << 13
 #: Padding allowed beyond half of a row matrix (elements).
 ROWS_SLACK = 1 << 12
+#: At most this many elements (padding included) in one such matrix: its temporaries (a copy,
+#: the differences, the absolute values) stay bounded however many small tensors a model has.
+ROWS_MAX = 1 << 20
 _ROW_DTYPES = (torch.float32, torch.float64)
 
 
@@ -556,12 +559,13 @@ def _reduce_rows(xs: list[torch.Tensor]) -> _Rows:
 
 
 def _row_groups(sizes: list[tuple[int, int]]) -> list[list[int]]:
-    """Group (n, i) pairs into padded matrices that waste at most about half their elements."""
+    """Group (n, i) pairs into padded matrices that waste at most about half their elements and hold
+    at most ROWS_MAX elements each."""
     groups: list[list[int]] = []
     cur: list[int] = []
     width = total = 0
     for n, i in sorted(sizes, reverse=True):
-        if cur and (len(cur) + 1) * width > 2 * (total + n) + ROWS_SLACK:
+        if cur and ((len(cur) + 1) * width > 2 * (total + n) + ROWS_SLACK or (len(cur) + 1) * width > ROWS_MAX):
             groups.append(cur)
             cur, total = [], 0
         if not cur:

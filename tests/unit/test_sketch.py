@@ -201,3 +201,19 @@ def test_wire_keeps_exact_and_sketched_deltas_apart():
     bad["t"] = dict(raw["t"], ds={1: [5, 3.0]})
     with pytest.raises(wire.DecodeError):
         wire.decode(msgpack.packb(bad))
+
+
+def test_small_tensor_groups_are_bounded(monkeypatch):
+    """Many small tensors are reduced in matrices of at most ROWS_MAX elements, with the same statistics."""
+    monkeypatch.setattr(stats_numba, "enabled", lambda: False)  # the torch path, which groups them
+    xs = [torch.randn(4096, generator=torch.Generator().manual_seed(i)) for i in range(300)]
+    stats = stats_torch.reduce_many(xs)
+    groups: dict[int, int] = {}
+    for s in stats:
+        groups[id(s.rows)] = groups.get(id(s.rows), 0) + 1
+    assert max(groups.values()) * 4096 <= stats_torch.ROWS_MAX
+    assert len(groups) >= 300 * 4096 // stats_torch.ROWS_MAX
+    host, _ = stats_torch.transfer(stats)
+    cols = host.finish()
+    want = np.array([[float(x.mean()), float(x.std(unbiased=False))] for x in xs])
+    np.testing.assert_allclose(cols.floats[:, :2], want, rtol=1e-4, atol=1e-6)
