@@ -631,6 +631,8 @@ class Hook:
             "errors": self._errors + p.get("errors", 0),
             "bad_calls": self._skipped_bad_calls,
             "in_flight": p.get("pending", 0),
+            # Control messages read, by outcome (accepted, coalesced, stale, other_job, malformed).
+            "control": dict(self._listener.counts) if self._listener is not None else {},
         }
 
     # ------------------------------------------------------------------ internals (training thread)

@@ -134,12 +134,14 @@ def test_control_message_sets_should_stop(kafka_bootstrap: str, unique: str):
     job = f"hook-ctl-{unique}"
     hook = TorchHook(job, kafka_bootstrap)
     seen = []
-    checkpoint = threading.Event()
+    checkpoint, stopped = threading.Event(), threading.Event()
 
     def on_action(action):
         seen.append(action)
         if action["action"] == "checkpoint":
             checkpoint.set()
+        if action["action"] == "stop":
+            stopped.set()
 
     hook.on_action(on_action)
     try:
@@ -148,6 +150,7 @@ def test_control_message_sets_should_stop(kafka_bootstrap: str, unique: str):
         key = job.encode()
         p.produce(topic, encode_action("stop", f"other-{unique}", rule="R"), key=key)
         p.produce(topic, encode_action("stop", job, rule="R", ts=time.time() - 60), key=key)
+        p.produce(topic, b"not json", key=key)
         p.produce(topic, encode_action("checkpoint", job, rule="R", alert_id="a1"), key=key)
         assert p.flush(10) == 0
         assert checkpoint.wait(10), "checkpoint action not received"
@@ -161,5 +164,7 @@ def test_control_message_sets_should_stop(kafka_bootstrap: str, unique: str):
         print(f"\nstop seen after {time.monotonic() - t0:.2f} s")
         assert [a["action"] for a in seen] == ["checkpoint", "stop"]
         assert seen[-1]["alert_id"] == "a2" and seen[-1]["step"] == 3
+        assert stopped.wait(10)  # the callbacks run after the message is counted
+        assert hook.stats()["control"] == {"other_job": 1, "stale": 1, "malformed": 1, "accepted": 2}
     finally:
         hook.close(5)
