@@ -9,6 +9,7 @@ neither is ever logged; logs name a receiver by scheme and host only.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import logging
@@ -121,9 +122,29 @@ class JsonPoster:
             )
         if not self.name:
             self.name = safe_url(self.url)
+        if parts.username is not None or parts.password is not None:
+            self._move_credentials(parts)
         if self.sleep is None:
             never = threading.Event()
             self.sleep = never.wait
+
+    def _move_credentials(self, parts: urllib.parse.SplitResult) -> None:
+        """`user:password@host` becomes an `Authorization: Basic` header and leaves the URL.
+
+        urllib sends neither: it takes `user:password@host` for the host name and fails with
+        "Name or service not known". Percent-escapes in the user info are decoded (RFC 3986).
+        """
+        if any(k.lower() == "authorization" for k in self.headers):
+            raise ConfigError(
+                f"{self.name}: the receiver URL carries user:password and an Authorization header "
+                "is given too; keep one of them"
+            )
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        self.headers = {**self.headers, "Authorization": f"Basic {token}"}
+        host = parts.netloc.rpartition("@")[2]
+        self.url = urllib.parse.urlunsplit(parts._replace(netloc=host))
 
     def post(self, body: Any) -> Delivery:
         """Deliver `body` (JSON-serialisable, or bytes already encoded); never raises on HTTP failure.

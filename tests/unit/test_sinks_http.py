@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import random
@@ -257,6 +258,28 @@ def test_no_secret_reaches_the_logs(receiver: Receiver, caplog: Any) -> None:
     assert caplog.records, "the failure was not logged at all"
     assert "tok-XYZZY" not in caplog.text and "s3cr3t" not in caplog.text
     assert safe_url(receiver.url) in caplog.text
+
+
+def test_user_and_password_in_the_url_become_basic_auth(receiver: Receiver, caplog: Any) -> None:
+    """`http://user:p%40ss@host/...` delivers: the credentials go in an Authorization header (decoded),
+    not in the URL, and never in the logs."""
+    url = receiver.url.replace("http://", "http://alert-bot:p%40ss-XYZZY@")
+    receiver.script = [(503, {})]
+    sleeps: list[float] = []
+    p = poster(url, sleeps)
+    with caplog.at_level(logging.DEBUG):
+        assert p.post({"x": 1}).ok
+    headers, body = receiver.requests[-1]
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"alert-bot:p@ss-XYZZY").decode()
+    assert json.loads(body) == {"x": 1} and p.url == receiver.url
+    assert "XYZZY" not in caplog.text and "alert-bot" not in caplog.text
+
+
+def test_credentials_in_the_url_and_an_authorization_header_are_refused() -> None:
+    """Two credentials for one receiver is a mistake: a ConfigError, naming neither value."""
+    with pytest.raises(ConfigError, match="user:password") as err:
+        JsonPoster("https://u:secret-XYZZY@example.com/hook", headers={"authorization": "Bearer t"})
+    assert "XYZZY" not in str(err.value)
 
 
 def test_stop_during_a_retry_wait_interrupts() -> None:
