@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
+
+from . import functional as F
 
 State = dict[str, Any]
 
@@ -27,6 +29,27 @@ class RuleParams(BaseModel):
     """Base for a rule's parameters: typed, validated, immutable; unknown names are rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: Healthy checks in a row before a windowed rule's alert resolves (WindowedParams.resolve_after).
+RESOLVE_AFTER = 10
+
+
+class WindowedParams(RuleParams):
+    """Parameters of a rule judged over windows of steps, which gets hysteresis (`hold`).
+
+    `resolve_after`: healthy checks in a row before a firing alert resolves. A check is one
+    finding: every `num_steps` saved steps for LossNotDecreasing (10 checks = 100 steps with the
+    defaults), every evaluation for Overfit, every saved train step for UnchangedTensor. 10: on the
+    held-out corpus (tests/heldout.py) 5 still let UnchangedTensor flap on a converged bias, and
+    LossNotDecreasing fire twice on one frozen learning rate.
+    """
+
+    resolve_after: int = Field(
+        RESOLVE_AFTER,
+        ge=1,
+        description="healthy checks in a row before a firing alert resolves (hysteresis)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +68,25 @@ class Finding:
     message: str = ""
 
 
+def hold(state: State, finding: Finding | None, resolve_after: int) -> tuple[State, Finding | None]:
+    """Hysteresis for a windowed rule: its alert resolves only after `resolve_after` healthy checks in a row.
+
+    A window that straddles the noise of a healthy loss can pass one check and fail the next, and
+    without hysteresis each pass resolves the alert and each failure raises it again (an alert
+    that flaps gets muted). The count lives in the rule's state under "hold" ([firing, healthy
+    checks]); a healthy finding that does not resolve yet becomes None (nothing new: the alert
+    stays as it was). A check is a finding; None (nothing checked) changes nothing.
+    """
+    if finding is None:
+        return state, None
+    firing, good = state.get("hold") or (False, 0)
+    firing, good = F.hysteresis(bool(firing), int(good), finding.firing, resolve_after)
+    state = {**state, "hold": [firing, good]}
+    if firing and not finding.firing:
+        return state, None
+    return state, finding
+
+
 def range_finding(
     values: list[tuple[str, float]],
     low: float | None,
@@ -58,9 +100,7 @@ def range_finding(
     Healthy: the largest value and `high`, or the smallest and `low` when `high` is None.
     NaN is never out of range.
     """
-    from .functional import out_of_range
-
-    above, under = out_of_range(values, low, high)
+    above, under = F.out_of_range(values, low, high)
     if not above and not under:
         seen = [v for _, v in values if not math.isnan(v)]
         if high is not None:

@@ -57,6 +57,19 @@ def consecutive(count: int, condition: bool) -> int:
     return count + 1 if condition else 0
 
 
+def hysteresis(firing: bool, good: int, condition: bool, resolve_after: int) -> tuple[bool, int]:
+    """One check of a rule with hysteresis: (firing, healthy checks in a row while firing) after it.
+
+    The condition holding fires (or keeps firing) and resets the count; a healthy check while
+    firing adds one, and only the `resolve_after`-th healthy check in a row resolves.
+    """
+    if condition:
+        return True, 0
+    if not firing or good + 1 >= resolve_after:
+        return False, 0
+    return True, good + 1
+
+
 def is_new_step(last_step: int | None, step: int) -> bool:
     """True if `step` comes after the last step a rule took into account (or none was)."""
     return last_step is None or step > last_step
@@ -120,6 +133,22 @@ def loss_value(scalars: Mapping[str, float], regex: Regex | None = None) -> floa
         return None if value is None else float(value)
     matched = select_scalars(scalars, regex)
     return math.fsum(matched.values()) if matched else None
+
+
+def frozen(tensors: Iterable[TensorStats], prefix: str = "gradient/") -> frozenset[str]:
+    """Names of the parameters of a record that get no gradient while others do: frozen on purpose.
+
+    A hook publishes the gradient of parameter `p` as `prefix + p` (collection "gradients"), and
+    none for a parameter with requires_grad off. A record without any gradient says nothing
+    (gradients not captured), so then no name is returned.
+    """
+    tensors = list(tensors)
+    grads = {
+        t.name[len(prefix) :] for t in tensors if t.collection == "gradients" and t.name.startswith(prefix)
+    }
+    if not grads:
+        return frozenset()
+    return frozenset(t.name for t in tensors if t.collection in ("weights", "biases") and t.name not in grads)
 
 
 def below(tensors: Iterable[TensorStats], threshold: float) -> list[TensorStats]:
@@ -251,9 +280,7 @@ def patience_count(best: float | None, since: int, value: float, min_delta: floa
 def add_counts(total: Sequence[float], counts: Sequence[float]) -> list[float]:
     """Element-wise sum of two count vectors; the shorter one is padded with zeros."""
     size = max(len(total), len(counts))
-    return [
-        (total[i] if i < len(total) else 0) + (counts[i] if i < len(counts) else 0) for i in range(size)
-    ]
+    return [(total[i] if i < len(total) else 0) + (counts[i] if i < len(counts) else 0) for i in range(size)]
 
 
 def grow_square(flat: Sequence[int], k: int, size: int) -> list[int]:

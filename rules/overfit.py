@@ -10,10 +10,10 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, WindowedParams, compile_regex, hold
 
 
-class OverfitParams(RuleParams):
+class OverfitParams(WindowedParams):
     tensor_regex: str | None = None
     start_step: int = Field(0, ge=0)
     patience: int = Field(3, ge=1)
@@ -41,7 +41,7 @@ class Overfit(Rule):
     still improves), with best the lowest E of the committed checks (the first check never
     holds: nothing to compare). A run whose train loss stalls too is not overfitting (it has
     converged or diverged; LossNotDecreasing speaks to that). The rule
-    fires when `patience` consecutive checks held and resolves at the first check that does not.
+    fires when `patience` consecutive checks held (see Hysteresis below for when it resolves).
     E is smoothed: the mean eval loss of the last `eval_window` checks (default 3), and best is
     the lowest smoothed E so far. patience defaults to 3, not SageMaker's 1. Both because one
     noisy uptick of the validation loss while a normal generalisation gap exists is not
@@ -49,6 +49,8 @@ class Overfit(Rule):
     value = (E − T)/|T|, threshold = ratio_threshold. It returns None on train records and on
     eval records it cannot check (no loss, before start_step, no train loss seen yet, or a
     step older than the open check's).
+    Hysteresis: once firing, the alert resolves at the `resolve_after`-th check in a row that does
+    not hold (WindowedParams), not at the first one.
     The hook must send scalar "loss" on train steps and on eval records (mode "eval").
     """
 
@@ -117,13 +119,17 @@ class Overfit(Rule):
             "smooth": e,
         }
         if held < p.patience:
-            return state, Finding(False, value=gap, threshold=p.ratio_threshold)
-        return state, Finding(
-            True,
-            value=gap,
-            threshold=p.ratio_threshold,
-            message=(
-                f"eval loss {e:.4g} at step {record.step} is {gap:.1%} above the train loss {t:.4g} "
-                f"and not improving on its best {best:.4g} for {held} evaluation(s)"
+            return hold(state, Finding(False, value=gap, threshold=p.ratio_threshold), p.resolve_after)
+        return hold(
+            state,
+            Finding(
+                True,
+                value=gap,
+                threshold=p.ratio_threshold,
+                message=(
+                    f"eval loss {e:.4g} at step {record.step} is {gap:.1%} above the train loss {t:.4g} "
+                    f"and not improving on its best {best:.4g} for {held} evaluation(s)"
+                ),
             ),
+            p.resolve_after,
         )

@@ -6,7 +6,7 @@ import inspect
 
 from pydantic.fields import FieldInfo
 
-from . import REGISTRY, default_rules
+from . import REGISTRY, default_rules, measured
 from .base import Rule
 
 HEADER = """# Rule reference
@@ -69,9 +69,21 @@ def _params_table(cls: type[Rule]) -> list[str]:
     return [*lines, ""]
 
 
+HELD_OUT = """## False alarms and faults caught, on the held-out corpus
+
+The default rule set on real small CPU trainings (`tests/heldout.py`: the real TorchHook, the
+worker's evaluator): six healthy runs of different shapes (a noisy minibatch loss, a warm-up then
+cosine decay to a floor, a plateau that then improves, fine-tuning, an oscillating loss, frozen
+layers), where any alert is a false alarm, and faulty runs, each of which the rule that names it
+must catch. "runs, alerts": healthy runs with an alert, and alerts in all (an alert that
+resolves and fires again counts twice). Regenerate with `python tests/heldout.py --write-docs`;
+`tests/unit/test_heldout.py` fails when these figures are no longer what the corpus gives.
+"""
+
+
 def render() -> str:
     """The whole reference as markdown."""
-    out = [HEADER]
+    out = [HEADER, HELD_OUT, *measured.ROWS, ""]
     defaults = {rule.name for rule in default_rules()}
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]

@@ -9,18 +9,19 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleParams, State, WindowedParams, compile_regex, hold
 
 DEFAULT_COLLECTIONS = ("weights", "biases")
 
 
-class UnchangedTensorParams(RuleParams):
+class UnchangedTensorParams(WindowedParams):
     collection_names: list[str] | None = None
     tensor_regex: str | None = None
     num_steps: int = Field(3, ge=2)
     rtol: float = Field(1e-5, ge=0.0)
     atol: float = Field(1e-8, ge=0.0)
     equal_nan: bool = False
+    ignore_frozen: bool = True
 
 
 class UnchangedTensor(Rule):
@@ -30,7 +31,7 @@ class UnchangedTensor(Rule):
     consecutive saved steps of a tensor are equal when every component satisfies
     |a − b| <= atol + rtol·|b| (b the older value; NaN equals NaN only if equal_nan). The rule
     fires while some tensor has num_steps − 1 consecutive equal pairs (with num_steps=3: at the
-    3rd equal step, not the 2nd) and resolves at the first step where none has. Tensors are
+    3rd equal step, not the 2nd) and resolves once none has (see Hysteresis below). Tensors are
     those of `collection_names` (default "weights" and "biases" when neither collection_names
     nor tensor_regex is given) matching `tensor_regex` (re.search); tensors = the unchanged ones
     (record order); value = the longest run of equal steps, threshold = num_steps. Repeated or
@@ -38,6 +39,12 @@ class UnchangedTensor(Rule):
     It returns None until some tensor has a previous fingerprint to compare with.
     A fingerprint can miss a change that preserves all five statistics (e.g. a permutation);
     issue 3 will add an exact on-device allclose of consecutive saved tensors.
+    With `ignore_frozen` (default true; ours), a parameter that gets no gradient in a record that
+    carries gradients (the hook sends none for requires_grad off) is frozen on purpose and not
+    judged: fine-tuning a head over a frozen backbone fired on every frozen layer. A parameter that
+    gets gradients and still does not change (left out of the optimizer, a learning rate of 0) fires.
+    Hysteresis: once firing, the alert resolves at the `resolve_after`-th saved step in a row with no
+    unchanged tensor (WindowedParams; a converged tensor that moves now and then flapped).
     The hook must capture mean, std, min, max and abs_mean of the selected tensors.
     """
 
@@ -62,7 +69,10 @@ class UnchangedTensor(Rule):
         p = self.params
         if not F.is_new_step(state["last_step"], record.step):
             return state, None
-        selected = [t for t in record.select(self._collections, self._regex) if t.n > 0]
+        skip = F.frozen(record.tensors) if p.ignore_frozen else frozenset()
+        selected = [
+            t for t in record.select(self._collections, self._regex) if t.n > 0 and t.name not in skip
+        ]
         tensors: dict[str, Any] = dict(state["tensors"])
         compared = False
         longest = 0
@@ -79,18 +89,24 @@ class UnchangedTensor(Rule):
             longest = max(longest, run + 1)
             if run >= p.num_steps - 1:
                 unchanged.append(t.name)
-        state = {"last_step": record.step, "tensors": tensors}
+        state = {**state, "last_step": record.step, "tensors": tensors}
         if not compared:
             return state, None
         if not unchanged:
-            return state, Finding(False, value=float(longest), threshold=float(p.num_steps))
-        return state, Finding(
-            True,
-            value=float(longest),
-            threshold=float(p.num_steps),
-            tensors=tuple(unchanged),
-            message=(
-                f"{len(unchanged)} tensor(s) unchanged over the last {p.num_steps} saved steps at step "
-                f"{record.step}, e.g. {unchanged[0]}"
+            return hold(
+                state, Finding(False, value=float(longest), threshold=float(p.num_steps)), p.resolve_after
+            )
+        return hold(
+            state,
+            Finding(
+                True,
+                value=float(longest),
+                threshold=float(p.num_steps),
+                tensors=tuple(unchanged),
+                message=(
+                    f"{len(unchanged)} tensor(s) unchanged over the last {p.num_steps} saved steps at step "
+                    f"{record.step}, e.g. {unchanged[0]}"
+                ),
             ),
+            p.resolve_after,
         )

@@ -18,6 +18,7 @@ class WeightUpdateRatioParams(RuleParams):
     large_threshold: float = Field(10.0, gt=0.0)
     small_threshold: float = Field(1e-8, ge=0.0)
     epsilon: float = Field(1e-9, ge=0.0)
+    ignore_frozen: bool = True
 
 
 class WeightUpdateRatio(Rule):
@@ -37,6 +38,9 @@ class WeightUpdateRatio(Rule):
     small (smallest first). It resolves at the next step with a usable delta where every ratio is
     in range, and returns None when no weight carries a usable delta (e.g. the hook's first saved
     step). Stateless. small_threshold must be below large_threshold (ConfigError otherwise).
+    With `ignore_frozen` (default true; ours), weights that get no gradient in a record that carries
+    gradients (requires_grad off: frozen on purpose) are left out; their ratio of 0 fired on every
+    fine-tuning run with a frozen layer.
     The hook must capture the delta (update and previous L2 norms) of every weight tensor.
     """
 
@@ -59,10 +63,11 @@ class WeightUpdateRatio(Rule):
     def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
         p = self.params
         oldest = None if p.num_steps is None else record.step - p.num_steps
+        skip = F.frozen(record.tensors) if p.ignore_frozen else frozenset()
         ratios = [
             (t.name, F.update_ratio(t.delta.update_l2, t.delta.prev_l2, p.epsilon))
             for t in record.select(["weights"])
-            if t.delta is not None and (oldest is None or t.delta.prev_step >= oldest)
+            if t.delta is not None and t.name not in skip and (oldest is None or t.delta.prev_step >= oldest)
         ]
         if not ratios:
             return state, None

@@ -36,6 +36,14 @@ def noisy(base: np.ndarray, seed: int) -> np.ndarray:
 # --- behaviour on simulated runs (fixed seeds) ----------------------------------------------
 
 
+def test_hysteresis_keeps_a_firing_alert_through_a_lucky_check() -> None:
+    """Once firing, the alert resolves only at the `resolve_after`-th improving check in a row."""
+    rule = LossNotDecreasing(num_steps=1, window=1, patience=1, resolve_after=3, converged_percent=None)
+    values = [10, 10, 9, 10, 9, 8, 7, 6]  # stalled, improves once, stalls, then improves 4 times
+    _, out = replay(rule, losses(values))
+    assert [(s, f.firing) for s, f in out] == [(1, True), (3, True), (6, False), (7, False)]
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_healthy_noisy_decay_never_fires(seed: int) -> None:
     """A healthy exp(-step/200) loss with 20 % Gaussian noise never fires over 1000 steps."""
@@ -74,8 +82,8 @@ def test_convergence_is_not_a_stall(seed: int) -> None:
 
 
 def test_plateau_above_the_convergence_level_still_fires() -> None:
-    """A run that stalls after losing only 20 % of its loss is stalled, not converged."""
-    base = 0.8 + 0.2 * np.exp(-np.minimum(STEPS, 200) / 50)
+    """A run that stalls after losing only 5 % of its loss is stalled, not converged."""
+    base = 0.95 + 0.05 * np.exp(-np.minimum(STEPS, 200) / 50)
     fired = firing_steps(LossNotDecreasing(), losses(noisy(base, 0)))
     assert fired and fired[0] > 200
 
@@ -134,8 +142,9 @@ def test_findings_only_at_check_steps(params: dict, n: int, expected: list[int])
     ],
 )
 def test_check_table(values: list[float], expected: list[bool | None]) -> None:
-    """Checks fire after `patience` stalled/rising checks and resolve at the first improving one."""
-    rule = LossNotDecreasing(num_steps=1, window=1)
+    """Checks fire after `patience` stalled/rising checks and, without hysteresis, resolve at the first
+    improving one (the losses stay above the convergence level: converged_percent off)."""
+    rule = LossNotDecreasing(num_steps=1, window=1, resolve_after=1, converged_percent=None)
     _, out = replay(rule, losses(values))
     got = {s: f.firing for s, f in out}
     assert [got.get(i) for i in range(len(values))] == expected

@@ -42,7 +42,9 @@ def test_rising_eval_fires_after_patience_checks_and_resolves() -> None:
     """Eval rising while train falls fires at the `patience`-th rising check and resolves after."""
     train = falling(100, start=1.0)  # 0.91 .. 0.37 over the checks
     evals = [1.5, 1.4, 1.3, 1.35, 1.4, 1.45, 1.2, 1.1]
-    _, out = replay(Overfit(patience=2, min_rise_percent=0, eval_window=1), run(train, evals))
+    _, out = replay(
+        Overfit(patience=2, min_rise_percent=0, eval_window=1, resolve_after=1), run(train, evals)
+    )
     assert [(s, f.firing) for s, f in out] == [
         (0, False),
         (1, False),

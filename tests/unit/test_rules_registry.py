@@ -155,6 +155,7 @@ def _kitchen_sink(steps: int) -> list[StepRecord]:
                 rng.normal(size=16),
                 delta=None if s == 0 else Delta(s - 1, 50.0 if s % 11 == 0 else 0.01, 1.0, 0.5),
             ),
+            make_stats("gradient/net.2.weight", "gradients", np.full(16, 1e-2)),  # trained: not frozen
             make_stats("net.4.weight", "weights", np.zeros(16) if s % 13 < 2 else rng.normal(size=16)),
         ]
         loss = math.nan if s % 17 == 16 else float(1.0 + 0.3 * math.sin(s / 5) + rng.normal(0, 0.05))

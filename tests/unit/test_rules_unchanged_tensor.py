@@ -27,7 +27,7 @@ def steps(*values: np.ndarray, start: int = 0) -> list[StepRecord]:
 def test_fires_at_third_equal_step_not_second_and_resolves() -> None:
     """Fires at the 3rd equal saved step, not the 2nd, and resolves when the tensor changes."""
     records = steps(BASE, BASE, BASE, BASE, BASE + 0.1, BASE + 0.1)
-    _, out = replay(UnchangedTensor(), records)
+    _, out = replay(UnchangedTensor(resolve_after=1), records)
     assert [(s, f.firing) for s, f in out] == [(1, False), (2, True), (3, True), (4, False), (5, False)]
     assert out[1][1].tensors == ("fc.weight",)
     assert out[1][1].value == 3.0 and out[1][1].threshold == 3.0
@@ -85,11 +85,30 @@ def test_selection(params: dict, expected: tuple[str, ...]) -> None:
         weight(BASE, "gradient/fc.weight", "gradients"),
     ]
     records = [make_record(s, tensors=tensors) for s in range(3)]
-    _, out = replay(UnchangedTensor(**params), records)
+    _, out = replay(UnchangedTensor(ignore_frozen=False, **params), records)
     if expected:
         assert out[-1][1].firing and out[-1][1].tensors == expected
     else:
         assert out == []
+
+
+@pytest.mark.parametrize("ignore_frozen", [True, False])
+def test_frozen_on_purpose_is_not_judged(ignore_frozen: bool) -> None:
+    """A weight with no gradient while others have one (requires_grad off) is frozen by design: not
+    judged unless ignore_frozen=False; a weight that gets gradients and does not change still fires."""
+    grad = weight(BASE * 1e-2, "gradient/fc.weight", "gradients")
+    records = [make_record(s, tensors=[weight(BASE), weight(BASE, "frozen.weight"), grad]) for s in range(4)]
+    _, out = replay(UnchangedTensor(ignore_frozen=ignore_frozen), records)
+    expected = ("fc.weight",) if ignore_frozen else ("fc.weight", "frozen.weight")
+    assert out[-1][1].firing and out[-1][1].tensors == expected
+
+
+def test_hysteresis_resolves_after_resolve_after_changed_steps() -> None:
+    """A firing alert stays firing through fewer than `resolve_after` healthy steps in a row."""
+    values = [BASE] * 3 + [BASE + 0.1] + [BASE + 0.2] * 4 + [BASE + 0.1 * i for i in range(3, 7)]
+    _, out = replay(UnchangedTensor(resolve_after=4), steps(*values))
+    assert [s for s, f in out if f.firing] == [2, 6, 7]  # steps 3-5 healthy: held, not resolved
+    assert [s for s, f in out if not f.firing] == [1, 11]  # the 4th healthy step in a row resolves
 
 
 def test_only_changed_tensors_resolve() -> None:
