@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import uuid
@@ -15,27 +14,32 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from tensorpulse.errors import ConfigError, DecodeError
 from tensorpulse.events import AlertEvent
 from tensorpulse.kafka import client_config
+from tensorpulse.rules.base import Regex, compile_regex
 from tensorpulse.topics import ALERTS_TOPIC
 
 log = logging.getLogger("tensorpulse.sinks")
 
 
-def job_selector(pattern: str | None) -> re.Pattern[str] | None:
+def job_selector(pattern: str | None) -> Regex | None:
     """The job selector of `tensorpulse alerts --job` and `tensorpulse notify --job`: one kind for
-    both, the kind the worker's `--jobs` and a rules file's `jobs:` take (re.search on the job id)."""
+    both, the kind the worker's `--jobs` and a rules file's `jobs:` take (a search in the job id).
+
+    Compiled with RE2, as rule regexes are (`compile_regex`): job ids are chosen by whoever
+    writes a job's records, so a backtracking pattern must not stall the forwarder."""
     if not pattern:
         return None
     try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"invalid --job regex {pattern!r}: {exc} ('^ID$' selects exactly one job)") from exc
+        return compile_regex(pattern, "--job")
+    except ConfigError as exc:
+        detail = str(exc).removeprefix("--job: ")
+        raise ConfigError(f"invalid --job regex {pattern!r}: {detail} ('^ID$' selects exactly one job)") from exc
 
 
 def read_alerts(
     bootstrap: str | None = None,
     *,
     job: str | None = None,
-    jobs: re.Pattern[str] | None = None,
+    jobs: Regex | None = None,
     follow: bool = False,
     idle_timeout: float = 3.0,
     from_beginning: bool = True,

@@ -15,7 +15,6 @@ import base64
 import html
 import io
 import math
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import numpy as np
 from .errors import ConfigError
 from .events import AlertEvent
 from .replay import Payload, ReplaySummary, replay
+from .rules.base import compile_regex
 from .rules.config import RuleSpec
 from .wire import StepRecord, TensorStats
 
@@ -135,10 +135,8 @@ class Collector:
     def __init__(
         self, job: str, *, rank: int = 0, tensors: str | None = None, max_points: int = 4000
     ) -> None:
-        try:
-            self.regex = re.compile(tensors) if tensors else None
-        except re.error as exc:
-            raise ConfigError(f"--tensors: invalid regular expression {tensors!r}: {exc}") from exc
+        # RE2, as for rule regexes: tensor names come from whoever wrote the job's records.
+        self.regex = compile_regex(tensors or None, "--tensors")
         self.data = JobData(job, rank)
         self.max_points = max_points
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from click.testing import CliRunner
 
@@ -26,6 +28,18 @@ def test_alerts_and_notify_reject_a_bad_selector_alike() -> None:
         ForwarderSettings(job_regex="(resnet")
     result = CliRunner().invoke(main, ["alerts", "--job", "(resnet"])
     assert result.exit_code == 2 and "invalid --job regex '(resnet'" in result.output
+
+
+def test_a_selector_runs_in_linear_time_and_refuses_what_re2_cannot_run() -> None:
+    """Job ids come from whoever writes records: `^(a+)+$` on a hostile id answers at once (RE2),
+    and a backreference, which RE2 cannot run, is refused with the reason."""
+    sel = job_selector("^(a+)+$")
+    assert sel is not None
+    t = time.perf_counter()
+    assert not sel.search("a" * 120 + "!")  # Python's re takes longer than the universe's age here
+    assert time.perf_counter() - t < 0.5
+    with pytest.raises(ConfigError, match="invalid --job regex.*RE2"):
+        job_selector(r"(a)\1")
 
 
 def test_both_commands_document_the_same_selector() -> None:

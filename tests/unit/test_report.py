@@ -182,6 +182,8 @@ def test_tensor_regex_and_rank_filter() -> None:
     assert other.data.tensors == {} and other.data.scalars == {}
     with pytest.raises(ConfigError, match="--tensors"):
         Collector("j", tensors="(")
+    with pytest.raises(ConfigError, match="--tensors.*RE2"):  # rule regexes' engine: linear time
+        Collector("j", tensors=r"(?=weight)")
 
 
 def test_nonfinite_steps_merge_into_spans() -> None:
