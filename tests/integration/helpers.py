@@ -9,17 +9,19 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
+from waits import wait_for as wait_for  # the one wait of the suite (tests/waits.py), re-exported
 
 from tensorpulse import wire
 from tensorpulse.broker import free_port
 from tensorpulse.stream.process import worker_command
+from tensorpulse.topics import group_topic
 
 RETENTION = {"retention.ms": str(7 * 24 * 3600 * 1000)}
 
@@ -36,14 +38,24 @@ def create_topic_with(bootstrap: str, name: str, conf: dict[str, Any], partition
             fut.result(10)
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+def committed_past(bootstrap: str, group: str, job: str) -> bool:
+    """True once worker group `group` has committed its position past every record of `job` in its
+    steps topic: what it does with those records (alerts, rule state) is then all written, so a
+    test that checks for something that must not happen can look now instead of sleeping."""
+    steps = group_topic("steps", group)
+    last: dict[int, int] = {}
+    for m in read_topic(bootstrap, steps, timeout=0.5):
+        if m.key() == job.encode() and m.value():  # a record, not a clock tick
+            last[m.partition()] = max(last.get(m.partition(), -1), m.offset())
+    if not last:
+        return False
+    # Same group id, but no subscribe: this consumer only asks for the offsets, it never joins.
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        committed = c.committed([TopicPartition(steps, p) for p in last], timeout=10)
+    finally:
+        c.close()
+    return all(tp.offset > last[tp.partition] for tp in committed)
 
 
 def read_topic(bootstrap: str, topic: str, *, timeout: float = 3.0, committed_only: bool = True) -> list[Any]:
