@@ -25,7 +25,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tensorpulse.actions import ACTIONS
-from tensorpulse.errors import DECODE_REASONS
+from tensorpulse.errors import DECODE_REASONS, LIMITS
 from tensorpulse.events import STATUSES
 from tensorpulse.rules.config import RuleSpec
 from tensorpulse.wire import StepRecord
@@ -46,8 +46,9 @@ def _num(x: float) -> float:
 class _LatestRecords(Collector):
     """Builds tensor and scalar gauges at scrape time from the latest record per (job, rank, mode)."""
 
-    def __init__(self, max_tensors_per_job: int) -> None:
+    def __init__(self, max_tensors_per_job: int, max_scalars_per_job: int) -> None:
         self.max_tensors_per_job = max_tensors_per_job
+        self.max_scalars_per_job = max_scalars_per_job
         self._latest: dict[tuple[str, int, str], StepRecord] = {}
         self._lock = threading.Lock()
 
@@ -79,15 +80,23 @@ class _LatestRecords(Collector):
             "Tensors of a job not exported now because the job exceeds the per-job series bound.",
             labels=[JOB_LABEL],
         )
+        scalars_over = GaugeMetricFamily(
+            "tensorpulse_scalar_series_over_limit",
+            "Scalar series (rank x mode x name) of a job not exported now: over max_scalars_per_job.",
+            labels=[JOB_LABEL],
+        )
         with self._lock:
             items = sorted(self._latest.items())
         per_job: dict[str, int] = {}
         over: dict[str, int] = {}
+        scalars_per_job: dict[str, int] = {}
         for (job, rank, mode), rec in items:
             labels = [job, str(rank), mode]
             step.add_metric(labels, rec.step)
-            for name, value in rec.scalars.items():
+            room = self.max_scalars_per_job - scalars_per_job.get(job, 0)
+            for name, value in list(rec.scalars.items())[: max(room, 0)]:
                 scalar.add_metric([*labels, name], _num(value))
+            scalars_per_job[job] = scalars_per_job.get(job, 0) + len(rec.scalars)
             budget = self.max_tensors_per_job - per_job.get(job, 0)
             shown = rec.tensors[: max(budget, 0)]
             per_job[job] = per_job.get(job, 0) + len(shown)
@@ -99,19 +108,29 @@ class _LatestRecords(Collector):
                     tensor.add_metric([*base, stat], _num(getattr(t, stat)))
         for job, n in sorted(over.items()):
             dropped.add_metric([job], n)
+        for job, n in sorted(scalars_per_job.items()):
+            if n > self.max_scalars_per_job:
+                scalars_over.add_metric([job], n - self.max_scalars_per_job)
         yield tensor
         yield scalar
         yield step
         yield dropped
+        yield scalars_over
 
 
 class WorkerMetrics:
     """Every metric a worker exports, on an injectable registry (tests use a fresh one)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, max_tensors_per_job: int = 256) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        max_tensors_per_job: int = 256,
+        max_scalars_per_job: int = 1024,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.latest = _LatestRecords(max_tensors_per_job)
+        self.latest = _LatestRecords(max_tensors_per_job, max_scalars_per_job)
         r.register(self.latest)
         self.records = Counter("tensorpulse_records", "Records evaluated.", [JOB_LABEL, "mode"], registry=r)
         self.decode_errors = Counter(
@@ -121,6 +140,12 @@ class WorkerMetrics:
             "tensorpulse_deadletter",
             "Records sent to the dead-letter topic, by reason.",
             ["reason"],
+            registry=r,
+        )
+        self.limits = Counter(
+            "tensorpulse_limit_exceeded",
+            "What a job sent beyond a documented limit and was dropped (records, scalars, jobs), by limit.",
+            ["limit"],
             registry=r,
         )
         self.restarts = Counter(
@@ -199,6 +224,8 @@ class WorkerMetrics:
         for reason in DECODE_REASONS:  # 0 from the start, so the first rejection is an increase
             self.decode_errors.labels(reason)
             self.deadletters.labels(reason)
+        for limit in LIMITS:
+            self.limits.labels(limit)
 
     def init_rules(self, specs: Iterable[RuleSpec]) -> None:
         """The worker's configured rules: their error counters exist at 0 from now on, and each new

@@ -87,6 +87,7 @@ class IntakeConfig:
     replication_factor: int
     tick_interval: float | None  # None: no clock rule, no ticks
     tick_horizon: float
+    max_jobs: int = 2000  # WorkerSettings.max_jobs: jobs read at once; the rest wait, counted
 
     @property
     def steps_topic(self) -> str:
@@ -101,7 +102,8 @@ class Intake:
     """Runs in its own thread (`run`) until `stop` is set; never raises out of the loop.
 
     `on_jobs(all jobs, how many this intake reads)` is called on the intake's thread whenever
-    either changes; `on_reject(reason)` for every record it dead-letters itself.
+    either changes; `on_reject(reason)` for every record it dead-letters itself; `on_refused(n)`
+    when n more jobs of its shards are not read because it reads `max_jobs` already.
     """
 
     def __init__(
@@ -111,11 +113,14 @@ class Intake:
         *,
         on_jobs: Callable[[dict[str, str], int], None] | None = None,
         on_reject: Callable[[str], None] | None = None,
+        on_refused: Callable[[int], None] | None = None,
     ) -> None:
         self.config = config
         self._base = base_config
         self._on_jobs = on_jobs
         self._on_reject = on_reject
+        self._on_refused = on_refused
+        self.refused: frozenset[str] = frozenset()  # jobs of its shards not read: over max_jobs
         self.discovery = JobDiscovery(base_config, config.topic_prefix, config.jobs_regex)
         self.jobs: dict[str, str] = {}  # every followed job (all shards) -> its topic
         self.owned: dict[str, str] = {}  # topic -> job, for the jobs this intake reads
@@ -281,7 +286,7 @@ class Intake:
         if (shards, self.jobs) == self._followed:
             return  # same shards, same jobs: nothing to assign (checked every 0.1 s)
         self._followed = (shards, dict(self.jobs))
-        wanted = {t: j for j, t in self.jobs.items() if shard_of(j, c.shards) in shards}
+        wanted = self.limit_jobs({t: j for j, t in self.jobs.items() if shard_of(j, c.shards) in shards})
         added = [t for t in wanted if t not in self.owned]
         removed = [t for t in self.owned if t not in wanted]
         if removed:
@@ -305,6 +310,34 @@ class Intake:
                 self._last_seen[wanted[t]] = now
             self._need_control += [wanted[t] for t in added]
             log.info("intake: reading %d new job(s): %s", len(added), ", ".join(sorted(wanted[t] for t in added)))
+
+    def limit_jobs(self, wanted: dict[str, str]) -> dict[str, str]:
+        """The jobs (topic -> job) of `wanted` to read: every one already read, then new ones in
+        name order up to `max_jobs`. The rest are not read (their records wait on their topics),
+        said and counted once each, and taken in as soon as there is room."""
+        limit = self.config.max_jobs
+        if len(wanted) <= limit:
+            self.refused = frozenset()
+            return wanted
+        kept = {t: j for t, j in wanted.items() if t in self.owned}
+        for t in sorted(t for t in wanted if t not in kept)[: max(limit - len(kept), 0)]:
+            kept[t] = wanted[t]
+        refused = frozenset(j for t, j in wanted.items() if t not in kept)
+        new = sorted(refused - self.refused)
+        self.refused = refused
+        if new:
+            log.error(
+                "intake: this worker reads %d jobs, its limit (max_jobs=%d); %d more job(s) of its "
+                "shards are not read until there is room (run more workers, or raise max_jobs): %s%s",
+                len(kept),
+                limit,
+                len(refused),
+                ", ".join(new[:10]),
+                f" and {len(new) - 10} more" if len(new) > 10 else "",
+            )
+            if self._on_refused is not None:
+                self._on_refused(len(new))
+        return kept
 
     def _copy(self, source: Consumer, producer: Producer) -> None:
         """One batch: copy, wait for the acknowledgements, commit the source positions."""

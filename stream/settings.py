@@ -28,6 +28,9 @@ ENV = {
     "replication_factor": "TENSORPULSE_REPLICATION_FACTOR",
     "partitions": "TENSORPULSE_PARTITIONS",
     "job_idle_timeout_s": "TENSORPULSE_JOB_IDLE_TIMEOUT_S",
+    "max_jobs": "TENSORPULSE_MAX_JOBS",
+    "max_ranks_per_job": "TENSORPULSE_MAX_RANKS_PER_JOB",
+    "max_scalars_per_job": "TENSORPULSE_MAX_SCALARS_PER_JOB",
 }
 
 
@@ -58,6 +61,18 @@ class WorkerSettings(BaseModel):
     #: counts as ended: its firing alerts resolve, its series go, its state expires like an ended
     #: job's. Longer than every clock rule's threshold, so that a stall is reported first; 0: never.
     job_idle_timeout_s: float = Field(3600.0, ge=0.0)
+    # Limits on what jobs send (docs/architecture.md#limits): beyond each, the excess is dropped,
+    # logged and counted in tensorpulse_limit_exceeded_total{limit}; the worker goes on.
+    #: Jobs this worker's intake reads at once. A job beyond it is not read (its records wait on
+    #: its topic) until a job of this worker's shards goes away or another worker takes shards.
+    max_jobs: int = Field(2000, ge=1)
+    #: Ranks per job: records of rank >= this are dead-lettered (`too_many_ranks`). At most
+    #: 16,384, so that a job's per-rank bookkeeping (its end times) stays far below Kafka's 1 MB
+    #: message limit on the state changelog.
+    max_ranks_per_job: int = Field(4096, ge=1, le=16_384)
+    #: Distinct scalar names per job (and scalar series per job on /metrics): a scalar with a new
+    #: name beyond it is dropped from the record before evaluation and export.
+    max_scalars_per_job: int = Field(1024, ge=1, le=65_536)
     lag_interval: float = 5.0
     session_timeout_ms: int = 6000
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"

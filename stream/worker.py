@@ -17,6 +17,7 @@ cross-run rules (SimilarAcrossRuns) get other jobs' records through an internal 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -75,6 +76,13 @@ ROCKSDB_OPTIONS = RocksDBOptions(
     loads=unpack,
 )
 
+#: Dead-letter reasons that are a documented limit: the limit's label on tensorpulse_limit_exceeded_total.
+LIMIT_OF_REASON = {
+    "too_large": "record_bytes",
+    "too_many_tensors": "tensors_per_record",
+    "too_many_ranks": "ranks_per_job",
+}
+
 #: What the processor returns: (alerts, dead letters, actions, crossrun messages) to publish.
 Outputs = tuple[list[bytes], list[bytes], list[bytes], list[tuple[bytes, bytes]]]
 _NOTHING: Outputs = ([], [], [], [])
@@ -108,7 +116,7 @@ class Worker:
         on_alert: Callable[[Any], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics or WorkerMetrics()
+        self.metrics = metrics or WorkerMetrics(max_scalars_per_job=settings.max_scalars_per_job)
         self.specs: list[RuleSpec] = load_rules(settings.rules_file)
         self.metrics.init_rules(self.specs)  # rule error counters at 0 (and per job, alert counters)
         self._evaluators: dict[str, JobEvaluator] = {}
@@ -125,6 +133,8 @@ class Worker:
         self._jobs: dict[str, str] = {}
         self._controls: dict[str, Topic] = {}
         self._warned: dict[str, float] = {}
+        #: Per job, hashes of the scalar names admitted so far (at most max_scalars_per_job).
+        self._scalar_names: dict[str, set[int]] = {}
         self.ready = threading.Event()  # set once the stream application is built and starting
         base = client_config(settings.bootstrap, settings.kafka_config)
         self._base_config = base
@@ -152,10 +162,12 @@ class Worker:
                 # Ticks serve the clock rules, the idle timeout and the removal of ended jobs' state.
                 tick_interval=min(clock_every or math.inf, housekeeping),
                 tick_horizon=tick_horizon(own_specs, settings.state_retention_s, idle),
+                max_jobs=settings.max_jobs,
             ),
             base,
             on_jobs=self._jobs_changed,
             on_reject=self._count_reject,
+            on_refused=self.metrics.limits.labels("jobs_per_worker").inc,
         )
         self._lag = LagMonitor(base, source_group(settings.group), self.metrics)
         self._intake_thread = threading.Thread(
@@ -271,6 +283,9 @@ class Worker:
     def _count_reject(self, reason: str) -> None:
         self.metrics.decode_errors.labels(reason).inc()
         self.metrics.deadletters.labels(reason).inc()
+        limit = LIMIT_OF_REASON.get(reason)
+        if limit is not None:
+            self.metrics.limits.labels(limit).inc()
 
     def _watch_lag(self) -> None:
         while not self._stop.wait(self.settings.lag_interval):
@@ -455,8 +470,15 @@ class Worker:
             record = wire.decode(value, StoredSchemas(state, self._schemas))
             if record.job != job:
                 raise DecodeError("job_mismatch", f"record claims job {record.job!r} on job {job!r}'s topic")
+            if record.rank >= self.settings.max_ranks_per_job:
+                raise DecodeError(
+                    "too_many_ranks",
+                    f"rank {record.rank} of a job of {record.world}: this worker evaluates ranks "
+                    f"0-{self.settings.max_ranks_per_job - 1} of a job (setting max_ranks_per_job)",
+                )
         except DecodeError as exc:
             return [], [self._reject(exc, job, key, value, src)], [], []
+        record = self._admit_scalars(job, record)
         now = time.time()
         self.metrics.observe(record, now)
         ev = self._evaluator(job)
@@ -490,9 +512,49 @@ class Worker:
                 return [], [self._reject(err, job, key, value, src)], [], []
         alerts, actions = self._emit(transitions)
         if job_over:  # after the resolved events: their counters go with the rest of the job's series
-            self.metrics.remove_job(job)
-            self.metrics.finished.inc()
+            self._forget(job)
         return alerts, [], actions, self._forwards(job, record)
+
+    def _admit_scalars(self, job: str, record: wire.StepRecord) -> wire.StepRecord:
+        """`record` without the scalars whose names are beyond the job's first max_scalars_per_job.
+
+        A job that sends a new scalar name every step would otherwise grow the rules' state and
+        Prometheus's series without bound. Names are kept as hashes (bounded memory per job) and
+        counted from the first record this worker process evaluated of the job.
+        """
+        seen = self._scalar_names.setdefault(job, set())
+        limit = self.settings.max_scalars_per_job
+        dropped = []
+        for name in record.scalars:
+            h = hash(name)
+            if h not in seen:
+                if len(seen) >= limit:
+                    dropped.append(name)
+                    continue
+                seen.add(h)
+        if not dropped:
+            return record
+        self.metrics.limits.labels("scalars_per_job").inc(len(dropped))
+        key = f"scalars:{job}"
+        if time.monotonic() - self._warned.get(key, 0.0) > 60:
+            self._warned[key] = time.monotonic()
+            log.error(
+                "job %s sends more than %d scalar names (setting max_scalars_per_job): scalars with "
+                "new names are dropped before evaluation and export, %d in this record (e.g. %r)",
+                job,
+                limit,
+                len(dropped),
+                dropped[0][:80],
+            )
+        out = set(dropped)
+        return dataclasses.replace(record, scalars={k: v for k, v in record.scalars.items() if k not in out})
+
+    def _forget(self, job: str) -> None:
+        """A job is over: its Prometheus series and its admitted scalar names go."""
+        self.metrics.remove_job(job)
+        self.metrics.finished.inc()
+        self._scalar_names.pop(job, None)
+        self._warned.pop(f"scalars:{job}", None)
 
     def _tick(self, job: str, stamp: Any, state: State, idle: Any = None) -> Outputs:
         """Clock rules at the tick's time; a job silent for `job_idle_timeout_s` (`idle`: the
@@ -525,8 +587,7 @@ class Worker:
             store.end_all(ranks, now)
             log.info("job %s: %s; %d alert(s) resolved", job, reason, len(transitions))
             alerts, actions = self._emit(transitions)
-            self.metrics.remove_job(job)
-            self.metrics.finished.inc()
+            self._forget(job)
             return alerts, [], actions, []
         if not ev.has_clock:
             return _NOTHING
@@ -621,8 +682,7 @@ class Worker:
         return alerts, actions
 
     def _reject(self, exc: DecodeError, job: str, key: Any, value: Any, src: Source) -> bytes:
-        self.metrics.decode_errors.labels(exc.reason).inc()
-        self.metrics.deadletters.labels(exc.reason).inc()
+        self._count_reject(exc.reason)
         where = f"job {job!r} topic {src.topic} partition {src.partition} offset {src.offset}"
         last = self._warned.get(exc.reason, 0.0)
         if time.monotonic() - last > 10:  # one line per reason per 10 s, the counter has the rest

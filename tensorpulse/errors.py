@@ -33,6 +33,7 @@ DECODE_REASONS: tuple[str, ...] = (
     "not_msgpack",
     "not_a_record",
     "too_large",
+    "too_many_tensors",
     "unknown_version",
     "missing_field",
     "wrong_type",
@@ -44,6 +45,20 @@ DECODE_REASONS: tuple[str, ...] = (
     # the stream worker and its intake
     "wrong_key",
     "job_mismatch",
+    "too_many_ranks",
     "bad_tick",
     "processing_error",
+)
+
+
+#: Every limit a stream worker enforces on what jobs send, as the label `limit` of
+#: `tensorpulse_limit_exceeded_total` (docs/architecture.md#limits has each one's value, where it
+#: is defined and what the excess gets): bytes per record, tensors per record, ranks per job,
+#: distinct scalar names per job, jobs per worker.
+LIMITS: tuple[str, ...] = (
+    "record_bytes",
+    "tensors_per_record",
+    "ranks_per_job",
+    "scalars_per_job",
+    "jobs_per_worker",
 )

@@ -445,6 +445,12 @@ def _decode(payload: bytes, schemas: MutableMapping[tuple[str, int, int], Any] |
     try:
         rec = msgpack.unpackb(payload, raw=False, strict_map_key=False, **_unpack_limits)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
+        if "exceeds max_array_len" in str(exc) or "exceeds max_map_len" in str(exc):  # _unpack_limits
+            raise DecodeError(
+                "too_many_tensors",
+                f"payload holds an array or map of more than {MAX_TENSORS} entries "
+                f"(wire.MAX_TENSORS tensors per record): {exc}",
+            ) from exc
         raise DecodeError(
             "not_msgpack", f"payload of {len(payload)} bytes is not one msgpack value: {exc}"
         ) from exc

@@ -67,6 +67,7 @@ def corpus(job: str, first_step: int) -> list[Case]:
     s = first_step
     valid = good(job, s)
     nested = b"\x91" * 100_000 + b"\xc0"  # [[[[...nil...]]]], 100k deep
+    many = ["t"] * (wire.MAX_TENSORS + 1)
     return [
         Case("truncated record", valid[: len(valid) // 2], "not_msgpack"),
         Case("not msgpack (text)", b"hello, tensorpulse", "not_msgpack"),
@@ -77,7 +78,9 @@ def corpus(job: str, first_step: int) -> list[Case]:
         Case("null value (tombstone)", None, "wrong_type"),
         Case("two msgpack values", valid + valid, "not_msgpack"),
         Case("nesting bomb", nested, "not_msgpack"),
-        Case("array header claiming 2^31 items", b"\xdd\x80\x00\x00\x00", "not_msgpack"),
+        Case("array header claiming 2^31 items", b"\xdd\x80\x00\x00\x00", "too_many_tensors"),
+        Case("65,537 tensors in one record", _raw(job, t={"sid": 9, "names": many, "colls": many}), "too_many_tensors"),
+        Case("rank beyond the worker's max_ranks_per_job", _raw(job, rank=5000, world=5001), "too_many_ranks"),
         Case("msgpack extension type", msgpack.packb(msgpack.ExtType(1, b"\x00" * 8)), "not_msgpack"),
         Case("top level is a list", msgpack.packb([1, 2, 3]), "not_a_record"),
         Case("unknown version 2", _raw(job, v=2), "unknown_version"),

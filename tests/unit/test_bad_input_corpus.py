@@ -12,7 +12,7 @@ from tensorpulse import wire
 from tensorpulse.errors import DecodeError
 
 JOB = "corpus-job"
-WORKER_ONLY = {"wrong_key", "job_mismatch"}  # the topic and key are the worker's to check
+WORKER_ONLY = {"wrong_key", "job_mismatch", "too_many_ranks"}  # the worker's to check (topic, key, its limits)
 
 
 @pytest.mark.parametrize("case", corpus(JOB, 10), ids=lambda c: c.name)
