@@ -393,7 +393,7 @@ def stalled(hook: TorchHook) -> None:
     def hang(step: int, opt: torch.optim.Optimizer) -> None:
         if step == STALL_STEP + 1:
             hook.flush()
-            time.sleep(STALL_PAUSE)
+            time.sleep(STALL_PAUSE)  # sleep-ok: the hung data loader is the fault under test, not a wait
 
     _train(hook, model, steps=STALL_STEP + 11, lr=0.05, on_step=hang, eval_every=1000)
 

@@ -84,7 +84,7 @@ class _Run:
             loss.backward()
             self.opt.step()
             self.hook.step(step, loss=loss)
-            time.sleep(0.03)  # spread the run over a few scrapes
+            time.sleep(0.03)  # sleep-ok: the pace of the training run, spread over several scrapes; not a wait
 
 
 @pytest.mark.skipif(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from click.testing import CliRunner
 
@@ -35,9 +33,8 @@ def test_a_selector_runs_in_linear_time_and_refuses_what_re2_cannot_run() -> Non
     and a backreference, which RE2 cannot run, is refused with the reason."""
     sel = job_selector("^(a+)+$")
     assert sel is not None
-    t = time.perf_counter()
-    assert not sel.search("a" * 120 + "!")  # Python's re takes longer than the universe's age here
-    assert time.perf_counter() - t < 0.5
+    # Python's re takes longer than the universe's age here: returning at all is the linear engine.
+    assert not sel.search("a" * 120 + "!")
     with pytest.raises(ConfigError, match="invalid --job regex.*RE2"):
         job_selector(r"(a)\1")
 
