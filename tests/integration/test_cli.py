@@ -59,7 +59,7 @@ def test_alerts_command_on_an_empty_cluster(kafka_bootstrap: str) -> None:
 def test_help_teaches_every_command() -> None:
     """`--help` of the group lists every command, and each command has an example or explanation."""
     top = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=60).stdout
-    commands = ("broker", "stream", "alerts", "notify", "demo", "rules", "replay", "report")
+    commands = ("broker", "stream", "alerts", "notify", "demo", "rules", "replay", "report", "acls", "top")
     from tensorpulse.cli import main
 
     assert set(main.commands) == set(commands), "a command without a --help check"
