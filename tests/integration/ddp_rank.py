@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ def _rank_main(cfg: dict[str, Any]) -> int:
     teacher = torch.randn(10, 3, generator=torch.Generator().manual_seed(7))
     data = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
     hook = TorchHook(cfg["job"], cfg["bootstrap"], quantile_steps=0).attach(model, opt)
+    stopped = threading.Event()
+    hook.on_action(lambda action: action["action"] == "stop" and stopped.set())
     for step in range(STEPS):
         x = torch.randn(64, 10, generator=data)
         y = (x @ teacher).argmax(dim=1)
@@ -52,9 +54,7 @@ def _rank_main(cfg: dict[str, Any]) -> int:
         opt.step()
     undelivered = hook.flush(30)
     (out / f"ready-{rank}").write_text(str(undelivered))
-    deadline = time.monotonic() + cfg["stop_wait"]
-    while not hook.should_stop and time.monotonic() < deadline:
-        time.sleep(0.05)
+    stopped.wait(cfg["stop_wait"])  # set by the hook's listener when the stop action arrives
     seen = {"rank": hook.rank, "world": hook.world_size, "should_stop": hook.should_stop, **hook.stats()}
     hook.close(10)
     dist.destroy_process_group()

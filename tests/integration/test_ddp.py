@@ -27,7 +27,7 @@ from tensorpulse.events import AlertEvent
 from tensorpulse.topics import ALERTS_TOPIC, control_topic, reductions_topic
 
 from .ddp_rank import BAD_FROM, STEPS
-from .helpers import create_topic, metric_value, read_topic, scrape, wait_for, worker_process
+from .helpers import committed_past, create_topic, metric_value, read_topic, scrape, wait_for, worker_process
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.integration
@@ -122,7 +122,12 @@ def ddp_runs(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
                 30,
                 "RankDivergence on the corrupted job",
             )
-            time.sleep(1.0)  # a few commit intervals: anything about the healthy job would be visible now
+            # Once the worker committed past both jobs' records, all it wrote about them is readable.
+            wait_for(
+                lambda: all(committed_past(kafka_bootstrap, f"g-ddp-{u}", j) for j in jobs.values()),
+                60,
+                "the worker to commit past both jobs' records",
+            )
             result["alerts"] = alerts()
             result["alerted_s"] = time.monotonic() - t0
 

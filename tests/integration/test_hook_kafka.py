@@ -71,9 +71,7 @@ def test_torch_hook_publishes_every_step_and_reads_back(kafka_bootstrap: str, un
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
-        t = time.perf_counter()
-        hook.step(step, loss=loss)
-        assert time.perf_counter() - t < 0.5
+        hook.step(step, loss=loss)  # its cost is bench/hook_overhead.py's to measure
         w, g = (
             model[0].weight.detach().numpy().astype(np.float64),
             model[0].weight.grad.numpy().astype(np.float64),
@@ -155,16 +153,12 @@ def test_control_message_sets_should_stop(kafka_bootstrap: str, unique: str):
         assert p.flush(10) == 0
         assert checkpoint.wait(10), "checkpoint action not received"
         assert not hook.should_stop
-        t0 = time.monotonic()
         p.produce(topic, encode_action("stop", job, rule="LossNotDecreasing", alert_id="a2", step=3), key=key)
         assert p.flush(10) == 0
-        while not hook.should_stop and time.monotonic() - t0 < 10:
-            time.sleep(0.05)
+        assert stopped.wait(10), "stop action not received"  # the callbacks run after should_stop is set
         assert hook.should_stop
-        print(f"\nstop seen after {time.monotonic() - t0:.2f} s")
         assert [a["action"] for a in seen] == ["checkpoint", "stop"]
         assert seen[-1]["alert_id"] == "a2" and seen[-1]["step"] == 3
-        assert stopped.wait(10)  # the callbacks run after the message is counted
         assert hook.stats()["control"] == {"other_job": 1, "stale": 1, "malformed": 1, "accepted": 2}
     finally:
         hook.close(5)

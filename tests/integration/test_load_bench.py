@@ -54,7 +54,8 @@ def test_knee_with_two_tiny_levels(kafka_bootstrap: str, tmp_path: Path) -> None
         assert 0 < level["processed_records"] <= level["offered_records"]
         assert 0 < level["processed_rps"] <= level["offered_rps"]
         assert level["offered_tensor_stats_ps"] == pytest.approx(5 * level["offered_rps"], rel=0.01)
-        assert 0 <= level["alerts_received"] <= level["alerts_expected"]
+        # Faults were injected (--faults-per-s 2): at least one of their alerts came back.
+        assert 0 < level["alerts_received"] <= level["alerts_expected"]
         assert level["timeline"], "no samples were taken during the level"
         assert level["worker_rss_mb_max"] > 0
     totals = report["totals"]
@@ -92,7 +93,7 @@ def test_knee_of_both_designs_interleaves_their_levels(kafka_bootstrap: str, tmp
             assert level["design"] == name
             assert set(level) >= LEVEL_FIELDS, LEVEL_FIELDS - set(level)
             assert 0 < level["processed_records"] <= level["offered_records"]
-            assert level["idle_designs_cpu_pct"] is not None and level["generator_cpu_pct"] >= 0
+            assert level["idle_designs_cpu_pct"] is not None and level["generator_cpu_pct"] > 0
         assert 0 < runs[name]["totals"]["records_processed"] <= runs[name]["totals"]["records_offered"]
     # baseline first at the first rate, current first at the second
     b0, b1 = (level["started_unix"] for level in runs["baseline"]["levels"])

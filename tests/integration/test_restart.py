@@ -24,7 +24,16 @@ from tensorpulse.rules.config import load_rules
 from tensorpulse.stream.evaluator import JobEvaluator
 from tensorpulse.topics import ALERTS_TOPIC, reductions_topic
 
-from .helpers import create_topic, metric_value, read_topic, scrape, train_record, wait_for, worker_process
+from .helpers import (
+    committed_past,
+    create_topic,
+    metric_value,
+    read_topic,
+    scrape,
+    train_record,
+    wait_for,
+    worker_process,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -102,7 +111,13 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(kafka_bootstrap: str, u
             180,
             f"all {len(expected)} alerts after the restart",
         )
-        time.sleep(2)  # anything extra (a duplicate) would arrive now
+        # A duplicate would come from records evaluated again: once the worker committed past the
+        # last one (its alerts go in the same transaction), every alert it will write is readable.
+        wait_for(
+            lambda: committed_past(kafka_bootstrap, group, job),
+            60,
+            "the worker to commit past the last record",
+        )
     got = _alert_ids(kafka_bootstrap, job)
     dupes = [i for i, c in collections.Counter(got).items() if c > 1]
     assert not dupes, f"{len(dupes)} alert(s) delivered twice"

@@ -12,7 +12,16 @@ from tensorpulse import wire
 from tensorpulse.events import AlertEvent
 from tensorpulse.topics import ALERTS_TOPIC, reductions_topic
 
-from .helpers import create_topic, metric_value, read_topic, scrape, train_record, wait_for, worker_process
+from .helpers import (
+    committed_past,
+    create_topic,
+    metric_value,
+    read_topic,
+    scrape,
+    train_record,
+    wait_for,
+    worker_process,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +98,10 @@ def test_rule_state_survives_a_worker_restart(kafka_bootstrap: str, unique: str,
         wait_for(
             lambda: metric_value(scrape(url), "tensorpulse_records_total", training_job=job) == 3, 60, "3 records"
         )
-        time.sleep(1.5)  # let the worker commit its state (commit interval 0.5 s)
+        # Its rule state is committed with its position: wait for the position.
+        wait_for(
+            lambda: committed_past(kafka_bootstrap, group, job), 30, "the worker to commit the 3 records"
+        )
     assert unchanged_alerts() == [], "fired after only 2 equal steps"
     # New process, same group and state dir: state comes back (local RocksDB or changelog).
     producer.produce(topic, key=job.encode(), value=_weights_record(job, 3, 3.0))
