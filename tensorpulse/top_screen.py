@@ -8,13 +8,16 @@ but a terminal that understands ANSI escapes, so it works over SSH. Keys are rea
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import select
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
@@ -22,6 +25,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .errors import TensorpulseError
 from .top import ENDED, LIVE, SILENT, Firing, JobRow, Series, TopState, sparkline
 from .top_feed import TopFeed, scrape_lag
 
@@ -218,6 +222,34 @@ class LagPoller:
         self._stop.set()
 
 
+class ScreenLog(logging.Handler):
+    """Log records (warnings and up) while the screen is up, kept to be shown under the table: a
+    line written to the terminal would tear the frame (librdkafka's connection warnings come
+    through the `tensorpulse.kafka` logger)."""
+
+    def __init__(self, keep: int = 3) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: deque[str] = deque(maxlen=keep)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        when = time.strftime("%H:%M:%S", time.localtime(record.created))
+        self.lines.append(f"{when} {record.levelname.lower()}: {record.getMessage()}"[:300])
+
+
+@contextlib.contextmanager
+def _logs_on_screen(handler: ScreenLog) -> Iterator[None]:
+    """tensorpulse's loggers write to `handler` instead of the terminal, for the duration."""
+    logger = logging.getLogger("tensorpulse")
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 def run_live(
     feed: TopFeed,
     lag: LagPoller,
@@ -228,14 +260,22 @@ def run_live(
     console: Console | None = None,
 ) -> None:
     """The live view until q or Ctrl-C: discover new jobs every second, fold records as they
-    come, redraw every `refresh` seconds and at each key."""
+    come, redraw every `refresh` seconds and at each key. Kafka being out of reach is said under
+    the table, and tried again every second."""
     console = console or Console()
     selected: str | None = None
     next_discover = next_draw = 0.0
-    with Keys() as keys, Live(console=console, screen=True, auto_refresh=False) as live:
+    unreachable: list[str] = []
+    logs = ScreenLog()
+    with Keys() as keys, _logs_on_screen(logs), Live(console=console, screen=True, auto_refresh=False) as live:
+        live.update(Text(f"{header}   connecting to {feed.bootstrap} ..."), refresh=True)
         while True:
             if time.monotonic() >= next_discover:
-                feed.discover()
+                try:
+                    feed.discover(timeout=2.0)
+                    unreachable = []
+                except TensorpulseError as exc:
+                    unreachable = [f"{exc}; trying again"]
                 next_discover = time.monotonic() + 1.0
             feed.poll(timeout=0.05)
             pressed = keys.read()
@@ -257,7 +297,7 @@ def run_live(
                     time.time(),
                     selected=selected,
                     header=header,
-                    notes=[KEYS_HELP, *problems, *notes()],
+                    notes=[KEYS_HELP, *unreachable, *problems, *notes(), *logs.lines],
                     height=console.size.height,
                 )
                 live.update(frame, refresh=True)
