@@ -696,7 +696,7 @@ def reduce_many(
     rows of one padded matrix: a fixed number of ops for any number of them (per-op overhead, not
     memory traffic, is what small tensors cost). Larger tensors are reduced one by one.
     `quantiles`: for all tensors, or one flag per tensor. CPU float32 tensors go to the fused
-    numba kernel when it is installed (`stats_numba`).
+    numba kernel when it is installed (`stats_numba`), with or without quantiles.
     """
     qs = [quantiles] * len(tensors) if isinstance(quantiles, bool) else [bool(q) for q in quantiles]
     out: list[DeviceStats | None] = [None] * len(tensors)
@@ -708,7 +708,7 @@ def reduce_many(
         x = t.detach()
         xs.append(x)
         n = x.numel()
-        if use_fused and n and x.dtype == torch.float32 and x.device.type in _HOST_DEVICES and not qs[i]:
+        if use_fused and n and x.dtype == torch.float32 and x.device.type in _HOST_DEVICES:
             fused.append(i)
             continue
         if 0 < n <= SMALL and x.dtype in _ROW_DTYPES:
@@ -716,9 +716,23 @@ def reduce_many(
         else:
             out[i] = reduce_on_device(x, quantiles=qs[i])
     if fused:
+        # Quantile steps too: the torch path's passes over a large tensor took long enough, on the
+        # background thread, for the next backward to allocate new gradients while the old ones
+        # were still held (a peak of up to a model's gradients, `bench/hook_memory.py`); the
+        # quantiles come from a small subsample either way.
         rows = _reduce_fused([xs[i] for i in fused])
         for r, i in enumerate(fused):
-            out[i] = DeviceStats(n=xs[i].numel(), chunks=1, rows=rows, row=r, tensor=xs[i], check_shift=True)
+            x = xs[i]
+            out[i] = DeviceStats(
+                n=x.numel(),
+                vals=list(_quantiles(x.reshape(-1), x.dtype)) if qs[i] else [],
+                chunks=1,
+                rows=rows,
+                row=r,
+                quantiles=qs[i],
+                tensor=x,
+                check_shift=True,
+            )
     for sizes in small.values():
         for group in _row_groups(sizes):
             if len(group) == 1:
