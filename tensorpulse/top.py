@@ -128,7 +128,8 @@ class _Job:
     last_event: float = -math.inf  # the newest record's or alert event's time (for forgetting the job)
     mode: str | None = None  # the mode whose steps the row and the series follow
     rank: int | None = None  # the rank whose tensors the series show (the lowest seen)
-    step: int | None = None
+    step: int | None = None  # the highest step of `mode` over every rank
+    rank_step: int | None = None  # the last step of `mode` from `rank`
     progress: deque[tuple[float, int]] = field(default_factory=deque)  # (ts, step), new steps only
     series: dict[str, tuple[str, deque[tuple[int, float]]]] = field(default_factory=dict)
     firing: dict[AlertKey, AlertEvent] = field(default_factory=dict)  # by alert_key: the worker's rule slot
@@ -193,8 +194,11 @@ class TopState:
             return  # eval and predict steps have counters of their own
         if job.rank is None or rec.rank < job.rank:
             self._restart(job, mode=job.mode, rank=rec.rank)
-        if job.step is not None and rec.rank == job.rank and rec.step < job.step:
-            self._restart(job, mode=job.mode, rank=rec.rank)  # the job started over under the same id
+        if rec.rank == job.rank:
+            if job.rank_step is not None and rec.step < job.rank_step:
+                # The job started over under the same id (another rank being a step ahead is no restart).
+                self._restart(job, mode=job.mode, rank=rec.rank)
+            job.rank_step = rec.step
         if job.step is None or rec.step > job.step:
             job.step = rec.step
             job.progress.append((rec.ts, rec.step))
@@ -251,7 +255,7 @@ class TopState:
 
     # ---------------------------------------------------------------------------------- internal
     def _restart(self, job: _Job, *, mode: str, rank: int) -> None:
-        job.mode, job.rank, job.step = mode, rank, None
+        job.mode, job.rank, job.step, job.rank_step = mode, rank, None, None
         job.progress.clear()
         job.series.clear()
 

@@ -152,6 +152,19 @@ def test_eval_steps_and_restarts_do_not_mix_with_training() -> None:
     assert state.series("resnet")[0].steps == (0, 1, 2)
 
 
+def test_ranks_a_step_apart_are_no_restart() -> None:
+    """Rank 1 a step ahead of rank 0 does not start the series over: all steps stay, the step is the highest."""
+    records = []
+    for s in range(6):  # rank 1's step s arrives before rank 0's step s - 1
+        records.append(rec(s, T0 + s, rank=1, world=2, loss=9.0))
+        if s:
+            records.append(rec(s - 1, T0 + s - 0.9, rank=0, world=2, loss=float(s - 1)))
+    records.append(rec(5, T0 + 5.1, rank=0, world=2, loss=5.0))
+    state = TopState().extend(records)
+    assert state.rows(now=T0 + 6)[0].step == 5
+    assert state.series("resnet")[0].steps == (0, 1, 2, 3, 4, 5)
+
+
 def test_a_job_without_train_steps_shows_its_own_mode_until_train_comes() -> None:
     """A job that only reports `global` steps shows them with the mode; its first train step takes over."""
     state = TopState().extend(rec(s, T0 + s, mode="global") for s in range(3))
