@@ -43,6 +43,18 @@ meanwhile is reported once in the log. Without an optimizer passed to `attach`, 
 reduced on the training thread. The background thread is not woken for each job: it looks for
 jobs on its own clock, without the GIL when numba is installed (`worker.PollingWorker`).
 
+torch.compile: attach to the model before or after compiling it (`torch.compile(model)`); the
+hook attaches to the original module either way (`_original_module`), so tensors keep their
+eager names (no "_orig_mod." prefix). torch.compile runs a compiled module's own forward hooks
+outside its graph, each Python frame compiled on its own: the hook's forward pre-hook and forward
+hook are therefore marked `torch.compiler.disable` and run eagerly, so that arming, disarming
+and capturing neither break the graph nor add guards (no recompiles). A compiled pass captures no
+activations: their hooks would sit inside the graph, where they see no values and where adding
+or removing them recompiles; a tiny pre-hook compiled with the model (`_on_compiled_forward`)
+tells which passes are compiled. Weights, gradients, loss, learning rates and inputs are
+captured as in eager mode. Submodules compiled one by one inside an eager model
+(`model.block = torch.compile(model.block)`) keep their names too, and get no activation hooks.
+
 With numba installed (`pip install tensorpulse[fast]`), the float32 CPU tensors of a job (the
 weights; or the gradients and activations) are reduced by one kernel call, one fused pass each,
 that releases the GIL and also checks the results and computes their wire columns
@@ -120,6 +132,52 @@ class _ActModule(NamedTuple):
     want_in: bool
     #: tanh / sigmoid: inputs are captured on every captured pass, with in-range activity
     in_range: tuple[float, float] | None = None
+
+
+#: The child name under which torch.compile's wrapper module holds the module it compiles; it
+#: appears as a segment of the wrapper's parameter and module names ("_orig_mod.fc1.weight").
+COMPILE_WRAPPER_CHILD = "_orig_mod"
+
+
+def _original_module(model: nn.Module) -> nn.Module:
+    """The module that torch.compile's wrapper wraps (through nested wrappers), else `model`.
+
+    Why: the hook names tensors by the original module's names, so that a compiled run and an
+    eager one publish the same names, and it registers its forward hooks on the original module,
+    whose hooks torch.compile calls outside the compiled graph. A wrapper is recognised by its
+    only child being registered under COMPILE_WRAPPER_CHILD (public named_children, no private
+    attribute).
+    """
+    while True:
+        children = list(model.named_children())
+        if len(children) != 1 or children[0][0] != COMPILE_WRAPPER_CHILD:
+            return model
+        model = children[0][1]
+
+
+def _original_name(name: str) -> str:
+    """A parameter or module name without the segments that a compiled submodule's wrapper adds."""
+    if COMPILE_WRAPPER_CHILD not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != COMPILE_WRAPPER_CHILD)
+
+
+def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` run as plain Python when torch.compile reaches it (`torch.compiler.disable`).
+
+    The hook's top-level forward hooks: torch.compile calls a compiled module's own hooks
+    outside its graph, each as a Python frame that it would otherwise try to compile (the
+    hook's deques, locks and threads break such a graph, and guards on the hook's state make it
+    recompile). Disabled, they run eagerly there: no graph break, no guard.
+    """
+    compiler = getattr(torch, "compiler", None)
+    disable = getattr(compiler, "disable", None)
+    return fn if disable is None else disable(fn)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and compiler.is_compiling()
 
 
 def _collection(param_name: str) -> str:
@@ -270,6 +328,10 @@ class TorchHook(Hook):
         self._weights: _WeightsJob | None = None
         self._weights_offloadable = False  # an optimizer with step hooks is attached
         self._held: tuple[int, str] | None = None  # (step, mode) kept open by step(..., hold=True)
+        # torch.compile: set by `_on_compiled_forward` when the pass starting now is compiled.
+        self._compiled_pass = False
+        self._eager_forward_start = _eager(self._on_forward_start)
+        self._eager_forward_end = _eager(self._on_forward_end)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(
@@ -304,11 +366,14 @@ class TorchHook(Hook):
             self._auto_inputs = opts
         else:
             self._auto_inputs = None
+        outer, model = model, _original_module(model)
         self._model = model
         self._optimizer = optimizer
         self._include = re.compile(include) if include else None
         self._exclude = re.compile(exclude) if exclude else None
-        self._params = [(name, _collection(name), p) for name, p in model.named_parameters()]
+        self._params = [
+            (_original_name(name), _collection(name), p) for name, p in model.named_parameters()
+        ]
         # The include/exclude filters are applied once here, not on every step.
         self._param_items = [
             (name, coll, p)
@@ -332,6 +397,8 @@ class TorchHook(Hook):
             for path, module in model.named_modules():
                 if not isinstance(module, ACTIVATION_TYPES):
                     continue
+                if COMPILE_WRAPPER_CHILD in path.split("."):
+                    continue  # inside a compiled submodule: traced, never captured (module docstring)
                 base = f"{path or 'model'}/{type(module).__name__.lower()}"
                 in_range = None
                 in_name = f"{base}_input"
@@ -358,9 +425,10 @@ class TorchHook(Hook):
         if activations or self._auto_inputs is not None or self._offloading:
             # Registered while a saved step may come (`_arm` / `_disarm`); the activation hooks
             # are registered when a capture starts and removed when it ends.
-            self._arm_with.append(lambda: model.register_forward_pre_hook(self._on_forward_start))
+            self._arm_with.append(lambda: model.register_forward_pre_hook(self._on_compiled_forward))
+            self._arm_with.append(lambda: model.register_forward_pre_hook(self._eager_forward_start))
         if self._offloading:
-            self._guard_offloaded_reads(model, optimizer)
+            self._guard_offloaded_reads(model, optimizer, outer)
         if self._arm_with:
             self._watch_mode(model)
         self._arm()
@@ -394,7 +462,7 @@ class TorchHook(Hook):
             local = 1
         return on_cpu and torch.get_num_threads() * local < (os.cpu_count() or 1)
 
-    def _guard_offloaded_reads(self, model: nn.Module, optimizer: Any) -> None:
+    def _guard_offloaded_reads(self, model: nn.Module, optimizer: Any, outer: nn.Module) -> None:
         """Nothing may change a tensor while the background thread reads it: wait for the weights
         before the optimizer updates them, and for a step's gradients before a gradient is
         accumulated into one in place (guards registered only when needed: `_guard_gradients`)
@@ -405,7 +473,7 @@ class TorchHook(Hook):
             self._arm_with.append(lambda: optimizer.register_step_post_hook(self._on_optimizer_step))
             self._weights_offloadable = True
         self._grad_guards = [(p, self._make_grad_guard(p)) for p in self._gparams if p.requires_grad]
-        for owner in (optimizer, model):
+        for owner in (optimizer, model, outer) if outer is not model else (optimizer, model):
             original = getattr(owner, "zero_grad", None)
             if original is None:
                 continue
@@ -487,8 +555,11 @@ class TorchHook(Hook):
         """The weights changed: a new generation, whose weights can be read until the next step."""
         self._generation += 1
         self._weights = None
-        self._prefetch_weights("train")
-        self._flush_staged()  # no weights to read for the upcoming step
+        try:
+            self._prefetch_weights("train")
+            self._flush_staged()  # no weights to read for the upcoming step
+        except Exception as exc:  # noqa: BLE001 - never into training
+            self._fail("starting a background reduction", exc)
 
     def _prefetch_weights(self, mode: str) -> None:
         """Start reducing the weights now if the upcoming step of `mode` is saved.
@@ -669,8 +740,30 @@ class TorchHook(Hook):
         return not (self._exclude is not None and self._exclude.search(name))
 
     # ------------------------------------------------------------------ forward hooks
+    def _on_compiled_forward(self, module: nn.Module, args: Any) -> None:
+        """The first forward pre-hook: notes whether torch.compile runs the pass starting now.
+
+        torch.compile compiles this small frame (the module's hooks run outside its graph, each
+        frame compiled on its own): traced, the condition is True and the attribute store is
+        replayed at every compiled call, with no graph and no guard on the hook's state; run
+        eagerly it is False. `_on_forward_start` then captures no activations in that pass:
+        hooks registered inside a compiled graph would be traced (they see no tensor values)
+        and adding or removing them would make torch.compile recompile.
+        """
+        if _is_compiling():
+            self._compiled_pass = True
+
     def _on_forward_start(self, module: nn.Module, args: Any) -> None:
+        """Decide whether the pass starting now is captured (module docstring); run eagerly."""
+        try:
+            self._start_forward(module, args)
+        except Exception as exc:  # noqa: BLE001 - never into training
+            self._capturing = None
+            self._fail("starting a forward pass", exc)
+
+    def _start_forward(self, module: nn.Module, args: Any) -> None:
         self._capturing = None  # also after a forward pass that raised
+        compiled, self._compiled_pass = self._compiled_pass, False
         if self._staged is not None:
             self._flush_staged()
         if self._offloading:
@@ -684,12 +777,23 @@ class TorchHook(Hook):
             return
         if self._offloading and mode == "train":
             self._prefetch_weights(mode)  # the first step, or no optimizer step since the last
-        self._capturing = mode
-        self._capture_inputs = self._quantiles_now(mode)
-        self._calls = {}
         self._acts[mode] = []
         if self._auto_inputs is not None and args and isinstance(args[0], torch.Tensor):
             self.record_inputs(args[0], step=upcoming, mode=mode, **self._auto_inputs)
+        if compiled:  # no activations (`_on_compiled_forward`); weights, gradients, inputs: yes
+            if self._capture_handles:
+                self._end_capture()
+            self._log_once(
+                "compiled",
+                logging.INFO,
+                "tensorpulse: job %s: the model runs under torch.compile; its activations are not "
+                "captured (weights, gradients, loss and inputs are)",
+                self.job,
+            )
+            return
+        self._capturing = mode
+        self._capture_inputs = self._quantiles_now(mode)
+        self._calls = {}
         key = (id(module), self._capture_inputs)  # the hooks registered depend on both
         if self._capture_handles and self._capture_key != key:
             self._end_capture()
@@ -706,7 +810,7 @@ class TorchHook(Hook):
             hook = am.hook if pre else am.counting_hook
             if hook is not None:
                 handles.append(am.module.register_forward_hook(hook, prepend=True))
-        handles.append(model.register_forward_hook(self._on_forward_end))
+        handles.append(model.register_forward_hook(self._eager_forward_end))
 
     def _end_capture(self) -> None:
         for h in self._capture_handles:
@@ -722,7 +826,7 @@ class TorchHook(Hook):
 
         def pre_hook(module: nn.Module, args: Any) -> None:
             mode = self._capturing
-            if mode is None:
+            if _is_compiling() or mode is None:  # traced in a compiled submodule: no values
                 return
             idx = self._calls[id(module)] = self._calls.get(id(module), -1) + 1
             if not (want_input and args and isinstance(args[0], torch.Tensor)):
@@ -749,7 +853,7 @@ class TorchHook(Hook):
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             mode = self._capturing
-            if mode is None:
+            if _is_compiling() or mode is None:  # traced in a compiled submodule: no values
                 return
             calls = self._calls
             if counts:
@@ -778,8 +882,7 @@ class TorchHook(Hook):
         anyway. Its version counter tells whether it changed in place meanwhile.
         """
         x = t.detach()
-        keep = self._offloading or (torch.is_grad_enabled() and stats_numba.enabled())
-        if now or not x.is_cpu or not keep:
+        if now or not x.is_cpu or not (self._offloading or (torch.is_grad_enabled() and stats_numba.enabled())):
             return reduce_on_device(x, exact_nonfinite=True, **kwargs)
         return _Deferred(x, _version(x), kwargs)
 

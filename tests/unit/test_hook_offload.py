@@ -376,7 +376,7 @@ def test_switching_to_eval_hooks_the_next_saved_eval_pass() -> None:
     sent, model, opt, hook = _offloaded(5, 3)
     assert _hooks_on(model, opt) == 0  # unhooked: steps 3 and 4 are not saved
     model.eval()
-    assert _hooks_on(model, opt) == 3  # eval step 0 is saved
+    assert _hooks_on(model, opt) == 4  # eval step 0 is saved: two forward pre-hooks, two optimizer hooks
     with torch.no_grad():
         model(torch.randn(8, 10))
     hook.step(0, mode="eval")

@@ -489,7 +489,7 @@ def test_torch_hook_registers_activation_hooks_for_captured_passes_only():
     hook = TorchHook("unit-lazy-hooks", produce_fn=sink, save_interval=2, quantile_steps=0).attach(model)
     train(model, hook, 4)
     assert seen == [2, 1, 2, 1]  # the user's hook, plus the hook's own on saved steps 0 and 2
-    assert len(model._forward_pre_hooks) == 1 and not model._forward_hooks
+    assert len(model._forward_pre_hooks) == 2 and not model._forward_hooks  # the compile probe and the start
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model] == [0, 1, 0, 0, 0]
     hook.close(2)
     acts = [
