@@ -118,7 +118,9 @@ class SketchTracker:
 def sketches(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The sketch of each tensor (`sketch`, or the numba kernel for CPU float32 ones)."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
-    fused = [i for i, t in enumerate(tensors) if _kernel_takes(t)] if stats_numba.enabled() else []
+    fused = [i for i, t in enumerate(tensors) if _kernel_takes(t)]
+    if fused and not stats_numba.enabled():  # asked only for CPU float32 tensors: numba loads then
+        fused = []
     if fused:
         widths = [width_for(tensors[i].shape) for i in fused]
         sizes = [tensors[i].numel() for i in fused]

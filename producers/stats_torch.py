@@ -620,11 +620,11 @@ def reduce_host_fused(
     lose the variance to cancellation (MAX_PLAIN_RATIO). The tensors must not change until it
     returns.
     """
-    if not stats_numba.enabled():
-        return None
     for t in tensors:
         if not _kernel_takes(t):
             return None
+    if not stats_numba.enabled():  # after the check above: numba loads only for CPU float32 tensors
+        return None
     layout: list[Any] = [t.numel() for t in tensors]
     if 0 in layout:
         return None
@@ -703,14 +703,17 @@ def reduce_many(
     xs: list[torch.Tensor] = []
     small: dict[tuple[torch.device, torch.dtype], list[tuple[int, int]]] = {}
     fused: list[int] = []
-    use_fused = stats_numba.enabled()
+    use_fused: bool | None = None  # asked at the first CPU float32 tensor: numba loads only then
     for i, t in enumerate(tensors):
         x = t.detach()
         xs.append(x)
         n = x.numel()
-        if use_fused and n and x.dtype == torch.float32 and x.device.type in _HOST_DEVICES:
-            fused.append(i)
-            continue
+        if n and x.dtype == torch.float32 and x.device.type in _HOST_DEVICES:
+            if use_fused is None:
+                use_fused = stats_numba.enabled()
+            if use_fused:
+                fused.append(i)
+                continue
         if 0 < n <= SMALL and x.dtype in _ROW_DTYPES:
             small.setdefault((x.device, x.dtype), []).append((n, i))
         else:
@@ -1113,7 +1116,9 @@ class DeltaTracker:
             tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor, DeviceStats]]
         ] = {}
         # CPU float32 tensors: one numba call for all (one pass each instead of nine torch ops)
-        fused: list[tuple[torch.Tensor, torch.Tensor, DeviceStats]] | None = [] if stats_numba.enabled() else None
+        fused: list[tuple[torch.Tensor, torch.Tensor, DeviceStats]] | None = (
+            [] if any(_kernel_takes(t) for t in tensors) and stats_numba.enabled() else None
+        )
         with torch.no_grad():
             for key, t, s in zip(keys, tensors, stats, strict=True):
                 x = t.detach()

@@ -882,7 +882,8 @@ class TorchHook(Hook):
         anyway. Its version counter tells whether it changed in place meanwhile.
         """
         x = t.detach()
-        if now or not x.is_cpu or not (self._offloading or (torch.is_grad_enabled() and stats_numba.enabled())):
+        kernel = x.dtype == torch.float32 and torch.is_grad_enabled()  # numba is asked (and loads) only then
+        if now or not x.is_cpu or not (self._offloading or (kernel and stats_numba.enabled())):
             return reduce_on_device(x, exact_nonfinite=True, **kwargs)
         return _Deferred(x, _version(x), kwargs)
 

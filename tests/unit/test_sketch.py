@@ -217,3 +217,32 @@ def test_small_tensor_groups_are_bounded(monkeypatch):
     cols = host.finish()
     want = np.array([[float(x.mean()), float(x.std(unbiased=False))] for x in xs])
     np.testing.assert_allclose(cols.floats[:, :2], want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_the_kernels_cannot_take_never_loads_numba():
+    """numba (about 125 MiB of resident memory) loads only for CPU float32 tensors: not for a float64 model
+    (nor, by the same checks, for one on an accelerator), deltas and quantile steps included."""
+    import subprocess
+    import sys
+
+    if not stats_numba.enabled():
+        pytest.skip("numba is not installed")
+    code = """
+import sys, torch
+from torch import nn
+from tensorpulse.producers.torch import TorchHook
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).double()
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+hook = TorchHook("no-numba", produce_fn=lambda *a: None, delta_every=2).attach(model, opt)
+for step in range(6):
+    opt.zero_grad()
+    model(torch.randn(4, 8, dtype=torch.float64)).sum().backward()
+    hook.step(step)
+    opt.step()
+hook.close(2)
+assert hook.stats()["published"] >= 6 and hook.stats()["errors"] == 0, hook.stats()
+print("numba" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
