@@ -81,6 +81,8 @@ class _Record:
     vectors: dict[str, wire.Vector] = field(default_factory=dict)
     #: stats_torch.Capture objects still on a device (label counts, input sums), copied at publish.
     captures: list[Any] = field(default_factory=list)
+    #: The optimizer did not apply this step (a GradScaler skipped it): wire `skip`.
+    skipped: bool = False
 
     def has_data(self) -> bool:
         return bool(
@@ -674,11 +676,17 @@ class Hook:
         """The pending record of (step, mode); earlier pending steps of the mode are published first."""
         rec = self._pending.get((step, mode))
         if rec is None:
-            earlier = [k for k in self._pending if k[1] == mode and k[0] < step]
+            earlier = [k for k in self._pending if k[1] == mode and k[0] < step and not self._unfinished(*k)]
             for key in sorted(earlier):
                 self._emit(self._pending.pop(key))
             rec = self._pending[(step, mode)] = _Record(step=step, mode=mode, ts=time.time())
         return rec
+
+    def _unfinished(self, step: int, mode: str) -> bool:
+        """Whether the pending record of (step, mode) still waits for data of its own (TorchHook:
+        its statistics, reduced in the background, or whether the optimizer applied the step),
+        so that a record of a later step must not publish it early, split in two."""
+        return False
 
     def _emit(self, rec: _Record) -> None:
         if self._publisher is None:
@@ -783,6 +791,7 @@ class Hook:
             images=rec.images,
             tokens=rec.tokens,
             vectors=rec.vectors,
+            skipped=rec.skipped,
         )
 
 

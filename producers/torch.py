@@ -180,6 +180,12 @@ def _is_compiling() -> bool:
     return compiler is not None and compiler.is_compiling()
 
 
+def _scaler_enabled(scaler: Any) -> bool:
+    """Whether a GradScaler scales (and so may skip steps); a disabled one never skips."""
+    is_enabled = getattr(scaler, "is_enabled", None)
+    return bool(is_enabled()) if callable(is_enabled) else True
+
+
 def _collection(param_name: str) -> str:
     if param_name.endswith("bias"):
         return "biases"
@@ -328,6 +334,14 @@ class TorchHook(Hook):
         self._weights: _WeightsJob | None = None
         self._weights_offloadable = False  # an optimizer with step hooks is attached
         self._held: tuple[int, str] | None = None  # (step, mode) kept open by step(..., hold=True)
+        # Mixed precision (attach(..., scaler=)): optimizer steps applied so far, counted by a step
+        # post-hook; their count when the current train step's first forward pass started; and
+        # the saved train step whose record waits to learn whether the optimizer applied it:
+        # (step, the count at its forward pass). See `_decide_skipped`.
+        self._scaler: Any = None
+        self._optimizer_steps = 0
+        self._steps_at_forward: int | None = None
+        self._awaiting_optimizer: tuple[int, int] | None = None
         # torch.compile: set by `_on_compiled_forward` when the pass starting now is compiled.
         self._compiled_pass = False
         self._eager_forward_start = _eager(self._on_forward_start)
@@ -343,6 +357,7 @@ class TorchHook(Hook):
         include: str | None = None,
         exclude: str | None = None,
         capture_inputs: bool | Mapping[str, Any] = False,
+        scaler: Any = None,
     ) -> TorchHook:
         """Capture `model`'s parameters, gradients and (optionally) activation outputs.
 
@@ -354,7 +369,17 @@ class TorchHook(Hook):
         `capture_inputs`: summarise the model's first positional input on saved steps, as
         `record_inputs` does (True, or a dict of record_inputs keyword arguments: name, kind,
         channel, token_values); a forward pre-hook on `model`, nothing on other steps.
+        `scaler`: the run's `torch.amp.GradScaler` (mixed precision): a saved train step that it
+        skips (inf/NaN gradients, on purpose) is published marked skipped (wire `skip`), which
+        ExplodingTensor does not count against the gradients. Call `step()` after
+        `scaler.unscale_(optimizer)`, so that gradients are reported unscaled, and before
+        `scaler.step(optimizer)` (README, "Mixed precision"). Needs the optimizer.
         """
+        if scaler is not None and not hasattr(optimizer, "register_step_post_hook"):
+            raise ConfigError(
+                "Expected argument `optimizer` to be a torch optimizer when `scaler` is given (the hook "
+                f"tells skipped steps by the optimizer's step hooks) but got {type(optimizer).__name__}"
+            )
         self.detach()
         if self._torch_deltas is not None:
             self._torch_deltas.clear()
@@ -422,7 +447,10 @@ class TorchHook(Hook):
                     )
                 )
         self._offloading = self._should_offload(model)
-        if activations or self._auto_inputs is not None or self._offloading:
+        self._scaler = scaler if scaler is not None and _scaler_enabled(scaler) else None
+        if self._scaler is not None:
+            self._arm_with.append(lambda: optimizer.register_step_post_hook(self._count_optimizer_step))
+        if activations or self._auto_inputs is not None or self._offloading or self._scaler is not None:
             # Registered while a saved step may come (`_arm` / `_disarm`); the activation hooks
             # are registered when a capture starts and removed when it ends.
             self._arm_with.append(lambda: model.register_forward_pre_hook(self._on_compiled_forward))
@@ -537,6 +565,8 @@ class TorchHook(Hook):
     def _settle(self) -> None:
         """On a step that is not saved: publish the finished offloaded steps, and disarm when
         nothing is being read in the background and no upcoming step is saved."""
+        if self._awaiting_optimizer is not None:
+            self._decide_skipped()  # no forward pass of this step was seen
         if self._jobs:
             self._drain(wait=False)
         if (
@@ -697,7 +727,7 @@ class TorchHook(Hook):
             except Exception as exc:  # noqa: BLE001
                 self._fail("computing statistics", exc)
                 continue
-            if self._held != (job.step, job.mode):
+            if not self._held_back(job.step, job.mode):
                 Hook.publish(self, job.step, job.mode)
 
     def _assemble(self, step, mode, names, colls, extra_names, caps, host, values) -> None:
@@ -710,10 +740,12 @@ class TorchHook(Hook):
 
     def publish(self, step: int | None = None, mode: str | None = None) -> None:
         """As Hook.publish; steps still being reduced in the background are finished first."""
+        self._decide_skipped()
         self._drain(wait=True)
         super().publish(step, mode)
 
     def close(self, timeout: float = 10.0) -> None:
+        self._decide_skipped()
         self._drain(wait=True)
         super().close(timeout)
         if self._pool is not None:
@@ -722,6 +754,7 @@ class TorchHook(Hook):
 
     def detach(self) -> None:
         """Remove every hook from the model; the Kafka side stays open until close()."""
+        self._decide_skipped()
         self._drain(wait=True)
         self._disarm()  # also ends a capture and removes the gradient guards
         self._arm_with = []
@@ -738,6 +771,51 @@ class TorchHook(Hook):
         if self._include is not None and not self._include.search(name):
             return False
         return not (self._exclude is not None and self._exclude.search(name))
+
+    # ------------------------------------------------------------------ mixed precision, holding
+    def _count_optimizer_step(self, *_: Any) -> None:
+        """The optimizer's step post-hook (with a scaler): the optimizer applied a step."""
+        self._optimizer_steps += 1
+
+    def _decide_skipped(self) -> None:
+        """Mark the awaited saved train step skipped if the optimizer applied no step since its
+        first forward pass, then let its record go.
+
+        Why this way: a GradScaler that finds inf or NaN gradients skips `optimizer.step()`, so
+        the optimizer's step hooks do not run; nothing else public tells it without a device sync
+        (`scaler.get_scale()` reads the scale back; comparing it before and after `update()` also
+        depends on the backoff factor). A train step's optimizer step falls between its first
+        forward pass and the next step's, whether `step()` is called before or after
+        `scaler.step()`, with gradient accumulation too: the hook decides at the next train
+        step's first forward pass (else at the next `step()`, `release()`, `publish()` or
+        `close()`). The record waits for it (a forward pass later, not a step).
+        """
+        awaited, self._awaiting_optimizer = self._awaiting_optimizer, None
+        if awaited is None:
+            return
+        step, seen = awaited
+        try:
+            if self._optimizer_steps == seen:
+                self._record_for(step, "train").skipped = True
+            if (step, "train") in self._pending and not self._unfinished(step, "train"):
+                Hook.publish(self, step, "train")
+        except Exception as exc:  # noqa: BLE001 - never into training
+            self._note("marking a skipped step", exc)
+
+    def _held_back(self, step: int, mode: str) -> bool:
+        """Whether the record of (step, mode) must not be published yet, though its statistics
+        are ready: kept open by `step(..., hold=True)`, or awaiting whether the optimizer applied it."""
+        awaited = self._awaiting_optimizer
+        return self._held == (step, mode) or (awaited is not None and mode == "train" and awaited[0] == step)
+
+    def _unfinished(self, step: int, mode: str) -> bool:
+        """As Hook._unfinished: held back, or its statistics still being reduced in the background."""
+        if self._held_back(step, mode):
+            return True
+        staged = self._staged
+        if staged is not None and (staged.job.step, staged.job.mode) == (step, mode):
+            return True
+        return any(job.step == step and job.mode == mode for job in self._jobs)
 
     # ------------------------------------------------------------------ forward hooks
     def _on_compiled_forward(self, module: nn.Module, args: Any) -> None:
@@ -764,6 +842,8 @@ class TorchHook(Hook):
     def _start_forward(self, module: nn.Module, args: Any) -> None:
         self._capturing = None  # also after a forward pass that raised
         compiled, self._compiled_pass = self._compiled_pass, False
+        if self._awaiting_optimizer is not None and module.training:
+            self._decide_skipped()  # the next train step's first pass: the last one is over
         if self._staged is not None:
             self._flush_staged()
         if self._offloading:
@@ -777,6 +857,8 @@ class TorchHook(Hook):
             return
         if self._offloading and mode == "train":
             self._prefetch_weights(mode)  # the first step, or no optimizer step since the last
+        if mode == "train":
+            self._steps_at_forward = self._optimizer_steps
         self._acts[mode] = []
         if self._auto_inputs is not None and args and isinstance(args[0], torch.Tensor):
             self.record_inputs(args[0], step=upcoming, mode=mode, **self._auto_inputs)
@@ -913,6 +995,8 @@ class TorchHook(Hook):
             self._arm()  # before the next forward pass, which is saved
         if not saved:
             return
+        if self._awaiting_optimizer is not None:
+            self._decide_skipped()  # no forward pass of this step was seen
         pending = self._pending.get((step, mode))
         self._drain(wait=False)
         try:
@@ -966,6 +1050,9 @@ class TorchHook(Hook):
                     extra_names.append(name)
                 pending.scalar_tensors = {}
             act_stats = [a for _, _, a in acts]
+            if self._scaler is not None and mode == "train":  # published once the optimizer has run
+                seen, self._steps_at_forward = self._steps_at_forward, None
+                self._awaiting_optimizer = (step, self._optimizer_steps if seen is None else seen)
             if offload:
                 versions = _versions(tensors)
                 self._flush_staged()
@@ -980,7 +1067,7 @@ class TorchHook(Hook):
         except Exception as exc:  # noqa: BLE001
             self._fail("computing statistics", exc)
             return
-        if self._held != (step, mode):
+        if not self._held_back(step, mode):
             Hook.publish(self, step, mode)
 
     def release(self, step: int, mode: str = "train") -> None:
@@ -992,6 +1079,8 @@ class TorchHook(Hook):
         if self._held != (step, mode):
             return
         self._held = None
+        if self._held_back(step, mode):
+            return  # awaiting the optimizer (`_decide_skipped` publishes it)
         self._drain(wait=False)
         staged = self._staged.job if self._staged is not None else None
         busy = [(j.step, j.mode) for j in self._jobs] + ([(staged.step, staged.mode)] if staged else [])

@@ -39,6 +39,9 @@ class ExplodingTensor(Rule):
     of all ranks (rank breaks the last tie), and the stream layer adds it to the alert's message
     ("first non-finite: rank 1, gradient/fc1.weight, step 161") and details. A record that
     arrives late with an earlier step moves it back; an alert already sent is not re-sent.
+    The gradients of a step that the producer marks skipped (`StepRecord.skipped`: a mixed-precision
+    GradScaler found inf/NaN gradients and did not apply the step) are not checked: the scaler
+    produces them on purpose and lowers its scale; weights, other tensors and scalars still are.
     The hook must capture exact NaN and inf counts per tensor, and send losses/metrics as scalars.
     """
 
@@ -61,7 +64,10 @@ class ExplodingTensor(Rule):
         count = 0
         first_pos = -1  # position of the first offender among the checked tensors and scalars
         checked = 0
+        skipped = record.skipped  # a GradScaler skipped the step for inf/NaN gradients, on purpose
         for t in record.select(self._collections, self._regex):
+            if skipped and t.collection == "gradients":
+                continue
             bad = F.nonfinite_count(t, only_nan)
             checked += 1
             if bad and first_pos < 0:

@@ -207,6 +207,9 @@ class StepRecord:
     vectors: Mapping[str, Vector] = field(default_factory=dict)
     #: (rtol, atol) the producer used for `TensorStats.delta.allclose_excess`.
     tolerance: tuple[float, float] | None = None
+    #: The optimizer did not apply this train step: a mixed-precision GradScaler skipped it
+    #: because its gradients held inf or NaN (wire `skip`; absent means False).
+    skipped: bool = False
 
     def select(
         self, collections: Iterable[str] | None = None, regex: str | re.Pattern[str] | None = None
@@ -265,6 +268,7 @@ def encode(
     images: Mapping[str, ImageSums] | None = None,
     tokens: Mapping[str, TokenCounts] | None = None,
     vectors: Mapping[str, Vector] | None = None,
+    skipped: bool = False,
 ) -> bytes:
     """Encode one record. `announce=False` omits tensor names (the reader must know the schema).
 
@@ -282,6 +286,8 @@ def encode(
         "ts": ts,
         "seq": seq,
     }
+    if skipped:
+        rec["skip"] = True
     if scalars:
         rec["s"] = {k: float(v) for k, v in scalars.items()}
     if tensors is not None and len(tensors.names):
@@ -487,6 +493,10 @@ def _decode(payload: bytes, schemas: MutableMapping[tuple[str, int, int], Any] |
     if isinstance(seq, bool) or not isinstance(seq, int):
         raise DecodeError("wrong_type", f"'seq' is {type(seq).__name__}, expected an integer")
 
+    skipped = rec.get("skip", False)
+    if not isinstance(skipped, bool):
+        raise DecodeError("wrong_type", f"'skip' is {type(skipped).__name__}, expected a boolean")
+
     raw_scalars = rec.get("s", {})
     if not isinstance(raw_scalars, dict) or len(raw_scalars) > MAX_SCALARS:
         raise DecodeError("wrong_type", f"'s' (scalars) must be a map of at most {MAX_SCALARS} names")
@@ -520,6 +530,7 @@ def _decode(payload: bytes, schemas: MutableMapping[tuple[str, int, int], Any] |
         tokens=_decode_tokens(rec.get("tok")),
         vectors=_decode_vectors(rec.get("vec")),
         tolerance=tolerance,
+        skipped=skipped,
     )
 
 

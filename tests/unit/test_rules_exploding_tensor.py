@@ -197,3 +197,21 @@ def test_remembers_the_first_offender_per_mode() -> None:
     summary = rule.job_summary({0: state, 3: earlier, 1: {}}, "train")
     assert summary is not None and summary[1] == "first non-finite: rank 3, loss, step 4"
     assert rule.job_summary({0: state}, "eval") is None
+
+
+def test_gradients_of_a_step_the_scaler_skipped_do_not_fire() -> None:
+    """A skipped step's inf gradients are the GradScaler's doing; its weights and loss still count."""
+    import dataclasses
+
+    inf_grad = make_stats("gradient/fc.weight", "gradients", np.array([1.0, np.inf, -np.inf]))
+    nan_weight = make_stats("fc.weight", "weights", np.array([1.0, np.nan]))
+    rule = ExplodingTensor()
+    skipped = dataclasses.replace(make_record(3, tensors=[inf_grad]), skipped=True)
+    assert not rule.update({}, skipped)[1].firing
+    assert rule.update({}, make_record(3, tensors=[inf_grad]))[1].firing  # not skipped: fires
+    with_weight = dataclasses.replace(make_record(4, tensors=[inf_grad, nan_weight]), skipped=True)
+    _, finding = rule.update({}, with_weight)
+    assert finding.firing and finding.tensors == ("fc.weight",)
+    with_loss = dataclasses.replace(make_record(5, tensors=[inf_grad], scalars={"loss": math.inf}), skipped=True)
+    _, finding = rule.update({}, with_loss)
+    assert finding.firing and finding.tensors == ("loss",)

@@ -78,9 +78,17 @@ def _raw(extra: dict) -> bytes:
         {"tok": {"ids": {"n": 5, "c": {"a": 1}}}},
         {"vec": {"fi": {"v": b"abc"}}},
         {"vec": {"fi": {"v": b"abcd", "k": ["a", "b"]}}},
+        {"skip": 1},
     ],
 )
 def test_bad_extensions_are_rejected_with_a_reason(extra: dict) -> None:
     with pytest.raises(DecodeError) as info:
         wire.decode(_raw(extra), {})
     assert info.value.reason in {"wrong_type", "bad_value"}
+
+
+def test_skipped_step_round_trips_and_defaults_to_false() -> None:
+    """`skip` (a step the GradScaler skipped) is sent only when true; absent decodes as False."""
+    assert wire.decode(_encode(skipped=True), {}).skipped is True
+    plain = _encode()
+    assert b"skip" not in plain and wire.decode(plain, {}).skipped is False
