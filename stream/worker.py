@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -62,6 +63,12 @@ from .state import JobStore, Layout, StoredSchemas, pack, unpack
 log = logging.getLogger("tensorpulse.stream")
 
 _EVAL_KEY = "eval"  # the cross-run stream's one state entry per job
+
+#: Seconds from SIGTERM/SIGINT to the worker's exit at the latest. A stop normally takes well under
+#: a second (the application commits its last checkpoint); with the broker away that commit cannot
+#: finish (Quix Streams waits for it without a bound), and the worker then exits without it, as
+#: after a crash: the next worker resumes from the last committed transaction, nothing is lost.
+SHUTDOWN_S = 9.0
 
 #: One RocksDB store per partition holds a few KB of rule state per job, so RocksDB's defaults
 #: (64 MB memtables x 3, a 1 GB block cache) only make memory grow with the number of jobs
@@ -129,6 +136,9 @@ class Worker:
         self._published = PublishedAlerts()
         self._on_alert = on_alert
         self._stop = threading.Event()
+        self._stopped = threading.Event()  # run() has finished
+        self._signals: socket.socket | None = None  # read end of the signal wake-up pipe
+        self._wake: socket.socket | None = None  # its write end (signal.set_wakeup_fd)
         self._app: Application | None = None
         self._jobs: dict[str, str] = {}
         self._controls: dict[str, Topic] = {}
@@ -229,7 +239,7 @@ class Worker:
                 )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
-                if s.guarantee == "exactly-once":
+                if s.guarantee == "exactly-once" and not self._stop.is_set():
                     self._take_over()
                 continue
             break  # app.run() returned: stopped by a signal or by stop()
@@ -240,6 +250,7 @@ class Worker:
             # workers take its jobs now rather than after the session timeout.
             self._intake_thread.join(10)
         log.info("worker stopped")
+        self._stopped.set()
 
     def _handle_signals(self) -> None:
         """SIGTERM and SIGINT stop the worker, also between application runs (a restart's backoff).
@@ -251,6 +262,34 @@ class Worker:
             return  # embedded in another program's thread: its owner calls stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
+        if self._signals is None:
+            # Quix Streams replaces these handlers while its application runs, and its own only
+            # stop that application: a signal then never reached this worker, which restarted the
+            # application when the broker was away. The wake-up fd sees every signal whoever
+            # handles it (Python writes the signal's number to it).
+            self._signals, wake = socket.socketpair()
+            wake.setblocking(False)
+            signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
+            self._wake = wake  # kept open for the process's life
+            threading.Thread(target=self._watch_signals, name="tensorpulse-signals", daemon=True).start()
+
+    def _watch_signals(self) -> None:
+        """On SIGTERM/SIGINT: stop, and exit after SHUTDOWN_S if the stop has not finished by then."""
+        assert self._signals is not None
+        wanted = {int(signal.SIGTERM), int(signal.SIGINT)}
+        while not wanted.intersection(self._signals.recv(64)):
+            pass
+        self._stop.set()
+        if self._stopped.wait(SHUTDOWN_S):
+            return
+        log.error(
+            "the worker did not stop within %.0f s of the signal (the broker is away, so the last "
+            "checkpoint cannot be committed); exiting without it: the next worker resumes from the "
+            "last committed one",
+            SHUTDOWN_S,
+        )
+        logging.shutdown()
+        os._exit(0)
 
     def _take_over(self) -> None:
         """Fence this worker's crashed former self, then note the alerts it already published."""
