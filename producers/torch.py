@@ -558,9 +558,27 @@ class TorchHook(Hook):
         return any(self.save_config.should_save(last.get(m, -1) + 1, m) for m in modes)
 
     def _on_mode_change(self) -> None:
-        """model.train() / model.eval(): the next forward pass may be of a saved step again."""
-        if not self._armed and self._arm_with and self._upcoming_saved():
-            self._arm()
+        """model.train() / model.eval(): the next forward pass may be of a saved step again; back
+        in training, an evaluation that just ended has its record published now."""
+        try:
+            if self._pending and self._model is not None and self._model.training:
+                self._publish_evaluations()
+            if not self._armed and self._arm_with and self._upcoming_saved():
+                self._arm()
+        except Exception as exc:  # noqa: BLE001 - never into training
+            self._note("switching modes", exc)
+
+    def _publish_evaluations(self) -> None:
+        """Publish the finished pending records of modes other than train.
+
+        Why: a validation loss recorded with `record_loss(step, value)` (mode "eval") belongs to
+        an evaluation that is over once training resumes (model.train(), or the next train
+        `step()`); otherwise it would wait for the next eval record, often many steps later, or
+        for close(). Records still being reduced in the background go out when they are done.
+        """
+        ready = sorted(k for k in self._pending if k[1] != "train" and not self._unfinished(*k))
+        for step, mode in ready:
+            Hook.publish(self, step, mode)
 
     def _settle(self) -> None:
         """On a step that is not saved: publish the finished offloaded steps, and disarm when
@@ -986,6 +1004,8 @@ class TorchHook(Hook):
         acts = self._acts.pop(mode, None) or []
         if not (self.enabled and self._valid(step, mode)):
             return
+        if self._pending and mode == "train":
+            self._publish_evaluations()  # an evaluation since the last train step is over
         self._held = (step, mode) if hold else None
         self._last_step[mode] = step
         saved = self.save_config.should_save(step, mode)
