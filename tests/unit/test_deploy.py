@@ -184,7 +184,7 @@ def test_the_training_job_is_never_the_label_job() -> None:
     found = {name: _job_labels(conf) for name, conf in configs.items()}
     assert found.pop("alerts.rules.yml") == ['up{job="tensorpulse-workers"} == 0']
     assert all(not hits for hits in found.values()), found
-    assert alertmanager["route"]["group_by"] == ["alertname", "training_job"]
+    assert alertmanager["route"]["group_by"] == ["training_job"]
     assert all("training_job" in r.get("equal", ["training_job"]) for r in alertmanager["inhibit_rules"])
     # The check itself finds the old label.
     old = {"expr": 'sum by (job) (x{job="a"})', "legendFormat": "{{job}}", "group_by": ["job"]}
