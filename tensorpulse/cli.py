@@ -288,10 +288,13 @@ def stream(
 @click.option("--follow", "-f", is_flag=True, help="Keep waiting for new alerts (Ctrl-C to stop).")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON events, one per line.")
 @click.option("--new", is_flag=True, help="Only alerts raised from now on (default: from the beginning).")
-def alerts(bootstrap, job, follow, as_json, new) -> None:
+@click.option("--flat", is_flag=True, help="One line per event, none indented under its root cause.")
+def alerts(bootstrap, job, follow, as_json, new, flat) -> None:
     """Print alert events from the tensorpulse.alerts topic.
 
-    Events go to stdout; what the command is doing, and a summary at the end, to stderr.
+    Events go to stdout; what the command is doing, and a summary at the end, to stderr. An alert
+    that follows from another rule's firing on the same job (a dead ReLU also stops gradients and
+    updates) is indented under it and marked "(follows DeadRelu)"; docs/alerts.md has the table.
 
     \b
     Examples:
@@ -300,6 +303,7 @@ def alerts(bootstrap, job, follow, as_json, new) -> None:
       tensorpulse alerts --job resnet --json | jq 'select(.severity == "critical")'
     """
     from .kafka import resolve_bootstrap
+    from .rules.causes import CauseGroups, grouped_lines
     from .sinks.alerts import job_selector, read_alerts
     from .topics import ALERTS_TOPIC
 
@@ -312,10 +316,14 @@ def alerts(bootstrap, job, follow, as_json, new) -> None:
     click.echo(f"reading {where} ({which})" + ("; Ctrl-C stops" if follow else ""), err=True)
     say = lambda text: click.echo(text, err=True)  # noqa: E731
     events = []
+    groups = CauseGroups()
     try:
         for ev in read_alerts(bootstrap, jobs=jobs, follow=follow, from_beginning=not new, on_status=say):
             events.append((ev.status, ev.job))
-            click.echo(json.dumps(ev.to_dict()) if as_json else ev.format())
+            if as_json or flat:
+                click.echo(json.dumps(ev.to_dict()) if as_json else ev.format())
+            else:
+                click.echo("\n".join(grouped_lines(ev, groups.place(ev))))
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:

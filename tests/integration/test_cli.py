@@ -56,6 +56,51 @@ def test_alerts_command_on_an_empty_cluster(kafka_bootstrap: str) -> None:
     assert out.stdout == "" and "0 alert event(s)" in out.stderr
 
 
+def test_alerts_prints_follow_ons_under_their_root(kafka_bootstrap: str, unique: str) -> None:
+    """`tensorpulse alerts` indents a follow-on under the root firing for its job and names what a
+    late root explains; `--flat` prints the events as they are, one line each."""
+    from confluent_kafka import Producer
+
+    from tensorpulse.events import AlertEvent
+    from tensorpulse.topics import ALERTS_TOPIC
+
+    job = f"grouped-{unique}"
+    events = [
+        AlertEvent(job, rule, status, step, "train", "warning", ts=1.0e9 + step)
+        for rule, status, step in [
+            ("WeightUpdateRatio", "firing", 100),
+            ("ExplodingTensor", "firing", 104),
+            ("DeadRelu", "firing", 105),
+            ("WeightUpdateRatio", "resolved", 110),
+            ("ExplodingTensor", "resolved", 120),
+            ("DeadRelu", "resolved", 121),
+        ]
+    ]
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for ev in events:
+        producer.produce(ALERTS_TOPIC, ev.to_json(), key=job.encode())
+    assert producer.flush(10) == 0
+
+    def run(*flags: str) -> list[str]:
+        cmd = [*CLI, "alerts", "--bootstrap", kafka_bootstrap, "--job", f"^{job}$", *flags]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "6 alert event(s): 3 firing, 3 resolved, 1 job(s)" in out.stderr
+        return out.stdout.splitlines()
+
+    wur, root, dead, wur_ok, root_ok, dead_ok = (e.format() for e in events)
+    assert run() == [
+        wur,
+        root,
+        "    (explains WeightUpdateRatio, firing before it)",
+        f"    {dead} (follows ExplodingTensor)",
+        f"    {wur_ok} (follows ExplodingTensor)",
+        root_ok,
+        dead_ok,
+    ]
+    assert run("--flat") == [e.format() for e in events]
+
+
 def test_help_teaches_every_command() -> None:
     """`--help` of the group lists every command, and each command has an example or explanation."""
     top = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=60).stdout
