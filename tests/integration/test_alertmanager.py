@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from confluent_kafka import Producer
 
 from tensorpulse.broker import free_port
@@ -45,9 +47,16 @@ receivers:
 @pytest.fixture
 def alertmanager(tmp_path: Path) -> Iterator[str]:
     """A real Alertmanager on a free port, clustering off; yields its base URL."""
+    with run_alertmanager(tmp_path, AM_CONFIG) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def run_alertmanager(tmp_path: Path, config: str) -> Iterator[str]:
+    """Alertmanager with `config` on a free port, clustering off; yields its base URL."""
     if AM_BIN is None:
         pytest.skip("prometheus-alertmanager is not installed (apt-get install prometheus-alertmanager)")
-    (tmp_path / "am.yml").write_text(AM_CONFIG)
+    (tmp_path / "am.yml").write_text(config)
     port = free_port()
     log = open(tmp_path / "alertmanager.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -199,7 +208,15 @@ def test_notify_drives_alertmanager_and_webhooks(
 
         if AMTOOL is not None:
             out = subprocess.run(
-                [AMTOOL, "alert", "query", f"--alertmanager.url={alertmanager}", "-o", "json", f"training_job={job}"],
+                [
+                    AMTOOL,
+                    "alert",
+                    "query",
+                    f"--alertmanager.url={alertmanager}",
+                    "-o",
+                    "json",
+                    f"training_job={job}",
+                ],
                 capture_output=True,
                 text=True,
                 timeout=20,
@@ -322,3 +339,63 @@ def test_shutdown_during_retries_leaves_the_batch_for_the_next_run(kafka_bootstr
     second = run_until(seen + 1)
     assert second.stats.forwarded == 1 and second.webhooks[0].poster.stats.delivered == 1
     assert hook.got[-1][1]["id"] == ev.id
+
+
+def _post(url: str, alerts: list[dict[str, Any]]) -> None:
+    req = urllib.request.Request(
+        f"{url}/api/v2/alerts",
+        data=json.dumps(alerts).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 200, r.status
+
+
+def test_shipped_config_notifies_the_root_cause_only(tmp_path: Path, unique: str) -> None:
+    """With deploy/'s Alertmanager config, a root cause firing for a job inhibits that job's
+    follow-on alerts (any rank): only the root is notified; another job's follow-ons, without
+    their root, are notified together in one notification for that job."""
+    from tensorpulse.sinks.alertmanager import to_alertmanager
+
+    shipped = Path(__file__).resolve().parents[2] / "deploy" / "alertmanager" / "alertmanager.yml"
+    conf = yaml.safe_load(shipped.read_text())
+    hook = Hook()
+    for receiver in conf["receivers"]:
+        receiver["webhook_configs"] = [{"url": hook.url, "send_resolved": True}]
+    conf["route"]["group_wait"] = "1s"  # the shipped 10 s, shortened; grouping and inhibition as shipped
+
+    def firing(job: str, rule: str, rank: int = 0, severity: str = "warning") -> dict[str, Any]:
+        ev = AlertEvent(job, rule, "firing", 100, "train", severity, rank=rank, message=f"{rule} test")
+        return to_alertmanager(ev, ends_at=ev.ts + 600)
+
+    root_job, other_job = f"root-{unique}", f"other-{unique}"
+    with run_alertmanager(tmp_path, yaml.safe_dump(conf)) as url:
+        _post(url, [firing(root_job, "ExplodingTensor", severity="critical")])
+        wait_for(lambda: am_alerts(url, root_job), 15, "the root cause in Alertmanager")
+        _post(url, [firing(root_job, "DeadRelu"), firing(root_job, "WeightUpdateRatio", rank=1)])
+
+        def suppressed() -> dict[str, list[str]] | None:
+            held = am_alerts(url, root_job)
+            states = {a["labels"]["alertname"]: a["status"]["inhibitedBy"] for a in held}
+            return states if len(held) == 3 and states["DeadRelu"] and states["WeightUpdateRatio"] else None
+
+        states = wait_for(suppressed, 15, "the follow-ons to be inhibited by the root")
+        assert states["ExplodingTensor"] == []
+        # Posted after the inhibited follow-ons: by the time this job's group is notified, theirs was due.
+        _post(url, [firing(other_job, "WeightUpdateRatio"), firing(other_job, "LossNotDecreasing")])
+        wait_for(
+            lambda: any(b["groupLabels"].get("training_job") == other_job for _, b in hook.got),
+            20,
+            "the other job's notification",
+        )
+    notified = {
+        (a["labels"]["training_job"], a["labels"]["alertname"]) for _, b in hook.got for a in b["alerts"]
+    }
+    assert notified == {
+        (root_job, "ExplodingTensor"),
+        (other_job, "WeightUpdateRatio"),
+        (other_job, "LossNotDecreasing"),
+    }
+    (other,) = [b for _, b in hook.got if b["groupLabels"].get("training_job") == other_job]
+    assert other["groupLabels"] == {"training_job": other_job} and len(other["alerts"]) == 2
