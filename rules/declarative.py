@@ -5,7 +5,7 @@
   name: BigGradients
   params:
     collection_names: [gradients]
-    tensor_regex: "fc\\d\\.weight"
+    tensor_regex: "\\.weight$"
     statistic: l2
     op: ">"
     value: 100.0

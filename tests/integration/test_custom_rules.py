@@ -85,9 +85,10 @@ def test_readme_rules_fire_in_a_worker(
         events = wait_for(custom_alerts, 60, "GradNormSpike and BigGradients alerts")
         assert proc.poll() is None
     spike = [(e.status, e.step, e.tensors) for e in events if e.rule == "GradNormSpike"]
+    # The moving average over 10 steps catches up with the new level in 3 steps.
     assert spike == [
         ("firing", SPIKE_STEP, ("gradient/fc1.weight",)),
-        ("resolved", SPIKE_STEP + 1, ()),
+        ("resolved", SPIKE_STEP + 3, ()),
     ]
     (big,) = [e for e in events if e.rule == "BigGradients"]
     assert (big.status, big.step, big.severity) == ("firing", SPIKE_STEP + 2, "critical")  # patience: 3

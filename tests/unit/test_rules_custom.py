@@ -94,10 +94,10 @@ def test_custom_rule_replaces_or_joins_defaults(tmp_path: Path, module: Callable
 
 
 def test_example_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    """examples/my_rules.py loads by reference and fires on a one-step jump of a gradient's l2."""
+    """examples/my_rules.py loads by reference and fires when the gradient norm jumps over its average."""
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
     cls = resolve_rule("my_rules:GradNormSpike")
-    rule = cls(factor=5.0)
+    rule = cls(factor=5.0, window=2)
     records = [
         make_record(i, tensors=[make_stats("gradient/fc1.weight", "gradients", [g, -g])])
         for i, g in enumerate([1.0, 1.2, 0.9, 50.0, 55.0])
