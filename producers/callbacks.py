@@ -56,7 +56,7 @@ class CallbackCore:
         framework: str,
         job: str,
         bootstrap: str | None,
-        save_interval: int,
+        save_interval: int | None,
         hook_options: Mapping[str, Any],
         make_hook: Callable[..., Hook],
     ) -> None:

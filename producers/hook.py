@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-import os
 import time
 import weakref
 from collections import OrderedDict
@@ -27,7 +26,7 @@ import numpy as np
 
 from tensorpulse import wire
 from tensorpulse.errors import ConfigError
-from tensorpulse.topics import DEFAULT_PREFIX, control_topic, reductions_topic, validate_job
+from tensorpulse.topics import control_topic, reductions_topic, validate_job
 
 from . import stats_numpy
 from .control import ControlListener
@@ -40,13 +39,12 @@ from .publisher import (
     TopicSpec,
 )
 from .schedule import SaveConfig
+from .settings import HookSettings
 from .sketch import sketch_numpy, width_for
 from .stats_numpy import Columns, numpy_delta, numpy_stats
 
 log = logging.getLogger("tensorpulse.producers")
 
-#: How weight deltas are measured (see Hook's docstring): a sketch per tensor, or a full copy.
-DELTA_METHODS = ("sketch", "exact")
 #: A queued record's memory, for the publisher's byte bound: per tensor, its host statistics
 #: (about 12 float64 / int64 values in numpy arrays, plus dict entries for the rare columns);
 #: per record, the objects around them.
@@ -113,16 +111,6 @@ def _is_torch(value: Any) -> bool:
     return type(value).__module__.startswith("torch")
 
 
-def _env_int(name: str) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from exc
-
-
 class Hook:
     """Captures tensor statistics for a job and streams one msgpack record per step and rank to Kafka.
 
@@ -157,52 +145,65 @@ class Hook:
 
     def __init__(
         self,
-        job: str,
+        job: str | None = None,
         bootstrap: str | None = None,
         *,
         rank: int | None = None,
         world_size: int | None = None,
         save_config: SaveConfig | None = None,
-        save_interval: int = 1,
-        topic_prefix: str = DEFAULT_PREFIX,
+        save_interval: int | None = None,
+        topic_prefix: str | None = None,
         kafka_config: Mapping[str, Any] | None = None,
         max_queued: int = 10_000,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         announce_every: int = 100,
-        enabled: bool = True,
-        listen_for_actions: bool = True,
-        quantile_steps: int = 10,
+        enabled: bool | None = None,
+        listen_for_actions: bool | None = None,
+        quantile_steps: int | None = None,
         produce_fn: ProduceFn | None = None,
         track_deltas: Sequence[str] = ("weights",),
-        delta_every: int = 10,
-        delta_method: str = "sketch",
+        delta_every: int | None = None,
+        delta_method: str | None = None,
         delta_rtol: float = 1e-5,
         delta_atol: float = 1e-8,
         include_collections: Sequence[str] | None = None,
         exclude_collections: Sequence[str] = (),
     ) -> None:
-        self.job = validate_job(job)
+        # Arguments left at None come from the environment, the settings file or the defaults
+        # (producers/settings.py): the same script can be pointed elsewhere without an edit.
+        settings = HookSettings.resolve(
+            job=job,
+            bootstrap=bootstrap,
+            rank=rank,
+            world_size=world_size,
+            save_interval=save_interval,
+            topic_prefix=topic_prefix,
+            enabled=enabled,
+            listen_for_actions=listen_for_actions,
+            quantile_steps=quantile_steps,
+            delta_every=delta_every,
+            delta_method=delta_method,
+        )
+        self.settings = settings
+        if settings.job is None:
+            raise ConfigError("no job id: pass Hook(job=...) or set TENSORPULSE_JOB (or job: in $TENSORPULSE_CONFIG)")
+        job, bootstrap, topic_prefix = validate_job(settings.job), settings.bootstrap, settings.topic_prefix
+        self.job = job
         self.topic = reductions_topic(job, topic_prefix)
         self.control_topic = control_topic(job, topic_prefix)
-        rank = _env_int("RANK") if rank is None else rank
-        world_size = _env_int("WORLD_SIZE") if world_size is None else world_size
-        self.rank = 0 if rank is None else int(rank)
-        self.world_size = 1 if world_size is None else int(world_size)
+        self.rank = 0 if settings.rank is None else settings.rank
+        self.world_size = 1 if settings.world_size is None else settings.world_size
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank {self.rank} / world size {self.world_size}: expected 0 <= rank < world")
         if save_config is None:
-            if isinstance(save_interval, bool) or not isinstance(save_interval, int) or save_interval < 1:
-                raise ConfigError(f"save_interval must be an integer >= 1, got {save_interval!r}")
-            save_config = SaveConfig(save_interval=save_interval)
+            save_config = SaveConfig(save_interval=settings.save_interval)
         elif not isinstance(save_config, SaveConfig):
             raise ConfigError(f"save_config must be a SaveConfig, got {type(save_config).__name__}")
         self.save_config = save_config
         if announce_every < 1:
             raise ConfigError(f"announce_every must be >= 1, got {announce_every}")
-        if quantile_steps < 0:
-            raise ConfigError(f"quantile_steps must be >= 0, got {quantile_steps}")
         self.announce_every = announce_every
-        self.quantile_steps = quantile_steps
+        self.quantile_steps = settings.quantile_steps
         if isinstance(track_deltas, str):
             track_deltas = (track_deltas,)
         self.track_deltas = frozenset(str(c) for c in track_deltas)
@@ -218,14 +219,8 @@ class Hook:
             None if include_collections is None else frozenset(map(str, include_collections))
         )
         self.exclude_collections = frozenset(map(str, exclude_collections))
-        if isinstance(delta_every, bool) or not isinstance(delta_every, int) or delta_every < 1:
-            raise ConfigError(f"delta_every must be an integer >= 1, got {delta_every!r}")
-        self.delta_every = delta_every
-        if delta_method not in DELTA_METHODS:
-            raise ConfigError(
-                f"Expected argument `delta_method` to be one of {', '.join(DELTA_METHODS)} but got {delta_method!r}"
-            )
-        self.delta_method = delta_method
+        self.delta_every = settings.delta_every
+        self.delta_method = settings.delta_method
         for what, value in (("delta_rtol", delta_rtol), ("delta_atol", delta_atol)):
             if (
                 isinstance(value, bool)
@@ -239,7 +234,7 @@ class Hook:
         self._numpy_prev: dict[tuple[str, str], tuple[int, np.ndarray, tuple[int, ...]]] = {}
         self._torch_deltas: Any = None  # DeltaTracker or SketchTracker, created on first use
 
-        self._enabled = bool(enabled)
+        self._enabled = settings.enabled
         self._closed = False
         self._pending: dict[tuple[int, str], _Record] = {}
         self._seq = 0
@@ -275,7 +270,7 @@ class Hook:
             produce_fn=produce_fn,
             name=f"tensorpulse-{self.job}-r{self.rank}",
         )
-        if listen_for_actions and produce_fn is None:
+        if settings.listen_for_actions and produce_fn is None:
             self._listener = ControlListener(
                 self.job,
                 bootstrap=bootstrap,

@@ -63,7 +63,7 @@ class TensorPulseCallback(keras.callbacks.Callback):
         job: str,
         bootstrap: str | None = None,
         *,
-        save_interval: int = 1,
+        save_interval: int | None = None,
         **hook_options: Any,
     ) -> None:
         super().__init__()

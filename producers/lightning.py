@@ -81,7 +81,7 @@ class TensorPulseCallback(Callback):
         job: str,
         bootstrap: str | None = None,
         *,
-        save_interval: int = 1,
+        save_interval: int | None = None,
         val_loss_name: str = "val_loss",
         attach_options: Mapping[str, Any] | None = None,
         **hook_options: Any,

@@ -29,6 +29,8 @@ import threading
 
 import numpy as np
 
+from tensorpulse.settings import NUMBA_ENV
+
 log = logging.getLogger(__name__)
 
 #: Lanes per iteration: independent float32 accumulators, four AVX-512 registers each.
@@ -367,7 +369,7 @@ def available() -> bool:
 
 def enabled() -> bool:
     """Use the kernel: numba is installed and $TENSORPULSE_NUMBA is not "0"."""
-    return os.environ.get("TENSORPULSE_NUMBA", "1") != "0" and available()
+    return os.environ.get(NUMBA_ENV, "1") != "0" and available()
 
 
 def _address(a: np.ndarray) -> int:

@@ -270,7 +270,7 @@ class TorchHook(Hook):
 
     def __init__(
         self,
-        job: str,
+        job: str | None = None,
         bootstrap: str | None = None,
         *,
         tanh_range: tuple[float, float] = TANH_RANGE,
@@ -282,7 +282,9 @@ class TorchHook(Hook):
         active (not saturated). `offload`: reduce on a background thread instead of the training
         thread (see "Offloading" in the module docstring): True, False, or "auto" (the default:
         when the model is on the CPU and torch leaves a core free: torch.get_num_threads() times
-        $LOCAL_WORLD_SIZE < os.cpu_count()). Other arguments as for Hook."""
+        $LOCAL_WORLD_SIZE < os.cpu_count()). Other arguments as for Hook: those not given (job,
+        bootstrap, save_interval, enabled, ...) come from TENSORPULSE_* variables or
+        $TENSORPULSE_CONFIG (producers/settings.py)."""
         if offload not in (True, False, "auto"):
             raise ConfigError(f"Expected argument `offload` to be True, False or 'auto' but got {offload!r}")
         for what, rng in (("tanh_range", tanh_range), ("sigmoid_range", sigmoid_range)):

@@ -67,7 +67,7 @@ class TensorPulseCallback(TrainerCallback):
         job: str,
         bootstrap: str | None = None,
         *,
-        save_interval: int = 1,
+        save_interval: int | None = None,
         attach_options: Mapping[str, Any] | None = None,
         **hook_options: Any,
     ) -> None:

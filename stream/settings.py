@@ -1,50 +1,50 @@
-"""Worker settings: one frozen object, built once at the edge (CLI flags, environment, defaults)."""
+"""Worker settings: one frozen object, built once at the edge: `tensorpulse stream`'s options,
+then TENSORPULSE_<SETTING> environment variables, then a settings file (`--config FILE` or
+$TENSORPULSE_WORKER_CONFIG; YAML, or TOML for `.toml`), then defaults (tensorpulse/settings.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import platformdirs
+from pydantic import AliasChoices, Field, field_validator
 
-from tensorpulse.kafka import client_config, resolve_bootstrap
+from tensorpulse.kafka import BOOTSTRAP_ENV, DEFAULT_BOOTSTRAP, client_config
 from tensorpulse.redact import redact
+from tensorpulse.settings import EdgeSettings
 from tensorpulse.topics import DEFAULT_PREFIX, validate_prefix
 
-#: Environment variables a worker reads (flags win over them).
-ENV = {
-    "bootstrap": "TENSORPULSE_BOOTSTRAP",
-    "group": "TENSORPULSE_GROUP",
-    "rules_file": "TENSORPULSE_RULES",
-    "metrics_port": "TENSORPULSE_METRICS_PORT",
-    "metrics_addr": "TENSORPULSE_METRICS_ADDR",
-    "state_dir": "TENSORPULSE_STATE_DIR",
-    "topic_prefix": "TENSORPULSE_TOPIC_PREFIX",
-    "guarantee": "TENSORPULSE_GUARANTEE",
-    "worker_id": "TENSORPULSE_WORKER_ID",
-    "replication_factor": "TENSORPULSE_REPLICATION_FACTOR",
-    "partitions": "TENSORPULSE_PARTITIONS",
-    "job_idle_timeout_s": "TENSORPULSE_JOB_IDLE_TIMEOUT_S",
-    "max_jobs": "TENSORPULSE_MAX_JOBS",
-    "max_ranks_per_job": "TENSORPULSE_MAX_RANKS_PER_JOB",
-    "max_scalars_per_job": "TENSORPULSE_MAX_SCALARS_PER_JOB",
-}
+
+def default_state_dir() -> Path:
+    """The per-user folder for a worker's local state: $XDG_STATE_HOME/tensorpulse, else
+    ~/.local/state/tensorpulse on Linux (platformdirs' user state dir elsewhere), so that a worker
+    started in any folder finds its state again and leaves no `./state` behind."""
+    return platformdirs.user_state_path("tensorpulse")
 
 
-class WorkerSettings(BaseModel):
-    """Everything a stream worker needs; immutable once built."""
+class WorkerSettings(EdgeSettings):
+    """Everything a stream worker needs; immutable once built (`resolve()` at the edge)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    component: ClassVar[str] = "worker"
+    config_env: ClassVar[str | None] = "TENSORPULSE_WORKER_CONFIG"
+    #: Kafka client properties come from TENSORPULSE_KAFKA_<PROPERTY> (tensorpulse.kafka) or the file.
+    not_from_env: ClassVar[frozenset[str]] = frozenset({"kafka_config"})
+    shown_notes: ClassVar[dict[str, str]] = {
+        "kafka": "the Kafka client config: bootstrap, TENSORPULSE_KAFKA_* variables, kafka_config"
+    }
 
-    bootstrap: str = Field(default_factory=lambda: resolve_bootstrap(None))
+    bootstrap: str = Field(
+        DEFAULT_BOOTSTRAP, validation_alias=AliasChoices(BOOTSTRAP_ENV, "KAFKA_BOOTSTRAP")
+    )
     group: str = "tensorpulse-workers"
-    rules_file: Path | None = None
+    rules_file: Path | None = Field(None, validation_alias="TENSORPULSE_RULES")
     metrics_port: int | None = 9464
     metrics_addr: str = "127.0.0.1"
-    state_dir: Path = Path("state")
+    #: RocksDB stores (rebuilt from the changelog topics when lost); default_state_dir() unless set.
+    state_dir: Path = Field(default_factory=default_state_dir)
     topic_prefix: str = DEFAULT_PREFIX
     guarantee: Literal["exactly-once", "at-least-once"] = "exactly-once"
     commit_interval: float = 0.25
@@ -82,7 +82,8 @@ class WorkerSettings(BaseModel):
     #: topics); 3 on a real cluster.
     replication_factor: int = Field(1, ge=1)
     kafka_config: dict[str, Any] = Field(default_factory=dict)
-    loglevel: str = "WARNING"
+    #: Quix Streams' own log level.
+    loglevel: str = Field("WARNING", validation_alias="TENSORPULSE_QUIX_LOGLEVEL")
     #: A stable identity of this worker (e.g. a StatefulSet pod name). With exactly-once it names
     #: the worker's transactional producer, so that a restarted worker fences its crashed former
     #: self and aborts the transaction it left open at once. Default: host name + state directory.
@@ -113,7 +114,8 @@ class WorkerSettings(BaseModel):
 
     def shown(self) -> dict[str, Any]:
         """These settings as `--show-config` prints them: every field, and the Kafka client config
-        the worker's clients start from (environment and `kafka_config` merged), all redacted."""
+        the worker's clients start from (environment and `kafka_config` merged), all redacted.
+        `client_config` reads TENSORPULSE_KAFKA_* itself, the one place the Kafka properties enter."""
         fields = self.model_dump(mode="json", exclude={"kafka_config"})
         return redact({**fields, "kafka": client_config(self.bootstrap, self.kafka_config)})
 
@@ -125,39 +127,14 @@ class WorkerSettings(BaseModel):
     @classmethod
     def from_env(cls, config_file: str | Path | None = None, **flags: Any) -> WorkerSettings:
         """Flags that are not None win; then TENSORPULSE_* environment variables; then the
-        settings file (YAML mapping, same names as the fields); then defaults."""
-        values: dict[str, Any] = {}
-        path = config_file or os.environ.get("TENSORPULSE_CONFIG")
-        if path:
-            values.update(_settings_file(Path(path)))
-        for name, var in ENV.items():
-            if var in os.environ and os.environ[var] != "":
-                values[name] = os.environ[var]
-        values.update({k: v for k, v in flags.items() if v is not None})
-        return cls(**values)
+        settings file (`config_file`, else $TENSORPULSE_WORKER_CONFIG); then defaults."""
+        return cls.resolve(config_file, **flags)
+
+
+#: {setting: its environment variable} (the preferred one; tensorpulse.settings.env_names lists all).
+ENV = {field: names[0] for field, names in WorkerSettings.env_vars().items()}
 
 
 def transactional_id_prefix(group: str) -> str:
     """What the transactional ids of a group's workers start with (a prefixed ACL covers them)."""
     return f"tensorpulse-{group}-"
-
-
-def _settings_file(path: Path) -> dict[str, Any]:
-    """The mapping in a YAML settings file; ConfigError naming the file and the problem."""
-    import yaml
-
-    from tensorpulse.errors import ConfigError
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read worker settings: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: worker settings must be a mapping of setting: value")
-    unknown = sorted(set(data) - set(WorkerSettings.model_fields))
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown worker setting(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(WorkerSettings.model_fields))})"
-        )
-    return data

@@ -365,7 +365,7 @@ class Worker:
             state_dir=str(Path(s.state_dir)),
             consumer_extra_config=consumer_extra,
             producer_extra_config=producer_extra,
-            loglevel=os.environ.get("TENSORPULSE_QUIX_LOGLEVEL", s.loglevel),
+            loglevel=s.loglevel,
             on_processing_error=self._on_processing_error,
             consumer_poll_timeout=0.1,
             rocksdb_options=ROCKSDB_OPTIONS,

@@ -106,7 +106,8 @@ def main() -> None:
     \b
     Every option can also be set in the environment as TENSORPULSE_<COMMAND>_<OPTION>
     (e.g. TENSORPULSE_NOTIFY_ALERTMANAGER=http://am:9093); `stream` also reads a settings
-    file (--config) and TENSORPULSE_BOOTSTRAP, TENSORPULSE_GROUP, ... (see its --help).
+    file (--config) and TENSORPULSE_BOOTSTRAP, TENSORPULSE_GROUP, ... (`stream --show-config`),
+    and a hook TENSORPULSE_JOB, TENSORPULSE_BOOTSTRAP, ... (`hook-config`; docs/configuration.md).
     Kafka client settings (TLS, SASL): TENSORPULSE_KAFKA_<PROPERTY>, see docs/security.md.
 
     \b
@@ -174,7 +175,8 @@ def broker(port: int, host: str, cert: str | None, key: str | None) -> None:
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Local state directory (RocksDB; rebuilt from changelog topics when lost). Default ./state.",
+    help="Local state directory (RocksDB; rebuilt from changelog topics when lost). Default: "
+    "$XDG_STATE_HOME/tensorpulse, else ~/.local/state/tensorpulse.",
 )
 @click.option("--prefix", "topic_prefix", help="Topic prefix (default 'tensorpulse.').")
 @click.option("--jobs", "jobs_regex", help="Only follow jobs whose id matches this regex.")
@@ -187,8 +189,9 @@ def broker(port: int, host: str, cert: str | None, key: str | None) -> None:
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="YAML file of worker settings (keys as the flags, with _: group, rules_file, "
-    "metrics_port, state_dir, ...); flags and environment win over it.",
+    help="Settings file, YAML (TOML for .toml), keys as the flags with _ (group, rules_file, "
+    "metrics_port, state_dir, ...); default $TENSORPULSE_WORKER_CONFIG. Flags and TENSORPULSE_* "
+    "variables win over it.",
 )
 @click.option(
     "--worker-id",
@@ -210,7 +213,8 @@ def broker(port: int, host: str, cert: str | None, key: str | None) -> None:
 @click.option(
     "--show-config",
     is_flag=True,
-    help="Print the resolved settings and Kafka client config (secrets as ***) and exit.",
+    help="Print the effective settings, each with where it came from, and the Kafka client config "
+    "(secrets as ***), then exit.",
 )
 @click.option("--log-level", default="INFO", show_default=True)
 def stream(
@@ -268,9 +272,7 @@ def stream(
     try:
         settings = WorkerSettings.from_env(config_file=config_file, **flags)
         if show_config:
-            import yaml
-
-            click.echo(yaml.safe_dump(settings.shown(), sort_keys=False), nl=False)
+            click.echo(settings.show(), nl=False)
             return
         worker = Worker(settings)
     except (TensorpulseError, ValueError) as exc:
@@ -279,7 +281,27 @@ def stream(
         worker.metrics.serve(settings.metrics_port, settings.metrics_addr)
         click.echo(f"metrics: http://{settings.metrics_addr}:{settings.metrics_port}/metrics", err=True)
     click.echo(f"rules: {', '.join(s.name for s in worker.specs)}", err=True)
+    click.echo(f"state: {settings.state_dir} ({settings.origins['state_dir']})", err=True)
     worker.run()
+
+
+@main.command(name="hook-config")
+def hook_config() -> None:
+    """Print the settings a hook created here would use, each with where it came from.
+
+    \b
+    A hook's arguments in code win; a setting not given there comes from TENSORPULSE_<NAME>
+    (TENSORPULSE_JOB, TENSORPULSE_BOOTSTRAP, TENSORPULSE_SAVE_INTERVAL, TENSORPULSE_ENABLED=0, ...),
+    then from the settings file $TENSORPULSE_CONFIG (YAML, or TOML for .toml), then the default.
+    Secrets are shown as ***. Every variable tensorpulse reads: docs/configuration.md.
+    """
+    from .producers.settings import HookSettings
+
+    try:
+        settings = HookSettings.resolve()
+    except TensorpulseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(settings.show(), nl=False)
 
 
 @main.command()

@@ -104,7 +104,19 @@ def test_alerts_prints_follow_ons_under_their_root(kafka_bootstrap: str, unique:
 def test_help_teaches_every_command() -> None:
     """`--help` of the group lists every command, and each command has an example or explanation."""
     top = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=60).stdout
-    commands = ("broker", "stream", "alerts", "notify", "demo", "rules", "replay", "report", "acls", "top")
+    commands = (
+        "broker",
+        "stream",
+        "alerts",
+        "notify",
+        "demo",
+        "rules",
+        "replay",
+        "report",
+        "acls",
+        "top",
+        "hook-config",
+    )
     from tensorpulse.cli import main
 
     assert set(main.commands) == set(commands), "a command without a --help check"
