@@ -74,8 +74,8 @@ def _run(order: str, backend: str | None, offload: bool, interval: int) -> list[
                 # Compiled by now (a saved step and one that is not): from here on a recompile
                 # raises (fail_on_recompile fails any compile) instead of passing unnoticed.
                 torch.compiler.set_stance("fail_on_recompile")
-            idx = torch.randint(0, 32, (2, 8), generator=g)
-            loss = nn.functional.cross_entropy(run(idx).flatten(0, 1), idx.flatten())
+            x, y = torch.randn(4, 8, generator=g), torch.randint(0, 32, (4,), generator=g)
+            loss = nn.functional.cross_entropy(run(x), y)
             loss.backward()
             hook.step(step, loss=loss)
             opt.step()
@@ -151,3 +151,67 @@ def test_a_submodule_compiled_alone_keeps_its_names() -> None:
     assert not any("_orig_mod" in n for n in names)
     assert "h.1.mlp.1/gelu_output" in names and "h.0.mlp.1/gelu_output" not in names
     assert dict(counters["graph_break"]) == {}
+
+
+def test_no_dynamo_until_the_user_compiles_then_attach_first_still_clean() -> None:
+    """In a fresh interpreter: the hook itself never imports torch._dynamo (about 140 MiB of resident
+    memory; torch's own optimizers import it, so the model here is updated by hand); compiling after
+    attaching then works with no graph break, no recompile and the eager names."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from torch import nn
+        from tensorpulse import wire
+        from tensorpulse.producers.torch import TorchHook
+
+        torch.manual_seed(0)
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 32)
+
+            def forward(self, x):
+                return self.fc2(self.act(self.fc1(x)))
+
+        model = Net()
+        sent = []
+        hook = TorchHook("lazy", produce_fn=lambda t, v, k: sent.append(v), offload=False).attach(model)
+        g = torch.Generator().manual_seed(1)
+
+        def train(run, step):
+            x, y = torch.randn(4, 8, generator=g), torch.randint(0, 32, (4,), generator=g)
+            loss = nn.functional.cross_entropy(run(x), y)
+            loss.backward()
+            hook.step(step, loss=loss)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 1e-3 * p.grad
+                    p.grad = None
+
+        for step in range(2):
+            train(model, step)
+        assert "torch._dynamo" not in sys.modules, "the hook imported torch._dynamo"
+        run = torch.compile(model, backend="eager")
+        from torch._dynamo.utils import counters
+        for step in range(2, 8):
+            if step == 4:
+                torch.compiler.set_stance("fail_on_recompile")
+            train(run, step)
+        torch.compiler.set_stance("default")
+        hook.close()
+        assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
+        assert hook.stats()["errors"] == 0, hook.stats()
+        schemas = wire.SchemaCache()
+        recs = [r for r in (wire.decode(p, schemas) for p in sent) if r.kind == "step"]
+        assert [r.step for r in recs] == list(range(8)), [r.step for r in recs]
+        names = {t.name for t in recs[-1].tensors}
+        assert "fc2.weight" in names and not any("_orig_mod" in n for n in names), sorted(names)
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
