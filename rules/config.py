@@ -161,11 +161,6 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, _Pos]:
 # --- TOML -------------------------------------------------------------------------------------
 
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
-_TOML_TABLE = re.compile(r"^\s*(\[\[?)\s*([^\[\]]*?)\s*(\]\]?)\s*(#.*)?$")
-_TOML_KEY = re.compile(
-    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
-)
-_TOML_STRING = re.compile(r'"""|\'\'\'|"(?:\\.|[^"\\])*"|\'[^\']*\'')
 
 
 def _toml_module() -> Any:
@@ -180,66 +175,95 @@ def _toml_module() -> Any:
     return tomli
 
 
-def _toml_key_parts(key: str) -> list[str]:
-    return [p.strip().strip("\"'") for p in re.findall(r'"[^"]*"|\'[^\']*\'|[^.]+', key)]
+_MISSING = object()
 
 
-def _toml_positions(text: str) -> _Pos:
-    """Line numbers of the keys of a TOML rules file, found by reading its lines.
-
-    tomllib reports positions only for syntax errors, so this scans for table headers
-    (`[[rules]]`, `[rules.params]`) and `key =` lines; multi-line strings and arrays are skipped.
-    Best effort: where it cannot tell, errors fall back to the entry's (or the file's) first line.
-    """
-    root = _Pos(1)
-    rules = _Pos(None)
-    table: _Pos | None = root  # where `key =` lines go; None inside tables we do not track
-    depth = 0  # open brackets of a multi-line array or inline table
-    in_string: str | None = None
-    for n, line in enumerate(text.splitlines(), start=1):
-        if in_string is not None:
-            if line.count(in_string) % 2 == 1:
-                in_string = None
-            continue
-        bare = _TOML_STRING.sub('""', line).split("#", 1)[0]
-        if depth > 0:
-            depth += bare.count("[") + bare.count("{") - bare.count("]") - bare.count("}")
-            continue
-        header = _TOML_TABLE.match(line)
-        if header and "=" not in line:
-            parts = _toml_key_parts(header.group(2))
-            if header.group(1) == "[[" and parts == ["rules"]:
-                rules.line = rules.line or n
-                root.keys.setdefault("rules", (n, rules))
-                rules.items.append(_Pos(n))
-                table = rules.items[-1]
-            elif header.group(1) == "[" and len(parts) == 2 and parts[0] == "rules" and rules.items:
-                entry = rules.items[-1]
-                entry.keys.setdefault(parts[1], (n, _Pos(n)))
-                table = entry.keys[parts[1]][1]
-            else:
-                table = None
-            continue
-        key = _TOML_KEY.match(line)
-        if key is None:
-            continue
-        rest = line[key.end() :]
-        for quote in ('"""', "'''"):
-            if rest.count(quote) % 2 == 1:
-                in_string = quote
-        value = _TOML_STRING.sub('""', rest).split("#", 1)[0]
-        depth = max(0, value.count("[") + value.count("{") - value.count("]") - value.count("}"))
-        if table is None:
-            continue
-        parts = _toml_key_parts(key.group(1))
-        target = table
-        for part in parts[:-1]:  # dotted keys: params.threshold = 1
-            target = target.keys.setdefault(part, (n, _Pos(n)))[1]
-        target.keys.setdefault(parts[-1], (n, _Pos(n)))
-    return root
+def _toml_at(value: Any, path: tuple[str | int, ...]) -> Any:
+    """What `path` (table keys, array indices) leads to inside a parsed TOML value; _MISSING if nothing."""
+    for part in path:
+        in_table = isinstance(value, dict) and part in value
+        in_array = isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value)
+        if not (in_table or in_array):
+            return _MISSING
+        value = value[part]
+    return value
 
 
-def _parse_toml(text: str, source: str) -> tuple[Any, _Pos]:
+class _TomlLines:
+    """Where keys are in a TOML text, found by the TOML parser itself: a key's line is the first
+    line at which the text up to there parses to a document that holds the key. (tomllib reports
+    positions only for syntax errors.) For a value spread over lines (a multi-line string or
+    array) that is the line where it ends. Computed on demand, for error messages only: a binary
+    search over prefixes, each parsed at most once."""
+
+    def __init__(self, text: str, toml: Any) -> None:
+        self.lines = text.splitlines(keepends=True)
+        self.toml = toml
+        self.docs: dict[int, Any] = {}
+
+    def doc(self, n: int) -> Any:
+        """The first `n` lines parsed; None where they do not parse on their own."""
+        if n not in self.docs:
+            try:
+                self.docs[n] = self.toml.loads("".join(self.lines[:n]))
+            except self.toml.TOMLDecodeError:
+                self.docs[n] = None
+        return self.docs[n]
+
+    def holds(self, n: int, path: tuple[str | int, ...]) -> bool:
+        return _toml_at(self.doc(n), path) is not _MISSING
+
+    def line(self, path: tuple[str | int, ...], lo: int = 1, hi: int | None = None) -> int | None:
+        """The first line (within lo..hi) whose prefix holds `path`; None if there is none."""
+        hi = len(self.lines) if hi is None else hi
+        if lo > hi:
+            return None
+        mid = (lo + hi) // 2
+        # Prefixes that do not parse (inside a multi-line value) say nothing: take the next one.
+        n = next((k for k in range(mid, hi + 1) if self.doc(k) is not None), None)
+        if n is None:
+            return self.line(path, lo, mid - 1)
+        if self.holds(n, path):
+            return self.line(path, lo, mid - 1) or n
+        return self.line(path, n + 1, hi)
+
+
+@dataclass
+class _TomlPos:
+    """`_Pos` for a TOML file: the same questions, answered lazily by `_TomlLines`. A path the
+    file does not hold (a default, a missing `params`) has the line of its nearest holder."""
+
+    lines: _TomlLines
+    path: tuple[str | int, ...] = ()
+
+    @property
+    def line(self) -> int | None:
+        for end in range(len(self.path), 0, -1):
+            found = self.lines.line(self.path[:end])
+            if found is not None:
+                return found
+        return 1
+
+    @property
+    def keys(self) -> dict[str, Any]:
+        value = _toml_at(self.lines.doc(len(self.lines.lines)), self.path)
+        return value if isinstance(value, dict) else {}
+
+    def key_line(self, key: str | None) -> int | None:
+        return self.child(key).line if key in self.keys else self.line
+
+    def child(self, key: str) -> _TomlPos:
+        return _TomlPos(self.lines, (*self.path, key))
+
+    def item(self, i: int) -> _TomlPos:
+        return _TomlPos(self.lines, (*self.path, i))
+
+
+#: Where things are in a rules file, for its error messages.
+_Where = _Pos | _TomlPos
+
+
+def _parse_toml(text: str, source: str) -> tuple[Any, _TomlPos]:
     toml = _toml_module()
     if toml is None:
         raise ConfigError(
@@ -254,7 +278,7 @@ def _parse_toml(text: str, source: str) -> tuple[Any, _Pos]:
         line = getattr(exc, "lineno", None) or (int(found.group(1)) if found else None)
         at = f"line {line}: " if line else ""
         raise ConfigError(f"{source}: {at}invalid TOML: {_TOML_AT.sub('', message)}") from exc
-    return data, _toml_positions(text)
+    return data, _TomlPos(_TomlLines(text, toml))
 
 
 def rules_format(source: str | Path) -> Format:
@@ -311,11 +335,11 @@ def _build(cls: type[Rule], params: dict[str, Any]) -> Rule:
         ) from exc
 
 
-def _entry_spec(raw: Any, pos: _Pos, where: str, near: Path | None) -> RuleSpec:
+def _entry_spec(raw: Any, pos: _Where, where: str, near: Path | None) -> RuleSpec:
     """Validate one entry of `rules:` and build its spec; errors name `where` and a line."""
     param_pos = pos.child("params")
 
-    def fail(message: str, key: str | None = None, within: _Pos = pos) -> ConfigError:
+    def fail(message: str, key: str | None = None, within: _Where = pos) -> ConfigError:
         return ConfigError(f"{where}, line {within.key_line(key)}: {message}")
 
     if not isinstance(raw, dict):
@@ -397,18 +421,18 @@ def parse_rules(text: str, source: str = "<rules>", fmt: Format | None = None) -
     near = Path(source).resolve().parent if Path(source).suffix else None
     items = root.child("rules")
     specs: list[RuleSpec] = []
-    seen: dict[str, tuple[int, int | None]] = {}
+    seen: dict[str, tuple[int, _Where]] = {}
     for i, raw in enumerate(doc.rules or ()):
         pos = items.item(i)
         where = f"{source}: rules[{i}]"
         spec = _entry_spec(raw, pos, where, near)
         if spec.name in seen:
-            j, line = seen[spec.name]
+            j, other = seen[spec.name]
             raise ConfigError(
                 f"{where}, line {pos.key_line('name')}: duplicate rule name {spec.name!r} "
-                f"(also rules[{j}], line {line}); give one a 'name'"
+                f"(also rules[{j}], line {other.line}); give one a 'name'"
             )
-        seen[spec.name] = (i, pos.line)
+        seen[spec.name] = (i, pos)
         specs.append(spec)
 
     if not doc.defaults:
