@@ -22,7 +22,7 @@ Select rules and parameters with a rules file (`tensorpulse stream --rules rules
 defaults: true              # the rules below, with their defaults
 rules:
   - rule: LossNotDecreasing
-    params: {num_steps: 20, patience: 5}
+    params: {num_steps: 20, patience: 3}
   - rule: ExplodingTensor
     action: stop            # ask the job to stop when it fires
 ```
