@@ -74,8 +74,8 @@ def _run(order: str, backend: str | None, offload: bool, interval: int) -> list[
                 # Compiled by now (a saved step and one that is not): from here on a recompile
                 # raises (fail_on_recompile fails any compile) instead of passing unnoticed.
                 torch.compiler.set_stance("fail_on_recompile")
-            x, y = torch.randn(4, 8, generator=g), torch.randint(0, 32, (4,), generator=g)
-            loss = nn.functional.cross_entropy(run(x), y)
+            idx = torch.randint(0, 32, (2, 8), generator=g)
+            loss = nn.functional.cross_entropy(run(idx).flatten(0, 1), idx.flatten())
             loss.backward()
             hook.step(step, loss=loss)
             opt.step()
