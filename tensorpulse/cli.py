@@ -20,6 +20,7 @@ from .errors import TensorpulseError
 BOOTSTRAP_HELP = (
     "Kafka bootstrap servers, host:port[,host:port] (env TENSORPULSE_BOOTSTRAP; default 127.0.0.1:9092)."
 )
+_PREFIX_HELP = "Topic prefix (env TENSORPULSE_TOPIC_PREFIX; default 'tensorpulse.')."
 
 
 JOB_SELECTOR_HELP = (
@@ -512,14 +513,30 @@ def _narrowed_defaults(specs: list) -> list[str]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Validate this rules file (YAML or TOML) as the worker would, and print its rules per job pattern.",
 )
-def rules_cmd(markdown: bool, check_file: Path | None) -> None:
+@click.option(
+    "--against",
+    metavar="JOB",
+    help="Also read JOB's records and warn for each rule whose tensor_regex or collection_names "
+    "selects nothing it publishes (exit 1 if a rules file's own setting does).",
+)
+@click.option("--bootstrap", help=BOOTSTRAP_HELP)
+@click.option("--prefix", "topic_prefix", help=_PREFIX_HELP)
+def rules_cmd(markdown: bool, check_file: Path | None, against: str | None, bootstrap, topic_prefix) -> None:
     """List the rule catalogue: names, parameters and defaults (or check a rules file with --check).
 
     Rules marked [default] run when no rules file is given; a parameter shown as <required> has
     no default: a rules file that selects the rule must give it.
+
+    \b
+    Examples:
+      tensorpulse rules --check rules.yaml
+      tensorpulse rules --check rules.yaml --against resnet-42 --bootstrap 127.0.0.1:9092
     """
     from .rules import REGISTRY
 
+    if against is not None:
+        _check_against(check_file, against, bootstrap, topic_prefix)
+        return
     if check_file is not None:
         from .rules.config import describe, load_rules
 
@@ -552,6 +569,41 @@ def rules_cmd(markdown: bool, check_file: Path | None) -> None:
         "must give it (tensorpulse rules --markdown for the full reference)",
         err=True,
     )
+
+
+def _check_against(
+    rules_file: Path | None, job: str, bootstrap: str | None, topic_prefix: str | None
+) -> None:
+    """`rules --against JOB`: the rules JOB gets (the file, else as for replay) against the names
+    its records publish; a selection that matches nothing would keep its rule silent forever."""
+    from .replay import JobReader, Progress
+    from .rules.config import describe, rules_for_job
+    from .rules.coverage import misses, read_published
+
+    progress = Progress(f"read {job}")
+    try:
+        specs, prefix = _replay_inputs(rules_file, topic_prefix)
+        reader = JobReader(bootstrap, job, prefix=prefix, progress=progress)
+        published, bad = read_published(p.value for p in reader)
+    except TensorpulseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        progress.close()
+    specs = rules_for_job(specs, job)
+    click.echo(describe(specs))
+    found = misses(specs, published)
+    for m in found:
+        click.echo(f"{'warning' if m.explicit else 'note'}: {m.format(job)}", err=True)
+    unreadable = f", {bad} undecodable (skipped)" if bad else ""
+    explicit = sum(m.explicit for m in found)
+    click.echo(
+        f"{reader.topic}: {reader.read} record(s), {len(published.tensors)} tensor(s), "
+        f"{len(published.scalars)} scalar(s){unreadable}; {len(specs)} rule(s) for {job}, "
+        f"{explicit} with a selection of the rules file that matches nothing",
+        err=True,
+    )
+    if explicit:
+        raise click.exceptions.Exit(1)
 
 
 @main.command()
@@ -671,7 +723,6 @@ def _replay_inputs(rules_file: Path | None, topic_prefix: str | None) -> tuple[l
     return load_rules(rules_file), prefix
 
 
-_PREFIX_HELP = "Topic prefix (env TENSORPULSE_TOPIC_PREFIX; default 'tensorpulse.')."
 _RULES_OPTION = click.option(
     "--rules",
     "rules_file",
