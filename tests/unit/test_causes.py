@@ -131,3 +131,15 @@ def test_one_alert_per_fault_of_the_corpus() -> None:
         standing = [r for r in firing if root_of(r, firing) is None]
         assert run.expected in firing, f"{run.name}: {run.expected} not firing at the end ({sorted(firing)})"
         assert standing in ([run.expected], [root_of(run.expected, firing)]), f"{run.name}: {standing}"
+
+
+def test_docs_table_is_the_table() -> None:
+    """docs/alerts.md's table of root causes shows FOLLOW_ONS as it is."""
+    doc = (ROOT / "docs" / "alerts.md").read_text().split("### One root cause, one alert", 1)[1]
+    shown: dict[str, tuple[str, ...]] = {}
+    for row in doc.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if row.startswith("| ") and len(cells) == 2 and cells[0] != "root cause":
+            for root in cells[0].split(", "):
+                shown[root] = tuple(cells[1].split(", "))
+    assert shown == dict(FOLLOW_ONS)
