@@ -40,7 +40,9 @@ registers the gradient guards), and zero_grad(set_to_none=False) waits too. Reco
 are published one step later. In-place changes to a gradient or activation after `step()` (for
 example clipping after it) would race with the reading; a tensor whose version counter moved
 meanwhile is reported once in the log. Without an optimizer passed to `attach`, weights are
-reduced on the training thread. The background thread is not woken for each job: it looks for
+reduced on the training thread. A write to the weights outside the optimizer (loading a
+checkpoint, a hand-made fault), above all after a step the GradScaler skipped, should come after
+`hook.publish()`, which waits for the reading. The background thread is not woken for each job: it looks for
 jobs on its own clock, without the GIL when numba is installed (`worker.PollingWorker`).
 
 torch.compile: attach to the model before or after compiling it (`torch.compile(model)`); the

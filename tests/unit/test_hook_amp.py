@@ -36,6 +36,10 @@ def _run(order: str, offload: bool, dtype: torch.dtype, nan_weight_at: int | Non
         step_of["now"] = step
         x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
         if step == nan_weight_at:
+            # With offloading the hook reads the weights in the background until the optimizer's
+            # next step; after a skipped step that is later, so a write outside the optimizer
+            # first lets the reading finish (publish() waits for it), or it races with it.
+            hook.publish()
             with torch.no_grad():
                 model[0].weight[0, 0] = float("nan")
         with torch.autocast("cpu", dtype=dtype):
