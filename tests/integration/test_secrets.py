@@ -78,15 +78,16 @@ def test_no_client_logs_a_secret(
 
         logs["alerts"] = wait_for(alert, 90, "an ExplodingTensor alert")
 
-    # notify: a receiver with a password in its URL, a token in its path and query, and an
-    # Authorization header from the environment; nothing listens, so every attempt fails and logs.
+    # notify: a receiver with a token in its path and query, and an Authorization header from the
+    # environment (a password in the URL as well is refused, as two credentials; the URL's own is
+    # tested in tests/unit/test_redact.py); nothing listens, so every attempt fails and logs.
     closed = free_port()
     notify_log = tmp_path / "notify.log"
     with open(notify_log, "wb") as out:
         proc = subprocess.Popen(
             [*CLI, "notify", "--bootstrap", kafka_bootstrap, "--job", f"^{job}$", "--group", f"n-{unique}",
              "--start", "earliest", "--lookback", "all", "--max-attempts", "2", "--timeout", "1",
-             "--webhook", f"http://bot:{SENTINEL}@127.0.0.1:{closed}/hook/{SENTINEL}?token={SENTINEL}",
+             "--webhook", f"http://127.0.0.1:{closed}/hook/{SENTINEL}?token={SENTINEL}",
              "--header", "Authorization: Bearer ${TP_HOOK_TOKEN}", "--log-level", "DEBUG"],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip

@@ -80,14 +80,17 @@ def test_show_config_prints_no_secret(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert shown["bootstrap"] == f"SASL_SSL://tp:{MASK}@kafka:9093"
 
 
-def test_webhook_failures_log_no_credential(caplog: pytest.LogCaptureFixture) -> None:
-    """A failing receiver with user:password in its URL, a token in its path and an Authorization
-    header: the retry and failure lines name only scheme, host and port."""
+@pytest.mark.parametrize("credential", ["url", "header"])
+def test_webhook_failures_log_no_credential(caplog: pytest.LogCaptureFixture, credential: str) -> None:
+    """A failing receiver with a token in its path and query and either user:password in its URL or
+    an Authorization header (both at once are refused): the retry and failure lines name only
+    scheme, host and port."""
     caplog.set_level(logging.DEBUG)
+    userinfo = f"bot:{SENTINEL}@" if credential == "url" else ""
     poster = JsonPoster(
-        f"http://bot:{SENTINEL}@127.0.0.1:9/hook/{SENTINEL}?token={SENTINEL}",
+        f"http://{userinfo}127.0.0.1:9/hook/{SENTINEL}?token={SENTINEL}",
         policy=RetryPolicy(max_attempts=2, base_delay=0.0, max_delay=0.0, timeout=2.0),
-        headers={"Authorization": f"Bearer {SENTINEL}"},
+        headers={"Authorization": f"Bearer {SENTINEL}"} if credential == "header" else {},
         sleep=lambda seconds: False,
     )
     delivery = poster.post({"id": "x"})
