@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from pydantic import Field
@@ -72,3 +73,20 @@ class AllZero(Rule):
                 f"{hits[0][0]}: {hits[0][1]:.1f} % zeros"
             ),
         )
+
+    def batch_reference(self, records: Sequence[StepRecord]) -> list[Finding | None]:
+        """Each record on its own (stateless): zero percentages from the raw counts, zeros / n."""
+        limit = self.params.threshold
+        out: list[Finding | None] = []
+        for r in records:
+            pct = [
+                (t.name, 100.0 * t.zeros / t.n)
+                for t in r.select(self._collections, self._regex)
+                if t.n > 0 and t.collection not in self._exclude
+            ]
+            if not pct:
+                out.append(None)
+                continue
+            over = tuple(n for n, v in pct if v >= limit)
+            out.append(Finding(bool(over), max(v for _, v in pct), limit, over))
+        return out

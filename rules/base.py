@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -163,6 +163,16 @@ class Rule:
     def check_idle(self, state: State, now: float) -> tuple[State, Finding | None]:
         """Called between records for `clock` rules (now = Unix time); None: nothing to say."""
         return state, None
+
+    def batch_reference(self, records: Sequence[StepRecord]) -> list[Finding | None] | None:
+        """The rule's findings computed over the whole run at once, without state: one Finding or
+        None per record of `records` (the step records of the rule's modes, in order).
+
+        Optional. A rule whose definition can be written as a batch computation over the run
+        returns it here, written independently of `update`, and `RuleTester` checks the streaming
+        `update` against it (messages excepted). None (the default): the rule has no reference.
+        """
+        return None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())

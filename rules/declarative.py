@@ -23,6 +23,7 @@ import operator
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, get_args
 
+import numpy as np
 from pydantic import Field, StrictStr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -217,6 +218,36 @@ class Threshold(Rule):
                 f"{subject} {p.op} {p.value:g} {span}; at {p.mode} step {record.step}: {name} = {value:.4g}"
             ),
         )
+
+    def batch_reference(self, records: Sequence[StepRecord]) -> list[Finding | None]:
+        """The whole run at once: the checked records (of `mode`, with values, steps rising), whether
+        the condition held at each, then the run lengths (or window counts) over that array."""
+        p = self.params
+        checked: list[int] = []  # indices into records
+        values: list[list[tuple[str, float]]] = []
+        last: int | None = None
+        for i, r in enumerate(records):
+            vals = self._values(r) if r.mode == p.mode and (last is None or r.step > last) else []
+            if vals:
+                checked.append(i)
+                values.append(vals)
+                last = r.step
+        out: list[Finding | None] = [None] * len(records)
+        if not checked:
+            return out
+        held = np.array([holds([v for _, v in vals], p.op, p.value, p.reduce) for vals in values])
+        n = np.arange(len(held))
+        if p.num_steps is None:  # run length: distance to the last check that did not hold
+            count = n - np.maximum.accumulate(np.where(held, -1, n))
+        else:  # checks that held among the last num_steps
+            total = np.concatenate([[0], np.cumsum(held)])
+            count = total[n + 1] - total[np.maximum(n + 1 - p.num_steps, 0)]
+        for k, (i, vals) in enumerate(zip(checked, values, strict=True)):
+            value = vals[deciding([v for _, v in vals], p.op, p.reduce)][1]
+            firing = bool(count[k] >= p.patience)
+            hits = tuple(name for name, v in vals if OPS[p.op](v, p.value)) if firing else ()
+            out[i] = Finding(firing, value, p.value, hits)
+        return out
 
 
 __all__ = [

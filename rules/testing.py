@@ -3,7 +3,8 @@
 `make_stats` computes a tensor's statistics from a numpy array the way the hook defines them
 (float64, population std, per-unit activity for activations); `make_record` wraps them in a
 StepRecord; `replay` drives a rule like the stream layer, optionally round-tripping its state
-through JSON mid-stream.
+through JSON mid-stream. `RuleTester` (rules/tester.py, re-exported here) runs the checks every
+rule must pass: batch reference, state round-trip, determinism, fresh starts, bounded state.
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ from tensorpulse.wire import (
 )
 
 from .base import Finding, Rule, State
+from .tester import RuleCheckError, RuleTester, lengthen
+
+__all__ = [
+    "RuleCheckError",
+    "RuleTester",
+    "activity_histogram",
+    "lengthen",
+    "make_record",
+    "make_stats",
+    "mlp_run",
+    "replay",
+    "state_size",
+]
 
 
 def activity_histogram(values: Any) -> tuple[int, ...]:

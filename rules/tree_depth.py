@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 from pydantic import Field
@@ -65,3 +66,16 @@ class TreeDepth(Rule):
                 f"2^({depth}+1)-1 = {2 ** (depth + 1) - 1} nodes, so its depth is at least {d} (> {depth})"
             ),
         )
+
+    def batch_reference(self, records: Sequence[StepRecord]) -> list[Finding | None]:
+        """Each record on its own: D is the bit length of m + 1, less one (⌊log2(m + 1)⌋ in integers)."""
+        depth = self.params.depth
+        out: list[Finding | None] = []
+        for r in records:
+            m = r.scalars.get(MAX_NODE_ID)
+            if m is None or not math.isfinite(m) or m < 0:
+                out.append(None)
+                continue
+            d = (int(m) + 1).bit_length() - 1
+            out.append(Finding(d > depth, float(d), float(depth), (MAX_NODE_ID,) if d > depth else ()))
+        return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 from pydantic import Field
@@ -57,3 +58,21 @@ class VanishingGradient(Rule):
                 f"mean |g| = {hits[0].abs_mean:.3g} < {threshold:g}"
             ),
         )
+
+    def batch_reference(self, records: Sequence[StepRecord]) -> list[Finding | None]:
+        """Each record judged on its own (the rule is stateless), from the definition above."""
+        th = self.params.threshold
+        out: list[Finding | None] = []
+        for r in records:
+            grads = {t.name: t.abs_mean for t in r.tensors if t.collection == "gradients" and t.n > 0}
+            if r.step == 0 or not grads:
+                out.append(None)
+                continue
+            low = sorted((v, n) for n, v in grads.items() if v < th)  # NaN < th is False
+            finite = [v for v in grads.values() if not math.isnan(v)]
+            out.append(
+                Finding(True, low[0][0], th, tuple(n for _, n in low))
+                if low
+                else Finding(False, min(finite) if finite else None, th)
+            )
+        return out
