@@ -17,7 +17,9 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .broker import EmbeddedBroker, free_port
 from .errors import ConfigError, TensorpulseError
@@ -75,6 +77,54 @@ def _inject(fault: str, model, opt) -> str:
             model[2].bias.fill_(-50.0)
         return "ReLU biases pushed to -50 (units die)"
     return "none"
+
+
+def train(
+    hook: Any,
+    fault: str,
+    steps: int,
+    *,
+    keep_going: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    pace_s: float = 0.01,
+    say: Callable[[str], None] = _say,
+) -> int | None:
+    """The demo's training loop: an MLP on a synthetic task, `fault` injected at 40 % of `steps`.
+
+    Returns the step where the loop stopped because tensorpulse asked (None when it ran to the
+    end). `should_stop` defaults to the hook's control-topic flag; docs/build_images.py trains
+    this same run with a hook whose records go to a list and stops on the replayed alert, so that
+    the pictures in docs/img are of the run the demo shows. `pace_s` sleeps after each step (a
+    real step takes longer; the live demo keeps pace visibly).
+    """
+    import torch
+
+    stop = should_stop if should_stop is not None else (lambda: bool(hook.should_stop))
+    model = _build_model(fault)
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05 if fault != "vanishing" else 0.5)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    hook.attach(model, opt)
+    fault_step = int(steps * 0.4)
+    for step in range(steps):
+        if step == fault_step and fault != "none":
+            say(f"  step {step:4d}  injecting fault: {_inject(fault, model, opt)}")
+        idx = torch.randint(0, x.shape[0], (64,))
+        opt.zero_grad()
+        loss = loss_fn(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        hook.step(step, loss=loss)
+        if step % 50 == 0 or step == steps - 1:
+            say(f"  step {step:4d}  loss {loss.item():10.4g}")
+        if stop() and not keep_going:
+            say(
+                f"  step {step:4d}  tensorpulse asked this job to stop; stopping (checkpoint here in real code)"
+            )
+            return step
+        if pace_s:
+            time.sleep(pace_s)
+    return None
 
 
 def _wait_for_metrics(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -213,33 +263,7 @@ def run_demo(
                 daemon=True,
             ).start()
 
-        model = _build_model(fault)
-        x, y = _data()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05 if fault != "vanishing" else 0.5)
-        loss_fn = torch.nn.CrossEntropyLoss()
-        hook.attach(model, opt)
-        fault_step = int(steps * 0.4)
-        stopped_at = None
-        last_loss = float("nan")
-        for step in range(steps):
-            if step == fault_step and fault != "none":
-                _say(f"  step {step:4d}  injecting fault: {_inject(fault, model, opt)}")
-            idx = torch.randint(0, x.shape[0], (64,))
-            opt.zero_grad()
-            loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            hook.step(step, loss=loss)
-            if step % 50 == 0 or step == steps - 1:
-                last_loss = loss.item()
-                _say(f"  step {step:4d}  loss {last_loss:10.4g}")
-            if hook.should_stop and not keep_going:
-                stopped_at = step
-                _say(
-                    f"  step {step:4d}  tensorpulse asked this job to stop; stopping (checkpoint here in real code)"
-                )
-                break
-            time.sleep(0.01)  # a real step takes longer; lets the pipeline keep pace visibly
+        stopped_at = train(hook, fault, steps, keep_going=keep_going)
         hook.close()
         hstats = hook.stats()
         # Give the worker a moment to evaluate the last steps.

@@ -240,17 +240,41 @@ def choose_scale(values: Iterable[np.ndarray], fixed: tuple[float, float] | None
 
 # --------------------------------------------------------------------------- sections
 
+#: `Axes.get_label()` of the axes that hold data: a panel (colorbars and the alert lane have others).
+PANEL = "panel"
+#: `Axes.get_label()` of the strip above the panels that names the alerts.
+LANE = "alert lane"
+#: The gid of every vertical alert marker (`Line2D.get_gid()`), in the lane and in each panel.
+ALERT_MARK = "alert"
+#: A loss spanning this ratio (two decades) or more is drawn on a log axis.
+LOSS_DECADES = 100.0
+#: Font sizes at 100 dpi: readable in the PNG at its own size and in the HTML page.
+TICK_SIZE = 8
+LEGEND_SIZE = 8
+TITLE_SIZE = 10
+#: Panel titles of the one-picture report: the three questions it answers.
+QUESTIONS = {
+    "loss": "Is the loss going down?",
+    "gradnorm": "Are gradients healthy per layer?",
+    "dead": "Which layers die?",
+}
+
 
 @dataclass
 class Section:
-    """One picture of the report: one axis for all jobs, or one axis per job on a shared scale."""
+    """One picture of the report: one axis for all jobs, or one axis per job on a shared scale.
+
+    `scale` None: the section lays out its own y axis (a heat map's rows are layers, not values).
+    `height` is the row's height in inches for one job.
+    """
 
     key: str
     title: str
     per_job: bool
     draw: Callable[[Axes, JobData | None, Sequence[JobData]], None]
-    scale: Scale
+    scale: Scale | None
     ylabel: str = ""
+    height: float = 2.3
 
 
 _JOB_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
@@ -302,56 +326,393 @@ def alert_groups(job: JobData) -> list[tuple[int, list[str], bool]]:
 
 
 def _alert_label(step: int, rules: list[str]) -> str:
-    more = f" +{len(rules) - 2}" if len(rules) > 2 else ""
-    return f" {', '.join(rules[:2])}{more} @ {step}"
+    return f"{', '.join(rules)} @ {step}"
 
 
-def _label(ax: Axes, x: float, y: float, text: str, color: str) -> None:
-    ax.text(
-        x,
-        y,
-        text,
-        transform=ax.get_xaxis_transform(),
-        color=color,
-        fontsize=7,
-        va="top",
-        ha="left",
-        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 0.5},
+def _alert_color(critical: bool) -> str:
+    return "tab:red" if critical else "darkorange"
+
+
+def _mark_alerts(ax: Axes, job: JobData | None, jobs: Sequence[JobData]) -> None:
+    """A dashed vertical line where rules started firing; their names are in the alert lane, once."""
+    for j in [job] if job is not None else jobs:
+        for step, _rules, critical in alert_groups(j):
+            ax.axvline(
+                step, color=_alert_color(critical), ls="--", lw=1.1, alpha=0.9, gid=ALERT_MARK, zorder=4
+            )
+
+
+# --------------------------------------------------------------------------- the alert lane
+
+
+@dataclass(frozen=True)
+class LaneLabel:
+    """One alert label of the lane: its text, step, side of the marker it sits on, and row (0 = top)."""
+
+    step: int
+    text: str
+    color: str
+    align: str  # left | right
+    level: int
+
+
+def lane_labels(
+    jobs: Sequence[JobData], x_range: tuple[float, float], data_per_char: float, max_levels: int = 6
+) -> tuple[list[LaneLabel], int]:
+    """Place every alert group's label so that no two overlap: greedy rows, first row that has room.
+
+    A label starts at its marker and runs right (left when it would leave the axis). Widths are
+    estimated at `data_per_char` steps per character, an over-estimate, so real text never needs
+    more room than planned. Returns the labels and how many alert groups found no row within
+    `max_levels` (the lane's title counts them; the alert table of the HTML report lists all).
+    """
+    lo, hi = x_range
+    pad = 1.5 * data_per_char
+    rows: list[list[tuple[float, float]]] = []
+    out: list[LaneLabel] = []
+    dropped = 0
+    many = len(jobs) > 1
+    for job in jobs:
+        for step, rules, critical in alert_groups(job):
+            text = _alert_label(step, rules) + (f" ({job.job})" if many else "")
+            width = (len(text) + 1) * data_per_char
+            align = "left" if step + width <= hi or step - width < lo else "right"
+            span = (step, step + width) if align == "left" else (step - width, step)
+            free = (
+                k for k, row in enumerate(rows) if all(span[1] + pad < a or span[0] - pad > b for a, b in row)
+            )
+            level = next(free, len(rows))
+            if level == len(rows):
+                if len(rows) >= max_levels:
+                    dropped += 1
+                    continue
+                rows.append([])
+            rows[level].append(span)
+            out.append(LaneLabel(step, text, _alert_color(critical), align, level))
+    out.sort(key=lambda label: (label.step, label.level))
+    return out, dropped
+
+
+def _draw_lane(ax: Axes, labels: list[LaneLabel], dropped: int, levels: int, fired: int) -> None:
+    """The strip above the panels: one row per label level, each label beside its marker."""
+    ax.set_label(LANE)
+    ax.set_ylim(levels, 0)
+    ax.set_yticks([])
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    ax.tick_params(axis="x", which="both", bottom=False, labelbottom=False)
+    for lab in labels:
+        ax.axvline(lab.step, color=lab.color, ls="--", lw=1.1, gid=ALERT_MARK)
+        ax.text(
+            lab.step,
+            lab.level + 0.5,
+            f" {lab.text} " if lab.align == "left" else f" {lab.text} ",
+            color=lab.color,
+            fontsize=LEGEND_SIZE,
+            ha=lab.align,
+            va="center",
+            gid="alert-label",
+            zorder=5,
+            bbox={"facecolor": "white", "edgecolor": lab.color, "lw": 0.6, "pad": 0.25, "boxstyle": "round"},
+        )
+    more = f"; {dropped} more not labelled (see `tensorpulse replay`)" if dropped else ""
+    ax.set_title(
+        f"Alerts: {fired} fired (the rules replayed on these records; dashed lines below){more}",
+        fontsize=TITLE_SIZE,
+        loc="left",
     )
 
 
-def _mark_alerts(ax: Axes, job: JobData) -> None:
-    """A dashed vertical line per step where rules started firing, labelled with their names."""
-    for k, (step, rules, critical) in enumerate(alert_groups(job)):
-        color = "tab:red" if critical else "darkorange"
-        ax.axvline(step, color=color, ls="--", lw=1.0, alpha=0.8)
-        _label(ax, step, 0.96 - 0.13 * (k % 3), _alert_label(step, rules), color)
+# --------------------------------------------------------------------------- loss
+
+
+def smooth(y: np.ndarray, window: int) -> np.ndarray:
+    """A centred running median over `window` points, NaN ignored: follows the trend, not the noise.
+
+    A median, not a mean or an exponential average: one spike does not bend the line, and the
+    line does not lag the points it summarises.
+    """
+    import warnings
+
+    y = np.asarray(y, dtype=np.float64)
+    if window <= 1 or y.size < 3:
+        return y.copy()
+    half = window // 2
+    padded = np.concatenate(
+        [np.full(half, np.nan), np.where(np.isfinite(y), y, np.nan), np.full(half, np.nan)]
+    )
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN window is a gap
+        return np.nanmedian(windows, axis=1)
+
+
+def smoothing_window(points: int) -> int:
+    """About 1/30 of the points, odd, between 1 and 51."""
+    w = max(1, min(51, points // 30))
+    return w if w % 2 else w + 1
+
+
+def loss_scale(series: Sequence[np.ndarray]) -> Scale:
+    """Limits that show the loss's course, not its worst spike, and a log axis only across decades.
+
+    The range keeps the values within the quartiles' fences (three interquartile ranges, and at
+    least a decade for a positive loss, beyond the quartiles) and the first values of each series
+    (a loss that starts high is the shape to see). What lies beyond is off scale: the drawing puts
+    it on the edge with a marker. A diverging run's 1e19 no longer flattens the curve into a line.
+    """
+    finite = [np.asarray(s, dtype=np.float64) for s in series]
+    finite = [s[np.isfinite(s)] for s in finite]
+    v = np.concatenate(finite) if finite else np.empty(0)
+    if v.size == 0:
+        return Scale("linear", 0.0, 1.0)
+    head = np.concatenate([s[: max(5, s.size // 20)] for s in finite])
+    positive = bool((v > 0).all())
+    if positive:
+        lv = np.log10(v)
+        q25, q75 = np.percentile(lv, [25, 75])
+        reach = max(3 * (q75 - q25), 1.0)
+        keep = v[(lv >= q25 - reach) & (lv <= q75 + reach)]
+    else:
+        q25, q75 = np.percentile(v, [25, 75])
+        reach = 3 * (q75 - q25) or max(abs(q75), 1e-12)
+        keep = v[(v >= q25 - reach) & (v <= q75 + reach)]
+    lo = float(min(keep.min(), head.min()))
+    hi = float(max(keep.max(), head.max()))
+    if positive and hi / lo >= LOSS_DECADES:
+        return Scale("log", lo / 1.3, hi * 1.3)
+    pad = (hi - lo) * 0.06 or max(abs(hi) * 0.05, 1e-12)
+    return Scale("linear", lo - pad, hi + pad)
+
+
+def _loss_keys(jobs: Sequence[JobData]) -> list[tuple[str, str]]:
+    keys = {k for j in jobs for k in j.scalars if "loss" in k[1].lower()}
+    return sorted(keys, key=lambda k: (k[0] != "train", k))
 
 
 def _loss_section(jobs: Sequence[JobData]) -> Section | None:
-    keys = sorted({k for j in jobs for k in j.scalars if "loss" in k[1].lower()})
+    keys = _loss_keys(jobs)
     if not keys:
         return None
     arrays = [j.scalars[k].array("value") for j in jobs for k in keys if k in j.scalars]
+    scale = loss_scale(arrays)
 
     def draw(ax: Axes, _: JobData | None, all_jobs: Sequence[JobData]) -> None:
-        for i, j in enumerate(all_jobs):
-            color = _job_color(i)
+        import matplotlib
+
+        palette = matplotlib.colormaps["tab10"]
+        n = 0
+        for j in all_jobs:
             for mode, name in keys:
                 s = j.scalars.get((mode, name))
                 if s is None:
                     continue
+                color = palette(n % 10)
+                n += 1
+                who = f"{j.job}: " if len(all_jobs) > 1 else ""
                 x, y = _finite(s.x(), s.array("value"))
-                ls = "-" if mode == "train" else "--"
-                ax.plot(x, y, ls, color=color, lw=1.2, label=f"{j.job}: {name} ({mode})")
+                window = smoothing_window(int(np.isfinite(y).sum()))
+                if window > 1:
+                    ax.plot(x, y, ".", ms=2.5, color=color, alpha=0.3, label=f"{who}{name} ({mode})")
+                    ax.plot(
+                        x,
+                        smooth(y, window),
+                        "-",
+                        color=color,
+                        lw=1.8,
+                        label=f"median of {window} steps",
+                    )
+                else:
+                    ax.plot(x, y, "o-", ms=3, color=color, lw=1.4, label=f"{who}{name} ({mode})")
+                over = np.isfinite(y) & (y > scale.hi)
+                if over.any():
+                    top = int(np.nanargmax(np.where(over, y, np.nan)))
+                    ax.plot(
+                        x[over],
+                        np.full(int(over.sum()), scale.hi),
+                        "^",
+                        ms=6,
+                        color=color,
+                        clip_on=False,
+                        zorder=5,
+                        label=f"off scale (max {y[top]:.2g} @ {int(x[top])})",
+                    )
                 bad = s.x()[~np.isfinite(s.array("value"))]
-                _mark_nonfinite(ax, bad, color, f"{j.job}: {name} NaN/inf")
-            for k, (step, rules, _critical) in enumerate(alert_groups(j)):
-                ax.axvline(step, color=color, ls=":", lw=1.0)
-                if k < 3:
-                    _label(ax, step, 0.96 - 0.1 * k - 0.32 * (i % 3), _alert_label(step, rules), color)
+                _mark_nonfinite(ax, bad, color, f"{who}{name} NaN/inf")
+        _mark_alerts(ax, None, all_jobs)
 
-    return Section("loss", "Loss per step (dotted lines: alerts)", False, draw, choose_scale(arrays), "loss")
+    return Section("loss", QUESTIONS["loss"], False, draw, scale, "loss", height=2.8)
+
+
+# --------------------------------------------------------------------------- heat maps
+
+
+def short_name(name: str, limit: int = 30) -> str:
+    """A layer's name for a row label: without the collection's prefix, long ones cut in the middle."""
+    for prefix in ("gradient/", "gradients/"):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    if len(name) <= limit:
+        return name
+    keep = (limit - 1) // 2
+    return f"{name[:keep]}…{name[-(limit - 1 - keep) :]}"
+
+
+def layer_matrix(tensors: Sequence[TensorSeries], column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, values [layer, step], non-finite mask): NaN where a layer has no value at a step."""
+    steps = np.asarray(sorted({s for t in tensors for s in t.series.steps}), dtype=np.float64)
+    where = {s: i for i, s in enumerate(steps)}
+    values = np.full((len(tensors), steps.size), np.nan)
+    bad = np.zeros(values.shape, dtype=bool)
+    for r, t in enumerate(tensors):
+        cols = [where[s] for s in t.series.steps]
+        col = t.series.array(column)
+        values[r, cols] = col
+        bad[r, cols] = ~np.isfinite(col)
+        for s in t.nonfinite_steps:
+            if s in where:
+                bad[r, where[s]] = True
+    values[bad] = np.nan
+    return steps, values, bad
+
+
+def _edges(steps: np.ndarray) -> np.ndarray:
+    """Cell edges halfway between steps (a heat map cell covers the steps it stands for)."""
+    if steps.size == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    mid = (steps[:-1] + steps[1:]) / 2
+    return np.concatenate([[steps[0] - (mid[0] - steps[0])], mid, [steps[-1] + (steps[-1] - mid[-1])]])
+
+
+def norm_limits(values: Iterable[np.ndarray]) -> tuple[float, float]:
+    """Colour limits of a log heat map: the positive values within the quartiles' fences in decades."""
+    arrays = [np.asarray(v, dtype=np.float64).ravel() for v in values]
+    v = np.concatenate(arrays) if arrays else np.empty(0)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return 1e-3, 1.0
+    lv = np.log10(v)
+    q25, q75 = np.percentile(lv, [25, 75])
+    reach = max(3 * (q75 - q25), 1.0)
+    keep = v[(lv >= q25 - reach) & (lv <= q75 + reach)]
+    lo, hi = float(keep.min()), float(keep.max())
+    if hi <= lo:
+        lo, hi = lo / 10, hi * 10
+    return lo, hi
+
+
+def _rows_height(rows: int) -> float:
+    return min(7.0, max(1.6, 0.22 * rows + 0.7))
+
+
+def _heat_rows(ax: Axes, names: Sequence[str]) -> None:
+    ax.set_ylim(len(names), 0)
+    ax.set_yticks(np.arange(len(names)) + 0.5, [short_name(n) for n in names])
+    ax.grid(False)
+
+
+def _gradnorm_tensors(job: JobData) -> tuple[list[TensorSeries], str]:
+    """The gradients, or (none captured) the first collection there is, and what they are."""
+    grads = [t for t in job.tensors.values() if t.collection == "gradients"]
+    if grads:
+        return grads, "gradients"
+    coll = next(iter(job.collections()), "")
+    return [t for t in job.tensors.values() if t.collection == coll], coll
+
+
+def _gradnorm_section(jobs: Sequence[JobData]) -> Section | None:
+    picked = [_gradnorm_tensors(j) for j in jobs]
+    if not any(tensors for tensors, _ in picked):
+        return None
+    colls = sorted({c for tensors, c in picked if tensors})
+    vmin, vmax = norm_limits(t.series.array("l2") for tensors, _ in picked for t in tensors)
+    rows = max(len(tensors) for tensors, _ in picked)
+
+    def draw(ax: Axes, job: JobData | None, _: Sequence[JobData]) -> None:
+        import matplotlib
+        from matplotlib.colors import ListedColormap, LogNorm
+
+        assert job is not None
+        tensors, coll = _gradnorm_tensors(job)
+        if not tensors:
+            ax.text(0.5, 0.5, "no tensors captured", transform=ax.transAxes, ha="center", va="center")
+            ax.set_yticks([])
+            return
+        steps, values, bad = layer_matrix(tensors, "l2")
+        shown = np.where(values <= 0, vmin / 10, values)  # a zero norm (a frozen layer) is "under"
+        cmap = matplotlib.colormaps["viridis"].with_extremes(under="black", over="magenta", bad=(0, 0, 0, 0))
+        mesh = ax.pcolormesh(
+            _edges(steps),
+            np.arange(len(tensors) + 1),
+            np.ma.masked_invalid(shown),
+            cmap=cmap,
+            norm=LogNorm(vmin, vmax),
+            shading="flat",
+        )
+        if bad.any():
+            ax.pcolormesh(
+                _edges(steps),
+                np.arange(len(tensors) + 1),
+                np.ma.masked_where(~bad, np.ones(bad.shape)),
+                cmap=ListedColormap(["red"]),
+                shading="flat",
+            )
+        _heat_rows(ax, [t.name for t in tensors])
+        bar = ax.figure.colorbar(mesh, ax=ax, extend="both", pad=0.01, fraction=0.04, aspect=12)
+        bar.set_label(f"{'gradient ' if coll == 'gradients' else coll + ' '}L2 norm", fontsize=TICK_SIZE)
+        bar.ax.tick_params(labelsize=TICK_SIZE)
+        _mark_alerts(ax, job, jobs)
+
+    what = (
+        "gradient L2 norm"
+        if colls == ["gradients"]
+        else f"{', '.join(colls)} L2 norm (no gradients captured)"
+    )
+    title = (
+        f"{QUESTIONS['gradnorm']}  {what} per layer over steps "
+        "(magenta: above the usual range; black: below it or 0; red: NaN/inf)"
+    )
+    return Section("gradnorm", title, True, draw, None, "", height=_rows_height(rows))
+
+
+def _dead_section(jobs: Sequence[JobData]) -> Section | None:
+    if not any(t.has_activity for j in jobs for t in j.tensors.values()):
+        return None
+    rows = max(sum(1 for t in j.tensors.values() if t.has_activity) for j in jobs)
+
+    def draw(ax: Axes, job: JobData | None, _: Sequence[JobData]) -> None:
+        import matplotlib
+        from matplotlib.colors import Normalize
+
+        assert job is not None
+        tensors = [t for t in job.tensors.values() if t.has_activity]
+        if not tensors:
+            ax.text(
+                0.5, 0.5, "no per-unit activity captured", transform=ax.transAxes, ha="center", va="center"
+            )
+            ax.set_yticks([])
+            return
+        steps, values, _bad = layer_matrix(tensors, "dead")
+        cmap = matplotlib.colormaps["Reds"].with_extremes(bad=(0.85, 0.85, 0.85, 1.0))
+        mesh = ax.pcolormesh(
+            _edges(steps),
+            np.arange(len(tensors) + 1),
+            np.ma.masked_invalid(values),
+            cmap=cmap,
+            norm=Normalize(0.0, 1.0),
+            shading="flat",
+        )
+        _heat_rows(ax, [t.name for t in tensors])
+        bar = ax.figure.colorbar(mesh, ax=ax, pad=0.01, fraction=0.04, aspect=12)
+        bar.set_label("fraction of units dead", fontsize=TICK_SIZE)
+        bar.ax.tick_params(labelsize=TICK_SIZE)
+        _mark_alerts(ax, job, jobs)
+
+    title = f"{QUESTIONS['dead']}  dead-unit fraction per activation layer (units active in < {DEAD_EDGE:.0%} of samples)"
+    return Section("dead", title, True, draw, None, "", height=_rows_height(rows))
+
+
+# --------------------------------------------------------------------------- detail sections
 
 
 def _pick_lines(tensors: list[TensorSeries]) -> tuple[list[TensorSeries], int]:
@@ -360,33 +721,29 @@ def _pick_lines(tensors: list[TensorSeries]) -> tuple[list[TensorSeries], int]:
 
 def _stat_section(jobs: Sequence[JobData], collection: str, stat: str) -> Section:
     arrays = [t.series.array(stat) for j in jobs for t in j.tensors.values() if t.collection == collection]
+    total = max(sum(1 for t in j.tensors.values() if t.collection == collection) for j in jobs)
+    hidden = max(0, total - MAX_LINES)
 
     def draw(ax: Axes, job: JobData | None, _: Sequence[JobData]) -> None:
         assert job is not None
         import matplotlib
 
         tensors = [t for t in job.tensors.values() if t.collection == collection]
-        shown, hidden = _pick_lines(tensors)
+        shown, _hidden = _pick_lines(tensors)
         cmap = matplotlib.colormaps["viridis"]
         for k, t in enumerate(shown):
             color = cmap(k / max(len(shown) - 1, 1) * 0.9)
-            ax.plot(*_finite(t.series.x(), t.series.array(stat)), color=color, lw=1.0, label=t.name)
+            ax.plot(
+                *_finite(t.series.x(), t.series.array(stat)), color=color, lw=1.0, label=short_name(t.name)
+            )
         bad = [s for t in shown for s in t.nonfinite_steps]
         _mark_nonfinite(ax, bad, "tab:red", "NaN/inf")
-        _mark_alerts(ax, job)
-        if hidden:
-            ax.text(
-                0.99,
-                0.02,
-                f"+{hidden} more (narrow with --tensors)",
-                transform=ax.transAxes,
-                ha="right",
-                fontsize=7,
-            )
+        _mark_alerts(ax, job, jobs)
 
+    more = f" (first {MAX_LINES} of {total} layers: narrow with --tensors)" if hidden else ""
     return Section(
         f"stat:{collection}",
-        f"{collection}: {stat} per layer",
+        f"{collection}: {stat} per layer{more}",
         True,
         draw,
         choose_scale(arrays, (0.0, 1.0) if stat == "zero_frac" else None),
@@ -433,7 +790,7 @@ def _band_section(jobs: Sequence[JobData], name: str) -> Section:
             ax.fill_between(x, p5, p95, color="tab:blue", alpha=0.45, lw=0, label="p5..p95 (where captured)")
         ax.plot(*_finite(x, s.array("mean")), color="navy", lw=1.0, label="mean")
         _mark_nonfinite(ax, t.nonfinite_steps, "tab:red", "NaN/inf")
-        _mark_alerts(ax, job)
+        _mark_alerts(ax, job, jobs)
 
     coll = next((j.tensors[name].collection for j in jobs if name in j.tensors), "")
     return Section(
@@ -446,45 +803,25 @@ def _band_section(jobs: Sequence[JobData], name: str) -> Section:
     )
 
 
-def _dead_section(jobs: Sequence[JobData]) -> Section | None:
-    if not any(t.has_activity for j in jobs for t in j.tensors.values()):
-        return None
-
-    def draw(ax: Axes, job: JobData | None, _: Sequence[JobData]) -> None:
-        assert job is not None
-        shown, _hidden = _pick_lines([t for t in job.tensors.values() if t.has_activity])
-        for t in shown:
-            ax.plot(*_finite(t.series.x(), t.series.array("dead")), lw=1.2, label=t.name)
-        _mark_alerts(ax, job)
-
-    return Section(
-        "dead",
-        f"dead-unit fraction (units active in < {DEAD_EDGE:.0%} of samples)",
-        True,
-        draw,
-        Scale("linear", -0.02, 1.02),
-        "fraction of units",
-    )
-
-
 def build_sections(
     jobs: Sequence[JobData],
     *,
     stat: str = "abs_mean",
     bands: int = 3,
     collections: Sequence[str] | None = None,
+    overview_only: bool = False,
 ) -> list[Section]:
-    """What the report shows, in order: losses, per-layer `stat` per collection, bands, dead units.
+    """What the report shows, in order: the three questions (loss, gradient norms per layer, dead
+    units), then the details: per-layer `stat` per collection and distribution bands.
 
-    `collections` keeps only those of the per-layer sections (all that are present when none of
-    them is).
+    `overview_only` keeps the three questions (the one-picture report). `collections` keeps only
+    those of the per-layer sections (all that are present when none of them is).
     """
     if stat not in STATS:
         raise ConfigError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
-    out: list[Section] = []
-    loss = _loss_section(jobs)
-    if loss is not None:
-        out.append(loss)
+    out = [s for s in (_loss_section(jobs), _gradnorm_section(jobs), _dead_section(jobs)) if s is not None]
+    if overview_only:
+        return out
     present: list[str] = []
     for j in jobs:
         present += [c for c in j.collections() if c not in present]
@@ -493,9 +830,6 @@ def build_sections(
         order = [c for c in order if c in collections]
     out += [_stat_section(jobs, c, stat) for c in order]
     out += [_band_section(jobs, name) for name in _band_tensors(jobs, bands)]
-    dead = _dead_section(jobs)
-    if dead is not None:
-        out.append(dead)
     return out
 
 
@@ -511,79 +845,159 @@ def _require_matplotlib() -> None:
         ) from exc
 
 
-def _draw_rows(fig: Figure, sections: Sequence[Section], jobs: Sequence[JobData]) -> list[list[Axes]]:
-    """Lay `sections` out as rows (a per-job section gets one row per job) sharing the step axis."""
-    rows = [(s, j) for s in sections for j in (jobs if s.per_job else [None])]
-    heights = [1.0 if j is None and len(jobs) > 1 else 0.85 for _, j in rows]
+def _step_range(jobs: Sequence[JobData]) -> tuple[float, float]:
+    steps = [s for j in jobs for t in j.tensors.values() for s in (t.series.steps[:1] + t.series.steps[-1:])]
+    steps += [s for j in jobs for v in j.scalars.values() for s in (v.steps[:1] + v.steps[-1:])]
+    if not steps:
+        return 0.0, 1.0
+    lo, hi = float(min(steps)), float(max(steps))
+    pad = max((hi - lo) * 0.01, 0.5)
+    return lo - pad, hi + pad
+
+
+#: Inches of a panel's width that are not its plotting area at most (row labels, legend, colorbar).
+_MARGINS_IN = 4.6
+
+
+def _draw_rows(
+    fig: Figure, sections: Sequence[Section], jobs: Sequence[JobData], width: float
+) -> list[list[Axes]]:
+    """Lay `sections` out as rows (a per-job section gets one row per job) on one step axis, under
+    an alert lane that names each alert once."""
+    x_range = _step_range(jobs)
+    # Characters at LEGEND_SIZE are about 0.6 of the size wide: 8 pt -> ~0.067 in; a bit more, to be safe.
+    data_per_char = (x_range[1] - x_range[0]) / max(width - _MARGINS_IN, 2.0) * 0.075
+    labels, dropped = lane_labels(jobs, x_range, data_per_char)
+    levels = max((lab.level for lab in labels), default=-1) + 1
+    rows: list[tuple[Section | None, JobData | None]] = [(None, None)] if labels or dropped else []
+    rows += [(s, j) for s in sections for j in (jobs if s.per_job else [None])]
+    heights = [0.45 + 0.24 * max(levels, 1) if s is None else s.height for s, _ in rows]
+    fig.set_size_inches(width, sum(heights) + 0.8)
     axes = fig.subplots(len(rows), 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": heights})
     out: list[list[Axes]] = []
-    i = 0
-    for s in sections:
-        group = []
-        for j in jobs if s.per_job else [None]:
-            ax = axes[i][0]
-            i += 1
-            s.draw(ax, j, jobs)
+    group: list[Axes] = []
+    last: Section | None = None
+    for (s, j), (ax,) in zip(rows, axes, strict=True):
+        ax.set_xlim(*x_range)
+        ax.tick_params(labelsize=TICK_SIZE)
+        if s is None:
+            fired = sum(len(rules) for j in jobs for _step, rules, _critical in alert_groups(j))
+            _draw_lane(ax, labels, dropped, max(levels, 1), fired)
+            continue
+        ax.set_label(PANEL)
+        s.draw(ax, j, jobs)
+        if s.scale is not None:
             s.scale.apply(ax)
-            ax.set_ylabel(s.ylabel, fontsize=8)
-            ax.tick_params(labelsize=7)
             ax.grid(True, alpha=0.3, lw=0.5)
-            title = s.title if j is None else f"{s.title}  —  {j.job}"
-            ax.set_title(title, fontsize=9, loc="left")
-            handles, _ = ax.get_legend_handles_labels()
-            if handles:
-                ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
-            group.append(ax)
+        ax.set_ylabel(s.ylabel, fontsize=TICK_SIZE + 1)
+        ax.set_title(
+            s.title if j is None or len(jobs) == 1 else f"{s.title}  —  {j.job}",
+            fontsize=TITLE_SIZE,
+            loc="left",
+        )
+        handles, _ = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(fontsize=LEGEND_SIZE, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
+        if s is not last and group:
+            out.append(group)
+            group = []
+        group.append(ax)
+        last = s
+    if group:
         out.append(group)
-    axes[-1][0].set_xlabel("step", fontsize=8)
+    axes[-1][0].set_xlabel("step", fontsize=TICK_SIZE + 1)
     axes[-1][0].tick_params(labelbottom=True)
+    _declutter_ticks(fig)
     return out
 
 
-def _figure(rows: int, width: float = 11.0, row_height: float = 2.3) -> Figure:
+def _declutter_ticks(fig: Figure) -> None:
+    """Drop tick labels that would overlap a neighbour's (a symmetric-log axis near 0, a heat map
+    with many layers): keep 0 and then, in order, each tick whose label clears the kept ones."""
+    from matplotlib.ticker import FixedLocator
+
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    for ax in fig.axes:
+        for axis, is_y in ((ax.yaxis, True), (ax.xaxis, False)):
+            ticks = [t for t in axis.get_major_ticks() if t.label1.get_visible() and t.label1.get_text()]
+            lo, hi = sorted(axis.get_view_interval())
+            boxes = [
+                (t.get_loc(), t.label1.get_window_extent(renderer)) for t in ticks if lo <= t.get_loc() <= hi
+            ]
+            if len(boxes) < 2 or not overlapping(b for _, b in boxes):
+                continue
+            order = sorted(boxes, key=lambda lb: (lb[0] != 0, 0))
+            kept: list[tuple[float, Any]] = []
+            for loc, box in order:
+                if all(not _overlap(box, other, 2.0) for _, other in kept):
+                    kept.append((loc, box))
+            locs = sorted(loc for loc, _ in kept)
+            labels = {t.get_loc(): t.label1.get_text() for t in ticks}
+            axis.set_major_locator(FixedLocator(locs))
+            if is_y and ax.get_label() == PANEL and ax.get_yscale() == "linear" and not ax.get_ylabel():
+                axis.set_ticklabels([labels[loc] for loc in locs])  # heat-map rows: the names, kept
+    fig.draw_without_rendering()
+
+
+def _overlap(a: Any, b: Any, pad: float = 0.0) -> bool:
+    return a.x0 < b.x1 + pad and b.x0 < a.x1 + pad and a.y0 < b.y1 + pad and b.y0 < a.y1 + pad
+
+
+def overlapping(boxes: Iterable[Any]) -> list[tuple[int, int]]:
+    """Index pairs of the bounding boxes (matplotlib `Bbox`es, in pixels) that overlap."""
+    bs = list(boxes)
+    return [(i, k) for i in range(len(bs)) for k in range(i + 1, len(bs)) if _overlap(bs[i], bs[k])]
+
+
+def _figure() -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, max(2.6, row_height * rows + 0.6)), layout="constrained")
+    fig = Figure(figsize=(12.0, 4.0), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
 def section_figures(sections: Sequence[Section], jobs: Sequence[JobData]) -> list[tuple[Section, Figure]]:
-    """One figure per section (the HTML report's pictures)."""
+    """One figure per section (the HTML report's pictures), each under its alert lane."""
     _require_matplotlib()
     out = []
     for s in sections:
-        fig = _figure(len(jobs) if s.per_job else 1)
-        _draw_rows(fig, [s], jobs)
+        fig = _figure()
+        _draw_rows(fig, [s], jobs, width=11.0)
         out.append((s, fig))
     return out
 
 
-def _png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+def _png_bytes(fig: Figure, dpi: int = 100, metadata: dict[str, str] | None = None) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi, metadata=metadata)
     return buf.getvalue()
 
 
-#: The per-layer sections of the one-picture report (the HTML report has every collection).
-PNG_COLLECTIONS = ("weights", "gradients", "activations")
-
-
-def render_png(jobs: Sequence[JobData], *, stat: str = "abs_mean", bands: int = 1, dpi: int = 100) -> bytes:
-    """The report as one PNG, its sections stacked on one step axis: losses, weights, gradients,
-    activations (or whatever collections were captured), `bands` distribution bands, dead units."""
+def report_figure(jobs: Sequence[JobData]) -> Figure:
+    """The one-picture report: under the alert lane, one panel per question a reader brings to
+    it (is the loss going down? are gradients healthy per layer? which layers die?) on one step
+    axis. The details per collection are in the HTML report."""
     _require_matplotlib()
-    sections = build_sections(jobs, stat=stat, bands=bands, collections=PNG_COLLECTIONS)
+    sections = build_sections(jobs, overview_only=True)
     if not sections:
         raise ConfigError(
             f"nothing to draw: no loss or tensor statistics in {', '.join(j.job for j in jobs)}"
         )
-    rows = sum(len(jobs) if s.per_job else 1 for s in sections)
-    fig = _figure(rows, width=12.0, row_height=2.2)
-    fig.suptitle(f"tensorpulse report: {', '.join(j.job for j in jobs)}", fontsize=11, x=0.01, ha="left")
-    _draw_rows(fig, sections, jobs)
-    return _png_bytes(fig, dpi)
+    fig = _figure()
+    fig.suptitle(f"tensorpulse report: {', '.join(j.job for j in jobs)}", fontsize=12, x=0.01, ha="left")
+    _draw_rows(fig, sections, jobs, width=12.0)
+    return fig
+
+
+def render_png(jobs: Sequence[JobData], *, stat: str = "abs_mean", bands: int = 1, dpi: int = 100) -> bytes:
+    """The report as one PNG (see `report_figure`); `stat` and `bands` concern the HTML report's
+    details and are accepted for symmetry with it."""
+    if stat not in STATS:
+        raise ConfigError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
+    return _png_bytes(report_figure(jobs), dpi)
 
 
 _CSS = """

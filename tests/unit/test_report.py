@@ -13,6 +13,7 @@ import pytest
 from tensorpulse import wire
 from tensorpulse.errors import ConfigError
 from tensorpulse.report import (
+    PANEL,
     Collector,
     _Thinned,
     build_sections,
@@ -138,14 +139,16 @@ def test_jobs_share_the_y_scale_and_step_axis(jobs) -> None:
     """Every job's axis of a section has the same y limits and scale; 1e4 apart means a log axis."""
     figs = dict((s.key, fig) for s, fig in section_figures(build_sections(jobs), jobs))
     fig = figs["stat:weights"]
-    axes = fig.axes
+    axes = [ax for ax in fig.axes if ax.get_label() == PANEL]  # not the alert lane above them
     assert len(axes) == 2
     assert axes[0].get_ylim() == axes[1].get_ylim()
     assert axes[0].get_xlim() == axes[1].get_xlim()
     assert axes[0].get_yscale() == axes[1].get_yscale() == "log"
     lo, hi = axes[0].get_ylim()
     assert lo <= 0.08 and hi >= 0.08 * 1e4  # covers both jobs' abs_mean
-    assert figs["dead"].axes[0].get_ylim() == figs["dead"].axes[1].get_ylim()
+    dead = [ax for ax in figs["dead"].axes if ax.get_label() == PANEL]
+    assert len(dead) == 2 and dead[0].get_ylim() == dead[1].get_ylim()
+    assert dead[0].get_xlim() == axes[0].get_xlim()
 
 
 def test_choose_scale() -> None:
