@@ -81,6 +81,10 @@ class _Record:
     captures: list[Any] = field(default_factory=list)
     #: The optimizer did not apply this step (a GradScaler skipped it): wire `skip`.
     skipped: bool = False
+    #: Whether the record's weights were read after the optimizer applied this step's gradients
+    #: (TorchHook knows; None: unknown, and no order of its non-finite tensors is sent). See
+    #: `_nonfinite_order`.
+    weights_after: bool | None = None
 
     def has_data(self) -> bool:
         return bool(
@@ -753,6 +757,8 @@ class Hook:
             merged = Columns.concat(cols)
             names, colls, merged = _dedupe(names, colls, merged)
             block = merged.to_block(names, colls, self.delta_tolerance)
+            if rec.weights_after is not None and (block.nan is not None or block.inf is not None):
+                block.nonfinite_order = _nonfinite_order(colls, block, rec.weights_after)
         announce = False
         sid = None
         if block is not None:
@@ -788,6 +794,38 @@ class Hook:
             vectors=rec.vectors,
             skipped=rec.skipped,
         )
+
+
+#: Within one training step, when each collection's values come to be, for the order of its
+#: non-finite tensors: weights as the forward pass used them, activations (forward order),
+#: gradients (backward order), weights after the optimizer applied the gradients.
+_PHASES = {"activations": 1, "activation_inputs": 1, "gradients": 2}
+_WEIGHTS = ("weights", "biases")
+
+
+def _nonfinite_order(colls: list[str], block: wire.TensorBlock, weights_after: bool) -> list[int]:
+    """Indices of the block's non-finite tensors in the order their values appeared (wire `t.nfo`).
+
+    Why: a NaN spreads within one step (the forward pass into the later activations, the
+    backward pass into every gradient, the optimizer's step into every weight), so the first in
+    record order is often a tensor it spread to. Activations are in the order the forward pass
+    produced them; gradients are taken last layer first, as autograd computes them in a model
+    whose parameters are registered in forward order (an approximation: the hook does not watch
+    the backward pass). Tensors of other collections are left out (they follow, in record order).
+    Runs on the publisher thread, only for records that hold a non-finite value.
+    """
+    bad = np.zeros(len(colls), dtype=bool)
+    for arr in (block.nan, block.inf):
+        if arr is not None:
+            bad |= np.asarray(arr) > 0
+    weights = 3 if weights_after else 0
+    keyed = []
+    for i in np.flatnonzero(bad).tolist():
+        coll = colls[i]
+        phase = weights if coll in _WEIGHTS else _PHASES.get(coll)
+        if phase is not None:
+            keyed.append((phase, -i if phase == 2 else i, i))
+    return [i for _, _, i in sorted(keyed)]
 
 
 def _dedupe(names: list[str], colls: list[str], cols: Columns) -> tuple[list[str], list[str], Columns]:

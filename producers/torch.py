@@ -45,6 +45,13 @@ checkpoint, a hand-made fault), above all after a step the GradScaler skipped, s
 `hook.publish()`, which waits for the reading. The background thread is not woken for each job: it looks for
 jobs on its own clock, without the GIL when numba is installed (`worker.PollingWorker`).
 
+Non-finite values: a record that holds one also says in which order its non-finite tensors'
+values appeared within the step (wire `t.nfo`, `hook._nonfinite_order`), so that an alert names
+the tensor where a NaN appeared, not one it spread to. Weights count as read after the update
+when the optimizer ran a step since the step's first forward pass (`_weights_after_update`;
+the optimizer's step post-hook counts steps while the hook is armed). Healthy records cost
+nothing more: the order is computed on the publisher thread from the nan/inf counts.
+
 torch.compile: attach to the model before or after compiling it (`torch.compile(model)`); the
 hook attaches to the original module either way (`_original_module`), so tensors keep their
 eager names (no "_orig_mod." prefix). torch.compile runs a compiled module's own forward hooks
@@ -218,6 +225,7 @@ class _Job(NamedTuple):
     weights: Outcome | None = None
     weight_names: list[str] = []
     weight_colls: list[str] = []
+    weights_after: bool = False  # read after the optimizer applied this step (_Record.weights_after)
 
     def weights_done(self) -> bool:
         return self.weights is None or self.weights.done()
@@ -457,9 +465,15 @@ class TorchHook(Hook):
                 )
         self._offloading = self._should_offload(model)
         self._scaler = scaler if scaler is not None and _scaler_enabled(scaler) else None
-        if self._scaler is not None:
+        forward_hooks = activations or self._auto_inputs is not None or self._offloading or self._scaler is not None
+        offload_hooks = self._offloading and hasattr(optimizer, "register_step_pre_hook")
+        if self._scaler is not None or (
+            forward_hooks and not offload_hooks and hasattr(optimizer, "register_step_post_hook")
+        ):
+            # Counts optimizer steps (offloading's `_on_optimizer_step` counts them itself): did
+            # the optimizer apply a step since the forward pass (`_weights_after_update`)?
             self._arm_with.append(lambda: optimizer.register_step_post_hook(self._count_optimizer_step))
-        if activations or self._auto_inputs is not None or self._offloading or self._scaler is not None:
+        if forward_hooks:
             # Registered while a saved step may come (`_arm` / `_disarm`); the activation hooks
             # are registered when a capture starts and removed when it ends.
             self._arm_with.append(lambda: model.register_forward_pre_hook(self._on_compiled_forward))
@@ -612,6 +626,8 @@ class TorchHook(Hook):
     def _on_optimizer_step(self, *_: Any) -> None:
         """The weights changed: a new generation, whose weights can be read until the next step."""
         self._generation += 1
+        if self._scaler is None:  # with a scaler, `_count_optimizer_step` counts them
+            self._optimizer_steps += 1
         self._weights = None
         try:
             self._prefetch_weights("train")
@@ -751,15 +767,18 @@ class TorchHook(Hook):
                     self._record_for(job.step, job.mode).parts.append(
                         _Part(job.weight_names, job.weight_colls, weights)
                     )
-                self._assemble(job.step, job.mode, job.names, job.colls, job.extra_names, job.caps, host, values)
+                self._assemble(
+                    job.step, job.mode, job.names, job.colls, job.extra_names, job.caps, host, values, job.weights_after
+                )
             except Exception as exc:  # noqa: BLE001
                 self._fail("computing statistics", exc)
                 continue
             if not self._held_back(job.step, job.mode):
                 Hook.publish(self, job.step, job.mode)
 
-    def _assemble(self, step, mode, names, colls, extra_names, caps, host, values) -> None:
+    def _assemble(self, step, mode, names, colls, extra_names, caps, host, values, weights_after=False) -> None:
         rec = self._record_for(step, mode)
+        rec.weights_after = weights_after
         if names:
             rec.parts.append(_Part(names, colls, host))
         rec.scalars.update(zip(extra_names, values, strict=True))
@@ -802,8 +821,21 @@ class TorchHook(Hook):
 
     # ------------------------------------------------------------------ mixed precision, holding
     def _count_optimizer_step(self, *_: Any) -> None:
-        """The optimizer's step post-hook (with a scaler): the optimizer applied a step."""
+        """The optimizer's step post-hook: the optimizer applied a step."""
         self._optimizer_steps += 1
+
+    def _weights_after_update(self, mode: str) -> bool:
+        """Whether weights read now were read after the optimizer applied this step's gradients.
+
+        True when the optimizer ran a step since the step's first forward pass (`step()` called
+        after `optimizer.step()`): the weights then hold what the gradients did to them, so a
+        NaN they hold came after the gradients' (wire `t.nfo`, `_nonfinite_order`). Offloaded
+        weights are read in the current generation, after the optimizer's last step, so the same
+        test holds for them. False when no forward pass was seen (the hook's forward pre-hook is
+        not registered: `activations=False`): the README's order, `step()` before the optimizer.
+        """
+        seen = self._steps_at_forward if mode == "train" else None
+        return seen is not None and self._optimizer_steps > seen
 
     def _decide_skipped(self) -> None:
         """Mark the awaited saved train step skipped if the optimizer applied no step since its
@@ -1105,20 +1137,22 @@ class TorchHook(Hook):
                     extra_names.append(name)
                 pending.scalar_tensors = {}
             act_stats = [a for _, _, a in acts]
-            if self._scaler is not None and mode == "train":  # published once the optimizer has run
+            after = self._weights_after_update(mode)
+            if mode == "train":
                 seen, self._steps_at_forward = self._steps_at_forward, None
-                self._awaiting_optimizer = (step, self._optimizer_steps if seen is None else seen)
+                if self._scaler is not None:  # published once the optimizer has run
+                    self._awaiting_optimizer = (step, self._optimizer_steps if seen is None else seen)
             if offload:
                 versions = _versions(tensors)
                 self._flush_staged()
-                job = _Job(step, mode, names, colls, extra_names, caps, None, weights, wnames, wcolls)
+                job = _Job(step, mode, names, colls, extra_names, caps, None, weights, wnames, wcolls, after)
                 self._staged = _Staged((step, tensors, quants, None, act_stats, extras, caps, versions), job)
                 self._unreported_train += job.is_train_save
                 if not (self._weights_offloadable and self._armed and mode == "train"):
                     self._flush_staged()  # no optimizer step will carry it
                 return
             host, values = self._reduce(step, tensors, quants, delta_keys, act_stats, extras, caps)
-            self._assemble(step, mode, names, colls, extra_names, caps, host, values)
+            self._assemble(step, mode, names, colls, extra_names, caps, host, values, after)
         except Exception as exc:  # noqa: BLE001
             self._fail("computing statistics", exc)
             return

@@ -33,9 +33,14 @@ class ExplodingTensor(Rule):
     value = number of non-finite elements (one per scalar), tensors = offending names (tensors in
     record order, then scalars), and the message names the first. It resolves (firing=False) at
     the first step of a mode it sees with nothing non-finite.
+    Which offender is first within a record: where the producer sends the order in which the
+    step's non-finite values appeared (`StepRecord.nonfinite_order`, wire `t.nfo`), the earliest
+    offender in it; offenders it leaves out follow in record order, then scalars. Why: a NaN
+    spreads within one step, so record order would name a tensor it spread to (TorchHook sends
+    weights first, and a NaN gradient is in every weight once the optimizer has applied it).
     First non-finite: per mode, the state keeps the earliest offender this rank has produced,
-    ordered by (step, record ts, position among the checked tensors and scalars), as
-    [step, ts, position, name]: one entry per mode, never more. `job_summary` picks the earliest
+    ordered by (step, record ts, position among the checked tensors and scalars, in that
+    within-record order), as [step, ts, position, name]: one entry per mode, never more. `job_summary` picks the earliest
     of all ranks (rank breaks the last tie), and the stream layer adds it to the alert's message
     ("first non-finite: rank 1, gradient/fc1.weight, step 161") and details. A record that
     arrives late with an earlier step moves it back; an alert already sent is not re-sent.
@@ -65,14 +70,20 @@ class ExplodingTensor(Rule):
         first_pos = -1  # position of the first offender among the checked tensors and scalars
         checked = 0
         skipped = record.skipped  # a GradScaler skipped the step for inf/NaN gradients, on purpose
+        # Within-record position of each tensor the producer ordered (only records with non-finite
+        # tensors carry an order): the earliest offender in it comes first.
+        order = {id(record.tensors[i]): k for k, i in enumerate(record.nonfinite_order)}
+        unordered = len(order)  # positions of the tensors it leaves out start here
+        first = 0  # index of the first offender in `offenders`
         for t in record.select(self._collections, self._regex):
             if skipped and t.collection == "gradients":
                 continue
             bad = F.nonfinite_count(t, only_nan)
             checked += 1
-            if bad and first_pos < 0:
-                first_pos = checked - 1
             if bad:
+                pos = order.get(id(t), unordered + checked - 1)
+                if first_pos < 0 or pos < first_pos:
+                    first_pos, first = pos, len(offenders)
                 count += bad
                 offenders.append(t.name)
                 details.append(
@@ -84,20 +95,20 @@ class ExplodingTensor(Rule):
                 checked += 1
                 if F.scalar_nonfinite(value, only_nan):
                     if first_pos < 0:
-                        first_pos = checked - 1
+                        first_pos, first = unordered + checked - 1, len(offenders)
                     count += 1
                     offenders.append(key)
                     details.append(f"scalar {key} = {value}")
         if not count:
             return state, Finding(False, value=0.0, threshold=0.0)
         more = f" (and {len(offenders) - 1} more)" if len(offenders) > 1 else ""
-        state = _remember_first(state, record, first_pos, offenders[0])
+        state = _remember_first(state, record, first_pos, offenders[first])
         return state, Finding(
             True,
             value=float(count),
             threshold=0.0,
             tensors=tuple(offenders),
-            message=f"non-finite values at {record.mode} step {record.step}: {details[0]}{more}",
+            message=f"non-finite values at {record.mode} step {record.step}: {details[first]}{more}",
         )
 
     def job_summary(self, rank_states: Mapping[int, State], mode: str) -> tuple[dict[str, Any], str] | None:

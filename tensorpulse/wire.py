@@ -210,6 +210,12 @@ class StepRecord:
     #: The optimizer did not apply this train step: a mixed-precision GradScaler skipped it
     #: because its gradients held inf or NaN (wire `skip`; absent means False).
     skipped: bool = False
+    #: Indices into `tensors` of its non-finite tensors in the order their values appeared within
+    #: the step, earliest first (wire `t.nfo`), where the producer knows it; () otherwise. Why:
+    #: a NaN spreads within one step (forward into later activations, backward into every
+    #: gradient, the optimizer's step into every weight), so record order names a tensor it
+    #: spread to. Tensors it leaves out came later, in record order.
+    nonfinite_order: tuple[int, ...] = ()
 
     def select(
         self, collections: Iterable[str] | None = None, regex: str | re.Pattern[str] | None = None
@@ -242,6 +248,8 @@ class TensorBlock:
     deltas: Mapping[int, tuple[int, float, float, float | None]] = field(default_factory=dict)
     #: (rtol, atol) used for the allclose excess in `deltas`.
     tolerance: tuple[float, float] | None = None
+    #: Row indices of non-finite tensors, earliest first (StepRecord.nonfinite_order); sent as `nfo`.
+    nonfinite_order: Sequence[int] = ()
 
 
 def schema_id(names: Sequence[str], collections: Sequence[str]) -> int:
@@ -310,6 +318,8 @@ def encode(
                 nonfinite.setdefault(int(i), [0, 0])[col] = int(arr[i])
         if nonfinite:
             t["nf"] = nonfinite
+        if len(tensors.nonfinite_order):
+            t["nfo"] = [int(i) for i in tensors.nonfinite_order]
         if tensors.activity:
             t["act"] = {int(i): [int(c) for c in v] for i, v in tensors.activity.items()}
         if tensors.quantiles:
@@ -510,10 +520,12 @@ def _decode(payload: bytes, schemas: MutableMapping[tuple[str, int, int], Any] |
 
     tensors: tuple[TensorStats, ...] = ()
     tolerance = None
+    order: tuple[int, ...] = ()
     t = rec.get("t")
     if t is not None:
         tensors = _decode_tensors(t, job, rank, schemas)
         tolerance = _tolerance(t)
+        order = _nonfinite_order(t, len(tensors))
     return StepRecord(
         job,
         rank,
@@ -531,6 +543,7 @@ def _decode(payload: bytes, schemas: MutableMapping[tuple[str, int, int], Any] |
         vectors=_decode_vectors(rec.get("vec")),
         tolerance=tolerance,
         skipped=skipped,
+        nonfinite_order=order,
     )
 
 
@@ -639,6 +652,20 @@ def _tolerance(t: Any) -> tuple[float, float] | None:
     if not isinstance(tol, list) or len(tol) != 2:
         raise DecodeError("bad_tensors", "'t.tol' must be [rtol, atol]")
     return (_finite_number(tol[0], "t.tol rtol"), _finite_number(tol[1], "t.tol atol"))
+
+
+def _nonfinite_order(t: Mapping[str, Any], k: int) -> tuple[int, ...]:
+    """`t.nfo`: distinct tensor indices (0 <= i < k), earliest non-finite first; () when absent."""
+    order = t.get("nfo")
+    if order is None:
+        return ()
+    if (
+        not isinstance(order, list)
+        or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < k for i in order)
+        or len(set(order)) != len(order)
+    ):
+        raise DecodeError("bad_tensors", f"'t.nfo' must be a list of distinct tensor indices below {k}")
+    return tuple(order)
 
 
 def _decode_tensors(
