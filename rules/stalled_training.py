@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
+import numpy as np
 from pydantic import Field
 
 from tensorpulse.wire import MODES, StepRecord
@@ -50,6 +52,16 @@ class StalledTrainingRule(Rule):
         if last is None or record.ts > last:
             state = {"ts": record.ts, "step": record.step, "mode": record.mode}
         return state, Finding(False, value=gap, threshold=self.params.threshold)
+
+    def batch_reference(self, records: Sequence[StepRecord]) -> list[Finding | None]:
+        """`update`'s findings over the run at once: each gap to the running maximum of the ts before it."""
+        ts = np.array([r.ts for r in records], dtype=np.float64)
+        if not ts.size:
+            return []
+        newest = np.maximum.accumulate(ts)
+        gaps = np.maximum(ts[1:] - newest[:-1], 0.0)
+        threshold = self.params.threshold
+        return [Finding(False, None, threshold)] + [Finding(False, float(g), threshold) for g in gaps]
 
     def check_idle(self, state: State, now: float) -> tuple[State, Finding | None]:
         last = state["ts"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
+import numpy as np
 from pydantic import Field
 
 from tensorpulse.errors import ConfigError
@@ -76,3 +78,33 @@ class TensorVariance(Rule):
             ),
         )
         return state, finding
+
+    def batch_reference(self, records: Sequence[StepRecord]) -> list[Finding | None]:
+        """Each record on its own (stateless), with numpy: std² of the selected tensors against the bounds."""
+        p = self.params
+        hi = np.inf if p.max_threshold is None else p.max_threshold
+        lo = -np.inf if p.min_threshold is None else p.min_threshold
+        out: list[Finding | None] = []
+        for r in records:
+            selected = [t for t in r.select(self._collections, self._regex) if t.n > 0]
+            if not selected:
+                out.append(None)
+                continue
+            names = [t.name for t in selected]
+            v = np.array([t.std for t in selected], dtype=np.float64) ** 2
+            above = np.flatnonzero(v > hi)[np.argsort(-v[v > hi], kind="stable")]
+            under = np.flatnonzero(v < lo)[np.argsort(v[v < lo], kind="stable")]
+            finite = v[~np.isnan(v)]
+            if len(above):
+                out.append(
+                    Finding(
+                        True, float(v[above[0]]), p.max_threshold, tuple(names[i] for i in [*above, *under])
+                    )
+                )
+            elif len(under):
+                out.append(Finding(True, float(v[under[0]]), p.min_threshold, tuple(names[i] for i in under)))
+            elif p.max_threshold is not None:
+                out.append(Finding(False, float(finite.max()) if finite.size else None, p.max_threshold))
+            else:
+                out.append(Finding(False, float(finite.min()) if finite.size else None, p.min_threshold))
+        return out

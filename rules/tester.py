@@ -129,6 +129,7 @@ class RuleTester:
     against the batch reference (the streaming run and its round-trips must agree exactly).
     `long_run`: records in the bounded-state run. `growth`: how much larger (a factor) the packed
     state may be in the second half of the long run than in the first, plus `slack` bytes.
+    `ticks`: for clock rules, a `check_idle` tick before each record (see `stream`).
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class RuleTester:
         formats: Sequence[str] = ("msgpack", "json"),
         rel_tol: float = 1e-9,
         long_run: int = 600,
+        ticks: bool = True,
         growth: float = 1.25,
         slack: int = 256,
         **params: Any,
@@ -161,6 +163,7 @@ class RuleTester:
         self.other_params = None if other_params is None else dict(other_params)
         self.formats = tuple(formats)
         self.rel_tol, self.long_run, self.growth, self.slack = rel_tol, long_run, growth, slack
+        self.ticks = ticks
 
     # ------------------------------------------------------------------ driving
     def fresh(self, **params: Any) -> Rule:
@@ -177,21 +180,34 @@ class RuleTester:
         records: Sequence[StepRecord],
         *,
         state: State | None = None,
+        before: Callable[[int, State], None] | None = None,
         after: Callable[[int, State], State] | None = None,
+        ticks: bool = True,
     ) -> tuple[State, Result]:
         """Drive `rule` as the stream layer does: (final state, [(record index, finding or None)]).
 
         Records of the rule's own job (the first record's) go to `update`; for a cross-run rule
-        (`cross_run = True`), records of other jobs go to `update_other`. `after(i, state)` may
-        replace the state after record i (the round-trip check passes it through a codec).
+        (`cross_run = True`), records of other jobs go to `update_other`. For a clock rule
+        (`clock = True`), when the tester's `ticks` (and `ticks` here) are on, a clock tick comes
+        before every record but the first: `check_idle(state, record.ts)`, the worker's last tick
+        before that record arrives; its entry carries that record's index, before the record's.
+        `before(i, state)` sees the state each call is given, `after(i, state)` may replace the
+        state each call returns (the round-trip check passes it through a codec).
         """
         state = rule.initialize() if state is None else state
+        ticking = ticks and self.ticks and bool(getattr(rule, "clock", False))
         out: Result = []
-        for i in self.seen(rule, records):
-            state, finding = self._one(rule, records, i, state)
-            if after is not None:
-                state = after(i, state)
-            out.append((i, finding))
+        for n, i in enumerate(self.seen(rule, records)):
+            for tick in (True, False) if ticking and n else (False,):
+                if before is not None:
+                    before(i, state)
+                if tick:
+                    state, finding = rule.check_idle(state, records[i].ts)
+                else:
+                    state, finding = self._one(rule, records, i, state)
+                if after is not None:
+                    state = after(i, state)
+                out.append((i, finding))
         return state, out
 
     def _where(self, records: Sequence[StepRecord], i: int) -> str:
@@ -209,11 +225,14 @@ class RuleTester:
         rel_tol: float = 0.0,
         message: bool = True,
     ) -> None:
-        for (i, a), (_, b) in zip(got, want, strict=True):
+        for n, ((i, a), (_, b)) in enumerate(zip(got, want, strict=True)):
             diff = _finding_diff(a, b, rel_tol, message)
             if diff is not None:
+                tick = "the clock tick before " if n + 1 < len(got) and got[n + 1][0] == i else ""
                 raise RuleCheckError(
-                    self.rule, check, f"at {self._where(records, i)} {names[0]} vs {names[1]} differ: {diff}"
+                    self.rule,
+                    check,
+                    f"at {tick}{self._where(records, i)} {names[0]} vs {names[1]} differ: {diff}",
                 )
 
     # ------------------------------------------------------------------ the checks
@@ -231,7 +250,7 @@ class RuleTester:
                 "reference",
                 f"batch_reference gave {len(want)} findings for the {len(seen)} records it was given",
             )
-        _, got = self.stream(rule, records)
+        _, got = self.stream(rule, records, ticks=False)
         self._compare(
             "reference",
             records,
@@ -273,17 +292,19 @@ class RuleTester:
         rule = self.fresh()
         before = {k: repr(v) for k, v in vars(rule).items()} if hasattr(rule, "__dict__") else {}
 
-        state = rule.initialize()
-        first: Result = []
-        for i in self.seen(rule, records):
-            packed = encode(state)
-            new, finding = self._one(rule, records, i, state)
-            if encode(state) != packed:
+        given: list[Any] = []
+
+        def keep(i: int, state: State) -> None:
+            given[:] = [state, encode(state)]
+
+        def same(i: int, new: State) -> State:
+            if encode(given[0]) != given[1]:
                 raise RuleCheckError(
-                    rule, "purity", f"update changed the state it was given at {self._where(records, i)}"
+                    rule, "purity", f"the rule changed the state it was given at {self._where(records, i)}"
                 )
-            first.append((i, finding))
-            state = new
+            return new
+
+        _, first = self.stream(rule, records, before=keep, after=same)
         after = {k: repr(v) for k, v in vars(rule).items()} if hasattr(rule, "__dict__") else {}
         if after != before:
             changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
