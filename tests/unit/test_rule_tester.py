@@ -310,6 +310,20 @@ def test_a_good_toy_rule_passes() -> None:
     assert [f.firing for _, f in findings if f] == [False, False, True, True]
 
 
+def test_takes_an_instance() -> None:
+    """An instance is tested with its own parameters (fresh copies are built from them); parameters
+    beside an instance are refused."""
+    from tensorpulse.rules import Threshold
+
+    rule = Threshold(scalar="loss", op=">", value=1.0, patience=2)
+    tester = RuleTester(rule, other_params={"patience": 1})
+    findings = tester.check(losses(2.0, 2.0, 0.5, 2.0))
+    assert [f.firing for _, f in findings if f] == [False, True, False, False]
+    assert tester.check_reference(losses(2.0, 2.0)) and tester.fresh().params == rule.params
+    with pytest.raises(TypeError, match="pass the class"):
+        RuleTester(rule, patience=3)
+
+
 def test_catches_a_reference_mismatch() -> None:
     """`update` using >= where the definition says >: the record at the limit differs."""
 
