@@ -520,7 +520,9 @@ def _loss_section(jobs: Sequence[JobData]) -> Section | None:
                         "-",
                         color=color,
                         lw=1.8,
-                        label=f"median of {window} steps",
+                        label=f"{who}{name} ({mode}), median of {window}"
+                        if len(keys) > 1 or who
+                        else f"median of {window} steps",
                     )
                 else:
                     ax.plot(x, y, "o-", ms=3, color=color, lw=1.4, label=f"{who}{name} ({mode})")
@@ -602,7 +604,14 @@ def norm_limits(values: Iterable[np.ndarray]) -> tuple[float, float]:
 
 
 def _rows_height(rows: int) -> float:
-    return min(7.0, max(1.6, 0.22 * rows + 0.7))
+    return min(7.0, max(1.1, 0.22 * rows + 0.7))
+
+
+def _colorbar(ax: Axes, mesh: Any, extend: str = "neither") -> Any:
+    """A slim colour bar just right of its heat map (an inset, so constrained layout keeps room for it)."""
+    cax = ax.inset_axes((1.012, 0.0, 0.012, 1.0))
+    cax.set_label("colorbar")
+    return ax.figure.colorbar(mesh, cax=cax, extend=extend)
 
 
 def _heat_rows(ax: Axes, names: Sequence[str]) -> None:
@@ -658,7 +667,7 @@ def _gradnorm_section(jobs: Sequence[JobData]) -> Section | None:
                 shading="flat",
             )
         _heat_rows(ax, [t.name for t in tensors])
-        bar = ax.figure.colorbar(mesh, ax=ax, extend="both", pad=0.01, fraction=0.04, aspect=12)
+        bar = _colorbar(ax, mesh, extend="both")
         bar.set_label(f"{'gradient ' if coll == 'gradients' else coll + ' '}L2 norm", fontsize=TICK_SIZE)
         bar.ax.tick_params(labelsize=TICK_SIZE)
         _mark_alerts(ax, job, jobs)
@@ -703,7 +712,7 @@ def _dead_section(jobs: Sequence[JobData]) -> Section | None:
             shading="flat",
         )
         _heat_rows(ax, [t.name for t in tensors])
-        bar = ax.figure.colorbar(mesh, ax=ax, pad=0.01, fraction=0.04, aspect=12)
+        bar = _colorbar(ax, mesh)
         bar.set_label("fraction of units dead", fontsize=TICK_SIZE)
         bar.ax.tick_params(labelsize=TICK_SIZE)
         _mark_alerts(ax, job, jobs)
