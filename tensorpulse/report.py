@@ -598,8 +598,9 @@ def norm_limits(values: Iterable[np.ndarray]) -> tuple[float, float]:
     reach = max(3 * (q75 - q25), 1.0)
     keep = v[(lv >= q25 - reach) & (lv <= q75 + reach)]
     lo, hi = float(keep.min()), float(keep.max())
-    if hi <= lo:
-        lo, hi = lo / 10, hi * 10
+    if hi < 10 * lo:  # at least a decade, so the colour bar has decade ticks to label
+        mid = math.sqrt(lo * hi)
+        lo, hi = mid / math.sqrt(10), mid * math.sqrt(10)
     return lo, hi
 
 
@@ -609,9 +610,13 @@ def _rows_height(rows: int) -> float:
 
 def _colorbar(ax: Axes, mesh: Any, extend: str = "neither") -> Any:
     """A slim colour bar just right of its heat map (an inset, so constrained layout keeps room for it)."""
+    from matplotlib.ticker import NullFormatter
+
     cax = ax.inset_axes((1.012, 0.0, 0.012, 1.0))
     cax.set_label("colorbar")
-    return ax.figure.colorbar(mesh, cax=cax, extend=extend)
+    bar = ax.figure.colorbar(mesh, cax=cax, extend=extend)
+    bar.ax.yaxis.set_minor_formatter(NullFormatter())  # a narrow log range labels minor ticks, overlapping
+    return bar
 
 
 def _heat_rows(ax: Axes, names: Sequence[str]) -> None:
@@ -678,8 +683,8 @@ def _gradnorm_section(jobs: Sequence[JobData]) -> Section | None:
         else f"{', '.join(colls)} L2 norm (no gradients captured)"
     )
     title = (
-        f"{QUESTIONS['gradnorm']}  {what} per layer over steps "
-        "(magenta: above the usual range; black: below it or 0; red: NaN/inf)"
+        f"{QUESTIONS['gradnorm']}  {what}, one row per layer\n"
+        "magenta: above the usual range;  black: below it, or 0;  red: NaN/inf"
     )
     return Section("gradnorm", title, True, draw, None, "", height=_rows_height(rows))
 
@@ -927,7 +932,7 @@ def _declutter_ticks(fig: Figure) -> None:
 
     fig.draw_without_rendering()
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
-    for ax in fig.axes:
+    for ax in [a for parent in fig.axes for a in (parent, *parent.child_axes)]:  # colour bars are insets
         for axis, is_y in ((ax.yaxis, True), (ax.xaxis, False)):
             ticks = [t for t in axis.get_major_ticks() if t.label1.get_visible() and t.label1.get_text()]
             lo, hi = sorted(axis.get_view_interval())

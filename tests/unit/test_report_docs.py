@@ -57,17 +57,23 @@ def built(tmp_path_factory):
     return mod, job, report_figure([job]), png
 
 
+def all_axes(fig) -> list:
+    """The figure's axes and their insets (the heat maps' colour bars)."""
+    return [a for ax in fig.axes for a in (ax, *ax.child_axes)]
+
+
 def tick_overlaps(fig) -> list[str]:
     """Per axis of every axes, the pairs of visible tick labels whose boxes overlap."""
     renderer = fig.canvas.get_renderer()
     out = []
-    for ax in fig.axes:
+    for ax in all_axes(fig):
         for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
             lo, hi = sorted(axis.get_view_interval())
             labels = [
-                t.label1
-                for t in axis.get_major_ticks()
-                if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi
+                label
+                for t in axis.get_major_ticks() + axis.get_minor_ticks()
+                for label in (t.label1, t.label2)  # label2: a colour bar's, on the right
+                if label.get_visible() and label.get_text() and lo <= t.get_loc() <= hi
             ]
             for i, k in overlapping(lab.get_window_extent(renderer) for lab in labels):
                 out.append(
@@ -95,6 +101,13 @@ def check_reads_at_a_glance(fig) -> None:
     """What every report figure must satisfy (shared by the demo's picture and the many-layer one)."""
     fig.canvas.draw()
     assert tick_overlaps(fig) == []
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    for ax in all_axes(fig):  # titles and labels stay on the picture
+        for text in (ax.title, ax._left_title, ax.xaxis.label, ax.yaxis.label):
+            if text.get_text():
+                box = text.get_window_extent(renderer)
+                assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1, text.get_text()
     assert all(share < 0.02 for _, share in legend_cover(fig)), legend_cover(fig)
     renderer = fig.canvas.get_renderer()
     legends = [ax.get_legend().get_window_extent(renderer) for ax in fig.axes if ax.get_legend() is not None]
@@ -134,6 +147,18 @@ def test_one_panel_per_question_with_the_alerts_marked(built) -> None:
 def test_demo_figure_reads_at_a_glance(built) -> None:
     """No overlapping tick labels or alert names, legends off the data."""
     check_reads_at_a_glance(built[2])
+
+
+def test_without_gradients_the_norms_of_another_collection_read_too() -> None:
+    """A job with weights only (and a narrow range of norms) falls back to them, titled so, still readable."""
+    job = _many_layers(layers=1)
+    for t in job.tensors.values():
+        if t.collection == "gradients":
+            t.collection = "weights"
+    fig = report_figure([job])
+    check_reads_at_a_glance(fig)
+    heat = [ax for ax in fig.axes if ax.get_label() == PANEL][1]
+    assert "weights L2 norm (no gradients captured)" in heat.get_title(loc="left")
 
 
 def test_loss_axis_shows_the_loss_going_down(built) -> None:
