@@ -23,6 +23,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from tensorpulse.report import JobData
+    from tensorpulse.rules.config import RuleSpec
 
 DOCS_IMG = Path(__file__).resolve().parent / "img"
 JOB = "demo-exploding"
@@ -77,7 +84,7 @@ def demo_run(job: str = JOB, fault: str = FAULT, steps: int = STEPS) -> list[byt
     return [p for p in payloads if wire.decode(p, cache).step <= last]
 
 
-def parse_demo_rules():  # -> list[RuleSpec]
+def parse_demo_rules() -> list[RuleSpec]:
     """`tensorpulse demo`'s rules: the default set, ExplodingTensor stops the job."""
     from tensorpulse.demo import DEMO_RULES
     from tensorpulse.rules.config import parse_rules
@@ -85,14 +92,14 @@ def parse_demo_rules():  # -> list[RuleSpec]
     return parse_rules(DEMO_RULES, "tensorpulse demo's rules")
 
 
-def collect(payloads: list[bytes], job: str = JOB):  # -> tensorpulse.report.JobData
+def collect(payloads: list[bytes], job: str = JOB) -> JobData:
     """The report's series and the alerts replayed with the demo's rules (what the demo's worker raises)."""
     from tensorpulse.report import collect_job
 
     return collect_job(payloads, job, parse_demo_rules())
 
 
-def describe(fig, job) -> dict:  # (Figure, JobData) -> dict
+def describe(fig: Figure, job: JobData) -> dict[str, Any]:
     """What the picture shows, in words: the run's alerts and the panels' titles."""
     from tensorpulse.report import PANEL
 
@@ -104,7 +111,7 @@ def describe(fig, job) -> dict:  # (Figure, JobData) -> dict
     }
 
 
-def build(out: Path = DOCS_IMG, job=None) -> list[Path]:  # job: JobData | None
+def build(out: Path = DOCS_IMG, job: JobData | None = None) -> list[Path]:
     """Train, replay and draw (`job`: the collected run, when the caller has it); write
     out/report.png. Returns the files written."""
     from tensorpulse.report import _png_bytes, report_figure
