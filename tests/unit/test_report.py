@@ -15,14 +15,19 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.report import (
     PANEL,
     Collector,
+    JobData,
     _Thinned,
     build_sections,
     choose_scale,
     collect_job,
+    lane_labels,
+    loss_scale,
     nonfinite_spans,
     render_html,
     render_png,
     section_figures,
+    smooth,
+    smoothing_window,
     write_report,
 )
 from tensorpulse.rules.config import parse_rules
@@ -203,3 +208,54 @@ def test_write_report_by_suffix(jobs, tmp_path) -> None:
     assert write_report(jobs[:1], tmp_path / "r.html").read_text().startswith("<!doctype html>")
     with pytest.raises(ConfigError, match=r"\.html or a \.png"):
         write_report(jobs, tmp_path / "r.pdf")
+
+
+def test_loss_scale_keeps_the_course_not_the_spike() -> None:
+    """A diverging tail is off scale (linear axis on the descent); a loss across decades gets a log axis."""
+    descent = np.linspace(1.4, 0.8, 160)
+    s = loss_scale([np.concatenate([descent, [50.0, 1e5, 1e19, np.inf]])])
+    assert s.kind == "linear" and s.lo < 0.8 and 1.4 < s.hi < 2.0
+    assert loss_scale([np.geomspace(10.0, 0.01, 200)]).kind == "log"
+    # A high start is the shape to see, a spike later is not.
+    start = np.concatenate([np.linspace(5.0, 1.0, 20), np.full(180, 1.0)])
+    start[100] = 500.0
+    s = loss_scale([start])
+    assert s.kind == "linear" and 5.0 <= s.hi < 10.0
+    assert loss_scale([np.array([np.nan])]) == loss_scale([])
+
+
+def test_smooth_follows_the_trend_not_a_spike() -> None:
+    """The running median ignores a one-step spike and NaN gaps, and has no lag on a ramp."""
+    y = np.arange(50, dtype=float)
+    y[25] = 1e6
+    y[30] = np.nan
+    out = smooth(y, 5)
+    assert 23.0 <= out[25] <= 27.0 and out[30] == 30.0
+    assert out[10] == 10.0  # centred: no lag
+    assert smoothing_window(30) == 1 and smoothing_window(166) == 5 and smoothing_window(10**6) == 51
+
+
+def test_lane_labels_never_overlap_and_count_what_they_leave_out() -> None:
+    """Thirty alerts on consecutive steps: labels in rows without overlap, those without a row counted."""
+    from tensorpulse.events import AlertEvent
+
+    job = JobData("j")
+    job.alerts = [
+        AlertEvent(
+            job="j", rule=f"Rule{k}", status="firing", step=k, rank=0, mode="train", severity="warning"
+        )
+        for k in range(30)
+    ]
+    labels, dropped = lane_labels([job], (0.0, 100.0), data_per_char=0.5, max_levels=6)
+    assert {lab.level for lab in labels} == set(range(6)) and dropped == 30 - len(labels) > 0
+    for level in range(6):
+        spans = sorted(
+            (lab.step, lab.step + (len(lab.text) + 1) * 0.5)
+            if lab.align == "left"
+            else (lab.step - (len(lab.text) + 1) * 0.5, lab.step)
+            for lab in labels
+            if lab.level == level
+        )
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
+    right, _ = lane_labels([job], (0.0, 31.0), data_per_char=0.5, max_levels=40)
+    assert right[-1].align == "right"  # near the axis's end a label runs left of its marker
