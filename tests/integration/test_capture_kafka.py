@@ -63,7 +63,8 @@ def test_torch_labels_inputs_and_deltas_through_kafka(kafka_bootstrap: str, uniq
         assert tanh_in.collection == "activations" and tanh_in.activity[0] == 4
     later = {t.name: t.delta for t in recs[1].tensors if t.delta is not None}
     assert sorted(later) == ["0.weight", "3.weight"] and all(d.prev_step == 0 for d in later.values())
-    assert recs[1].tolerance == (1e-5, 1e-8)
+    # the default sketched deltas (wire `ds`): an estimate, no allclose excess, no tolerance
+    assert all(not d.exact and d.update_l2 > 0 for d in later.values()) and recs[1].tolerance is None
 
 
 def test_xgboost_callback_through_kafka(kafka_bootstrap: str, unique: str):
