@@ -725,17 +725,7 @@ def reduce_many(
         # quantiles come from a small subsample either way.
         rows = _reduce_fused([xs[i] for i in fused])
         for r, i in enumerate(fused):
-            x = xs[i]
-            out[i] = DeviceStats(
-                n=x.numel(),
-                vals=list(_quantiles(x.reshape(-1), x.dtype)) if qs[i] else [],
-                chunks=1,
-                rows=rows,
-                row=r,
-                quantiles=qs[i],
-                tensor=x,
-                check_shift=True,
-            )
+            out[i] = _row_stats(xs[i], rows, r, qs[i], check_shift=True)
     for sizes in small.values():
         for group in _row_groups(sizes):
             if len(group) == 1:
@@ -744,17 +734,22 @@ def reduce_many(
                 continue
             rows = _reduce_rows([xs[i] for i in group])
             for r, i in enumerate(group):
-                x = xs[i]
-                out[i] = DeviceStats(
-                    n=x.numel(),
-                    vals=list(_quantiles(x.reshape(-1), x.dtype)) if qs[i] else [],
-                    chunks=1,
-                    rows=rows,
-                    row=r,
-                    quantiles=qs[i],
-                    tensor=x,
-                )
+                out[i] = _row_stats(xs[i], rows, r, qs[i], check_shift=False)
     return out  # type: ignore[return-value]
+
+
+def _row_stats(x: torch.Tensor, rows: _Rows, row: int, quantiles: bool, *, check_shift: bool) -> DeviceStats:
+    """DeviceStats of tensor `x`, reduced as row `row` of `rows` (its quantiles from a subsample)."""
+    return DeviceStats(
+        n=x.numel(),
+        vals=list(_quantiles(x.reshape(-1), x.dtype)) if quantiles else [],
+        chunks=1,
+        rows=rows,
+        row=row,
+        quantiles=quantiles,
+        tensor=x,
+        check_shift=check_shift,
+    )
 
 
 def _scalar_1d(v: torch.Tensor) -> torch.Tensor:
