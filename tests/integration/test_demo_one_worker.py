@@ -13,7 +13,9 @@ import pytest
 from tensorpulse.events import AlertEvent
 from tensorpulse.topics import ALERTS_TOPIC
 
-from .helpers import read_topic, worker_process
+from tensorpulse.stream.running import running_groups
+
+from .helpers import read_topic, wait_for, worker_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,6 +38,14 @@ def _demo(bootstrap: str, *extra: str) -> tuple[str, list[AlertEvent]]:
     return out.stdout, [e for e in events if e.job == job.group(1)]
 
 
+def _joined(bootstrap: str, group: str) -> None:
+    """Wait until `group` has a live member: the worker's /metrics answers before its consumer joins,
+    and a demo started in between would see no running group."""
+    wait_for(
+        lambda: any(g.group == group for g in running_groups(bootstrap)), 60, f"worker group {group!r} to join"
+    )
+
+
 def _assert_once(stdout: str, events: list[AlertEvent]) -> None:
     """Every transition of the job is on the topic once, and the demo printed each once."""
     assert events, "the demo's fault raised no alert"
@@ -48,6 +58,7 @@ def _assert_once(stdout: str, events: list[AlertEvent]) -> None:
 def test_demo_reuses_the_running_worker_group(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
     """With a worker group running, the demo starts no worker of its own and says which group it uses."""
     with worker_process(kafka_bootstrap, tmp_path, group=f"running-{unique}"):
+        _joined(kafka_bootstrap, f"running-{unique}")
         stdout, events = _demo(kafka_bootstrap)
     assert f"reusing the worker group 'running-{unique}' (1 worker(s))" in stdout
     assert "  worker    pid" not in stdout
@@ -60,6 +71,7 @@ def test_demo_own_worker_beside_a_running_group_doubles_nothing(
 ) -> None:
     """--own-worker: the demo's worker under its own group and topic prefix, which the running group does not follow."""
     with worker_process(kafka_bootstrap, tmp_path, group=f"running-{unique}"):
+        _joined(kafka_bootstrap, f"running-{unique}")
         stdout, events = _demo(kafka_bootstrap, "--own-worker")
     assert f"'running-{unique}' (1 worker(s)) already running here" in stdout
     assert "topic prefix 'tensorpulse-demo-" in stdout and "  worker    pid" in stdout
