@@ -52,6 +52,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     "no-deltas": ({"track_deltas": ()}, {}),
     "no-offload": ({"offload": False}, {}),
     "no-numba": ({}, {"TENSORPULSE_NUMBA": "0"}),
+    # The plain torch path on the training thread: what a GPU model runs (there numba never loads).
+    "torch-path": ({"offload": False}, {"TENSORPULSE_NUMBA": "0"}),
     "no-activations": ({"_attach": {"activations": False}}, {}),
 }
 
