@@ -124,6 +124,24 @@ class Vector:
     labels: tuple[str, ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Where a tensor's statistics sit in a sharded parameter (FSDP2 / DTensor; wire `t.sh`).
+
+    Each rank reduces only its own shard, so its record's statistics are the shard's; this says
+    what they are a part of, for the worker to combine the shards (stream/shards.py).
+    """
+
+    #: Element count of the whole parameter (the sum of its shards' `n`).
+    numel: int
+    #: This shard's index among the parameter's `count` shards (replicas of a shard share it).
+    index: int
+    count: int
+    #: Offset of the shard's first element in the whole parameter, flattened in row-major order,
+    #: when the shard is one contiguous block of it (sharded along dim 0); else None.
+    offset: int | None = None
+
+
 @dataclass(slots=True)
 class TensorStats:
     """Statistics of one tensor at one step, computed over all elements (population std).
@@ -154,6 +172,8 @@ class TensorStats:
     #: allclose excess max(|w - w_prev| - (atol + rtol*|w_prev|)) (<= 0: allclose) computed with
     #: the record's `tolerance`.
     delta: Delta | None = None
+    #: Which shard of which whole parameter these statistics are (wire `t.sh`), else None.
+    shard: Shard | None = None
 
     @property
     def l2(self) -> float:
@@ -250,6 +270,9 @@ class TensorBlock:
     tolerance: tuple[float, float] | None = None
     #: Row indices of non-finite tensors, earliest first (StepRecord.nonfinite_order); sent as `nfo`.
     nonfinite_order: Sequence[int] = ()
+    #: Row index -> (numel, index, count, offset or -1) of the rows that are shards of a
+    #: parameter (TensorStats.shard); sent as `sh`.
+    shards: Mapping[int, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 def schema_id(names: Sequence[str], collections: Sequence[str]) -> int:
@@ -320,6 +343,8 @@ def encode(
             t["nf"] = nonfinite
         if len(tensors.nonfinite_order):
             t["nfo"] = [int(i) for i in tensors.nonfinite_order]
+        if tensors.shards:
+            t["sh"] = {int(i): [int(x) for x in v] for i, v in tensors.shards.items()}
         if tensors.activity:
             t["act"] = {int(i): [int(c) for c in v] for i, v in tensors.activity.items()}
         if tensors.quantiles:
@@ -714,6 +739,7 @@ def _decode_tensors(
     quantiles = _sparse(t, "q", k, 2)
     deltas = _sparse(t, "d", k, 4)
     sketched = _sparse(t, "ds", k, 3)
+    shards = _sparse(t, "sh", k, 4)
     out = []
     for i in range(k):
         if zeros[i] > n[i]:
@@ -745,9 +771,24 @@ def _decode_tensors(
                 None if act is None else tuple(int(a) for a in act),
                 None if q is None else (float(q[0]), float(q[1])),
                 d,
+                None if i not in shards else _shard(shards[i], n[i], names[i]),
             )
         )
     return tuple(out)
+
+
+def _shard(v: list[Any], n: int, name: str) -> Shard:
+    """`t.sh` entry [numel, index, count, offset or -1] of a tensor of n elements."""
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+        raise DecodeError("bad_tensors", f"tensor {name!r}: shard {v!r} must be four integers")
+    numel, index, count, offset = v
+    if not (n <= numel < 2**63 and 0 <= index < count <= 1_000_000):
+        raise DecodeError(
+            "bad_tensors", f"tensor {name!r}: shard {v!r} needs n={n} <= numel and 0 <= index < count"
+        )
+    if offset != -1 and not 0 <= offset <= numel - n:
+        raise DecodeError("bad_tensors", f"tensor {name!r}: shard offset {offset} outside 0..{numel - n}")
+    return Shard(numel, index, count, None if offset == -1 else offset)
 
 
 def peek_job(payload: bytes) -> str | None:
