@@ -20,6 +20,12 @@ record of B, and A and B may be owned by different workers of the group. The des
 - **Not in the per-job evaluator.** Cross-run rules are left out of the evaluator of the job's
   own topic, so they are evaluated exactly once, in the crossrun stream.
 
+- **A job's end.** When job A is over (every rank's end record, or no record for
+  `job_idle_timeout_s`), the worker that saw it forwards a job-over notice keyed by A: an end record of
+  A with the header `JOB_OVER_HEADER` (the reason). In A's key context it resolves every cross-run
+  alert still firing for A (`JobEvaluator.end_job`), removes A's series there, and marks the context
+  over: records of other jobs no longer fire alerts about A until A publishes again.
+
 The topic name carries the consumer group, so that two groups on one cluster do not evaluate each
 other's forwarded records. It has one partition (comparisons are few; more partitions would
 spread them over workers). Limits: B's records are forwarded only while A's topic exists and
@@ -29,7 +35,7 @@ is followed by the group (A discovered), and the rule compares steps within its 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from quixstreams.models.serializers import SerializationContext, Serializer
@@ -42,6 +48,36 @@ from tensorpulse.topics import group_topic
 def crossrun_topic(group: str) -> str:
     """The internal topic of a consumer group's cross-run records."""
     return group_topic("crossrun", group)
+
+
+#: Header of a crossrun message that says the job of its key is over; its value is the reason (UTF-8).
+JOB_OVER_HEADER = "tensorpulse-job-over"
+
+
+class Forward(NamedTuple):
+    """One message for the crossrun topic: its key (the job it is evaluated for), value and headers."""
+
+    key: bytes
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def job_over_notice(job: str, step: int, now: float, reason: str) -> Forward:
+    """The message that ends `job`'s cross-run evaluation: an end record of the job, the reason in a header.
+
+    A value that is a valid record keeps the topic readable by anything that decodes it (replay,
+    the dead-letter path); the header is what says "the whole job", not one rank.
+    """
+    value = wire.encode(job=job, rank=0, world=1, step=max(step, 0), mode="global", ts=now, kind="end")
+    return Forward(job.encode(), value, ((JOB_OVER_HEADER, reason.encode()),))
+
+
+def job_over_reason(headers: Any) -> str | None:
+    """The reason of a job-over notice from a message's headers (None for a forwarded record)."""
+    for name, value in headers or ():
+        if name == JOB_OVER_HEADER:
+            return bytes(value).decode("utf-8", "replace")
+    return None
 
 
 def _selected(spec: RuleSpec, name: str, collection: str | None) -> bool:
@@ -82,7 +118,8 @@ def forward_payload(record: wire.StepRecord, specs: Iterable[RuleSpec]) -> bytes
 
 
 class KeyedValue(Serializer):
-    """Serialises a (key, value bytes) pair to its value: the key was taken by `to_topic(key=...)`."""
+    """Serialises a `Forward` to its value: the key was taken by `to_topic(key=...)`, the headers by
+    `set_headers`."""
 
-    def __call__(self, value: tuple[Any, bytes], ctx: SerializationContext) -> bytes:
+    def __call__(self, value: tuple[Any, ...], ctx: SerializationContext) -> bytes:
         return value[1]

@@ -51,7 +51,7 @@ from tensorpulse.topics import (
 )
 
 from .clock import clock_interval, clock_thresholds, housekeeping_interval, tick_horizon
-from .crossrun import KeyedValue, crossrun_topic, forward_payload
+from .crossrun import Forward, KeyedValue, crossrun_topic, forward_payload, job_over_notice, job_over_reason
 from .deadletter import envelope
 from .evaluator import JobEvaluator, Transition, is_cross_run
 from .intake import IDLE_HEADER, KEY_HEADER, SOURCE_HEADER, TICK_HEADER, Intake, IntakeConfig, source_group
@@ -63,6 +63,7 @@ from .state import JobStore, Layout, StoredSchemas, pack, unpack
 log = logging.getLogger("tensorpulse.stream")
 
 _EVAL_KEY = "eval"  # the cross-run stream's one state entry per job
+_OVER_KEY = "over"  # set in the cross-run stream once the job is over (stream/crossrun.py)
 
 #: Seconds from SIGTERM/SIGINT to the worker's exit at the latest. A stop normally takes well under
 #: a second (the application commits its last checkpoint); with the broker away that commit cannot
@@ -91,7 +92,7 @@ LIMIT_OF_REASON = {
 }
 
 #: What the processor returns: (alerts, dead letters, actions, crossrun messages) to publish.
-Outputs = tuple[list[bytes], list[bytes], list[bytes], list[tuple[bytes, bytes]]]
+Outputs = tuple[list[bytes], list[bytes], list[bytes], list[Forward]]
 _NOTHING: Outputs = ([], [], [], [])
 
 
@@ -399,7 +400,8 @@ class Worker:
                 key_serializer="bytes",
                 config=cfg,
             )
-            out.apply(lambda r: r[3], expand=True).to_topic(cross, key=lambda m: m[0])
+            forwards = out.apply(lambda r: r[3], expand=True)
+            forwards.set_headers(lambda m, *_: list(m.headers)).to_topic(cross, key=lambda m: m.key)
             # Cross-run rules: both sides of every comparison arrive here keyed by the job they alert on.
             cout = app.dataframe(cross).apply(self._cross_processor, stateful=True, metadata=True)
             cout.apply(lambda r: r[0], expand=True).to_topic(alerts)
@@ -464,16 +466,22 @@ class Worker:
             targets[job] = found
         return found
 
-    def _forwards(self, job: str, record: wire.StepRecord) -> list[tuple[bytes, bytes]]:
-        """(key, value) messages for the crossrun topic: `record` for each job that compares with it."""
+    def _forwards(self, job: str, record: wire.StepRecord) -> list[Forward]:
+        """Messages for the crossrun topic: `record` for each job that compares with it."""
         if not self._cross_specs or record.kind != "step":
             return []
         out = []
         for target, specs in self._targets_of(job):
             payload = forward_payload(record, specs)
             if payload is not None:
-                out.append((target.encode(), payload))
+                out.append(Forward(target.encode(), payload))
         return out
+
+    def _job_over(self, job: str, step: int, now: float, reason: str) -> list[Forward]:
+        """The job-over notice for the crossrun topic, if the job has cross-run rules to resolve."""
+        if not self._cross_specs or not self._cross_evaluator(job).specs:
+            return []
+        return [job_over_notice(job, step, now, reason)]
 
     # ------------------------------------------------------------------ one message of the steps topic
     def _process(self, value: bytes, key: Any, timestamp: int, headers: Any, state: State) -> Outputs:
@@ -523,7 +531,7 @@ class Worker:
         ev = self._evaluator(job)
         store = self._store(job, state)
         transitions: list[Transition] = []
-        job_over = False
+        job_over: list[Forward] | None = None
         if record.kind == "end":
             log.info("job %s rank %d finished at step %d", job, record.rank, record.step)
             store.mark_ended(record.rank, now)
@@ -543,15 +551,19 @@ class Worker:
                 store.save(eval_state, [record.rank])
                 self._too_large(job, store)
                 if record.kind == "end" and store.all_ended() is not None:
-                    job_over = True  # the cross-rank rules' alerts resolve now, the ranks' resolved above
-                    transitions += self._end_job(job, store, [], now, "every rank of the job finished")
+                    # The cross-rank rules' alerts resolve now (the ranks' resolved above), the
+                    # cross-run rules' in the crossrun stream.
+                    reason = "every rank of the job finished"
+                    transitions += self._end_job(job, store, [], now, reason)
+                    job_over = self._job_over(job, record.step, now, reason)
             except Exception as exc:  # a bug here must not stop the pipeline: keep the record
                 log.exception("rule evaluation failed for job %s step %d", job, record.step)
                 err = DecodeError("processing_error", f"{type(exc).__name__}: {exc}")
                 return [], [self._reject(err, job, key, value, src)], [], []
         alerts, actions = self._emit(transitions)
-        if job_over:  # after the resolved events: their counters go with the rest of the job's series
+        if job_over is not None:  # after the resolved events: their counters go with the job's other series
             self._forget(job)
+            return alerts, [], actions, job_over
         return alerts, [], actions, self._forwards(job, record)
 
     def _admit_scalars(self, job: str, record: wire.StepRecord) -> wire.StepRecord:
@@ -627,7 +639,7 @@ class Worker:
             log.info("job %s: %s; %d alert(s) resolved", job, reason, len(transitions))
             alerts, actions = self._emit(transitions)
             self._forget(job)
-            return alerts, [], actions, []
+            return alerts, [], actions, self._job_over(job, 0, now, reason)
         if not ev.has_clock:
             return _NOTHING
         eval_state = store.load(ranks, groups=("clock",))
@@ -667,7 +679,13 @@ class Worker:
     ) -> tuple[list[bytes], list[bytes], list[bytes]]:
         """A forwarded record in the key context of the job it is compared for (stream/crossrun.py)."""
         ctx = message_context()
-        src = Source(ctx.topic, ctx.partition, ctx.offset)
+        return self.cross_one(value, key, headers, state, Source(ctx.topic, ctx.partition, ctx.offset))
+
+    def cross_one(
+        self, value: bytes, key: Any, headers: Any, state: State, src: Source
+    ) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        """Evaluate one crossrun message for the job of its key: a record of that job or of another, or
+        the notice that the job is over (its firing cross-run alerts resolve, its series go)."""
         target = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
         try:
             try:
@@ -679,12 +697,20 @@ class Worker:
             return [], [self._reject(exc, target, key, value, src)], []
         ev = self._cross_evaluator(target)
         now = time.time()
+        over = job_over_reason(headers) if record.job == target else None
         try:
             eval_state = state.get(_EVAL_KEY)
-            if record.job == target:
+            if over is not None:
+                eval_state, transitions = ev.end_job(eval_state, target, now, reason=over)
+                state.set(_OVER_KEY, True)
+            elif record.job == target:
+                if state.get(_OVER_KEY):
+                    state.delete(_OVER_KEY)  # the job publishes again: compare it with the others again
                 eval_state, transitions = ev.process(
                     eval_state, record, now=now, on_rule_error=self._on_rule_error
                 )
+            elif state.get(_OVER_KEY):
+                return [], [], []  # the job is over: nothing more is said about it
             else:
                 eval_state, transitions = ev.process_other(
                     eval_state, target, record, now=now, on_rule_error=self._on_rule_error
@@ -695,6 +721,8 @@ class Worker:
             return [], [self._reject(err, target, key, value, src)], []
         state.set(_EVAL_KEY, eval_state)
         alerts, actions = self._emit(transitions)
+        if over is not None:  # after the resolved events, as for the job's own alerts
+            self.metrics.remove_job(target)
         return alerts, [], actions
 
     def _emit(self, transitions: list[Transition]) -> tuple[list[bytes], list[bytes]]:

@@ -100,3 +100,61 @@ def test_a_silent_job_ends_after_the_idle_timeout(kafka_bootstrap: str, unique: 
         wait_for(
             lambda: f'training_job="{job}"' not in scrape(url), 20, "the silent job's series to disappear"
         )
+
+
+def _diverging(job: str, step: int, shift: float) -> bytes:
+    """A step with one gradient, the same for every job at a step unless `shift` moves its mean."""
+    floats = np.array([[0.01 * step + shift, 0.1, -1.0, 1.0, 0.05]], dtype=np.float32)
+    block = wire.TensorBlock(
+        ["gradient/fc.weight"], ["gradients"], np.array([1000]), floats, np.zeros(1, np.int64)
+    )
+    return train_record(job, step, seq=step, tensors=block, announce=step == 0)
+
+
+def test_a_silent_job_resolves_its_cross_run_alerts_too(
+    kafka_bootstrap: str, unique: str, tmp_path: Path
+) -> None:
+    """SimilarAcrossRuns firing for job A, then A and B go silent: after job_idle_timeout_s A's
+    cross-run alert resolves with the idle reason (it used to fire for ever)."""
+    job_a, job_b = f"xa-{unique}", f"xb-{unique}"
+    for job in (job_a, job_b):
+        create_topic(kafka_bootstrap, reductions_topic(job))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "defaults: false\n"
+        "rules:\n"
+        "  - rule: SimilarAcrossRuns\n"
+        f"    jobs: '^{job_a}$'\n"
+        f"    params: {{other_trials: [{job_b}], collection_names: [gradients]}}\n"
+    )
+    config = tmp_path / "worker.yaml"
+    config.write_text("job_idle_timeout_s: 3\n")
+    with worker_process(
+        kafka_bootstrap,
+        tmp_path,
+        group=f"g-{unique}",
+        rules=rules,
+        jobs_regex=f"-{unique}$",
+        extra=["--config", str(config)],
+    ):
+        producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
+        for step in range(6):
+            producer.produce(reductions_topic(job_a), key=job_a.encode(), value=_diverging(job_a, step, 0.0))
+            shift = 0.5 if step >= 4 else 0.0
+            producer.produce(
+                reductions_topic(job_b), key=job_b.encode(), value=_diverging(job_b, step, shift)
+            )
+        producer.flush(10)
+
+        def similar() -> list[AlertEvent] | None:
+            evs = [
+                AlertEvent.from_json(m.value()) for m in read_topic(kafka_bootstrap, ALERTS_TOPIC, timeout=1)
+            ]
+            found = [e for e in evs if e.job == job_a and e.rule == "SimilarAcrossRuns"]
+            return found if found and found[-1].status == "resolved" else None
+
+        events = wait_for(
+            similar, 60, "A's SimilarAcrossRuns alert to fire and then resolve after the idle timeout"
+        )
+        assert [(e.status, e.step) for e in events] == [("firing", 4), ("resolved", 4)]
+        assert "job_idle_timeout_s=3" in events[-1].message

@@ -54,7 +54,8 @@ def _alerts(bootstrap: str, jobs: set[str]) -> list[AlertEvent]:
 
 def test_stalled_job_and_similar_across_runs(kafka_bootstrap: str, unique: str, tmp_path) -> None:
     """A silent job fires StalledTrainingRule after the threshold and resolves on its next record; a
-    finished job never does; job A fires SimilarAcrossRuns at the step where job B diverges."""
+    finished job never does; job A fires SimilarAcrossRuns at the step where job B diverges, and its
+    end resolves it."""
     job_a, job_b, job_s = f"cra-{unique}", f"crb-{unique}", f"crs-{unique}"
     jobs = {job_a, job_b, job_s}
     for job in jobs:
@@ -88,10 +89,15 @@ def test_stalled_job_and_similar_across_runs(kafka_bootstrap: str, unique: str, 
 
         def similar():
             found = [e for e in _alerts(kafka_bootstrap, jobs) if e.rule == "SimilarAcrossRuns"]
-            return found or None
+            return found if len(found) >= 2 else None
 
-        found = wait_for(similar, 90, "a SimilarAcrossRuns alert for job A")
-        assert [(e.job, e.status, e.step, e.rank) for e in found] == [(job_a, "firing", DIVERGE_AT, 0)]
+        # A fires at the step where B diverges, and resolves when A's end record says it is over.
+        found = wait_for(similar, 90, "a SimilarAcrossRuns alert for job A and its resolution")
+        assert [(e.job, e.status, e.step, e.rank) for e in found] == [
+            (job_a, "firing", DIVERGE_AT, 0),
+            (job_a, "resolved", DIVERGE_AT, 0),
+        ]
+        assert "every rank of the job finished" in found[1].message
         assert found[0].tensors == ("gradient/fc.weight",) and job_b in found[0].message
         actions = [
             json.loads(m.value()) for m in read_topic(kafka_bootstrap, control_topic(job_a), timeout=1)
@@ -120,7 +126,10 @@ def test_stalled_job_and_similar_across_runs(kafka_bootstrap: str, unique: str, 
         # asserted here (the wait above only bounds a hang).
         assert fired[0].ts - fired[0].publish_ts > STALL
         assert (
-            metric_value(scrape(url), "tensorpulse_rule_firing", training_job=job_s, rule="StalledTrainingRule") == 1
+            metric_value(
+                scrape(url), "tensorpulse_rule_firing", training_job=job_s, rule="StalledTrainingRule"
+            )
+            == 1
         )
 
         send(job_s, _record(job_s, 3))
