@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +31,8 @@ import numpy as np
 #: What a statistic is on the wire: "f" a column of the float32 matrix, "n"/"z" an integer array,
 #: "nf"/"q"/"d" a sparse map by tensor row, "" derived by readers from the others (not sent).
 WireKey = Literal["n", "f", "z", "nf", "q", "d", "act", ""]
+#: Upper edges of the per-unit activity histogram (fraction of samples in which a unit is > 0).
+ACTIVITY_EDGES = (0.001, 0.01, 0.05, 0.1, 0.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +232,7 @@ def combine(parts: Sequence[Any], **fields: Any) -> Any:
     """A `wire.TensorStats` (the type of `parts[0]`) for the whole tensor the `parts` are shards of.
 
     Name and collection are those of the first part unless given in `fields`; quantiles and
-    activity are None (not combinable); `fields` overrides anything else.
+    activity are None (not combinable), and so is `shard`; `fields` overrides anything else.
     """
     if not parts:
         raise ValueError("combine needs at least one part")
@@ -251,6 +254,8 @@ def combine(parts: Sequence[Any], **fields: Any) -> Any:
         "quantiles": None,
         "delta": delta,
     }
+    if "shard" in {f.name for f in dataclass_fields(parts[0])}:
+        values["shard"] = None  # the whole tensor is no shard
     values.update(fields)
     return replace(parts[0], **values)
 

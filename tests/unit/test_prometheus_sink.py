@@ -197,7 +197,8 @@ def test_every_reason_a_worker_counts_is_in_the_one_list() -> None:
     """The reasons raised by the record decoder, the worker and its intake are all in
     DECODE_REASONS (a new one without an entry would have no series until it happens), and the
     wire-format doc names each."""
-    sources = [ROOT / "tensorpulse/wire.py", ROOT / "stream/worker.py", ROOT / "stream/intake.py"]
+    sources = [ROOT / "tensorpulse" / f for f in ("wire.py", "wire_checks.py", "wire_extensions.py")]
+    sources += [ROOT / "stream/worker.py", ROOT / "stream/intake.py"]
     raised = set().union(*map(_reasons_in, sources))
     assert {"not_msgpack", "too_large", "wrong_key", "bad_tick", "processing_error"} <= raised
     assert raised <= set(DECODE_REASONS), raised - set(DECODE_REASONS)
