@@ -1,0 +1,5 @@
+"""`python -m tensorpulse.cli` is the `tensorpulse` command, as `python -m tensorpulse` is."""
+
+from . import main
+
+main()

@@ -1,0 +1,126 @@
+"""The `rules` command: the rule catalogue, a rules file checked, and checked against a job's records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import TensorpulseError
+from .common import replay_inputs, topic_options
+
+
+def _narrowed_defaults(specs: list) -> list[str]:
+    """A default rule replaced by an entry with a `jobs:` pattern runs for those jobs only: say so,
+    since every other job silently loses it."""
+    from ..rules.config import default_specs
+
+    defaults = {d.name for d in default_specs()}
+    if not defaults <= {s.name for s in specs}:
+        return []  # `defaults: false`: nothing was replaced
+    return [
+        f"{s.name} replaces the default rule of that name: jobs not matching {s.jobs.pattern!r} no longer "
+        "get it (give the entry a 'name' of its own to run it beside the default)"
+        for s in specs
+        if s.name in defaults and s.jobs is not None
+    ]
+
+
+@click.command(name="rules")
+@click.option("--markdown", is_flag=True, help="Print the full reference (docs/rules.md) instead of a list.")
+@click.option(
+    "--check",
+    "check_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Validate this rules file (YAML or TOML) as the worker would, and print its rules per job pattern.",
+)
+@click.option(
+    "--against",
+    metavar="JOB",
+    help="Also read JOB's records and warn for each rule whose tensor_regex or collection_names "
+    "selects nothing it publishes (exit 1 if a rules file's own setting does).",
+)
+@topic_options
+def rules_cmd(markdown: bool, check_file: Path | None, against: str | None, bootstrap, topic_prefix) -> None:
+    """List the rule catalogue: names, parameters and defaults (or check a rules file with --check).
+
+    Rules marked [default] run when no rules file is given; a parameter shown as <required> has
+    no default: a rules file that selects the rule must give it.
+
+    \b
+    Examples:
+      tensorpulse rules --check rules.yaml
+      tensorpulse rules --check rules.yaml --against resnet-42 --bootstrap 127.0.0.1:9092
+    """
+    from ..rules import REGISTRY
+
+    if against is not None:
+        _check_against(check_file, against, bootstrap, topic_prefix)
+        return
+    if check_file is not None:
+        from ..rules.config import describe, load_rules
+
+        try:
+            specs = load_rules(check_file)
+        except TensorpulseError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(describe(specs))
+        for note in _narrowed_defaults(specs):
+            click.echo(f"note: {note}", err=True)
+        click.echo(f"{check_file}: OK, {len(specs)} rule(s)", err=True)
+        return
+    if markdown:
+        from ..rules.reference import render
+
+        click.echo(render(), nl=False)
+        return
+    from ..rules import default_rules
+    from ..rules.reference import signature
+
+    defaults = {rule.name for rule in default_rules()}
+    for name, cls in sorted(REGISTRY.items()):
+        click.echo(f"{signature(cls)}{'  [default]' if name in defaults else ''}")
+        doc = (cls.__doc__ or "").strip().splitlines()
+        if doc:
+            click.echo(f"    {doc[0]}")
+    click.echo(
+        f"{len(REGISTRY)} rules; [default]: in the default rule set ({len(defaults)}), which a worker runs "
+        "without --rules and a rules file with 'defaults: true' starts from; <required>: a rules file "
+        "must give it (tensorpulse rules --markdown for the full reference)",
+        err=True,
+    )
+
+
+def _check_against(
+    rules_file: Path | None, job: str, bootstrap: str | None, topic_prefix: str | None
+) -> None:
+    """`rules --against JOB`: the rules JOB gets (the file, else as for replay) against the names
+    its records publish; a selection that matches nothing would keep its rule silent forever."""
+    from ..replay import JobReader, Progress
+    from ..rules.config import describe, rules_for_job
+    from ..rules.coverage import misses, read_published
+
+    progress = Progress(f"read {job}")
+    try:
+        specs, prefix = replay_inputs(rules_file, topic_prefix)
+        reader = JobReader(bootstrap, job, prefix=prefix, progress=progress)
+        published, bad = read_published(p.value for p in reader)
+    except TensorpulseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        progress.close()
+    specs = rules_for_job(specs, job)
+    click.echo(describe(specs))
+    found = misses(specs, published)
+    for m in found:
+        click.echo(f"{'warning' if m.explicit else 'note'}: {m.format(job)}", err=True)
+    unreadable = f", {bad} undecodable (skipped)" if bad else ""
+    explicit = sum(m.explicit for m in found)
+    click.echo(
+        f"{reader.topic}: {reader.read} record(s), {len(published.tensors)} tensor(s), "
+        f"{len(published.scalars)} scalar(s){unreadable}; {len(specs)} rule(s) for {job}, "
+        f"{explicit} with a selection of the rules file that matches nothing",
+        err=True,
+    )
+    if explicit:
+        raise click.exceptions.Exit(1)
