@@ -24,6 +24,7 @@ from typing import Any
 from .broker import EmbeddedBroker, free_port
 from .errors import ConfigError, TensorpulseError
 from .events import AlertEvent
+from .rules.causes import CauseGroups, Placement, grouped_lines
 from .stream.process import worker_command
 
 DEMO_RULES = """\
@@ -38,6 +39,40 @@ rules:
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
+
+
+#: What the demo prints before an alert event's first line (tests count it: one per event).
+ALERT_MARK = "  ALERT  "
+
+
+def alert_lines(ev: AlertEvent, placement: Placement) -> list[str]:
+    """The demo's lines for one alert event, grouped under its root cause as `tensorpulse alerts`
+    prints them (rules/causes.py): a follow-on indented and marked "(follows <root>)", a root
+    followed by the follow-ons it explains that fired before it."""
+    first, *rest = grouped_lines(ev, placement)
+    return [ALERT_MARK + first] + [" " * len(ALERT_MARK) + line for line in rest]
+
+
+def root_causes(alerts: list[AlertEvent]) -> dict[str, list[str]]:
+    """Root cause -> the rules that fired as its follow-ons, over a run's events in arrival order:
+    the summary's one line per cause (a follow-on that fired before its root counts under it)."""
+    groups = CauseGroups()
+    causes: dict[str, list[str]] = {}
+    for ev in alerts:
+        placement = groups.place(ev)
+        if ev.status != "firing":
+            continue
+        if placement.follows is not None:
+            root, rules = placement.follows, [ev.rule]
+        else:
+            root, rules = ev.rule, []
+            for explained in placement.explains:
+                rules += [explained, *causes.pop(explained, [])]
+        listed = causes.setdefault(root, [])
+        for rule in rules:
+            if rule not in listed and rule != root:
+                listed.append(rule)
+    return causes
 
 
 def _build_model(fault: str):
@@ -248,10 +283,11 @@ def run_demo(
         _say("")
 
         def reader() -> None:
+            groups = CauseGroups()
             for ev in read_alerts(bootstrap, job=job, follow=True, stop=stop_reading, from_beginning=False):
                 received[ev.id] = time.time()
                 alerts.append(ev)
-                _say(f"  ALERT  {ev.format()}")
+                _say("\n".join(alert_lines(ev, groups.place(ev))))
 
         t = threading.Thread(target=reader, name="alerts", daemon=True)
         t.start()
@@ -308,6 +344,14 @@ def _summary(job, fault, steps, stopped_at, hstats, alerts, received, metrics_ur
         f"  alerts fired      {len(firing)}"
         + (f" ({', '.join(f'{r} x{n}' for r, n in by_rule.items())})" if by_rule else "")
     )
+    causes = root_causes(alerts)
+    if causes:
+        _say(
+            "  root causes       "
+            + "; ".join(
+                f"{root}" + (f" (with {', '.join(rules)})" if rules else "") for root, rules in causes.items()
+            )
+        )
     if latencies:
         _say(
             f"  step->alert       {latencies[0] * 1000:.0f} ms fastest, {latencies[-1] * 1000:.0f} ms slowest"

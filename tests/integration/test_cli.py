@@ -42,6 +42,7 @@ def test_demo_catches_its_fault_and_exits_zero() -> None:
     assert "ALERT" in text and "ExplodingTensor" in text
     assert "asked this job to stop" in text
     assert "the fault was caught" in text and "metrics" in text
+    assert "root causes       ExplodingTensor" in text  # follow-ons grouped under it (rules/causes.py)
 
 
 def test_alerts_command_on_an_empty_cluster(kafka_bootstrap: str) -> None:
