@@ -101,7 +101,7 @@ def collect(payloads: list[bytes], job: str = JOB) -> JobData:
 
 def describe(fig: Figure, job: JobData) -> dict[str, Any]:
     """What the picture shows, in words: the run's alerts and the panels' titles."""
-    from tensorpulse.report import PANEL
+    from tensorpulse.report.axes import PANEL
 
     return {
         "job": job.job,
@@ -114,14 +114,14 @@ def describe(fig: Figure, job: JobData) -> dict[str, Any]:
 def build(out: Path = DOCS_IMG, job: JobData | None = None) -> list[Path]:
     """Train, replay and draw (`job`: the collected run, when the caller has it); write
     out/report.png. Returns the files written."""
-    from tensorpulse.report import _png_bytes, report_figure
+    from tensorpulse.report.layout import png_bytes, report_figure
 
     job = collect(demo_run()) if job is None else job
     fig = report_figure([job])
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.png"
     meta = {"Description": json.dumps(describe(fig, job), sort_keys=True), "Software": "tensorpulse report"}
-    path.write_bytes(_png_bytes(fig, metadata=meta))
+    path.write_bytes(png_bytes(fig, metadata=meta))
     return [path]
 
 

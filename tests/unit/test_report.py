@@ -12,24 +12,11 @@ import pytest
 
 from tensorpulse import wire
 from tensorpulse.errors import ConfigError
-from tensorpulse.report import (
-    PANEL,
-    Collector,
-    JobData,
-    _Thinned,
-    build_sections,
-    choose_scale,
-    collect_job,
-    lane_labels,
-    loss_scale,
-    nonfinite_spans,
-    render_html,
-    render_png,
-    section_figures,
-    smooth,
-    smoothing_window,
-    write_report,
-)
+from tensorpulse.report import build_sections, collect_job, render_html, render_png, write_report
+from tensorpulse.report.axes import PANEL, nonfinite_spans
+from tensorpulse.report.data import Collector, JobData, Thinned
+from tensorpulse.report.layout import lane_labels, section_figures
+from tensorpulse.report.scales import choose_scale, loss_scale, smooth, smoothing_window
 from tensorpulse.rules.config import parse_rules
 
 pytest.importorskip("matplotlib")
@@ -168,7 +155,7 @@ def test_choose_scale() -> None:
 
 def test_thinned_series_stay_bounded_and_evenly_spread() -> None:
     """A long series keeps fewer than 2*max_points points, spaced by a constant stride from step 0."""
-    t = _Thinned(("v",), max_points=100)
+    t = Thinned(("v",), max_points=100)
     for s in range(10_000):
         t.add(s, {"v": float(s)})
     assert 100 <= len(t.steps) < 200

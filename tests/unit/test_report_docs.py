@@ -22,17 +22,9 @@ pytest.importorskip("torch")
 
 from PIL import Image  # noqa: E402  (matplotlib's own dependency)
 
-from tensorpulse.report import (  # noqa: E402
-    ALERT_MARK,
-    LANE,
-    PANEL,
-    QUESTIONS,
-    JobData,
-    TensorSeries,
-    _Thinned,
-    overlapping,
-    report_figure,
-)
+from tensorpulse.report.axes import ALERT_MARK, LANE, PANEL, QUESTIONS  # noqa: E402
+from tensorpulse.report.data import JobData, TensorSeries, Thinned  # noqa: E402
+from tensorpulse.report.layout import overlapping, report_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "docs" / "build_images.py"
@@ -180,10 +172,10 @@ def _many_layers(layers: int = 60, steps: int = 50) -> JobData:
             ("gradients", f"gradient/blocks.{k}.mlp.weight"),
             ("activations", f"blocks.{k}/relu"),
         ):
-            t = job.tensors[name] = TensorSeries(name, coll, _Thinned(("l2", "dead"), 1000))
+            t = job.tensors[name] = TensorSeries(name, coll, Thinned(("l2", "dead"), 1000))
             for s in range(steps):
                 t.series.add(s, {"l2": 10.0 ** (-k / 10) * (1 + s / steps), "dead": min(1.0, k * s / 2000)})
-    loss = job.scalars[("train", "loss")] = _Thinned(("value",), 1000)
+    loss = job.scalars[("train", "loss")] = Thinned(("value",), 1000)
     for s in range(steps):
         loss.add(s, {"value": 2.0 / (1 + s)})
     return job
