@@ -84,7 +84,8 @@ def _per_call_us(fn: Callable[[], Any], n: int = 200) -> float:
 
 def kernels() -> None:
     from tensorpulse.producers import stats_numba
-    from tensorpulse.producers.stats_torch import reduce_on_device, transfer
+    from tensorpulse.producers.stats_host import transfer
+    from tensorpulse.producers.stats_torch import reduce_on_device
 
     x = torch.randn(512 * 784)
     rows = [
@@ -96,7 +97,7 @@ def kernels() -> None:
     ]
     os.environ["TENSORPULSE_NUMBA"] = "0"
     rows.append(("hook, torch path (6 statistics)", lambda: transfer([reduce_on_device(x)])))
-    from tensorpulse.producers.stats_torch import _delta
+    from tensorpulse.producers.deltas_torch import _delta
 
     prev = x + 1e-3 * torch.randn(x.shape)
     rows.append(("weight delta, torch pass", lambda: _delta(x, prev, 1e-3)))

@@ -58,7 +58,7 @@ ActionCallback = Callable[[dict[str, Any]], None]
 class _Part:
     names: list[str]
     collections: list[str]
-    stats: Any  # Columns, or stats_torch.HostStats (finished on the publisher thread)
+    stats: Any  # Columns, or stats_host.HostStats (finished on the publisher thread)
 
 
 @dataclass(slots=True)
@@ -77,7 +77,7 @@ class _Record:
     images: dict[str, wire.ImageSums] = field(default_factory=dict)
     tokens: dict[str, wire.TokenCounts] = field(default_factory=dict)
     vectors: dict[str, wire.Vector] = field(default_factory=dict)
-    #: stats_torch.Capture objects still on a device (label counts, input sums), copied at publish.
+    #: captures_torch.Capture objects still on a device (label counts, input sums), copied at publish.
     captures: list[Any] = field(default_factory=list)
     #: The optimizer did not apply this step (a GradScaler skipped it): wire `skip`.
     skipped: bool = False
@@ -359,7 +359,7 @@ class Hook:
                     self._numpy_deltas(step, collection, other_items, cols)
                 rec.parts.append(_Part(names, [collection] * len(names), cols))
             if torch_items:
-                from . import stats_torch
+                from . import stats_host, stats_torch
 
                 stats = [
                     stats_torch.reduce_on_device(v, activity=act, quantiles=quant, active_range=active_range)
@@ -372,7 +372,7 @@ class Hook:
                         [v for _, v in torch_items],
                         stats,
                     )
-                host, _ = stats_torch.transfer(stats)
+                host, _ = stats_host.transfer(stats)
                 names = [str(k) for k, _ in torch_items]
                 rec.parts.append(_Part(names, [collection] * len(names), host))
         except Exception as exc:  # noqa: BLE001
@@ -381,7 +381,7 @@ class Hook:
     def _delta_tracker(self) -> Any:
         if self._torch_deltas is None:
             if self.delta_method == "exact":
-                from .stats_torch import DeltaTracker
+                from .deltas_torch import DeltaTracker
 
                 self._torch_deltas = DeltaTracker(*self.delta_tolerance)
             else:
@@ -439,7 +439,7 @@ class Hook:
             if _is_torch(labels) or _is_torch(predictions):
                 import torch
 
-                from .stats_torch import class_counts_on_device
+                from .captures_torch import class_counts_on_device
 
                 if not isinstance(labels, torch.Tensor):
                     labels = torch.as_tensor(np.asarray(labels))
@@ -498,12 +498,12 @@ class Hook:
             if kind not in ("images", "tokens"):
                 raise ValueError(f"kind must be 'auto', 'images' or 'tokens', got {kind!r}")
             if torch_in:
-                from . import stats_torch
+                from . import captures_torch
 
                 if kind == "images":
-                    rec.captures.append(stats_torch.image_sums_on_device(str(name), arr, channel))
+                    rec.captures.append(captures_torch.image_sums_on_device(str(name), arr, channel))
                 else:
-                    rec.captures.append(stats_torch.token_counts_on_device(str(name), arr, token_values))
+                    rec.captures.append(captures_torch.token_counts_on_device(str(name), arr, token_values))
             elif kind == "images":
                 rec.images[str(name)] = stats_numpy.image_sums(arr, channel)
             else:
@@ -694,11 +694,11 @@ class Hook:
             return  # nothing was captured (e.g. statistics failed): no empty records
         if rec.scalar_tensors or rec.captures:
             try:
-                from . import stats_torch
+                from . import stats_host
 
                 names = list(rec.scalar_tensors)
                 caps = rec.captures
-                host, values = stats_torch.transfer(
+                host, values = stats_host.transfer(
                     [], [rec.scalar_tensors[n] for n in names], vectors=[c.values for c in caps]
                 )
                 rec.scalars.update(zip(names, values, strict=True))

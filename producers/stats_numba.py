@@ -258,7 +258,7 @@ def _batch_host(
     non-finite moment, or plain sums too close to cancellation for the variance, i.e.
     (1 + ratio) S^2 > ratio SS n. Else raw[i] = [0, S, SS, min, max, sum|x|] and nonzero[i] of
     tensor i; its wire columns, floats[i] = [mean, std, min, max, mean |x|] and zeros[i], as
-    `stats_torch.HostStats.finish` computes them for finite sums; and below[j, e] = the units of
+    `stats_host.HostStats.finish` computes them for finite sums; and below[j, e] = the units of
     act j active in fewer than thr[j, e] samples."""
     counts[:] = 0.0
     _kbatch(addrs, sizes, chunk, out, act_of, dims, los, his, offs, counts)
@@ -451,7 +451,7 @@ def batch(
 
 
 def host_kernel():
-    """The compiled `_batch_host` (see `stats_torch.reduce_host_fused`); numba must be available."""
+    """The compiled `_batch_host` (see `stats_fused.reduce_host_fused`); numba must be available."""
     _need()
     return _host_kernel
 

@@ -67,7 +67,7 @@ captured as in eager mode. Submodules compiled one by one inside an eager model
 With numba installed (`pip install tensorpulse[fast]`), the float32 CPU tensors of a job (the
 weights; or the gradients and activations) are reduced by one kernel call, one fused pass each,
 that releases the GIL and also checks the results and computes their wire columns
-(`stats_torch.reduce_host_fused`); weight deltas likewise. Set
+(`stats_fused.reduce_host_fused`); weight deltas likewise. Set
 TENSORPULSE_NUMBA=0 to use torch ops.
 
 The inputs of nn.Tanh and nn.Sigmoid modules are captured on saved steps as
@@ -97,14 +97,9 @@ from tensorpulse.errors import ConfigError
 
 from . import stats_numba
 from .hook import Hook, _Part
-from .stats_torch import (
-    DeviceStats,
-    HostStats,
-    reduce_host_fused,
-    reduce_many,
-    reduce_on_device,
-    transfer,
-)
+from .stats_fused import reduce_host_fused
+from .stats_host import HostStats, transfer
+from .stats_torch import DeviceStats, reduce_many, reduce_on_device
 from .worker import Outcome, PollingWorker
 
 #: Non-saturated input ranges of tanh and sigmoid (SageMaker's SaturatedActivation defaults).

@@ -12,7 +12,7 @@ from tensorpulse.producers import Hook
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from tensorpulse.producers import stats_torch  # noqa: E402
+from tensorpulse.producers import deltas_torch, stats_torch  # noqa: E402
 from tensorpulse.producers.torch import TorchHook  # noqa: E402
 
 
@@ -102,8 +102,8 @@ def test_chunked_deltas_and_allclose_sign(monkeypatch, path):
     """Multi-chunk tensors and split multi-tensor groups give the same deltas; an unchanged tensor is allclose
     (excess <= 0), a moved one not."""
     monkeypatch.setattr(stats_torch, "CHUNK", 1000)
-    monkeypatch.setattr(stats_torch, "DELTA_CPU_CHUNK", 1000)
-    monkeypatch.setattr(stats_torch, "DELTA_GROUP", 4000)
+    monkeypatch.setattr(deltas_torch, "DELTA_CPU_CHUNK", 1000)
+    monkeypatch.setattr(deltas_torch, "DELTA_GROUP", 4000)
     sink = Sink()
     hook = Hook("cap-chunks", produce_fn=sink, delta_every=1, delta_method="exact")
     g = torch.Generator().manual_seed(3)

@@ -16,7 +16,7 @@ from tensorpulse.producers.sketch import RATIO, WIDTHS, row_signs, sketch_numpy,
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from tensorpulse.producers import sketch_torch, stats_torch  # noqa: E402
+from tensorpulse.producers import sketch_torch, stats_host, stats_torch  # noqa: E402
 from tensorpulse.producers.torch import TorchHook  # noqa: E402
 
 
@@ -213,7 +213,7 @@ def test_small_tensor_groups_are_bounded(monkeypatch):
         groups[id(s.rows)] = groups.get(id(s.rows), 0) + 1
     assert max(groups.values()) * 4096 <= stats_torch.ROWS_MAX
     assert len(groups) >= 300 * 4096 // stats_torch.ROWS_MAX
-    host, _ = stats_torch.transfer(stats)
+    host, _ = stats_host.transfer(stats)
     cols = host.finish()
     want = np.array([[float(x.mean()), float(x.std(unbiased=False))] for x in xs])
     np.testing.assert_allclose(cols.floats[:, :2], want, rtol=1e-4, atol=1e-6)

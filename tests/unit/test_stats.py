@@ -14,7 +14,8 @@ from tensorpulse.wire import ACTIVITY_EDGES, FLOAT_COLUMNS
 
 torch = pytest.importorskip("torch")
 from tensorpulse.producers import stats_torch  # noqa: E402
-from tensorpulse.producers.stats_torch import reduce_on_device, torch_stats, transfer  # noqa: E402
+from tensorpulse.producers.stats_host import torch_stats, transfer  # noqa: E402
+from tensorpulse.producers.stats_torch import reduce_on_device  # noqa: E402
 
 INF, NAN = math.inf, math.nan
 

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("numba")
 torch = pytest.importorskip("torch")
 
-from tensorpulse.producers import stats_numba, stats_torch  # noqa: E402
+from tensorpulse.producers import deltas_torch, stats_fused, stats_host, stats_numba, stats_torch  # noqa: E402
 
 
 def reference(x: np.ndarray) -> list[float]:
@@ -83,7 +83,7 @@ def test_the_hook_reductions_agree_with_the_torch_path(monkeypatch: pytest.Monke
     def columns():
         stats = stats_torch.reduce_many(tensors)
         stats.append(stats_torch.reduce_on_device(act, activity=True, exact_nonfinite=True))
-        host, _ = stats_torch.transfer(stats)
+        host, _ = stats_host.transfer(stats)
         return host.finish()
 
     monkeypatch.setenv("TENSORPULSE_NUMBA", "0")
@@ -116,7 +116,7 @@ def test_one_batch_call_gives_each_tensors_moments_and_activity() -> None:
     assert counts[1].tolist() == ((act4 > -0.5) & (act4 < 0.5)).sum(axis=(0, 2, 3)).tolist()
 
 
-def _wire(host: stats_torch.HostStats):
+def _wire(host: stats_host.HostStats):
     cols = host.finish()
     return cols.floats, cols.zeros.tolist(), cols.nan.tolist(), cols.inf.tolist(), cols.activity
 
@@ -125,11 +125,11 @@ def test_the_lean_host_path_matches_reduce_many_and_transfer() -> None:
     g = torch.Generator().manual_seed(4)
     tensors = [torch.randn(300, 7, generator=g), torch.zeros(5), torch.relu(torch.randn(64, 20, generator=g))]
     active = [None, None, (0.0, math.inf)]
-    lean = stats_torch.reduce_host_fused(tensors, active)
+    lean = stats_fused.reduce_host_fused(tensors, active)
     assert lean is not None
     stats = stats_torch.reduce_many(tensors[:2])
     stats.append(stats_torch.reduce_on_device(tensors[2], activity=True, exact_nonfinite=True))
-    general, _ = stats_torch.transfer(stats)
+    general, _ = stats_host.transfer(stats)
     got, want = _wire(lean), _wire(general)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
     assert got[1:] == want[1:]
@@ -149,7 +149,7 @@ def test_the_lean_host_path_matches_reduce_many_and_transfer() -> None:
     ],
 )
 def test_the_lean_host_path_declines_what_needs_the_torch_path(bad: torch.Tensor) -> None:
-    assert stats_torch.reduce_host_fused([torch.randn(10), bad]) is None
+    assert stats_fused.reduce_host_fused([torch.randn(10), bad]) is None
 
 
 def test_weight_deltas_by_the_kernel_match_the_torch_pass(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,7 +160,7 @@ def test_weight_deltas_by_the_kernel_match_the_torch_pass(monkeypatch: pytest.Mo
 
     def deltas(numba: str) -> list[list[float]]:
         monkeypatch.setenv("TENSORPULSE_NUMBA", numba)
-        tracker = stats_torch.DeltaTracker(1e-3, 0.0)
+        tracker = deltas_torch.DeltaTracker(1e-3, 0.0)
         keys = ["a", "b"]
         tracker.track(1, keys, before, [stats_torch.DeviceStats(n=t.numel()) for t in before])
         stats = [stats_torch.DeviceStats(n=t.numel()) for t in after]
@@ -197,7 +197,7 @@ def test_the_kernel_s_own_wire_columns_equal_those_numpy_computes_from_its_sums(
 
     g = torch.Generator().manual_seed(8)
     tensors = [torch.randn(500, generator=g) * 3 + 1, torch.relu(torch.randn(32, 16, 3, generator=g)), torch.arange(7.0)]
-    host = stats_torch.reduce_host_fused(tensors, [None, (0.0, math.inf), None])
+    host = stats_fused.reduce_host_fused(tensors, [None, (0.0, math.inf), None])
     assert host is not None and host.finished is not None
     by_numpy = dataclasses.replace(host, finished=None).finish()
     np.testing.assert_array_equal(host.finished.floats, by_numpy.floats)
@@ -214,15 +214,15 @@ def test_a_reused_plan_gives_each_call_its_own_results_on_each_thread() -> None:
     first = [x, torch.arange(10, dtype=torch.float32)]
     second = [-x, torch.arange(10, dtype=torch.float32) * 2]
     active = [(0.0, math.inf), None]
-    a = stats_torch.reduce_host_fused(first, active)
-    b = stats_torch.reduce_host_fused(second, active)  # same layout: the same plan
+    a = stats_fused.reduce_host_fused(first, active)
+    b = stats_fused.reduce_host_fused(second, active)  # same layout: the same plan
     assert a is not None and b is not None
     mean = float(x.double().mean())
     assert a.finish().floats[:, 0] == pytest.approx([mean, 4.5])  # not overwritten by the second call
     assert b.finish().floats[:, 0] == pytest.approx([-mean, 9.0])
     assert a.activity[0][1:] != b.activity[0][1:]  # all units active, then none
-    other: list[stats_torch.HostStats | None] = []
-    t = threading.Thread(target=lambda: other.append(stats_torch.reduce_host_fused(second, active)))
+    other: list[stats_host.HostStats | None] = []
+    t = threading.Thread(target=lambda: other.append(stats_fused.reduce_host_fused(second, active)))
     t.start()
     t.join()
     assert other[0] is not None and other[0].finish().floats.tolist() == b.finish().floats.tolist()
