@@ -46,7 +46,7 @@ checkpoint, a hand-made fault), above all after a step the GradScaler skipped, s
 jobs on its own clock, without the GIL when numba is installed (`worker.PollingWorker`).
 
 Non-finite values: a record that holds one also says in which order its non-finite tensors'
-values appeared within the step (wire `t.nfo`, `hook._nonfinite_order`), so that an alert names
+values appeared within the step (wire `t.nfo`, `records.nonfinite_order`), so that an alert names
 the tensor where a NaN appeared, not one it spread to. Weights count as read after the update
 when the optimizer ran a step since the step's first forward pass (`_weights_after_update`;
 the optimizer's step post-hook counts steps while the hook is armed). Healthy records cost
@@ -96,10 +96,12 @@ from torch import nn
 from tensorpulse.errors import ConfigError
 
 from . import stats_numba
-from .hook import Hook, _Part
+from .hook import Hook
+from .shards import ShardedParams, local_tensors
 from .stats_fused import reduce_host_fused
 from .stats_host import HostStats, transfer
 from .stats_torch import DeviceStats, reduce_many, reduce_on_device
+from .records import Part
 from .worker import Outcome, PollingWorker
 
 #: Non-saturated input ranges of tanh and sigmoid (SageMaker's SaturatedActivation defaults).
@@ -220,7 +222,7 @@ class _Job(NamedTuple):
     weights: Outcome | None = None
     weight_names: list[str] = []
     weight_colls: list[str] = []
-    weights_after: bool = False  # read after the optimizer applied this step (_Record.weights_after)
+    weights_after: bool = False  # read after the optimizer applied this step (Record.weights_after)
 
     def weights_done(self) -> bool:
         return self.weights is None or self.weights.done()
@@ -317,6 +319,7 @@ class TorchHook(Hook):
         self._wtensors: list[nn.Parameter] = []
         self._gnames: list[str] = []
         self._gparams: list[nn.Parameter] = []
+        self._sharded: ShardedParams | None = None  # set at attach for DTensor parameters
         self._acts: dict[str, list[tuple[str, str, DeviceStats]]] = {}
         self._capturing: str | None = None
         self._capture_inputs = False
@@ -429,6 +432,9 @@ class TorchHook(Hook):
         self._wtensors = [p for _, _, p in self._param_items]
         self._gnames = [gname for gname, _ in self._grad_items]
         self._gparams = [p for _, p in self._grad_items]
+        # FSDP2 / DTensor: each rank reads its own shards, marked for the worker (producers/shards.py)
+        self._sharded = ShardedParams.of(self._wnames, self._wtensors, self._gnames, self._gparams)
+        self._shard_marks = self._sharded.rows if self._sharded is not None else None
         self._act_modules = []
         if activations:
             for path, module in model.named_modules():
@@ -646,7 +652,7 @@ class TorchHook(Hook):
         if not self.save_config.should_save(upcoming, mode):
             return
         delta_keys = self._delta_keys(mode)  # counts the staged step among the earlier saves
-        tensors = self._wtensors
+        tensors = self._wtensors if self._sharded is None else local_tensors(self._wtensors)
         staged, self._staged = self._staged, None
         weights = Outcome()
         both = self._submit(self._reduce_both, weights, upcoming, tensors, delta_keys, staged.args if staged else None)
@@ -760,7 +766,7 @@ class TorchHook(Hook):
                 host, values = job.future.result()
                 if weights is not None:
                     self._record_for(job.step, job.mode).parts.append(
-                        _Part(job.weight_names, job.weight_colls, weights)
+                        Part(job.weight_names, job.weight_colls, weights)
                     )
                 self._assemble(
                     job.step, job.mode, job.names, job.colls, job.extra_names, job.caps, host, values, job.weights_after
@@ -775,7 +781,7 @@ class TorchHook(Hook):
         rec = self._record_for(step, mode)
         rec.weights_after = weights_after
         if names:
-            rec.parts.append(_Part(names, colls, host))
+            rec.parts.append(Part(names, colls, host))
         rec.scalars.update(zip(extra_names, values, strict=True))
         for c, v in zip(caps, host.vectors, strict=True):
             rec.add_host_block(c.kind, c.name, c.finish(v))
@@ -824,7 +830,7 @@ class TorchHook(Hook):
 
         True when the optimizer ran a step since the step's first forward pass (`step()` called
         after `optimizer.step()`): the weights then hold what the gradients did to them, so a
-        NaN they hold came after the gradients' (wire `t.nfo`, `_nonfinite_order`). Offloaded
+        NaN they hold came after the gradients' (wire `t.nfo`, `records.nonfinite_order`). Offloaded
         weights are read in the current generation, after the optimizer's last step, so the same
         test holds for them. False when no forward pass was seen (the hook's forward pre-hook is
         not registered: `activations=False`): the README's order, `step()` before the optimizer.
@@ -1085,6 +1091,8 @@ class TorchHook(Hook):
             offload = self._offloading
             quant = self._quantiles_now(mode)
             wnames, wcolls, wtensors = self._wnames, self._wcolls, self._wtensors
+            if self._sharded is not None:
+                wtensors = local_tensors(wtensors)
             delta_keys = self._delta_keys(mode) if wtensors else None
             weights = self._take_weights(step, mode) if offload else None
             if offload and weights is None and wtensors:
@@ -1099,6 +1107,8 @@ class TorchHook(Hook):
             nparams = len(tensors)
             if mode == "train" and self._gparams:
                 grads = [p.grad for p in self._gparams]
+                if self._sharded is not None:
+                    grads = local_tensors(grads)
                 missing = False
                 for g in grads:  # a loop, not any(genexpr): one frame fewer per gradient
                     if g is None:

@@ -28,6 +28,7 @@ from tensorpulse.actions import ACTIONS
 from tensorpulse.errors import DECODE_REASONS, LIMITS
 from tensorpulse.events import STATUSES
 from tensorpulse.rules.config import RuleSpec
+from tensorpulse.stream.shards import ShardedParameters
 from tensorpulse.wire import StepRecord
 
 #: The label holding the training job's id on every per-job series (never `job`, see above).
@@ -132,6 +133,9 @@ class WorkerMetrics:
         r = self.registry
         self.latest = _LatestRecords(max_tensors_per_job, max_scalars_per_job)
         r.register(self.latest)
+        # FSDP2: each rank's shards of a step combined into the parameter's statistics (stream/shards.py)
+        self.parameters = ShardedParameters(JOB_LABEL, max_tensors_per_job)
+        r.register(self.parameters)
         self.records = Counter("tensorpulse_records", "Records evaluated.", [JOB_LABEL, "mode"], registry=r)
         self.decode_errors = Counter(
             "tensorpulse_decode_errors", "Records that failed to decode, by reason.", ["reason"], registry=r
@@ -253,6 +257,7 @@ class WorkerMetrics:
         self.records.labels(record.job, record.mode).inc()
         self.latency.labels(record.job).observe(max(now - record.ts, 0.0))
         self.latest.observe(record)
+        self.parameters.observe(record)
 
     def alert(self, job: str, rule: str, severity: str, status: str, rank: int) -> None:
         self.alerts.labels(job, rule, severity, status).inc()
@@ -270,6 +275,7 @@ class WorkerMetrics:
         for metric in self._per_job:
             metric.remove_by_labels({JOB_LABEL: job})
         self.latest.forget(job)
+        self.parameters.forget(job)
         self._jobs_seen.discard(job)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
