@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,6 +18,7 @@ import click
 from ..errors import TensorpulseError
 
 if TYPE_CHECKING:
+    from ..replay import JobReader
     from ..rules.base import Regex
 
 BOOTSTRAP_HELP = (
@@ -100,3 +102,16 @@ def _env(setting: str) -> str:
     from ..stream.settings import ENV
 
     return ENV[setting]
+
+
+@contextmanager
+def job_reader(bootstrap: str | None, job: str, prefix: str, label: str) -> Iterator[JobReader]:
+    """A reader of `job`'s retained records (`replay`, `report`, `rules --against`), its progress
+    shown under `label` (a bar on a terminal) until the block ends, however it ends."""
+    from ..replay import JobReader, Progress
+
+    progress = Progress(label)
+    try:
+        yield JobReader(bootstrap, job, prefix=prefix, progress=progress)
+    finally:
+        progress.close()

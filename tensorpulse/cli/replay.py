@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import TensorpulseError
-from .common import replay_inputs, rules_option, topic_options
+from .common import job_reader, replay_inputs, rules_option, topic_options
 
 
 @click.command(name="replay")
@@ -38,20 +38,17 @@ def replay_cmd(job, rules_file, bootstrap, topic_prefix, from_step, as_json) -> 
       tensorpulse replay --job resnet-42
       tensorpulse replay --job resnet-42 --rules stricter.yaml --json | jq '.summary.alerts'
     """
-    from ..replay import JobReader, Progress, format_event, format_summary
+    from ..replay import format_event, format_summary
     from ..replay import replay as run_replay
 
-    progress = Progress(f"replay {job}")
     try:
         specs, prefix = replay_inputs(rules_file, topic_prefix)
-        reader = JobReader(bootstrap, job, prefix=prefix, progress=progress)
-        if not as_json:
-            click.echo(f"replay  {reader.topic} at {reader.bootstrap}")
-        result = run_replay(reader, job, specs, from_step=from_step)
+        with job_reader(bootstrap, job, prefix, f"replay {job}") as reader:
+            if not as_json:
+                click.echo(f"replay  {reader.topic} at {reader.bootstrap}")
+            result = run_replay(reader, job, specs, from_step=from_step)
     except TensorpulseError as exc:
         raise click.ClickException(str(exc)) from exc
-    finally:
-        progress.close()
     summary = result.summary()
     if as_json:
         doc = {
@@ -118,7 +115,6 @@ def report_cmd(jobs, out, tensors_regex, stat, rank, rules_file, bootstrap, topi
       tensorpulse report --job run-a --job run-b --tensors 'gradient/' --stat l2 --out cmp.png
     """
     from ..kafka import resolve_bootstrap
-    from ..replay import JobReader, Progress
     from ..report import collect_job, write_report
     from ..topics import reductions_topic
 
@@ -129,12 +125,8 @@ def report_cmd(jobs, out, tensors_regex, stat, rank, rules_file, bootstrap, topi
             click.echo(
                 f"report: reading {reductions_topic(job, prefix)} at {resolve_bootstrap(bootstrap)}", err=True
             )
-            progress = Progress(f"report {job}")
-            try:
-                reader = JobReader(bootstrap, job, prefix=prefix, progress=progress)
+            with job_reader(bootstrap, job, prefix, f"report {job}") as reader:
                 data.append(collect_job(reader, job, specs, rank=rank, tensors=tensors_regex))
-            finally:
-                progress.close()
             s = data[-1].summary
             click.echo(f"{job}: {s.records_read} records, {len(data[-1].alerts)} alert event(s)", err=True)
         click.echo(f"report: drawing {len(data)} job(s) into {out}", err=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import TensorpulseError
-from .common import replay_inputs, topic_options
+from .common import job_reader, replay_inputs, topic_options
 
 
 def _narrowed_defaults(specs: list) -> list[str]:
@@ -96,19 +96,15 @@ def _check_against(
 ) -> None:
     """`rules --against JOB`: the rules JOB gets (the file, else as for replay) against the names
     its records publish; a selection that matches nothing would keep its rule silent forever."""
-    from ..replay import JobReader, Progress
     from ..rules.config import describe, rules_for_job
     from ..rules.coverage import misses, read_published
 
-    progress = Progress(f"read {job}")
     try:
         specs, prefix = replay_inputs(rules_file, topic_prefix)
-        reader = JobReader(bootstrap, job, prefix=prefix, progress=progress)
-        published, bad = read_published(p.value for p in reader)
+        with job_reader(bootstrap, job, prefix, f"read {job}") as reader:
+            published, bad = read_published(p.value for p in reader)
     except TensorpulseError as exc:
         raise click.ClickException(str(exc)) from exc
-    finally:
-        progress.close()
     specs = rules_for_job(specs, job)
     click.echo(describe(specs))
     found = misses(specs, published)
