@@ -16,6 +16,7 @@ import re
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -136,7 +137,7 @@ class TopFeed:
         #: Records read, and records not decodable by reason (the feed skips them and goes on).
         self.records = 0
         self.alert_events = 0
-        self.errors: dict[str, int] = {}
+        self.errors: Counter[str] = Counter()
         #: Records whose tensors wait for their schema's next announcement (step and time still count).
         self.unannounced = 0
 
@@ -208,7 +209,7 @@ class TopFeed:
         try:
             ev = AlertEvent.from_json(payload or b"")
         except DecodeError as exc:
-            self.errors[exc.reason] = self.errors.get(exc.reason, 0) + 1
+            self.errors[exc.reason] += 1
             return
         if self.jobs_filter is None or self.jobs_filter.search(ev.job):
             self.alert_events += 1
@@ -220,17 +221,17 @@ class TopFeed:
             rec = wire.decode(payload or b"", self._schemas)
         except DecodeError as exc:
             if exc.reason != "unknown_schema":
-                self.errors[exc.reason] = self.errors.get(exc.reason, 0) + 1
+                self.errors[exc.reason] += 1
                 return
             try:
                 rec = wire.decode(header_only(payload or b""), self._schemas)
             except DecodeError as again:
-                self.errors[again.reason] = self.errors.get(again.reason, 0) + 1
+                self.errors[again.reason] += 1
                 return
             self.unannounced += 1
         if rec.job != job_of_topic(topic, self.prefix):
             # As the worker: a record names the job of its topic, or it is not that job's.
-            self.errors["job_mismatch"] = self.errors.get("job_mismatch", 0) + 1
+            self.errors["job_mismatch"] += 1
             return
         self.state.add_record(rec)
 
