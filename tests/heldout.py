@@ -46,6 +46,7 @@ from integration.scenarios import (  # noqa: E402
     overfit_tiny_set,
     vanishing_gradients,
 )
+from memory_sink import MemorySink  # noqa: E402
 
 from tensorpulse.events import AlertEvent  # noqa: E402
 from tensorpulse.producers.torch import TorchHook  # noqa: E402
@@ -222,21 +223,11 @@ RUNS: tuple[Run, ...] = (
 # --------------------------------------------------------------------------- records and alerts
 
 
-class _Sink:
-    """The hook's `produce_fn`: keeps every payload it publishes."""
-
-    def __init__(self) -> None:
-        self.payloads: list[bytes] = []
-
-    def __call__(self, topic: str, value: bytes, key: bytes) -> None:
-        self.payloads.append(value)
-
-
 @cache
 def payloads(name: str) -> tuple[bytes, ...]:
     """The wire payloads the real TorchHook publishes for run `name` (computed once per process)."""
     run = next(r for r in RUNS if r.name == name)
-    sink = _Sink()
+    sink = MemorySink()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same numbers on every machine
     try:

@@ -10,31 +10,16 @@ from typing import Any
 
 import pytest
 
-from tensorpulse import wire
 from tensorpulse.producers.callbacks import CallbackCore, never_raises
 from tensorpulse.producers.hook import Hook
 
 torch = pytest.importorskip("torch")
+from memory_sink import MemorySink  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tensorpulse.producers.torch import TorchHook  # noqa: E402
 
 LOGGER = "tensorpulse.producers"
-
-
-class Sink:
-    """A `produce_fn` that keeps what the hook publishes, decoded."""
-
-    def __init__(self) -> None:
-        self.raw: list[bytes] = []
-
-    def __call__(self, topic: str, value: bytes, key: bytes) -> None:
-        self.raw.append(value)
-
-    def records(self, mode: str | None = None) -> list[wire.StepRecord]:
-        cache = wire.SchemaCache()
-        out = [wire.decode(v, cache) for v in self.raw]
-        return [r for r in out if r.kind == "step" and (mode is None or r.mode == mode)]
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -45,7 +30,7 @@ def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 @pytest.mark.parametrize("offload", [False, True])
 def test_held_record_gets_late_scalars(offload: bool) -> None:
     """Scalars recorded after step(hold=True) join that step's record; release publishes one record per step."""
-    sink = Sink()
+    sink = MemorySink()
     hook = TorchHook("hold-unit", produce_fn=sink, offload=offload)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -80,7 +65,7 @@ def test_core_scalars_keep_numbers_and_say_once(caplog: pytest.LogCaptureFixture
     """Numbers and one-element tensors pass; a string or a vector is left out with one warning per name."""
     import numpy as np
 
-    core = CallbackCore("Test", "job", None, 1, {"produce_fn": Sink()}, Hook)
+    core = CallbackCore("Test", "job", None, 1, {"produce_fn": MemorySink()}, Hook)
     caplog.set_level(logging.WARNING, LOGGER)
     values: dict[str, Any] = {
         "loss": 0.5,
@@ -101,7 +86,7 @@ def test_core_scalars_keep_numbers_and_say_once(caplog: pytest.LogCaptureFixture
 
 def test_core_version_and_parameters_said_once(caplog: pytest.LogCaptureFixture) -> None:
     """An unsupported version, a model without parameters and a frozen model each get one clear warning."""
-    core = CallbackCore("Test", "job", None, 1, {"produce_fn": Sink()}, Hook)
+    core = CallbackCore("Test", "job", None, 1, {"produce_fn": MemorySink()}, Hook)
     caplog.set_level(logging.WARNING, LOGGER)
     for _ in range(2):
         core.check_version("lightning", "1.9.5", (2, 0), (3,))
@@ -109,7 +94,7 @@ def test_core_version_and_parameters_said_once(caplog: pytest.LogCaptureFixture)
         core.check_parameters([])
     assert _warnings(caplog, "1.9.5 is outside the range") and len(_warnings(caplog, "outside")) == 1
     assert len(_warnings(caplog, "has no parameters")) == 1
-    core2 = CallbackCore("Test", "job", None, 1, {"produce_fn": Sink()}, Hook)
+    core2 = CallbackCore("Test", "job", None, 1, {"produce_fn": MemorySink()}, Hook)
     core2.check_parameters([("w", False), ("b", False)])
     assert len(_warnings(caplog, "is frozen")) == 1
 
@@ -118,7 +103,7 @@ def test_never_raises_logs_once_and_returns_none(caplog: pytest.LogCaptureFixtur
     """A failing callback method returns None and logs one warning, however often it fails."""
 
     class Broken:
-        core = CallbackCore("Test", "job", None, 1, {"produce_fn": Sink()}, Hook)
+        core = CallbackCore("Test", "job", None, 1, {"produce_fn": MemorySink()}, Hook)
 
         @never_raises
         def on_step(self) -> int:
@@ -130,7 +115,7 @@ def test_never_raises_logs_once_and_returns_none(caplog: pytest.LogCaptureFixtur
 
 
 # ---------------------------------------------------------------------- Lightning
-def _lightning_run(sink: Sink, *, frozen: bool = False, max_epochs: int = 2) -> Any:
+def _lightning_run(sink: MemorySink, *, frozen: bool = False, max_epochs: int = 2) -> Any:
     L = pytest.importorskip("lightning.pytorch", reason="Lightning is not installed (tensorpulse[lightning])")
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -181,7 +166,7 @@ def _lightning_run(sink: Sink, *, frozen: bool = False, max_epochs: int = 2) -> 
 def test_lightning_counts_optimizer_steps_and_records_validation() -> None:
     """With 2 micro-batches per step: one train record per optimizer step, with loss, lr and logged
     metrics; one eval record per validation run at the optimizer steps done, with the val loss."""
-    sink = Sink()
+    sink = MemorySink()
     trainer = _lightning_run(sink)
     assert trainer.global_step == 8  # 64 rows / 8 per batch / 2 per step, 2 epochs
     train = sink.records("train")
@@ -193,12 +178,12 @@ def test_lightning_counts_optimizer_steps_and_records_validation() -> None:
     assert [r.step for r in evals] == [4, 8]  # not the sanity check
     assert all(r.scalars["loss"] == r.scalars["val_loss"] for r in evals)
     assert not any("val_loss" in r.scalars for r in train)
-    assert sink.records()[-1].step == 8 and wire.decode(sink.raw[-1], wire.SchemaCache()).kind == "end"
+    assert sink.records()[-1].step == 8 and sink.decoded()[-1].kind == "end"
 
 
 def test_lightning_partly_frozen_model_trains() -> None:
     """A frozen network with a trainable output bias: weights of both sent, gradients of the bias only."""
-    sink = Sink()
+    sink = MemorySink()
     trainer = _lightning_run(sink, frozen=True, max_epochs=1)
     assert trainer.global_step == 4
     train = sink.records("train")
@@ -233,7 +218,7 @@ def test_transformers_logs_join_their_step_and_eval_is_renamed() -> None:
             vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
         )
     )
-    sink = Sink()
+    sink = MemorySink()
     args = TrainingArguments(
         output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "hf-unit"),
         max_steps=4,
@@ -284,7 +269,7 @@ def test_keras_records_weights_gradients_logs_and_eval() -> None:
         name="net",  # Keras numbers unnamed models per process: sequential_1, ...
     )
     model.compile(keras.optimizers.SGD(0.05), "mse", metrics=["mae"])
-    sink = Sink()
+    sink = MemorySink()
     rng = np.random.default_rng(0)
     model.fit(
         rng.normal(size=(32, 4)),
@@ -315,7 +300,7 @@ def test_keras_model_without_trainable_weights_warns_once_and_runs(caplog: pytes
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="out")])
     model.trainable = False
     model.compile(keras.optimizers.SGD(0.05), "mse")
-    sink = Sink()
+    sink = MemorySink()
     rng = np.random.default_rng(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Keras's own "no trainable weights", at every batch

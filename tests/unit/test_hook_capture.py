@@ -10,24 +10,11 @@ from tensorpulse import wire
 from tensorpulse.producers import Hook
 
 torch = pytest.importorskip("torch")
+from memory_sink import MemorySink  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tensorpulse.producers import deltas_torch, stats_torch  # noqa: E402
 from tensorpulse.producers.torch import TorchHook  # noqa: E402
-
-
-class Sink:
-    """In-memory transport: collects payloads, decodes them in order."""
-
-    def __init__(self) -> None:
-        self.payloads: list[bytes] = []
-
-    def __call__(self, topic: str, value: bytes, key: bytes) -> None:
-        self.payloads.append(value)
-
-    def records(self) -> list[wire.StepRecord]:
-        cache = wire.SchemaCache()
-        return [r for r in (wire.decode(p, cache) for p in self.payloads) if r.kind == "step"]
 
 
 @pytest.fixture(params=["host", "device"])
@@ -70,7 +57,7 @@ def test_torch_hook_sends_weight_deltas_between_saved_train_steps(path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sink = Sink()
+    sink = MemorySink()
     hook = TorchHook(
         "cap-delta", produce_fn=sink, delta_every=1, save_interval=2, delta_rtol=1e-3, delta_atol=1e-6,
         delta_method="exact",
@@ -104,7 +91,7 @@ def test_chunked_deltas_and_allclose_sign(monkeypatch, path):
     monkeypatch.setattr(stats_torch, "CHUNK", 1000)
     monkeypatch.setattr(deltas_torch, "DELTA_CPU_CHUNK", 1000)
     monkeypatch.setattr(deltas_torch, "DELTA_GROUP", 4000)
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("cap-chunks", produce_fn=sink, delta_every=1, delta_method="exact")
     g = torch.Generator().manual_seed(3)
     w0 = torch.randn(4500, generator=g)
@@ -133,7 +120,7 @@ def test_numpy_hook_deltas_and_disabling_them():
     """The numpy path sends the same deltas; track_deltas=() sends none and no tolerance."""
     rng = np.random.default_rng(1)
     a0, a1 = rng.normal(size=(5, 7)), rng.normal(size=(5, 7))
-    sink, off = Sink(), Sink()
+    sink, off = MemorySink(), MemorySink()
     hook = Hook("cap-np", produce_fn=sink, delta_every=1, delta_atol=0.5, delta_method="exact")
     no = Hook("cap-np-off", produce_fn=off, track_deltas=())
     for h in (hook, no):
@@ -165,7 +152,7 @@ def test_tanh_and_sigmoid_inputs_carry_in_range_activity(path):
     rng = np.random.default_rng(2)
     # unit j of 8 is saturated in a different share of samples
     x = rng.normal(size=(400, 8, 3)) * np.array([0.5, 5, 9, 12, 20, 40, 80, 200])[None, :, None]
-    sink = Sink()
+    sink = MemorySink()
     model = Net()
     hook = TorchHook("cap-sat", produce_fn=sink, save_interval=2, tanh_range=(-9.4999, 9.4999)).attach(model)
     xt = torch.tensor(x, dtype=torch.float32)
@@ -190,7 +177,7 @@ def test_tanh_and_sigmoid_inputs_carry_in_range_activity(path):
 def test_hook_record_with_an_activity_range_on_both_paths(path):
     """Hook.record(active_range=...) counts a unit active where lo < x < hi, for numpy and torch tensors."""
     x = np.random.default_rng(4).normal(size=(1000, 6)) * np.arange(1, 7) * 5
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("cap-range", produce_fn=sink)
     tensors = {"np/Tanh_input": x, "torch/Tanh_input": torch.tensor(x)}
     hook.record(0, tensors, collection="activations", active_range=(-9.4999, 9.4999))
@@ -218,7 +205,7 @@ def test_labels_with_logits_and_with_class_ids(path):
     logits = rng.normal(size=(200, 4))
     ids = rng.integers(0, 4, 150)
     y_bad = np.concatenate([rng.integers(0, 4, 149), [7]])
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("cap-labels", produce_fn=sink)
     hook.record_labels(torch.tensor(y), torch.tensor(logits), step=0)
     hook.record_labels(torch.tensor(y_bad), torch.tensor(ids), num_classes=4, name="ids", step=0)
@@ -239,7 +226,7 @@ def test_labels_with_logits_and_with_class_ids(path):
 def test_more_than_256_classes_send_label_counts_only(path):
     """Above 256 classes only the label counts travel (k*k would be too large)."""
     y = np.arange(600) % 300
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("cap-many", produce_fn=sink)
     hook.record_labels(torch.tensor(y), torch.tensor(y[::-1].copy()), num_classes=300, step=0)
     hook.close(2)
@@ -255,7 +242,7 @@ def test_image_and_token_inputs(path):
     nchw = rng.normal(0.3, 2.0, size=(10, 3, 5, 4)).astype(np.float32)
     nhwc = rng.random(size=(6, 4, 4, 2)).astype(np.float32)
     tokens = rng.integers(0, 6, size=(8, 33))
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("cap-inputs", produce_fn=sink)
     hook.record_inputs(torch.tensor(nchw), step=0)
     hook.record_inputs(torch.tensor(nhwc), "last", channel=-1, step=0)
@@ -287,7 +274,7 @@ def test_auto_input_capture_on_saved_steps_with_one_host_copy(monkeypatch, path)
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sink = Sink()
+    sink = MemorySink()
     # offload=False: this counts the host copies of the inline path (offloaded, weights and the
     # rest are copied separately, and after step() returns)
     hook = TorchHook("cap-auto", produce_fn=sink, delta_every=1, save_interval=2, offload=False).attach(
@@ -329,7 +316,7 @@ def test_auto_input_capture_on_saved_steps_with_one_host_copy(monkeypatch, path)
 
 def test_bad_label_input_is_counted_not_raised():
     """Float labels are a usage error: counted and logged, training goes on, the hook stays enabled."""
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("cap-bad", produce_fn=sink)
     hook.record_labels(torch.randn(5), step=0)
     hook.record_labels(np.array([0.5, 1.5]), step=0)
@@ -343,7 +330,7 @@ def test_bad_label_input_is_counted_not_raised():
 # ---------------------------------------------------------------------------- wire round trip
 def test_all_blocks_round_trip_through_the_wire():
     """One record with deltas, labels, images, tokens and a vector decodes to the values recorded."""
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("cap-wire", produce_fn=sink, delta_every=1, announce_every=1, delta_method="exact")
     w0, w1 = np.linspace(-1, 1, 12).reshape(3, 4), np.linspace(-1, 1.5, 12).reshape(3, 4)
     hook.record(0, {"w": w0}, collection="weights")
@@ -387,7 +374,7 @@ def test_capture_hooks_stay_between_captured_passes_and_leave_before_the_others(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sink = Sink()
+    sink = MemorySink()
     from tensorpulse.producers.schedule import SaveConfig
 
     schedule = SaveConfig(end_step=6, save_steps=[8])  # steps 0-5, then 8

@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 import pytest
+from memory_sink import MemorySink
 from waits import blocked_in, thread_named, wait_for
 
-from tensorpulse import wire
 from tensorpulse.actions import decode_action, encode_action
 from tensorpulse.errors import ConfigError, DecodeError
 from tensorpulse.producers import Hook, SaveConfig
@@ -18,20 +18,6 @@ from tensorpulse.producers.control import ControlListener
 from tensorpulse.producers.publisher import Publisher
 
 UNREACHABLE = "127.0.0.1:1"
-
-
-class Sink:
-    """An in-memory transport: collects (topic, payload, key) and decodes records on demand."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, bytes, bytes]] = []
-
-    def __call__(self, topic: str, value: bytes, key: bytes) -> None:
-        self.messages.append((topic, value, key))
-
-    def records(self) -> list[wire.StepRecord]:
-        cache = wire.SchemaCache()
-        return [wire.decode(v, cache) for _, v, _ in self.messages]
 
 
 # ---------------------------------------------------------------------------- unreachable broker
@@ -135,7 +121,7 @@ def test_publisher_queue_is_bounded_in_bytes_too():
 
 def test_hook_sizes_its_queued_records():
     """The hook bounds its queue by records' estimated memory: more tensors, more bytes, and a small bound drops."""
-    from tensorpulse.producers.hook import TENSOR_HOST_BYTES
+    from tensorpulse.producers.records import TENSOR_HOST_BYTES
 
     gate = threading.Event()
 
@@ -171,11 +157,11 @@ def test_rank_and_world_size_default_from_the_environment(monkeypatch):
     """RANK and WORLD_SIZE (torch.distributed conventions) set the hook's rank and world size."""
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "8")
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("unit-env", produce_fn=sink)
     hook.record_scalars(0, {"a": 1.0})
     hook.close(2)
-    rec = sink.records()[0]
+    rec = sink.decoded()[0]
     assert (rec.rank, rec.world) == (3, 8)
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
@@ -195,7 +181,7 @@ def test_disabled_hook_does_nothing():
 # ---------------------------------------------------------------------------- records on the wire
 def test_records_steps_announcements_seq_and_end_record():
     """Records carry increasing seq, ts, the save schedule's steps, periodic announcements and an end record."""
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("unit-wire", produce_fn=sink, save_interval=2, announce_every=3, rank=1, world_size=2)
     t0 = time.time()
     for step in range(12):
@@ -204,7 +190,7 @@ def test_records_steps_announcements_seq_and_end_record():
         hook.record_scalars(step, {"loss": 1.0 / (step + 1)})
     hook.record(12, {"w": np.ones(2), "extra": np.zeros(2)}, collection="weights")  # new name set
     hook.close(2)
-    records = sink.records()
+    records = sink.decoded()
     steps = [r for r in records if r.kind == "step"]
     assert [r.step for r in steps] == [0, 2, 4, 6, 8, 10, 12]
     assert [r.seq for r in records] == list(range(len(records)))
@@ -227,12 +213,12 @@ def test_records_steps_announcements_seq_and_end_record():
 def test_torch_and_numpy_tensors_mix_in_one_record():
     """Hook.record reduces torch tensors with stats_torch and others with numpy, keeping their names."""
     torch = pytest.importorskip("torch")
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("unit-mixed", produce_fn=sink)
     hook.record(0, {"t": torch.full((4, 4), 2.0), "n": np.arange(3.0), "l": [0.0, 0.0]}, collection="weights")
     hook.record(0, {"a": torch.relu(torch.randn(16, 6))}, collection="activations")
     hook.close(2)
-    rec = sink.records()[0]
+    rec = sink.decoded()[0]
     by_name = {t.name: t for t in rec.tensors}
     assert set(by_name) == {"t", "n", "l", "a"}
     assert (by_name["t"].mean, by_name["t"].std) == (2.0, 0.0)
@@ -242,16 +228,16 @@ def test_torch_and_numpy_tensors_mix_in_one_record():
 
 def test_later_step_publishes_earlier_pending_record_of_the_same_mode():
     """A call for a later step of a mode publishes that mode's earlier pending record; other modes wait."""
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("unit-auto", produce_fn=sink)
     hook.record_scalars(0, {"a": 1.0})
     hook.record_scalars(0, {"b": 2.0}, mode="eval")
     hook.record_scalars(1, {"a": 3.0})
     assert wait_for(lambda: len(sink.messages) == 1)
-    assert (sink.records()[0].step, sink.records()[0].scalars) == (0, {"a": 1.0})
+    assert (sink.decoded()[0].step, sink.decoded()[0].scalars) == (0, {"a": 1.0})
     hook.publish(mode="eval")
     assert wait_for(lambda: len(sink.messages) == 2)
-    assert sink.records()[1].mode == "eval"
+    assert sink.decoded()[1].mode == "eval"
     hook.close(2)
 
 
@@ -262,7 +248,7 @@ def test_bad_calls_are_ignored_and_a_failing_statistic_disables_the_hook():
         def __array__(self, *a, **k):
             raise RuntimeError("boom")
 
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("unit-broken", produce_fn=sink)
     hook.record(-1, {"x": np.ones(2)})
     hook.record(0, {"x": np.ones(2)}, mode="training")
@@ -272,12 +258,12 @@ def test_bad_calls_are_ignored_and_a_failing_statistic_disables_the_hook():
     assert not hook.enabled and s["errors"] == 1
     hook.record(1, {"x": np.ones(2)})
     hook.close(2)
-    assert [r.kind for r in sink.records()] == ["end"]
+    assert [r.kind for r in sink.decoded()] == ["end"]
 
 
 def test_bytes_per_tensor_without_kafka():
     """A non-announcing record of 40 small tensors costs at most 40 bytes per tensor."""
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("unit-size", produce_fn=sink, quantile_steps=0)
     rng = np.random.default_rng(0)
     for step in range(3):
@@ -365,12 +351,12 @@ def test_torch_hook_captures_the_collections_of_saved_steps_only():
     """TorchHook reports weights, biases, gradients, activations (+inputs early) and loss on saved steps."""
     from tensorpulse.producers.torch import TorchHook
 
-    sink = Sink()
+    sink = MemorySink()
     model = make_mlp()
     hook = TorchHook("unit-torch", produce_fn=sink, save_interval=2, quantile_steps=1).attach(model)
     train(model, hook, 5)
     hook.close(2)
-    steps = [r for r in sink.records() if r.kind == "step"]
+    steps = [r for r in sink.decoded() if r.kind == "step"]
     assert [r.step for r in steps] == [0, 2, 4]
     first = {t.name: t for t in steps[0].tensors}
     assert first["0.weight"].collection == "weights" and first["0.bias"].collection == "biases"
@@ -389,7 +375,7 @@ def test_torch_hook_eval_mode_has_no_gradients_and_detach_stops_capture():
     """Eval steps carry weights and activations but no gradients; detach() removes every hook."""
     from tensorpulse.producers.torch import TorchHook
 
-    sink = Sink()
+    sink = MemorySink()
     model = make_mlp()
     hook = TorchHook("unit-eval", produce_fn=sink).attach(model, exclude=r"bias")
     model.eval()
@@ -400,7 +386,7 @@ def test_torch_hook_eval_mode_has_no_gradients_and_detach_stops_capture():
     assert not model._forward_hooks and not model._forward_pre_hooks
     assert all(not m._forward_hooks for m in model.modules())
     hook.close(2)
-    rec = sink.records()[0]
+    rec = sink.decoded()[0]
     assert rec.mode == "eval"
     colls = {t.collection for t in rec.tensors}
     assert "gradients" not in colls and "activations" in colls
@@ -422,7 +408,7 @@ def test_torch_hook_shared_modules_and_gradient_accumulation_keep_names_unique()
         def forward(self, x):
             return self.act(self.fc(self.act(x)))
 
-    sink = Sink()
+    sink = MemorySink()
     model = Shared()
     hook = TorchHook("unit-shared", produce_fn=sink, quantile_steps=0).attach(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -432,7 +418,7 @@ def test_torch_hook_shared_modules_and_gradient_accumulation_keep_names_unique()
         hook.step(step)
         opt.step()
     hook.close(2)
-    for rec in sink.records()[:2]:
+    for rec in sink.decoded()[:2]:
         names = [t.name for t in rec.tensors if t.collection == "activations"]
         assert names == ["act/relu_output", "act/relu_output_1"]
 
@@ -441,16 +427,17 @@ def test_torch_hook_shared_modules_and_gradient_accumulation_keep_names_unique()
 def test_torch_hook_step_failure_disables_the_hook(monkeypatch, offload):
     """An exception in the statistics path is caught: training continues and the hook disables itself
     (offloaded: when the failed step is collected, at the latest at close)."""
-    from tensorpulse.producers import torch as torch_hook_module
+    from tensorpulse.producers import offload, torch_attach
     from tensorpulse.producers.torch import TorchHook
 
     def boom(*a, **k):
         raise RuntimeError("device lost")
 
-    sink = Sink()
+    sink = MemorySink()
     model = make_mlp()
     hook = TorchHook("unit-fail", produce_fn=sink, offload=offload).attach(model)
-    monkeypatch.setattr(torch_hook_module, "reduce_on_device", boom)
+    monkeypatch.setattr(torch_attach, "reduce_on_device", boom)  # activations, in the forward hooks
+    monkeypatch.setattr(offload, "reduce_on_device", boom)  # a step's tensors
     train(model, hook, 3)
     if offload:
         hook.close(2)
@@ -463,7 +450,7 @@ def test_save_config_modes_apply_to_torch_capture():
     from tensorpulse.producers.schedule import SaveConfigMode
     from tensorpulse.producers.torch import TorchHook
 
-    sink = Sink()
+    sink = MemorySink()
     model = make_mlp()
     cfg = SaveConfig(save_interval=3, modes={"eval": SaveConfigMode(end_step=0, save_steps=[1])})
     hook = TorchHook("unit-modes", produce_fn=sink, save_config=cfg).attach(model)
@@ -474,7 +461,7 @@ def test_save_config_modes_apply_to_torch_capture():
             model(torch.randn(2, 6))
         hook.step(step)
     hook.close(2)
-    got = [(r.mode, r.step, any(t.collection == "activations" for t in r.tensors)) for r in sink.records()]
+    got = [(r.mode, r.step, any(t.collection == "activations" for t in r.tensors)) for r in sink.decoded()]
     assert got[:-1] == [("train", 0, True), ("train", 3, True), ("eval", 1, True)]
 
 
@@ -482,7 +469,7 @@ def test_torch_hook_registers_activation_hooks_for_captured_passes_only():
     """Forward passes of steps that are not saved run no activation hook; captured ones do, then unhook."""
     from tensorpulse.producers.torch import TorchHook
 
-    sink = Sink()
+    sink = MemorySink()
     model = make_mlp()
     seen: list[int] = []
     model[1].register_forward_hook(lambda m, a, o: seen.append(len(m._forward_hooks)))
@@ -493,7 +480,7 @@ def test_torch_hook_registers_activation_hooks_for_captured_passes_only():
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model] == [0, 1, 0, 0, 0]
     hook.close(2)
     acts = [
-        t.name for r in sink.records() if r.kind == "step" for t in r.tensors if t.collection == "activations"
+        t.name for r in sink.decoded() if r.kind == "step" for t in r.tensors if t.collection == "activations"
     ]
     # tanh inputs are captured on saved steps too, with in-range activity (SaturatedActivation)
     assert acts == ["1/relu_output", "3/Tanh_input", "3/tanh_output"] * 2

@@ -14,22 +14,11 @@ from tensorpulse.producers import Hook, stats_numba
 from tensorpulse.producers.sketch import RATIO, WIDTHS, row_signs, sketch_numpy, width_for
 
 torch = pytest.importorskip("torch")
+from memory_sink import MemorySink  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tensorpulse.producers import sketch_torch, stats_host, stats_torch  # noqa: E402
 from tensorpulse.producers.torch import TorchHook  # noqa: E402
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.payloads: list[bytes] = []
-
-    def __call__(self, topic: str, value: bytes, key: bytes) -> None:
-        self.payloads.append(value)
-
-    def records(self) -> list[wire.StepRecord]:
-        cache = wire.SchemaCache()
-        return [r for r in (wire.decode(p, cache) for p in self.payloads) if r.kind == "step"]
 
 
 @pytest.fixture(params=["numba", "torch", "device"])
@@ -123,7 +112,7 @@ def test_hook_sends_sketched_deltas_by_default(path):
     model = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 8))
     model[2].weight.requires_grad_(False)  # frozen: its delta must be exactly 0
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    sink = Sink()
+    sink = MemorySink()
     hook = TorchHook("sk-delta", produce_fn=sink, delta_every=1, offload=False).attach(model, opt)
     snaps = {}
     for step in range(3):
@@ -157,7 +146,7 @@ def test_numpy_hook_sketches_too():
     rng = np.random.default_rng(1)
     a0 = rng.normal(size=(50, 70))
     a1 = a0 + rng.normal(size=(50, 70)) * 0.1
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("sk-np", produce_fn=sink, delta_every=1)
     hook.record(3, {"w": a0, "still": a0}, collection="weights")
     hook.record(7, {"w": a1, "still": a0}, collection="weights")

@@ -9,25 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from tensorpulse import wire
 from tensorpulse.producers import Hook
 
 xgb = pytest.importorskip("xgboost")
+from memory_sink import MemorySink  # noqa: E402
+
 from tensorpulse.producers.xgboost import IMPORTANCE_TYPES, TensorpulseCallback  # noqa: E402
 
 FEATURES = ["f_a", "f_b", "f_c", "f_d", "f_e"]
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.payloads: list[bytes] = []
-
-    def __call__(self, topic: str, value: bytes, key: bytes) -> None:
-        self.payloads.append(value)
-
-    def records(self) -> list[wire.StepRecord]:
-        cache = wire.SchemaCache()
-        return [r for r in (wire.decode(p, cache) for p in self.payloads) if r.kind == "step"]
 
 
 def data(seed: int = 0) -> tuple[xgb.DMatrix, xgb.DMatrix]:
@@ -52,7 +41,7 @@ def max_node(booster) -> int:
 def test_callback_publishes_metrics_tree_size_and_importances_per_round():
     """Each round: eval metrics, "loss" (first set, last metric), max node id and raw importances by feature."""
     dtrain, dval = data()
-    sink = Sink()
+    sink = MemorySink()
     cb = TensorpulseCallback("xgb-unit", produce_fn=sink)
     history: dict = {}
     rounds = 6
@@ -91,7 +80,7 @@ def test_callback_publishes_metrics_tree_size_and_importances_per_round():
 def test_callback_uses_a_given_hook_schedule_and_importance_interval():
     """With a caller's Hook: its save schedule picks rounds, importances every n saved rounds, hook left open."""
     dtrain, dval = data(1)
-    sink = Sink()
+    sink = MemorySink()
     hook = Hook("xgb-given", produce_fn=sink, save_interval=2)
     cb = TensorpulseCallback(hook, importance_types=("gain",), importance_every=2)
     booster = xgb.train(
@@ -111,7 +100,7 @@ def test_callback_uses_a_given_hook_schedule_and_importance_interval():
 def test_stop_action_ends_training(monkeypatch):
     """When a rule asked the job to stop, the callback returns True and xgboost stops after that round."""
     dtrain, _ = data(2)
-    sink = Sink()
+    sink = MemorySink()
     monkeypatch.setattr(Hook, "should_stop", property(lambda self: True))
     cb = TensorpulseCallback("xgb-stop", produce_fn=sink)
     booster = xgb.train(
@@ -124,8 +113,8 @@ def test_stop_action_ends_training(monkeypatch):
 def test_bad_arguments_and_missing_xgboost(monkeypatch):
     """Unknown importance types and mixed hook arguments are refused; without xgboost the import says what to install."""
     with pytest.raises(ValueError, match="importance"):
-        TensorpulseCallback("xgb-bad", produce_fn=Sink(), importance_types=("split",))
-    hook = Hook("xgb-bad2", produce_fn=Sink())
+        TensorpulseCallback("xgb-bad", produce_fn=MemorySink(), importance_types=("split",))
+    hook = Hook("xgb-bad2", produce_fn=MemorySink())
     with pytest.raises(ValueError, match="either a Hook"):
         TensorpulseCallback(hook, "127.0.0.1:9092")
     hook.close(1)
