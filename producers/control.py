@@ -178,7 +178,8 @@ class ControlListener:
         self._dispatched: dict[str, float] = {}  # action kind -> when its callbacks last ran
         self._closing = threading.Event()
         self._poll = poll_interval_s
-        self._conf = client_config(bootstrap, kafka_config)
+        # The Kafka properties as resolved at the edge (the hook's settings); None: resolved now.
+        self._conf = client_config(bootstrap, kafka=kafka_config)
         self._conf.update(
             {
                 "group.id": group_id or f"{group_prefix(job)}{uuid.uuid4().hex[:12]}",

@@ -190,6 +190,7 @@ class Hook:
             quantile_steps=quantile_steps,
             delta_every=delta_every,
             delta_method=delta_method,
+            kafka_config=kafka_config,
         )
         self.settings = settings
         if settings.job is None:
@@ -265,7 +266,7 @@ class Hook:
             self.topic,
             key=self.job,
             bootstrap=bootstrap,
-            kafka_config=kafka_config,
+            kafka_config=settings.kafka_config,
             max_queued=max_queued,
             max_queued_bytes=max_queued_bytes,
             sizeof=_Record.nbytes,
@@ -281,7 +282,7 @@ class Hook:
             self._listener = ControlListener(
                 self.job,
                 bootstrap=bootstrap,
-                kafka_config=kafka_config,
+                kafka_config=settings.kafka_config,
                 prefix=topic_prefix,
                 start_ts=self.started,
             )

@@ -147,7 +147,8 @@ class Publisher:
         self.dropped_delivery = 0
         self.errors = 0
 
-        self._base_conf = client_config(bootstrap, kafka_config)
+        # The Kafka properties as resolved at the edge (the hook's settings); None: resolved now.
+        self._base_conf = client_config(bootstrap, kafka=kafka_config)
         self._producer = None
         if produce_fn is None:
             from confluent_kafka import KafkaException, Producer

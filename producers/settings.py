@@ -29,6 +29,8 @@ class HookSettings(EdgeSettings):
 
     component: ClassVar[str] = "hook"
     config_env: ClassVar[str | None] = "TENSORPULSE_CONFIG"
+    #: Kafka client properties come from TENSORPULSE_KAFKA_<PROPERTY>, the file or the argument.
+    not_from_env: ClassVar[frozenset[str]] = frozenset({"kafka_config"})
     shown_notes: ClassVar[dict[str, str]] = {
         "kafka": "the Kafka client config: bootstrap and TENSORPULSE_KAFKA_* variables"
     }
@@ -54,10 +56,14 @@ class HookSettings(EdgeSettings):
     #: Every n-th saved train step reports how tracked tensors changed.
     delta_every: int = Field(10, ge=1)
     delta_method: DeltaMethod = "sketch"
+    #: librdkafka properties of the hook's clients: the settings file's `kafka_config`, then
+    #: TENSORPULSE_KAFKA_<PROPERTY>, then the hook's `kafka_config` argument, property by property.
+    kafka_config: dict[str, Any] = Field(default_factory=dict)
 
     def shown(self) -> dict[str, Any]:
         """Every setting and the Kafka client config the hook's clients start from, redacted."""
-        return redact({**self.model_dump(mode="json"), "kafka": client_config(self.bootstrap)})
+        fields = self.model_dump(mode="json", exclude={"kafka_config"})
+        return redact({**fields, "kafka": client_config(self.bootstrap, kafka=self.kafka_config)})
 
     @field_validator("save_interval", "quantile_steps", "delta_every", "rank", "world_size", mode="before")
     @classmethod

@@ -30,7 +30,8 @@ class WorkerSettings(EdgeSettings):
 
     component: ClassVar[str] = "worker"
     config_env: ClassVar[str | None] = "TENSORPULSE_WORKER_CONFIG"
-    #: Kafka client properties come from TENSORPULSE_KAFKA_<PROPERTY> (tensorpulse.kafka) or the file.
+    #: Kafka client properties come from TENSORPULSE_KAFKA_<PROPERTY> (KafkaSettings), the file or
+    #: the argument, merged by `resolve` (tensorpulse/settings.py).
     not_from_env: ClassVar[frozenset[str]] = frozenset({"kafka_config"})
     shown_notes: ClassVar[dict[str, str]] = {
         "kafka": "the Kafka client config: bootstrap, TENSORPULSE_KAFKA_* variables, kafka_config"
@@ -114,10 +115,10 @@ class WorkerSettings(EdgeSettings):
 
     def shown(self) -> dict[str, Any]:
         """These settings as `--show-config` prints them: every field, and the Kafka client config
-        the worker's clients start from (environment and `kafka_config` merged), all redacted.
-        `client_config` reads TENSORPULSE_KAFKA_* itself, the one place the Kafka properties enter."""
+        the worker's clients start from (`kafka_config`: the file's, TENSORPULSE_KAFKA_* and the
+        argument's, merged by `resolve`), all redacted."""
         fields = self.model_dump(mode="json", exclude={"kafka_config"})
-        return redact({**fields, "kafka": client_config(self.bootstrap, self.kafka_config)})
+        return redact({**fields, "kafka": client_config(self.bootstrap, kafka=self.kafka_config)})
 
     @field_validator("topic_prefix")
     @classmethod

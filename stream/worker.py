@@ -147,7 +147,7 @@ class Worker:
         #: Per job, hashes of the scalar names admitted so far (at most max_scalars_per_job).
         self._scalar_names: dict[str, set[int]] = {}
         self.ready = threading.Event()  # set once the stream application is built and starting
-        base = client_config(settings.bootstrap, settings.kafka_config)
+        base = client_config(settings.bootstrap, kafka=settings.kafka_config)  # resolved at the edge
         self._base_config = base
         own_specs = [s for s in self.specs if not is_cross_run(s)]
         clock_every = clock_interval(own_specs)

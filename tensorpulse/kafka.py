@@ -3,6 +3,9 @@
 Precedence: explicit arguments, then environment, then defaults. Any librdkafka property can be
 passed through the environment as TENSORPULSE_KAFKA_<PROPERTY> with dots written as underscores,
 e.g. TENSORPULSE_KAFKA_SECURITY_PROTOCOL=SSL, TENSORPULSE_KAFKA_SASL_MECHANISM=SCRAM-SHA-512.
+Those variables are read at the edge, by `tensorpulse.settings.KafkaSettings`: the hook's and the
+worker's settings hold them (`kafka_config`) and pass them here as `kafka`; only a client built
+without settings (`kafka=None`: a CLI reader, a library call) has them resolved here.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from tensorpulse.redact import redact
+from tensorpulse.settings import KAFKA_ENV_PREFIX, KafkaSettings
 
 BOOTSTRAP_ENV = "TENSORPULSE_BOOTSTRAP"
-KAFKA_ENV_PREFIX = "TENSORPULSE_KAFKA_"
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
 #: The Python logger that librdkafka's own log lines go to (see `client_config`).
@@ -51,23 +54,25 @@ def resolve_bootstrap(bootstrap: str | None) -> str:
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """librdkafka properties given as TENSORPULSE_KAFKA_* environment variables."""
-    environ = os.environ if environ is None else environ
-    return {
-        k[len(KAFKA_ENV_PREFIX) :].lower().replace("_", "."): v
-        for k, v in environ.items()
-        if k.startswith(KAFKA_ENV_PREFIX) and len(k) > len(KAFKA_ENV_PREFIX)
-    }
+    """librdkafka properties given as TENSORPULSE_KAFKA_* environment variables (KafkaSettings)."""
+    return KafkaSettings.from_environ(environ).properties
 
 
-def client_config(bootstrap: str | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Base configuration shared by producers, consumers and admin clients.
+def client_config(
+    bootstrap: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    kafka: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Base configuration shared by producers, consumers and admin clients: the bootstrap servers,
+    the Kafka properties resolved at the edge (`kafka`: a hook's or worker's `kafka_config`; None:
+    TENSORPULSE_KAFKA_* resolved now, for a client built without settings), then `overrides`.
 
     Its `logger` sends librdkafka's log lines to the `tensorpulse.kafka` Python logger (served
     when the client is polled), so they reach the terminal formatted, at their level, or not at all.
     """
     conf: dict[str, Any] = {"bootstrap.servers": resolve_bootstrap(bootstrap), "logger": _CLIENT_LOG}
-    conf.update(env_overrides())
+    conf.update(KafkaSettings.from_environ().properties if kafka is None else kafka)
     if overrides:
         conf.update(overrides)
     return conf

@@ -11,17 +11,25 @@ a model reads nothing from the environment: only `resolve()` does.
 
 The environment variable of a setting is `TENSORPULSE_<FIELD>` unless the field names its own
 (`validation_alias`); `env_names()` lists every variable tensorpulse reads, in one place.
+
+Kafka client properties (`TENSORPULSE_KAFKA_<PROPERTY>`, any librdkafka property) are read here
+too, by `KafkaSettings`, and nowhere else: a model with a `kafka_config` field (the hook's, the
+worker's) gets them merged into it by `resolve()` (its file, then the environment, then the
+argument, property by property), and its clients are built from that field alone
+(`tensorpulse.kafka.client_config(..., kafka=settings.kafka_config)`). A client built with no
+settings of its own (a CLI reader, a library call) resolves `KafkaSettings` where it is built.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import AliasChoices, PrivateAttr, ValidationError
+from pydantic import AliasChoices, Field, PrivateAttr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -34,11 +42,18 @@ from pydantic_settings import (
 from typing_extensions import Self
 
 from tensorpulse.errors import ConfigError
-from tensorpulse.kafka import KAFKA_ENV_PREFIX
 from tensorpulse.redact import redact
 
 #: What every setting's environment variable starts with.
 ENV_PREFIX = "TENSORPULSE_"
+
+#: TENSORPULSE_KAFKA_<PROPERTY>: a librdkafka property of every client, dots written as underscores.
+KAFKA_ENV_PREFIX = "TENSORPULSE_KAFKA_"
+#: Variables under that prefix that are not client properties (the test broker's jar folder,
+#: deploy/kafka/kafka_local.py): passed on, librdkafka would refuse "libs" and no client would start.
+KAFKA_ENV_RESERVED = frozenset({"TENSORPULSE_KAFKA_LIBS"})
+#: A librdkafka property name: lower-case words joined by single dots.
+_PROPERTY = re.compile(r"[a-z0-9]+(?:\.[a-z0-9]+)*\Z")
 
 #: Variables that are not one model's field, with what they do.
 OTHER_ENV = {
@@ -54,6 +69,8 @@ NUMBA_ENV = "TENSORPULSE_NUMBA"
 
 #: Where a value came from when nothing gave it.
 DEFAULT = "default"
+#: The field of a model that holds its Kafka client properties (merged per property by `resolve`).
+KAFKA_FIELD = "kafka_config"
 
 
 class _EnvSource(EnvSettingsSource):
@@ -130,8 +147,9 @@ class EdgeSettings(BaseSettings):
         argument, variable or file of a bad value."""
         path = config_file or (os.environ.get(cls.config_env) if cls.config_env else None)
         layers: list[tuple[str, Mapping[str, Any]]] = []
+        file_values: Mapping[str, Any] = cls.read_file(Path(path)) if path else {}
         if path:
-            layers.append((f"settings file {path}", cls.read_file(Path(path))))
+            layers.append((f"settings file {path}", file_values))
         env_values = _EnvSource(cls)()
         env_labels = {}
         for key in env_values:
@@ -150,6 +168,10 @@ class EdgeSettings(BaseSettings):
                 origins[field] = env_labels[key] if label == "environment" else label
                 if label == "argument":
                     origins[field] = f"argument {field}"
+        if KAFKA_FIELD in cls.model_fields:
+            merged[KAFKA_FIELD], origin = cls._kafka_layers(file_values, args.get(KAFKA_FIELD), path)
+            if origin:
+                origins[KAFKA_FIELD] = origin
         try:
             settings = cls(**merged)
         except ValidationError as exc:
@@ -161,6 +183,24 @@ class EdgeSettings(BaseSettings):
             ) from exc
         settings._origins = origins
         return settings
+
+    @classmethod
+    def _kafka_layers(
+        cls, file_values: Mapping[str, Any], argument: Any, path: str | Path | None
+    ) -> tuple[dict[str, Any], str]:
+        """The model's Kafka properties, merged property by property: the settings file's, then
+        TENSORPULSE_KAFKA_* (KafkaSettings), then the argument's; and where they came from."""
+        from_file = file_values.get(KAFKA_FIELD) or {}
+        if not isinstance(from_file, Mapping):
+            raise ConfigError(f"{cls.component} setting {KAFKA_FIELD}: expected a mapping of property: value")
+        kafka = KafkaSettings.from_environ()
+        merged = {**from_file, **kafka.properties, **(argument or {})}
+        where = [
+            *(["argument kafka_config"] if argument else []),
+            *(f"environment variable {var}" for var in kafka.origins_of.values()),
+            *([f"settings file {path}"] if from_file else []),
+        ]
+        return merged, ", ".join(where)
 
     @classmethod
     def read_file(cls, path: Path) -> dict[str, Any]:
@@ -203,10 +243,65 @@ class EdgeSettings(BaseSettings):
         lines = []
         for key, value in self.shown().items():
             note = origins.get(key) or self.shown_notes.get(key, DEFAULT)
+            if key == "kafka" and self._origins.get(KAFKA_FIELD):
+                note += f" (from {self._origins[KAFKA_FIELD]})"
             text = yaml.safe_dump({key: value}, sort_keys=False, width=math.inf).rstrip("\n").split("\n")
             text[0] += f"  # {note}"
             lines.extend(text)
         return "\n".join(lines) + "\n"
+
+
+class KafkaSettings(EdgeSettings):
+    """The librdkafka properties every Kafka client starts from, from TENSORPULSE_KAFKA_<PROPERTY>
+    (dots written as underscores: TENSORPULSE_KAFKA_SASL_MECHANISM=SCRAM-SHA-512 is
+    `sasl.mechanism`); empty variables and `KAFKA_ENV_RESERVED` are not properties."""
+
+    component: ClassVar[str] = "kafka"
+    not_from_env: ClassVar[frozenset[str]] = frozenset({"properties"})
+
+    properties: dict[str, str] = Field(default_factory=dict)
+
+    _origins_of: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("properties")
+    @classmethod
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = sorted(name for name in v if not _PROPERTY.match(name))
+        if bad:
+            raise ValueError(f"not a librdkafka property name: {', '.join(map(repr, bad))}")
+        return v
+
+    @property
+    def origins_of(self) -> dict[str, str]:
+        """{property: the environment variable that gave it}."""
+        return dict(self._origins_of)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> KafkaSettings:
+        """The properties in `environ` (default: this process's environment); ConfigError names a
+        variable that does not give a property name."""
+        environ = os.environ if environ is None else environ
+        props: dict[str, str] = {}
+        origins: dict[str, str] = {}
+        for var in sorted(environ):
+            value = environ[var]
+            if (
+                not var.startswith(KAFKA_ENV_PREFIX)
+                or var in (KAFKA_ENV_PREFIX, *KAFKA_ENV_RESERVED)
+                or not value
+            ):
+                continue
+            name = var[len(KAFKA_ENV_PREFIX) :].lower().replace("_", ".")
+            if not _PROPERTY.match(name):
+                raise ConfigError(
+                    f"environment variable {var}: {name!r} is not a librdkafka property name "
+                    f"({KAFKA_ENV_PREFIX}<PROPERTY>, the property's dots written as single underscores)"
+                )
+            props[name] = value
+            origins[name] = var
+        settings = cls(properties=props)
+        settings._origins_of = origins
+        return settings
 
 
 def env_names() -> dict[str, str]:
@@ -229,4 +324,15 @@ def env_names() -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-__all__ = ["DEFAULT", "ENV_PREFIX", "EdgeSettings", "NUMBA_ENV", "OTHER_ENV", "env_names"]
+__all__ = [
+    "DEFAULT",
+    "ENV_PREFIX",
+    "KAFKA_ENV_PREFIX",
+    "KAFKA_ENV_RESERVED",
+    "KAFKA_FIELD",
+    "EdgeSettings",
+    "KafkaSettings",
+    "NUMBA_ENV",
+    "OTHER_ENV",
+    "env_names",
+]
