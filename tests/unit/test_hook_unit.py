@@ -121,7 +121,7 @@ def test_publisher_queue_is_bounded_in_bytes_too():
 
 def test_hook_sizes_its_queued_records():
     """The hook bounds its queue by records' estimated memory: more tensors, more bytes, and a small bound drops."""
-    from tensorpulse.producers.records import TENSOR_HOST_BYTES
+    from tensorpulse.producers.hook import TENSOR_HOST_BYTES
 
     gate = threading.Event()
 
@@ -427,7 +427,7 @@ def test_torch_hook_shared_modules_and_gradient_accumulation_keep_names_unique()
 def test_torch_hook_step_failure_disables_the_hook(monkeypatch, offload):
     """An exception in the statistics path is caught: training continues and the hook disables itself
     (offloaded: when the failed step is collected, at the latest at close)."""
-    from tensorpulse.producers import offload, torch_attach
+    from tensorpulse.producers import torch as torch_hook_module
     from tensorpulse.producers.torch import TorchHook
 
     def boom(*a, **k):
@@ -436,8 +436,7 @@ def test_torch_hook_step_failure_disables_the_hook(monkeypatch, offload):
     sink = MemorySink()
     model = make_mlp()
     hook = TorchHook("unit-fail", produce_fn=sink, offload=offload).attach(model)
-    monkeypatch.setattr(torch_attach, "reduce_on_device", boom)  # activations, in the forward hooks
-    monkeypatch.setattr(offload, "reduce_on_device", boom)  # a step's tensors
+    monkeypatch.setattr(torch_hook_module, "reduce_on_device", boom)
     train(model, hook, 3)
     if offload:
         hook.close(2)
