@@ -1,7 +1,8 @@
 """Framework-neutral tensor statistics (numpy, float64), and the column set both backends produce.
 
-Used for anything with `__array__` (numpy arrays, lists, JAX/TF tensors on host) and as the
-reference the torch backend is tested against. Semantics, shared with stats_torch:
+Used for anything with `__array__` (numpy arrays, lists, JAX/TF tensors on host). Its per-tensor
+statistics are the float64 references declared in tensorpulse/statistics.py, which the torch
+backend and the numba kernels are tested against (tests/unit/test_statistics.py). Semantics:
 
 - statistics cover every element; mean/std/min/max/abs_mean follow IEEE arithmetic, so one NaN
   makes them NaN and an inf makes mean/abs_mean infinite (std is then NaN, as in numpy);
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from tensorpulse import statistics
 from tensorpulse.wire import (
     ACTIVITY_EDGES,
     FLOAT_COLUMNS,
@@ -34,6 +36,9 @@ from tensorpulse.wire import (
 )
 
 _K = len(FLOAT_COLUMNS)
+#: The declared float64 references of the wire's float columns and counts.
+_FLOAT_REFS = tuple(statistics.get(name).reference for name in FLOAT_COLUMNS)
+_ZEROS, _NAN, _INF = (statistics.get(name).reference for name in ("zeros", "nan", "inf"))
 
 
 @dataclass(slots=True)
@@ -147,34 +152,10 @@ def _activity(x: np.ndarray, active_range: tuple[float, float] | None = None) ->
     return activity_from_counts(np.asarray(active), x.size // x.shape[1])
 
 
-def _quantiles(flat: np.ndarray, max_samples: int) -> tuple[float, float]:
-    if flat.size > max_samples:
-        flat = flat[:: -(-flat.size // max_samples)]
-    with np.errstate(invalid="ignore"):
-        p5, p95 = np.quantile(flat, (0.05, 0.95), method="nearest")
-    return float(p5), float(p95)
-
-
 def _row(flat: np.ndarray) -> tuple[list[float], int, int, int]:
-    """[mean, std, min, max, abs_mean], zeros, nan, inf of a flat float64 array."""
-    nan = int(np.count_nonzero(np.isnan(flat)))
-    inf = int(np.count_nonzero(np.isinf(flat)))
-    zeros = int(np.count_nonzero(flat == 0))
-    with np.errstate(over="ignore", invalid="ignore"):
-        mn, mx = float(flat.min()), float(flat.max())
-        mean = float(flat.mean())
-        std = float(flat.std())
-        abs_mean = float(np.abs(flat).mean())
-        if nan == 0 and inf == 0 and not (math.isfinite(mean) and math.isfinite(std)):
-            # Finite but huge (float64 sums overflowed): rescale by the largest magnitude.
-            scale = max(abs(mn), abs(mx))
-            y = flat / scale
-            mean, std, abs_mean = (
-                float(y.mean()) * scale,
-                float(y.std()) * scale,
-                float(np.abs(y).mean()) * scale,
-            )
-    return [mean, std, mn, mx, abs_mean], zeros, nan, inf
+    """[mean, std, min, max, abs_mean], zeros, nan, inf of a flat float64 array: the declared
+    references (tensorpulse/statistics.py), which this backend is."""
+    return [f(flat) for f in _FLOAT_REFS], _ZEROS(flat), _NAN(flat), _INF(flat)
 
 
 def numpy_stats(
@@ -215,7 +196,9 @@ def numpy_stats(
             if a is not None:
                 act[i] = a
         if quantiles is not None and quantiles[i]:
-            qs[i] = _quantiles(flat, max_quantile_samples)
+            q = statistics.ref_quantiles(flat, max_quantile_samples)
+            if q is not None:
+                qs[i] = q
     return Columns(n, floats, zeros, nan, inf, act, qs)
 
 

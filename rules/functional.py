@@ -11,13 +11,14 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from tensorpulse.wire import ACTIVITY_EDGES, TensorStats
+from tensorpulse.wire import ACTIVITY_EDGES, FLOAT_COLUMNS, TensorStats
 
 if TYPE_CHECKING:
     from .base import Regex
 
-#: The fingerprint of a tensor that UnchangedTensor compares between saved steps.
-FINGERPRINT_FIELDS = ("mean", "std", "min", "max", "abs_mean")
+#: The fingerprint of a tensor that UnchangedTensor compares between saved steps: every float
+#: statistic the wire sends (declared in tensorpulse/statistics.py).
+FINGERPRINT_FIELDS = FLOAT_COLUMNS
 
 
 # --- windows and means ----------------------------------------------------------------------

@@ -170,6 +170,8 @@ class TensorStats:
         """Euclidean norm, derived exactly from n, mean and std (it is not sent separately)."""
         if not self.n:
             return 0.0
+        if self.inf and not self.nan:  # std is NaN there, but ||x|| of an infinite element is inf
+            return math.inf
         squares = self.n * (self.std * self.std + self.mean * self.mean)
         if squares == math.inf:  # finite statistics whose squares overflow (|x| ~ 1e154 and up)
             return math.sqrt(self.n) * math.hypot(self.std, self.mean)

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from dataclasses import fields as dataclass_fields
+from fractions import Fraction
 from typing import Any, Literal
 
 import numpy as np
@@ -45,7 +46,8 @@ class Statistic:
     #: Wire key (see WireKey) and, for "f" and "nf", the column inside it.
     wire: WireKey
     column: int | None
-    #: The float64 numpy reference over the whole tensor (a flat float64 array, possibly empty).
+    #: The float64 numpy reference over the whole tensor (a float64 array of the tensor's shape,
+    #: possibly empty).
     reference: Callable[[np.ndarray], Any]
     #: How the statistics of parts of one tensor (shards, or steps pooled) give the whole one's;
     #: None: not combinable, and `instead` says what a combined record shows.
@@ -77,6 +79,7 @@ def _moment(x: np.ndarray, f: Callable[[np.ndarray], Any]) -> float:
     """f(x) in float64; for finite elements whose sums overflow, scale * f(x / scale)."""
     if x.size == 0:
         return 0.0
+    x = x.reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):
         v = float(f(x))
         if not math.isfinite(v):
@@ -92,6 +95,11 @@ def ref_mean(x: np.ndarray) -> float:
 
 def ref_std(x: np.ndarray) -> float:
     return _moment(x, np.std)
+
+
+def ref_variance(x: np.ndarray) -> float:
+    std = ref_std(x)
+    return std * std  # inf past 1e154, where std ** 2 would raise
 
 
 def ref_abs_mean(x: np.ndarray) -> float:
@@ -114,11 +122,24 @@ def ref_quantiles(x: np.ndarray, max_samples: int = 16384) -> tuple[float, float
     """Nearest-rank (p5, p95) of a strided subsample of at most `max_samples` elements."""
     if x.size == 0:
         return None
+    x = x.reshape(-1)
     if x.size > max_samples:
         x = x[:: -(-x.size // max_samples)]
     with np.errstate(invalid="ignore"):
         p5, p95 = np.quantile(x, (0.05, 0.95), method="nearest")
     return float(p5), float(p95)
+
+
+def ref_activity(x: np.ndarray) -> tuple[int, ...] | None:
+    """(units, units active (> 0) in fewer than each ACTIVITY_EDGES fraction of samples); unit =
+    axis 1, sample = every other index; None below 2 dimensions or when empty. Exact fractions."""
+    if x.ndim < 2 or x.shape[1] == 0 or x.size == 0:
+        return None
+    units = x.shape[1]
+    samples = x.size // units
+    active = np.count_nonzero(np.moveaxis(x, 1, 0).reshape(units, -1) > 0, axis=1)
+    edges = [Fraction(str(e)) for e in ACTIVITY_EDGES]
+    return (units, *(sum(1 for c in active.tolist() if Fraction(c, samples) < e) for e in edges))
 
 
 def _count(f: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], int]:
@@ -336,11 +357,11 @@ _SENT: tuple[Statistic, ...] = (
         tuple,
         "act",
         None,
-        lambda x: None,
+        ref_activity,
         None,
         instead="None: activity is captured for activations, which are not sharded",
-        doc="(units, units active in fewer than each wire.ACTIVITY_EDGES fraction of samples); "
-        "its reference is stats_numpy.activity_from_counts over the (samples, units) layout",
+        doc="(units, units active in fewer than each ACTIVITY_EDGES fraction of samples), for "
+        "activations (unit = axis 1)",
     ),
     Statistic(
         "delta",
@@ -359,7 +380,7 @@ _DERIVED: tuple[Statistic, ...] = (
     Statistic(
         "l2", float, "", None, ref_l2, "from the combined n, mean and std", doc="sqrt(n (std² + mean²))"
     ),
-    Statistic("variance", float, "", None, lambda x: ref_std(x) ** 2, "from the combined std", doc="std²"),
+    Statistic("variance", float, "", None, ref_variance, "from the combined std", doc="std²"),
     Statistic(
         "zero_frac",
         float,
@@ -401,5 +422,5 @@ def get(name: str) -> Statistic:
 
 def reference(x: Any) -> dict[str, Any]:
     """Every declared statistic of one tensor (anything np.asarray takes), in float64."""
-    flat = np.asarray(x, dtype=np.float64).reshape(-1)
-    return {s.name: s.reference(flat) for s in STATISTICS}
+    a = np.asarray(x, dtype=np.float64)
+    return {s.name: s.reference(a) for s in STATISTICS}
