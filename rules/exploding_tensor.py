@@ -12,6 +12,8 @@ from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
 
 #: Collection names that select the scalars of a record (scalars carry no collection on the wire).
 SCALAR_COLLECTIONS = frozenset({"losses", "metrics"})
+#: Collections of a model's parameters (for the order of ranks' first non-finite values).
+_PARAMETERS = frozenset({"weights", "biases"})
 
 
 class ExplodingTensorParams(RuleParams):
@@ -40,8 +42,13 @@ class ExplodingTensor(Rule):
     weights first, and a NaN gradient is in every weight once the optimizer has applied it).
     First non-finite: per mode, the state keeps the earliest offender this rank has produced,
     ordered by (step, record ts, position among the checked tensors and scalars, in that
-    within-record order), as [step, ts, position, name]: one entry per mode, never more. `job_summary` picks the earliest
-    of all ranks (rank breaks the last tie), and the stream layer adds it to the alert's message
+    within-record order), as [step, ts, position, name, phase]: one entry per mode, never more.
+    `job_summary` picks the earliest of all ranks by (step, phase, ts, position, rank), where
+    phase is 0 when the rank's first offender is a weight or bias, else 1: every rank's forward
+    pass of a step computes from the same parameters (DDP keeps copies in step, FSDP2 gathers
+    each rank's shard), so a parameter that was its rank's first non-finite tensor of a step came
+    before another rank's activations or gradients of that step, whichever record came first
+    (FSDP2: the rank whose shard of the parameter holds the NaN). The stream layer adds it to the alert's message
     ("first non-finite: rank 1, gradient/fc1.weight, step 161") and details. A record that
     arrives late with an earlier step moves it back; an alert already sent is not re-sent.
     The gradients of a step that the producer marks skipped (`StepRecord.skipped`: a mixed-precision
@@ -75,6 +82,7 @@ class ExplodingTensor(Rule):
         order = {id(record.tensors[i]): k for k, i in enumerate(record.nonfinite_order)}
         unordered = len(order)  # positions of the tensors it leaves out start here
         first = 0  # index of the first offender in `offenders`
+        first_weight = False  # whether it is a weight or bias (see job_summary)
         for t in record.select(self._collections, self._regex):
             if skipped and t.collection == "gradients":
                 continue
@@ -84,6 +92,7 @@ class ExplodingTensor(Rule):
                 pos = order.get(id(t), unordered + checked - 1)
                 if first_pos < 0 or pos < first_pos:
                     first_pos, first = pos, len(offenders)
+                    first_weight = t.collection in _PARAMETERS
                 count += bad
                 offenders.append(t.name)
                 details.append(
@@ -96,13 +105,14 @@ class ExplodingTensor(Rule):
                 if F.scalar_nonfinite(value, only_nan):
                     if first_pos < 0:
                         first_pos, first = unordered + checked - 1, len(offenders)
+                        first_weight = False
                     count += 1
                     offenders.append(key)
                     details.append(f"scalar {key} = {value}")
         if not count:
             return state, Finding(False, value=0.0, threshold=0.0)
         more = f" (and {len(offenders) - 1} more)" if len(offenders) > 1 else ""
-        state = _remember_first(state, record, first_pos, offenders[first])
+        state = _remember_first(state, record, first_pos, offenders[first], first_weight)
         return state, Finding(
             True,
             value=float(count),
@@ -121,22 +131,22 @@ class ExplodingTensor(Rule):
             entry = (state or {}).get("first", {}).get(mode)
             if entry is None:
                 continue
-            step, ts, pos, name = entry
-            key = (step, ts, pos, rank, name)
-            if best is None or key[:4] < best[:4]:
+            step, ts, pos, name, *rest = entry  # entries stored before the phase have 4 items
+            key = (step, rest[0] if rest else 1, ts, pos, rank, name)
+            if best is None or key[:5] < best[:5]:
                 best = key
         if best is None:
             return None
-        step, ts, _, rank, name = best
+        step, _, ts, _, rank, name = best
         details = {"rank": rank, "tensor": name, "step": step, "mode": mode, "ts": ts}
         return {"first_nonfinite": details}, f"first non-finite: rank {rank}, {name}, step {step}"
 
 
-def _remember_first(state: State, record: StepRecord, pos: int, name: str) -> State:
+def _remember_first(state: State, record: StepRecord, pos: int, name: str, weight: bool) -> State:
     """A new state whose `first[mode]` is the earlier of the stored entry and this record's (not mutating)."""
     first = state.get("first", {})
     old = first.get(record.mode)
-    new = [record.step, record.ts, pos, name]
+    new = [record.step, record.ts, pos, name, 0 if weight else 1]
     if old is not None and tuple(old[:3]) <= tuple(new[:3]):
         return state
     return {**state, "first": {**first, record.mode: new}}

@@ -59,9 +59,16 @@ def test_first_nonfinite_across_ranks_arriving_out_of_order() -> None:
 
 
 def test_ties_break_on_ts_then_tensor_order_then_rank() -> None:
-    """Same step: the earlier ts wins; same step and ts: the earlier tensor, then the lower rank."""
-    _, events = _events([_rec(1, 5, 2.0, bad=("fc1.weight",)), _rec(0, 5, 1.0, bad=("gradient/fc2.weight",))])
+    """Same step: a rank whose first offender is a weight wins, then the earlier ts; same step and ts: the
+    earlier tensor, then the lower rank."""
+    _, events = _events(
+        [_rec(1, 5, 2.0, bad=("gradient/fc1.weight",)), _rec(0, 5, 1.0, bad=("gradient/fc2.weight",))]
+    )
     assert events[-1].details["first_nonfinite"]["rank"] == 0  # ts 1.0 < 2.0
+    # a weight non-finite before the step's forward pass (FSDP2: one rank's shard) precedes any rank's
+    # gradients of that step, whichever record came first
+    _, events = _events([_rec(1, 5, 2.0, bad=("fc1.weight",)), _rec(0, 5, 1.0, bad=("gradient/fc2.weight",))])
+    assert events[-1].details["first_nonfinite"]["rank"] == 1
     _, events = _events(
         [_rec(0, 5, 1.0, bad=("gradient/fc2.weight",)), _rec(1, 5, 1.0, bad=("gradient/fc1.weight",))]
     )

@@ -188,15 +188,41 @@ def test_remembers_the_first_offender_per_mode() -> None:
     rule = ExplodingTensor()
     tensors = [make_stats("a", "weights", [1.0]), make_stats("b", "weights", [math.nan])]
     state, _ = rule.update(rule.initialize(), make_record(9, tensors=tensors))
-    assert state["first"] == {"train": [9, 9.0, 1, "b"]}
+    assert state["first"] == {"train": [9, 9.0, 1, "b", 0]}  # phase 0: a weight
     later, _ = rule.update(state, make_record(12, scalars={"loss": math.inf}))
     assert later["first"] == state["first"]
     earlier, _ = rule.update(state, make_record(4, scalars={"loss": math.nan}))
-    assert earlier["first"]["train"] == [4, 4.0, 0, "loss"]
+    assert earlier["first"]["train"] == [4, 4.0, 0, "loss", 1]
     assert state["first"]["train"][0] == 9, "update mutated the state it was given"
     summary = rule.job_summary({0: state, 3: earlier, 1: {}}, "train")
     assert summary is not None and summary[1] == "first non-finite: rank 3, loss, step 4"
     assert rule.job_summary({0: state}, "eval") is None
+
+
+def test_a_parameter_first_on_its_rank_comes_before_other_ranks_activations_of_that_step() -> None:
+    """FSDP2: rank 1's shard of 2.weight holds the NaN; rank 0 only gets NaN activations from it, and its
+    record may come first. The job's first non-finite is rank 1's weight, not rank 0's earlier record."""
+    import dataclasses
+
+    rule = ExplodingTensor()
+    act = make_stats("3/relu_output", "activations", [math.nan, 1.0])
+    weight = make_stats("2.weight", "weights", [math.nan, 1.0])
+    first = dataclasses.replace(make_record(11, tensors=[act]), ts=100.0)
+    later = dataclasses.replace(make_record(11, rank=1, tensors=[weight, act]), ts=100.5)
+    rank0, _ = rule.update(rule.initialize(), first)
+    rank1, _ = rule.update(rule.initialize(), later)
+    summary = rule.job_summary({0: rank0, 1: rank1}, "train")
+    assert summary is not None and summary[1] == "first non-finite: rank 1, 2.weight, step 11"
+    # an earlier step still wins over the phase, and an entry stored before the phase reads as phase 1
+    older = {"first": {"train": [10, 200.0, 3, "3/relu_output"]}}
+    assert (
+        rule.job_summary({0: older, 1: rank1}, "train")[1]
+        == "first non-finite: rank 0, 3/relu_output, step 10"
+    )
+    same_step_old = {"first": {"train": [11, 99.0, 0, "gradient/x"]}}
+    assert rule.job_summary({0: same_step_old, 1: rank1}, "train")[1].startswith(
+        "first non-finite: rank 1, 2.weight"
+    )
 
 
 def test_gradients_of_a_step_the_scaler_skipped_do_not_fire() -> None:
@@ -212,6 +238,8 @@ def test_gradients_of_a_step_the_scaler_skipped_do_not_fire() -> None:
     with_weight = dataclasses.replace(make_record(4, tensors=[inf_grad, nan_weight]), skipped=True)
     _, finding = rule.update({}, with_weight)
     assert finding.firing and finding.tensors == ("fc.weight",)
-    with_loss = dataclasses.replace(make_record(5, tensors=[inf_grad], scalars={"loss": math.inf}), skipped=True)
+    with_loss = dataclasses.replace(
+        make_record(5, tensors=[inf_grad], scalars={"loss": math.inf}), skipped=True
+    )
     _, finding = rule.update({}, with_loss)
     assert finding.firing and finding.tensors == ("loss",)
