@@ -15,6 +15,12 @@ fire naming that rank. Meanwhile a one-rank bystander job sends a step every 0.2
 
     python bench/ranks.py --ranks 1024 4096 --designs baseline current --broker kafka
 
+A design `current:<setting>=<value>,...` is the working tree's worker with those worker settings
+(as TENSORPULSE_<SETTING> variables), e.g. `current:max_ahead_per_job=0` for no per-job bound
+on the copies ahead of evaluation (stream/flow.py). `--placements same other` runs each scenario
+with the bystander named so that its records share the big job's steps partition (which no
+consumer setting can help: one partition is evaluated in order) and so that they do not.
+
 Results (JSON) go to bench/results/ unless --out names a file.
 """
 
@@ -29,19 +35,20 @@ import tempfile
 import threading
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from common import open_broker, percentile
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
 from designs import DEFAULT_BASELINE_REV, Design, prepare_baseline, prepare_current, start_workers
 from loadgen import create_topics
 from loadwatch import AlertCollector, WorkerProc, check_alive, scrape, stop_workers
 
 from tensorpulse import wire
 from tensorpulse.sinks.alerts import read_alerts
-from tensorpulse.topics import reductions_topic
+from tensorpulse.topics import group_topic, reductions_topic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,6 +96,39 @@ class Bystander(threading.Thread):
                 self.faults[step] = ts
             step += 1
         self.producer.flush(10)
+
+
+class StepsWatch(threading.Thread):
+    """Tails the group's steps topic (the working tree's design): when each bystander copy arrived.
+
+    Splits the bystander's wait into publish -> copy (the intake) and copy -> alert (the processor),
+    and says whether the two jobs share a steps partition (then no consumer can put one before the other).
+    """
+
+    def __init__(self, bootstrap: str, group: str, big: str, bystander: str) -> None:
+        super().__init__(name="steps-watch", daemon=True)
+        self.topic, self.big, self.bys = group_topic("steps", group), big.encode(), bystander.encode()
+        self.consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": f"watch-{uuid.uuid4().hex[:6]}"}
+        )
+        self.copied: dict[int, float] = {}  # bystander source offset (= its step) -> arrival here
+        self.partitions: dict[bytes, int] = {}
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        meta = self.consumer.list_topics(self.topic, timeout=10).topics.get(self.topic)
+        if meta is None or not meta.partitions:
+            return
+        self.consumer.assign([TopicPartition(self.topic, p, OFFSET_END) for p in meta.partitions])
+        while not self.stop_event.is_set():
+            for m in self.consumer.consume(1000, 0.1):
+                if m.error() is not None or m.key() not in (self.big, self.bys):
+                    continue
+                self.partitions[m.key()] = m.partition()
+                src = dict(m.headers() or ()).get("tp.src")
+                if m.key() == self.bys and src is not None:
+                    self.copied[int(src.decode().partition(":")[2])] = time.time()
+        self.consumer.close()
 
 
 def changelog_max_bytes(bootstrap: str, group: str, timeout: float = 20.0) -> tuple[int, int]:
@@ -139,12 +179,18 @@ def _metric(worker: WorkerProc, name: str) -> float | None:
     return None
 
 
-def scenario(design: Design, bootstrap: str, world: int, a: argparse.Namespace, work: Path) -> dict[str, Any]:
+def scenario(
+    design: Design, bootstrap: str, world: int, a: argparse.Namespace, work: Path, placement: str
+) -> dict[str, Any]:
     rid = uuid.uuid4().hex[:6]
     big, bys = f"ranks-{rid}-big", f"ranks-{rid}-bys"
-    group = f"ranks-{rid}-{design.name}"
+    i, n = 0, a.steps_partitions  # librdkafka's default partitioner for keyed records: crc32(key) % n
+    while (zlib.crc32(bys.encode()) % n == zlib.crc32(big.encode()) % n) != (placement == "same"):
+        i += 1
+        bys = f"ranks-{rid}-bys{i}"
+    group = f"ranks-{rid}-{design.name.replace(':', '-').replace('=', '-').replace(',', '-')}"
     create_topics(bootstrap, [reductions_topic(big), reductions_topic(bys)])
-    wdir = work / f"{design.name}-{world}-{rid}"
+    wdir = work / f"{group}-{world}"
     wdir.mkdir()
     (worker,) = start_workers(
         design, bootstrap, 1, group=group, jobs_regex=f"^ranks-{rid}-", workdir=wdir, guarantee="exactly-once"
@@ -153,7 +199,13 @@ def scenario(design: Design, bootstrap: str, world: int, a: argparse.Namespace, 
     alerts = AlertCollector(bootstrap, f"ranks-{rid}-")
     alerts.start()
     bystander = Bystander(bootstrap, bys, a.tensors)
-    out: dict[str, Any] = {"design": design.name, "ranks": world, "steps": a.steps, "tensors": a.tensors}
+    out: dict[str, Any] = {
+        "design": design.name,
+        "placement": placement,
+        "ranks": world,
+        "steps": a.steps,
+        "tensors": a.tensors,
+    }
     try:
         deadline = time.monotonic() + 60
         while True:  # the worker answers /metrics
@@ -172,6 +224,9 @@ def scenario(design: Design, bootstrap: str, world: int, a: argparse.Namespace, 
             if time.monotonic() > warm:
                 raise RuntimeError(f"no bystander alert within 90 s; see {log}")
             time.sleep(0.1)
+        watch = StepsWatch(bootstrap, group, big, bys) if design.name.startswith("current") else None
+        if watch is not None:
+            watch.start()
         sick = world * 3 // 4
         healthy, nan = _block(a.tensors, False), _block(a.tensors, True)
         producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000})
@@ -214,11 +269,16 @@ def scenario(design: Design, bootstrap: str, world: int, a: argparse.Namespace, 
         settle = time.monotonic() + 60
         while not all((bys, s) in alerts.firings for s in during) and time.monotonic() < settle:
             time.sleep(0.1)
-        lat = [
-            alerts.firings[(bys, s)].read - ts
-            for s, ts in during.items()
-            if (bys, s) in alerts.firings
-        ]
+        lat = [alerts.firings[(bys, s)].read - ts for s, ts in during.items() if (bys, s) in alerts.firings]
+        copy_s, after_copy_s = [], []
+        if watch is not None:
+            watch.stop_event.set()
+            watch.join(10)
+            for s, ts in during.items():
+                copied = watch.copied.get(s)
+                if copied is not None and (bys, s) in alerts.firings:
+                    copy_s.append(copied - ts)
+                    after_copy_s.append(alerts.firings[(bys, s)].read - copied)
         died = proc.poll() is not None
         try:
             restarts = None if died else _metric(worker, "tensorpulse_worker_restarts_total")
@@ -236,6 +296,11 @@ def scenario(design: Design, bootstrap: str, world: int, a: argparse.Namespace, 
             bystander_alerts=len(lat),
             bystander_p50_s=round(percentile(lat, 50), 3) if lat else None,
             bystander_max_s=round(max(lat), 3) if lat else None,
+            bystander_copy_p50_s=round(percentile(copy_s, 50), 3) if copy_s else None,
+            bystander_after_copy_p50_s=round(percentile(after_copy_s, 50), 3) if after_copy_s else None,
+            same_steps_partition=(
+                len(set(watch.partitions.values())) == 1 and len(watch.partitions) == 2 if watch else None
+            ),
             restarts=restarts,
             died=died,
             state_max_bytes=biggest,
@@ -246,6 +311,19 @@ def scenario(design: Design, bootstrap: str, world: int, a: argparse.Namespace, 
         alerts.stop()
         stop_workers([worker])
     return out
+
+
+def variant(name: str, tmp: Path) -> Design:
+    """`current` or `current:<setting>=<value>,...`: the working tree's worker with those settings."""
+    base, _, settings = name.partition(":")
+    if base != "current":
+        raise SystemExit(f"unknown design {name!r}: baseline, current or current:<setting>=<value>,...")
+    design = prepare_current(tmp)
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        design.env[f"TENSORPULSE_{key.upper()}"] = value
+    design.name = name
+    return design
 
 
 def _alert_ranks(bootstrap: str, job: str) -> list[int]:
@@ -262,7 +340,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1024, 4096], help="world sizes of the big job")
     ap.add_argument("--steps", type=int, default=3, help="steps of the big job (NaN at the last)")
     ap.add_argument("--tensors", type=int, default=20, help="tensor statistics per record")
-    ap.add_argument("--designs", nargs="+", default=["baseline", "current"], choices=["baseline", "current"])
+    ap.add_argument(
+        "--designs",
+        nargs="+",
+        default=["baseline", "current"],
+        help="baseline, current, current:<setting>=<v>,...",
+    )
+    ap.add_argument(
+        "--placements",
+        nargs="+",
+        default=["same", "other"],
+        choices=["same", "other"],
+        help="the bystander's steps partition: the big job's, or another",
+    )
+    ap.add_argument("--steps-partitions", type=int, default=12, help="the worker's `partitions` setting")
     ap.add_argument("--baseline-rev", default=DEFAULT_BASELINE_REV)
     ap.add_argument(
         "--deadline-s", type=float, default=240.0, help="per scenario, for every record to be evaluated"
@@ -278,26 +369,28 @@ def main(argv: list[str] | None = None) -> int:
         for name in a.designs:
             d = work / f"design-{name}"
             d.mkdir()
-            designs[name] = prepare_baseline(a.baseline_rev, d) if name == "baseline" else prepare_current(d)
+            designs[name] = prepare_baseline(a.baseline_rev, d) if name == "baseline" else variant(name, d)
             print(f"{name}: {designs[name].source}", flush=True)
         for world in a.ranks:
-            for name in a.designs:
-                print(f"-- {name}, {world} ranks", flush=True)
-                row = scenario(designs[name], broker.bootstrap, world, a, work)
-                print("   " + json.dumps(row), flush=True)
-                rows.append(row)
+            for placement in a.placements:
+                for name in a.designs:
+                    print(f"-- {name}, {world} ranks, bystander's partition: {placement}", flush=True)
+                    row = scenario(designs[name], broker.bootstrap, world, a, work, placement)
+                    print("   " + json.dumps(row), flush=True)
+                    rows.append(row)
         print(
             f"\nbroker: {broker.what}; {platform.node()}, {os.cpu_count()} cores; load {os.getloadavg()[0]:.1f}"
         )
     print(
-        "\n| design | ranks | records | evaluated/s | alert (s), rank | bystander p50 / max (s) | restarts | died "
-        "| largest state record |"
+        "\n| design | ranks | bystander's partition | records | evaluated/s | alert (s), rank "
+        "| bystander p50 / max (s) | its copy p50 (s) | restarts | died | largest state record |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         bys = f"{r['bystander_p50_s']} / {r['bystander_max_s']} ({r['bystander_alerts']}/{r['bystander_faults']})"
         print(
-            f"| {r['design']} | {r['ranks']} | {r['records']} | {r['rate']} | {r['alert_s']}, {r['alert_ranks']} | {bys} | "
+            f"| {r['design']} | {r['ranks']} | {r['placement']} | {r['records']} | {r['rate']} | "
+            f"{r['alert_s']}, {r['alert_ranks']} | {bys} | {r['bystander_copy_p50_s']} | "
             f"{r['restarts']} | {r['died']} | {r['state_max_bytes']} B |"
         )
     out = a.out or RESULTS / f"ranks-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -46,6 +46,7 @@ from tensorpulse.topics import DEADLETTER_TOPIC, control_topic, group_topic
 
 from .deadletter import envelope
 from .discovery import JobDiscovery
+from .flow import JobFlow, Progress
 
 log = logging.getLogger("tensorpulse.stream")
 
@@ -88,6 +89,7 @@ class IntakeConfig:
     tick_interval: float | None  # None: no clock rule, no ticks
     tick_horizon: float
     max_jobs: int = 2000  # WorkerSettings.max_jobs: jobs read at once; the rest wait, counted
+    max_ahead: int = 0  # WorkerSettings.max_ahead_per_job: a job's copies not yet evaluated (0: no bound)
 
     @property
     def steps_topic(self) -> str:
@@ -114,6 +116,7 @@ class Intake:
         on_jobs: Callable[[dict[str, str], int], None] | None = None,
         on_reject: Callable[[str], None] | None = None,
         on_refused: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self.config = config
         self._base = base_config
@@ -130,6 +133,11 @@ class Intake:
         self._creating: Future[None] | None = None
         self._followed: tuple[frozenset[int], dict[str, str]] | None = None  # what _follow last acted on
         self._failed: dict[tuple[str, int], int] = {}  # (topic, partition) -> first undelivered offset
+        # How far each job's copies run ahead of the processor (stream/flow.py); its committed
+        # offsets come from a consumer of the processing group made with the other clients.
+        self._positions: Consumer | None = None
+        self._steps_partitions: list[TopicPartition] = []
+        self.flow = JobFlow(config.max_ahead, progress or Progress(), self._processed_positions)
         self.copied = 0
 
     # ------------------------------------------------------------------ clients
@@ -161,6 +169,16 @@ class Intake:
             }
         )
         coordination.subscribe([c.coordination_topic])
+        if c.max_ahead > 0:
+            # Never joins the processing group: it only reads the group's committed offsets.
+            self._positions = Consumer(
+                {
+                    **base,
+                    "group.id": c.group,
+                    "enable.auto.commit": False,
+                    "client.id": f"tensorpulse-flow-{c.group}",
+                }
+            )
         producer = Producer(
             {
                 **base,
@@ -185,7 +203,10 @@ class Intake:
             max_message_bytes=c.max_record_bytes + (64 << 10),
         )
         self.discovery.ensure_topics(
-            [c.coordination_topic], c.topic_config, partitions=c.shards, replication_factor=c.replication_factor
+            [c.coordination_topic],
+            c.topic_config,
+            partitions=c.shards,
+            replication_factor=c.replication_factor,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -208,15 +229,20 @@ class Intake:
                 backoff = min(backoff * 2, 10.0)
             finally:
                 producer.flush(5)
-                for client in (source, coordination):
+                for client in (source, coordination, self._positions):
                     try:
-                        client.close()
+                        if client is not None:
+                            client.close()
                     except Exception as exc:  # closing after an outage may fail; nothing to keep
                         log.debug("closing an intake client: %s", exc)
+                self._positions = None
                 self.owned = {}
                 self._followed = None  # a new source consumer has nothing assigned
+                self.flow.reset()
 
-    def _loop(self, stop: threading.Event, source: Consumer, coordination: Consumer, producer: Producer) -> None:
+    def _loop(
+        self, stop: threading.Event, source: Consumer, coordination: Consumer, producer: Producer
+    ) -> None:
         c = self.config
         next_discovery = next_tick = 0.0
         logged_down = False
@@ -254,6 +280,8 @@ class Intake:
             t = time.monotonic()
             if self.owned:
                 self._copy(source, producer)
+                if self.flow.held:
+                    self._release(source)
                 steps["copy"] = time.monotonic() - t
             else:
                 stop.wait(c.discovery_interval / 2)
@@ -273,7 +301,9 @@ class Intake:
         c = self.config
         try:
             self.discovery.ensure_topics(
-                [control_topic(j, c.topic_prefix) for j in jobs], c.topic_config, replication_factor=c.replication_factor
+                [control_topic(j, c.topic_prefix) for j in jobs],
+                c.topic_config,
+                replication_factor=c.replication_factor,
             )
         except Exception as exc:
             log.warning("creating control topics failed (%s); retrying", exc)
@@ -282,7 +312,9 @@ class Intake:
     def _follow(self, source: Consumer, coordination: Consumer) -> None:
         """Assign the partitions of newly owned jobs, unassign those no longer owned or deleted."""
         c = self.config
-        shards = frozenset(tp.partition for tp in coordination.assignment() if tp.topic == c.coordination_topic)
+        shards = frozenset(
+            tp.partition for tp in coordination.assignment() if tp.topic == c.coordination_topic
+        )
         if (shards, self.jobs) == self._followed:
             return  # same shards, same jobs: nothing to assign (checked every 0.1 s)
         self._followed = (shards, dict(self.jobs))
@@ -297,11 +329,15 @@ class Intake:
                 log.debug("commit before unassign: %s", exc)
             source.incremental_unassign(gone)
             for t in removed:
-                self._last_seen.pop(self.owned.pop(t), None)
+                job = self.owned.pop(t)
+                self._last_seen.pop(job, None)
+                self.flow.forget(job)
             log.info("intake: no longer reading %d job(s): %s", len(removed), ", ".join(sorted(removed)))
         if added:
             parts = [
-                TopicPartition(t, p, OFFSET_STORED) for t in added for p in range(self.discovery.partitions.get(t, 1))
+                TopicPartition(t, p, OFFSET_STORED)
+                for t in added
+                for p in range(self.discovery.partitions.get(t, 1))
             ]
             source.incremental_assign(parts)
             now = time.monotonic()
@@ -309,7 +345,9 @@ class Intake:
                 self.owned[t] = wanted[t]
                 self._last_seen[wanted[t]] = now
             self._need_control += [wanted[t] for t in added]
-            log.info("intake: reading %d new job(s): %s", len(added), ", ".join(sorted(wanted[t] for t in added)))
+            log.info(
+                "intake: reading %d new job(s): %s", len(added), ", ".join(sorted(wanted[t] for t in added))
+            )
 
     def limit_jobs(self, wanted: dict[str, str]) -> dict[str, str]:
         """The jobs (topic -> job) of `wanted` to read: every one already read, then new ones in
@@ -349,6 +387,9 @@ class Intake:
         self._failed.clear()
         now = time.monotonic()
         done: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to read
+        flow = self.flow
+        room: dict[str, int] = {}  # job -> copies it may still have made in this batch
+        skipped: dict[tuple[str, int], int] = {}  # (topic, partition) -> first offset not copied (held)
         for m in batch:
             err = m.error()
             if err is not None:
@@ -359,6 +400,14 @@ class Intake:
             job = self.owned.get(topic)
             if job is None:
                 continue  # unassigned while the batch was in flight: its new reader commits it
+            left = room.get(job)
+            if left is None:
+                left = 0 if job in flow.held else flow.room(job)
+            if left <= 0:  # the job is far enough ahead of its evaluation: the rest waits on its topic
+                skipped.setdefault((topic, partition), offset)
+                room[job] = 0
+                continue
+            room[job] = left - 1
             done[(topic, partition)] = offset + 1
             self._last_seen[job] = now
             value = m.value()  # None (a tombstone) is copied as it is: the decoder names it
@@ -376,27 +425,66 @@ class Intake:
                 value=value,
                 headers=headers,
                 timestamp=ts if ts_type and ts > 0 else 0,
-                on_delivery=self._delivered(topic, partition, offset),
+                on_delivery=self._delivered(job, topic, partition, offset),
             )
+            flow.sent(job)
             self.copied += 1
         remaining = producer.flush(10)
+        if skipped:
+            self._hold(source, skipped)
         if remaining or self._failed:
             # Not acknowledged: read those records again (the processor drops what it has seen).
             for (topic, partition), offset in self._failed.items():
                 source.seek(TopicPartition(topic, partition, offset))
-            log.warning("intake: %d copies not acknowledged; reading them again", remaining + len(self._failed))
+            log.warning(
+                "intake: %d copies not acknowledged; reading them again", remaining + len(self._failed)
+            )
             return
         # Only the partitions this batch read: committing every assigned partition after every
         # batch wrote thousands of offsets a second to the broker with 1,000 jobs.
         source.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in done.items()], asynchronous=True)
 
-    def _delivered(self, topic: str, partition: int, offset: int) -> Callable[[Any, Any], None]:
-        def on_delivery(err: Any, _msg: Any) -> None:
+    def _delivered(self, job: str, topic: str, partition: int, offset: int) -> Callable[[Any, Any], None]:
+        def on_delivery(err: Any, msg: Any) -> None:
             if err is not None:
                 key = (topic, partition)
                 self._failed[key] = min(offset, self._failed.get(key, offset))
+                self.flow.acked(job, None, None)
+            else:
+                self.flow.acked(job, msg.partition(), msg.offset())
 
         return on_delivery
+
+    def _hold(self, source: Consumer, skipped: dict[tuple[str, int], int]) -> None:
+        """Pause the jobs that reached max_ahead; what they did not copy is read again on resume."""
+        for topic in {t for t, _ in skipped}:
+            job = self.owned.get(topic)
+            if job is None or job in self.flow.held:
+                continue
+            parts = [(topic, p) for p in range(self.discovery.partitions.get(topic, 1))]
+            source.pause([TopicPartition(t, p) for t, p in parts])
+            self.flow.hold(job, parts)
+        for (topic, partition), offset in skipped.items():  # after the pause: it takes effect on resume
+            source.seek(TopicPartition(topic, partition, offset))
+
+    def _release(self, source: Consumer) -> None:
+        for _job, parts in self.flow.released():
+            source.resume([TopicPartition(t, p) for t, p in parts])
+
+    def _processed_positions(self) -> dict[int, int]:
+        """The processing group's committed offset per steps partition (stream/flow.py)."""
+        consumer = self._positions
+        if consumer is None:
+            return {}
+        if not self._steps_partitions:
+            topic = self.config.steps_topic
+            meta = consumer.list_topics(topic, timeout=5).topics[topic]
+            self._steps_partitions = [TopicPartition(topic, p) for p in meta.partitions]
+        return {
+            tp.partition: tp.offset
+            for tp in consumer.committed(self._steps_partitions, timeout=5)
+            if tp.offset >= 0
+        }
 
     def _reject_large(self, producer: Producer, job: str, m: Any, value: bytes) -> None:
         """A record over the documented limit: dead-lettered (truncated), counted, never copied."""

@@ -54,6 +54,7 @@ from .clock import clock_interval, clock_thresholds, housekeeping_interval, tick
 from .crossrun import Forward, KeyedValue, crossrun_topic, forward_payload, job_over_notice, job_over_reason
 from .deadletter import envelope
 from .evaluator import JobEvaluator, Transition, is_cross_run
+from .flow import Progress
 from .intake import IDLE_HEADER, KEY_HEADER, SOURCE_HEADER, TICK_HEADER, Intake, IntakeConfig, source_group
 from .lag import LagMonitor
 from .published import PublishedAlerts, fence
@@ -147,6 +148,7 @@ class Worker:
         #: Per job, hashes of the scalar names admitted so far (at most max_scalars_per_job).
         self._scalar_names: dict[str, set[int]] = {}
         self.ready = threading.Event()  # set once the stream application is built and starting
+        self.progress = Progress()  # how far the processor is: the intake's flow control reads it
         base = client_config(settings.bootstrap, kafka=settings.kafka_config)  # resolved at the edge
         self._base_config = base
         own_specs = [s for s in self.specs if not is_cross_run(s)]
@@ -174,11 +176,13 @@ class Worker:
                 tick_interval=min(clock_every or math.inf, housekeeping),
                 tick_horizon=tick_horizon(own_specs, settings.state_retention_s, idle),
                 max_jobs=settings.max_jobs,
+                max_ahead=settings.max_ahead_per_job,
             ),
             base,
             on_jobs=self._jobs_changed,
             on_reject=self._count_reject,
             on_refused=self.metrics.limits.labels("jobs_per_worker").inc,
+            progress=self.progress,
         )
         self._lag = LagMonitor(base, source_group(settings.group), self.metrics)
         self._intake_thread = threading.Thread(
@@ -487,6 +491,8 @@ class Worker:
     def _process(self, value: bytes, key: Any, timestamp: int, headers: Any, state: State) -> Outputs:
         """A copy of a job's record (or a tick) in the job's key context."""
         meta = dict(headers or ())
+        ctx = message_context()
+        self.progress.took(ctx.partition, ctx.offset)
         try:
             job = validate_job(key.decode() if isinstance(key, bytes) else str(key))
         except Exception:  # not written by an intake: nothing to evaluate, nothing to name
@@ -499,7 +505,6 @@ class Worker:
             partition, _, offset = bytes(meta[SOURCE_HEADER]).decode().partition(":")
             src = Source(reductions_topic(job, self.settings.topic_prefix), int(partition), int(offset))
         except (KeyError, ValueError):
-            ctx = message_context()
             src = Source(ctx.topic, ctx.partition, ctx.offset)
         else:
             store = self._store(job, state)
