@@ -102,6 +102,12 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def worker_records(url: str, job: str) -> float:
+    """`tensorpulse_records_total` of `job` at a worker's /metrics `url`: the job's records that
+    worker has evaluated (0 before its first one)."""
+    return metric_value(scrape(url), "tensorpulse_records_total", training_job=job) or 0.0
+
+
 @contextlib.contextmanager
 def worker_process(
     bootstrap: str,

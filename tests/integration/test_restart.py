@@ -27,12 +27,11 @@ from tensorpulse.topics import ALERTS_TOPIC, reductions_topic
 from .helpers import (
     committed_past,
     create_topic,
-    metric_value,
     read_topic,
-    scrape,
     train_record,
     wait_for,
     worker_process,
+    worker_records,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -95,7 +94,7 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(kafka_bootstrap: str, u
         kafka_bootstrap, first, group=group, rules=rules, jobs_regex=f"^{job}$", extra=same
     ) as (proc, url):
         wait_for(
-            lambda: (metric_value(scrape(url), "tensorpulse_records_total", training_job=job) or 0) >= n // 2,
+            lambda: worker_records(url, job) >= n // 2,
             120,
             "the first worker to get halfway",
         )
@@ -143,7 +142,7 @@ def test_killed_workers_jobs_move_to_the_other_worker(kafka_bootstrap: str, uniq
 
         def owner():
             for proc, url in ((proc_a, url_a), (proc_b, url_b)):
-                if metric_value(scrape(url), "tensorpulse_records_total", training_job=job):
+                if worker_records(url, job):
                     return proc, url
             return None
 
@@ -156,7 +155,7 @@ def test_killed_workers_jobs_move_to_the_other_worker(kafka_bootstrap: str, uniq
             producer.produce(topic, key=job.encode(), value=_record(job, s))
         producer.flush(10)
         wait_for(
-            lambda: (metric_value(scrape(survivor_url), "tensorpulse_records_total", training_job=job) or 0) >= 20,
+            lambda: worker_records(survivor_url, job) >= 20,
             60,
             "the surviving worker to take over the job",
         )

@@ -21,6 +21,7 @@ from .helpers import (
     train_record,
     wait_for,
     worker_process,
+    worker_records,
 )
 
 pytestmark = pytest.mark.integration
@@ -49,16 +50,12 @@ def test_new_job_is_picked_up_while_running(kafka_bootstrap: str, unique: str, t
     ):
         producer.produce(reductions_topic(first), key=first.encode(), value=_weights_record(first, 0, 1.0))
         producer.flush(10)
-        wait_for(
-            lambda: metric_value(scrape(url), "tensorpulse_records_total", training_job=first) == 1, 60, "first job"
-        )
+        wait_for(lambda: worker_records(url, first) == 1, 60, "first job")
         create_topic(kafka_bootstrap, reductions_topic(second))
         t0 = time.monotonic()
         producer.produce(reductions_topic(second), key=second.encode(), value=_weights_record(second, 0, 1.0))
         producer.flush(10)
-        wait_for(
-            lambda: metric_value(scrape(url), "tensorpulse_records_total", training_job=second) == 1, 30, "second job"
-        )
+        wait_for(lambda: worker_records(url, second) == 1, 30, "second job")
         print(f"new job evaluated {time.monotonic() - t0:.1f}s after its first record")
         assert metric_value(scrape(url), "tensorpulse_jobs") == 2
 
@@ -95,9 +92,7 @@ def test_rule_state_survives_a_worker_restart(kafka_bootstrap: str, unique: str,
         producer.produce(topic, key=job.encode(), value=_weights_record(job, step, 3.0))
     producer.flush(10)
     with worker_process(kafka_bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (_, url):
-        wait_for(
-            lambda: metric_value(scrape(url), "tensorpulse_records_total", training_job=job) == 3, 60, "3 records"
-        )
+        wait_for(lambda: worker_records(url, job) == 3, 60, "3 records")
         # Its rule state is committed with its position: wait for the position.
         wait_for(
             lambda: committed_past(kafka_bootstrap, group, job), 30, "the worker to commit the 3 records"
@@ -109,6 +104,4 @@ def test_rule_state_survives_a_worker_restart(kafka_bootstrap: str, unique: str,
     with worker_process(kafka_bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (_, url):
         events = wait_for(unchanged_alerts, 60, "UnchangedTensor to fire after the restart")
         assert [(e.status, e.step) for e in events] == [("firing", 3)]
-        assert metric_value(scrape(url), "tensorpulse_records_total", training_job=job) == 1, (
-            "old records were replayed"
-        )
+        assert worker_records(url, job) == 1, "old records were replayed"
