@@ -8,18 +8,21 @@ disables itself rather than fail again on every step.
 Besides tensor statistics a record can carry record-level blocks (docs/wire-format.md): label
 and confusion counts (`record_labels`), input image channel sums and token counts
 (`record_inputs`) and small named vectors (`record_vector`, e.g. XGBoost feature importances).
+
+This module holds what the hook is over time: its settings, the pending records of the steps
+being recorded (`_record_for`), when each goes to the publisher (`publish`, `_emit`), failures
+and shutdown. The rest of the hook, one job per module: `recording` (the `record_*` methods,
+which reduce what they are given), `records` (a record and its encoding), `publisher` (the
+thread that sends), `schedule` (which steps are saved), `control` (actions sent back).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import math
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,7 +31,6 @@ from tensorpulse import wire
 from tensorpulse.errors import ConfigError
 from tensorpulse.topics import control_topic, reductions_topic, validate_job
 
-from . import stats_numpy
 from .control import ControlListener
 from .publisher import (
     CONTROL_RETENTION_MS,
@@ -38,84 +40,17 @@ from .publisher import (
     Publisher,
     TopicSpec,
 )
+from .recording import Recording
+from .records import Record, RecordEncoder
 from .schedule import SaveConfig
 from .settings import HookSettings
-from .sketch import sketch_numpy, width_for
-from .stats_numpy import Columns, numpy_delta, numpy_stats
 
 log = logging.getLogger("tensorpulse.producers")
-
-#: A queued record's memory, for the publisher's byte bound: per tensor, its host statistics
-#: (about 12 float64 / int64 values in numpy arrays, plus dict entries for the rare columns);
-#: per record, the objects around them.
-TENSOR_HOST_BYTES = 128
-RECORD_OVERHEAD_BYTES = 2048
 
 ActionCallback = Callable[[dict[str, Any]], None]
 
 
-@dataclass(slots=True)
-class _Part:
-    names: list[str]
-    collections: list[str]
-    stats: Any  # Columns, or stats_host.HostStats (finished on the publisher thread)
-
-
-@dataclass(slots=True)
-class _Record:
-    """A record being assembled on the training thread, encoded later on the publisher thread."""
-
-    step: int
-    mode: str
-    ts: float
-    kind: str = "step"
-    seq: int = 0
-    parts: list[_Part] = field(default_factory=list)
-    scalars: dict[str, float] = field(default_factory=dict)
-    scalar_tensors: dict[str, Any] = field(default_factory=dict)
-    classes: dict[str, wire.ClassCounts] = field(default_factory=dict)
-    images: dict[str, wire.ImageSums] = field(default_factory=dict)
-    tokens: dict[str, wire.TokenCounts] = field(default_factory=dict)
-    vectors: dict[str, wire.Vector] = field(default_factory=dict)
-    #: captures_torch.Capture objects still on a device (label counts, input sums), copied at publish.
-    captures: list[Any] = field(default_factory=list)
-    #: The optimizer did not apply this step (a GradScaler skipped it): wire `skip`.
-    skipped: bool = False
-    #: Whether the record's weights were read after the optimizer applied this step's gradients
-    #: (TorchHook knows; None: unknown, and no order of its non-finite tensors is sent). See
-    #: `_nonfinite_order`.
-    weights_after: bool | None = None
-
-    def has_data(self) -> bool:
-        return bool(
-            self.parts
-            or self.scalars
-            or self.scalar_tensors
-            or self.captures
-            or self.classes
-            or self.images
-            or self.tokens
-            or self.vectors
-        )
-
-    def add_host_block(self, kind: str, name: str, value: Any) -> None:
-        """Store a finished record-level block under its wire key ("cls", "img" or "tok")."""
-        {"cls": self.classes, "img": self.images, "tok": self.tokens}[kind][name] = value
-
-    def nbytes(self) -> int:
-        """About what this record holds in memory while it waits to be published: its host
-        statistics per tensor, its scalars and blocks (names are shared with the hook, not
-        counted). What bounds the publisher's queue in bytes (`max_queued_bytes`)."""
-        tensors = sum(len(p.names) for p in self.parts)
-        blocks = len(self.classes) + len(self.images) + len(self.tokens) + len(self.vectors)
-        return RECORD_OVERHEAD_BYTES + TENSOR_HOST_BYTES * tensors + 100 * len(self.scalars) + 1024 * blocks
-
-
-def _is_torch(value: Any) -> bool:
-    return type(value).__module__.startswith("torch")
-
-
-class Hook:
+class Hook(Recording):
     """Captures tensor statistics for a job and streams one msgpack record per step and rank to Kafka.
 
     Records go to `tensorpulse.topics.reductions_topic(job)`, keyed by the job id. Use it as a
@@ -244,7 +179,7 @@ class Hook:
 
         self._enabled = settings.enabled
         self._closed = False
-        self._pending: dict[tuple[int, str], _Record] = {}
+        self._pending: dict[tuple[int, str], Record] = {}
         self._seq = 0
         self._published = 0
         self._train_saves = 0  # saved train records with tensors so far (for quantile_steps)
@@ -253,9 +188,7 @@ class Hook:
         self._skipped_bad_calls = 0
         self._logged: set[str] = set()
         self._callbacks: list[ActionCallback] = []
-        # Encoder state: touched only on the publisher thread.
-        self._announced: OrderedDict[int, int] = OrderedDict()
-        self._schema_ids: dict[tuple[tuple[str, ...], tuple[str, ...]], int] = {}
+        self._encoder = RecordEncoder(job, self.rank, self.world_size, announce_every, self.delta_tolerance)
 
         self._publisher: Publisher | None = None
         self._listener: ControlListener | None = None
@@ -269,7 +202,7 @@ class Hook:
             kafka_config=settings.kafka_config,
             max_queued=max_queued,
             max_queued_bytes=max_queued_bytes,
-            sizeof=_Record.nbytes,
+            sizeof=Record.nbytes,
             encode=self._encode,
             topics=[
                 TopicSpec(self.topic, retention_ms=REDUCTIONS_RETENTION_MS),
@@ -322,255 +255,6 @@ class Hook:
         if self._listener is not None:
             self._listener.on_action(callback)
 
-    # ------------------------------------------------------------------ recording
-    def record(
-        self,
-        step: int,
-        tensors: Mapping[str, Any],
-        *,
-        mode: str = "train",
-        collection: str = "default",
-        active_range: tuple[float, float] | None = None,
-    ) -> None:
-        """Add statistics of `tensors` ({name: tensor}) to the record of (step, mode).
-
-        Torch tensors are reduced on their device with one device->host copy per call; anything
-        else with `__array__` is reduced with numpy. Collection "activations" adds per-unit
-        activity; "gradients" adds p5/p95 during the first `quantile_steps` saved train steps;
-        collections in `track_deltas` add the change since the previous saved train step.
-        `active_range` (lo, hi): activity counts a unit active where lo < x < hi instead of x > 0
-        (tanh / sigmoid inputs, e.g. "<layer>/Tanh_input" with (-9.4999, 9.4999)). Collections the
-        hook does not want (`wants_collection`, e.g. gradients outside train) are skipped.
-        """
-        if not (self._accepts(step, mode) and self.wants_collection(collection, mode)):
-            return
-        try:
-            rec = self._record_for(step, mode)
-            quant = collection == "gradients" and self._quantiles_now(mode)
-            act = collection == "activations"
-            deltas = collection in self.track_deltas and self._deltas_now(mode)
-            torch_items = [(k, v) for k, v in tensors.items() if _is_torch(v)]
-            other_items = [(k, v) for k, v in tensors.items() if not _is_torch(v)]
-            if other_items:
-                cols = numpy_stats(
-                    [v for _, v in other_items],
-                    activity=[act] * len(other_items),
-                    quantiles=[quant] * len(other_items),
-                    active_range=active_range,
-                )
-                names = [str(k) for k, _ in other_items]
-                if deltas:
-                    self._numpy_deltas(step, collection, other_items, cols)
-                rec.parts.append(_Part(names, [collection] * len(names), cols))
-            if torch_items:
-                from . import stats_host, stats_torch
-
-                stats = [
-                    stats_torch.reduce_on_device(v, activity=act, quantiles=quant, active_range=active_range)
-                    for _, v in torch_items
-                ]
-                if deltas:
-                    self._delta_tracker().track(
-                        step,
-                        [(collection, str(k)) for k, _ in torch_items],
-                        [v for _, v in torch_items],
-                        stats,
-                    )
-                host, _ = stats_host.transfer(stats)
-                names = [str(k) for k, _ in torch_items]
-                rec.parts.append(_Part(names, [collection] * len(names), host))
-        except Exception as exc:  # noqa: BLE001
-            self._fail("computing statistics", exc)
-
-    def _delta_tracker(self) -> Any:
-        if self._torch_deltas is None:
-            if self.delta_method == "exact":
-                from .deltas_torch import DeltaTracker
-
-                self._torch_deltas = DeltaTracker(*self.delta_tolerance)
-            else:
-                from .sketch_torch import SketchTracker
-
-                self._torch_deltas = SketchTracker()
-        return self._torch_deltas
-
-    def _numpy_deltas(self, step: int, collection: str, items: list[tuple[Any, Any]], cols: Columns) -> None:
-        """Deltas of host arrays against their copies (or sketches) from the previous saved step."""
-        rtol, atol = self.delta_tolerance
-        for i, (name, value) in enumerate(items):
-            key = (collection, str(name))
-            x = np.asarray(value)
-            if x.dtype.kind not in "biuf" or x.size == 0:
-                continue
-            got = self._numpy_prev.get(key)
-            if self.delta_method == "exact":
-                kept = np.array(x, copy=True)
-            else:
-                kept = sketch_numpy(x, width_for(x.shape))
-            self._numpy_prev[key] = (step, kept, x.shape)
-            if got is None or got[0] >= step or got[2] != x.shape:
-                continue
-            if self.delta_method == "exact":
-                cols.deltas[i] = (got[0], *numpy_delta(x, got[1], rtol, atol))
-            else:
-                d = kept[:-1] - got[1][:-1]
-                cols.deltas[i] = (got[0], math.sqrt(d @ d), math.sqrt(got[1][-1]), None)
-
-    def record_labels(
-        self,
-        labels: Any,
-        predictions: Any = None,
-        *,
-        num_classes: int | None = None,
-        name: str = "labels",
-        step: int | None = None,
-        mode: str | None = None,
-    ) -> None:
-        """Count this step's labels (and, with predictions, the confusion counts): wire `cls`.
-
-        `labels`: 1-D integer class ids; `predictions`: class ids or 2-D logits/probabilities
-        (argmax over dim 1). Torch tensors are counted on their device and copied with the step's
-        statistics. k = `num_classes`, else the number of score columns, else the largest id + 1
-        (pass num_classes on a GPU: finding the largest id costs a device sync). Confusion
-        counts are sent for k <= 256, label counts only above. `step` defaults to the step being
-        recorded (`_implicit_step`), `mode` to "train" (TorchHook: the model's mode).
-        """
-        step, mode = self._resolve(step, mode)
-        if not self._accepts(step, mode):
-            return
-        try:
-            rec = self._record_for(step, mode)
-            if _is_torch(labels) or _is_torch(predictions):
-                import torch
-
-                from .captures_torch import class_counts_on_device
-
-                if not isinstance(labels, torch.Tensor):
-                    labels = torch.as_tensor(np.asarray(labels))
-                if predictions is not None and not isinstance(predictions, torch.Tensor):
-                    predictions = torch.as_tensor(np.asarray(predictions), device=labels.device)
-                rec.captures.append(class_counts_on_device(str(name), labels, predictions, num_classes))
-            else:
-                rec.classes[str(name)] = stats_numpy.class_counts(labels, predictions, num_classes)
-        except Exception as exc:  # noqa: BLE001
-            self._note("record_labels", exc)
-
-    def record_inputs(
-        self,
-        x: Any,
-        name: str = "inputs",
-        *,
-        kind: str = "auto",
-        channel: int = 1,
-        token_values: Sequence[int] = (0,),
-        step: int | None = None,
-        mode: str | None = None,
-    ) -> None:
-        """Summarise a batch of model inputs: image channel sums (`img`) or token counts (`tok`).
-
-        kind "images": a float batch of >= 3 dimensions with channels on axis `channel`; per
-        channel the sum and sum of squares over every other axis, and the number of images.
-        kind "tokens": integer ids; how many equal each of `token_values`, and the total.
-        "auto" picks tokens for integer tensors and images for float tensors of >= 3 dimensions
-        (other inputs are skipped). Torch tensors are reduced on their device. `step` and `mode`
-        default as in `record_labels`.
-        """
-        step, mode = self._resolve(step, mode)
-        if not self._accepts(step, mode):
-            return
-        try:
-            rec = self._record_for(step, mode)
-            torch_in = _is_torch(x)
-            arr = x if torch_in else np.asarray(x)
-            integer = (
-                (not arr.is_floating_point() and not arr.is_complex())
-                if torch_in
-                else arr.dtype.kind in "biu"
-            )
-            if kind == "auto":
-                kind = "tokens" if integer else "images" if arr.ndim >= 3 else "none"
-            if kind == "none":
-                self._log_once(
-                    f"inputs-{name}",
-                    logging.INFO,
-                    "tensorpulse: input %r (%s, %d-D) is neither token ids nor images: not summarised",
-                    name,
-                    arr.dtype,
-                    arr.ndim,
-                )
-                return
-            if kind not in ("images", "tokens"):
-                raise ValueError(f"kind must be 'auto', 'images' or 'tokens', got {kind!r}")
-            if torch_in:
-                from . import captures_torch
-
-                if kind == "images":
-                    rec.captures.append(captures_torch.image_sums_on_device(str(name), arr, channel))
-                else:
-                    rec.captures.append(captures_torch.token_counts_on_device(str(name), arr, token_values))
-            elif kind == "images":
-                rec.images[str(name)] = stats_numpy.image_sums(arr, channel)
-            else:
-                rec.tokens[str(name)] = stats_numpy.token_counts(arr, token_values)
-        except Exception as exc:  # noqa: BLE001
-            self._note("record_inputs", exc)
-
-    def record_vector(
-        self,
-        step: int,
-        name: str,
-        values: Sequence[float],
-        *,
-        labels: Sequence[str] | None = None,
-        mode: str = "train",
-    ) -> None:
-        """Add a small named float vector (wire `vec`, float32), optionally one label per value."""
-        if not self._accepts(step, mode):
-            return
-        try:
-            vals = tuple(float(v) for v in values)
-            # labels beyond the wire's name limit are cut, rather than make the record undecodable
-            labs = None if labels is None else tuple(str(v)[: wire.MAX_NAME_LEN] for v in labels)
-            if labs is not None and len(labs) != len(vals):
-                raise ValueError(f"vector {name!r}: {len(labs)} labels for {len(vals)} values")
-            if len(vals) > wire.MAX_TENSORS:
-                raise ValueError(
-                    f"vector {name!r} has {len(vals)} values; the wire carries {wire.MAX_TENSORS}"
-                )
-            self._record_for(step, mode).vectors[str(name)] = wire.Vector(vals, labs)
-        except Exception as exc:  # noqa: BLE001
-            self._note("record_vector", exc)
-
-    def _resolve(self, step: int | None, mode: str | None) -> tuple[Any, str]:
-        mode = self._default_mode() if mode is None else mode
-        return (self._implicit_step(mode) if step is None else step), mode
-
-    def _default_mode(self) -> str:
-        return "train"
-
-    def _implicit_step(self, mode: str) -> int:
-        """The step a call without `step=` belongs to: the newest pending step of `mode`, else the
-        step after the last one published (0 at first). TorchHook: the step being run."""
-        pending = [k[0] for k in self._pending if k[1] == mode]
-        if pending:
-            return max(pending)
-        last = self._last_published.get(mode)
-        return 0 if last is None else last + 1
-
-    def record_scalars(self, step: int, values: Mapping[str, Any], *, mode: str = "train") -> None:
-        """Add scalars (floats or 1-element tensors; tensors are copied at publish, without .item())."""
-        if not self._accepts(step, mode):
-            return
-        try:
-            rec = self._record_for(step, mode)
-            for name, value in values.items():
-                if _is_torch(value):
-                    rec.scalar_tensors[str(name)] = value.detach()
-                else:
-                    rec.scalars[str(name)] = float(value)
-        except Exception as exc:  # noqa: BLE001
-            self._note("record_scalars", exc)
-
     def publish(self, step: int | None = None, mode: str | None = None) -> None:
         """Hand pending records (all, or those of `step` and/or `mode`) to the publisher."""
         if step is not None and mode is not None:  # the per-step call: at most one record
@@ -599,7 +283,7 @@ class Hook:
             self.publish()
             if self._publisher is not None:
                 step = max(self._last_published.values(), default=0)
-                end = _Record(step=step, mode="global", ts=time.time(), kind="end")
+                end = Record(step=step, mode="global", ts=time.time(), kind="end")
                 end.scalars = {"records": float(self._published + 1)}
                 self._emit(end)
         except Exception as exc:  # noqa: BLE001
@@ -675,14 +359,14 @@ class Hook:
         """Weight deltas on every `delta_every`-th saved train step (the first one included)."""
         return mode == "train" and self._train_index() % self.delta_every == 0
 
-    def _record_for(self, step: int, mode: str) -> _Record:
+    def _record_for(self, step: int, mode: str) -> Record:
         """The pending record of (step, mode); earlier pending steps of the mode are published first."""
         rec = self._pending.get((step, mode))
         if rec is None:
             earlier = [k for k in self._pending if k[1] == mode and k[0] < step and not self._unfinished(*k)]
             for key in sorted(earlier):
                 self._emit(self._pending.pop(key))
-            rec = self._pending[(step, mode)] = _Record(step=step, mode=mode, ts=time.time())
+            rec = self._pending[(step, mode)] = Record(step=step, mode=mode, ts=time.time())
         return rec
 
     def _unfinished(self, step: int, mode: str) -> bool:
@@ -691,7 +375,7 @@ class Hook:
         so that a record of a later step must not publish it early, split in two."""
         return False
 
-    def _emit(self, rec: _Record) -> None:
+    def _emit(self, rec: Record) -> None:
         if self._publisher is None:
             return
         if rec.kind == "step" and not rec.has_data():
@@ -748,112 +432,8 @@ class Hook:
         )
 
     # ------------------------------------------------------------------ encoding (publisher thread)
-    def _encode(self, rec: _Record) -> bytes:
-        block = None
-        if rec.parts:
-            names: list[str] = []
-            colls: list[str] = []
-            cols = []
-            for part in rec.parts:
-                names += part.names
-                colls += part.collections
-                cols.append(part.stats if isinstance(part.stats, Columns) else part.stats.finish())
-            merged = Columns.concat(cols)
-            names, colls, merged = _dedupe(names, colls, merged)
-            block = merged.to_block(names, colls, self.delta_tolerance)
-            if self._shard_marks is not None:  # FSDP2 / DTensor shards (TorchHook, producers/shards.py)
-                block.shards = self._shard_marks(names)
-            if rec.weights_after is not None and (block.nan is not None or block.inf is not None):
-                block.nonfinite_order = _nonfinite_order(colls, block, rec.weights_after)
-        announce = False
-        sid = None
-        if block is not None:
-            key = (tuple(block.names), tuple(block.collections))
-            sid = self._schema_ids.get(key)
-            if sid is None:
-                if len(self._schema_ids) >= 256:
-                    self._schema_ids.clear()
-                sid = self._schema_ids[key] = wire.schema_id(block.names, block.collections)
-            last = self._announced.get(sid)
-            announce = last is None or rec.seq - last >= self.announce_every
-            if announce:
-                self._announced[sid] = rec.seq
-                self._announced.move_to_end(sid)
-                while len(self._announced) > 256:
-                    self._announced.popitem(last=False)
-        return wire.encode(
-            job=self.job,
-            rank=self.rank,
-            world=self.world_size,
-            step=rec.step,
-            mode=rec.mode,
-            ts=rec.ts,
-            seq=rec.seq,
-            kind=rec.kind,
-            scalars=rec.scalars,
-            tensors=block,
-            announce=announce,
-            sid=sid,
-            classes=rec.classes,
-            images=rec.images,
-            tokens=rec.tokens,
-            vectors=rec.vectors,
-            skipped=rec.skipped,
-        )
-
-
-#: Within one training step, when each collection's values come to be, for the order of its
-#: non-finite tensors: weights as the forward pass used them, activations (forward order),
-#: gradients (backward order), weights after the optimizer applied the gradients.
-_PHASES = {"activations": 1, "activation_inputs": 1, "gradients": 2}
-_WEIGHTS = ("weights", "biases")
-
-
-def _nonfinite_order(colls: list[str], block: wire.TensorBlock, weights_after: bool) -> list[int]:
-    """Indices of the block's non-finite tensors in the order their values appeared (wire `t.nfo`).
-
-    Why: a NaN spreads within one step (the forward pass into the later activations, the
-    backward pass into every gradient, the optimizer's step into every weight), so the first in
-    record order is often a tensor it spread to. Activations are in the order the forward pass
-    produced them; gradients are taken last layer first, as autograd computes them in a model
-    whose parameters are registered in forward order (an approximation: the hook does not watch
-    the backward pass). Tensors of other collections are left out (they follow, in record order).
-    Runs on the publisher thread, only for records that hold a non-finite value.
-    """
-    bad = np.zeros(len(colls), dtype=bool)
-    for arr in (block.nan, block.inf):
-        if arr is not None:
-            bad |= np.asarray(arr) > 0
-    weights = 3 if weights_after else 0
-    keyed = []
-    for i in np.flatnonzero(bad).tolist():
-        coll = colls[i]
-        phase = weights if coll in _WEIGHTS else _PHASES.get(coll)
-        if phase is not None:
-            keyed.append((phase, -i if phase == 2 else i, i))
-    return [i for _, _, i in sorted(keyed)]
-
-
-def _dedupe(names: list[str], colls: list[str], cols: Columns) -> tuple[list[str], list[str], Columns]:
-    """Keep the last row of each (collection, name): recording a name twice in a step overwrites it."""
-    keys = list(zip(colls, names, strict=True))
-    if len(set(keys)) == len(keys):
-        return names, colls, cols
-    last = {k: i for i, k in enumerate(keys)}
-    keep = sorted(last.values())
-    remap = {old: new for new, old in enumerate(keep)}
-    out = Columns(
-        cols.n[keep],
-        cols.floats[keep],
-        cols.zeros[keep],
-        cols.nan[keep],
-        cols.inf[keep],
-        {remap[i]: v for i, v in cols.activity.items() if i in remap},
-        {remap[i]: v for i, v in cols.quantiles.items() if i in remap},
-        {remap[i]: v for i, v in cols.deltas.items() if i in remap},
-        cols.finite,
-    )
-    return [names[i] for i in keep], [colls[i] for i in keep], out
+    def _encode(self, rec: Record) -> bytes:
+        return self._encoder.encode(rec, self._shard_marks)
 
 
 __all__ = ["Hook"]

@@ -46,7 +46,7 @@ checkpoint, a hand-made fault), above all after a step the GradScaler skipped, s
 jobs on its own clock, without the GIL when numba is installed (`worker.PollingWorker`).
 
 Non-finite values: a record that holds one also says in which order its non-finite tensors'
-values appeared within the step (wire `t.nfo`, `hook._nonfinite_order`), so that an alert names
+values appeared within the step (wire `t.nfo`, `records.nonfinite_order`), so that an alert names
 the tensor where a NaN appeared, not one it spread to. Weights count as read after the update
 when the optimizer ran a step since the step's first forward pass (`_weights_after_update`;
 the optimizer's step post-hook counts steps while the hook is armed). Healthy records cost
@@ -96,11 +96,12 @@ from torch import nn
 from tensorpulse.errors import ConfigError
 
 from . import stats_numba
-from .hook import Hook, _Part
+from .hook import Hook
 from .shards import ShardedParams, local_tensors
 from .stats_fused import reduce_host_fused
 from .stats_host import HostStats, transfer
 from .stats_torch import DeviceStats, reduce_many, reduce_on_device
+from .records import Part
 from .worker import Outcome, PollingWorker
 
 #: Non-saturated input ranges of tanh and sigmoid (SageMaker's SaturatedActivation defaults).
@@ -221,7 +222,7 @@ class _Job(NamedTuple):
     weights: Outcome | None = None
     weight_names: list[str] = []
     weight_colls: list[str] = []
-    weights_after: bool = False  # read after the optimizer applied this step (_Record.weights_after)
+    weights_after: bool = False  # read after the optimizer applied this step (Record.weights_after)
 
     def weights_done(self) -> bool:
         return self.weights is None or self.weights.done()
@@ -765,7 +766,7 @@ class TorchHook(Hook):
                 host, values = job.future.result()
                 if weights is not None:
                     self._record_for(job.step, job.mode).parts.append(
-                        _Part(job.weight_names, job.weight_colls, weights)
+                        Part(job.weight_names, job.weight_colls, weights)
                     )
                 self._assemble(
                     job.step, job.mode, job.names, job.colls, job.extra_names, job.caps, host, values, job.weights_after
@@ -780,7 +781,7 @@ class TorchHook(Hook):
         rec = self._record_for(step, mode)
         rec.weights_after = weights_after
         if names:
-            rec.parts.append(_Part(names, colls, host))
+            rec.parts.append(Part(names, colls, host))
         rec.scalars.update(zip(extra_names, values, strict=True))
         for c, v in zip(caps, host.vectors, strict=True):
             rec.add_host_block(c.kind, c.name, c.finish(v))
@@ -829,7 +830,7 @@ class TorchHook(Hook):
 
         True when the optimizer ran a step since the step's first forward pass (`step()` called
         after `optimizer.step()`): the weights then hold what the gradients did to them, so a
-        NaN they hold came after the gradients' (wire `t.nfo`, `_nonfinite_order`). Offloaded
+        NaN they hold came after the gradients' (wire `t.nfo`, `records.nonfinite_order`). Offloaded
         weights are read in the current generation, after the optimizer's last step, so the same
         test holds for them. False when no forward pass was seen (the hook's forward pre-hook is
         not registered: `activations=False`): the README's order, `step()` before the optimizer.

@@ -121,7 +121,7 @@ def test_publisher_queue_is_bounded_in_bytes_too():
 
 def test_hook_sizes_its_queued_records():
     """The hook bounds its queue by records' estimated memory: more tensors, more bytes, and a small bound drops."""
-    from tensorpulse.producers.hook import TENSOR_HOST_BYTES
+    from tensorpulse.producers.records import TENSOR_HOST_BYTES
 
     gate = threading.Event()
 
