@@ -79,7 +79,7 @@ def test_offload_argument_is_checked() -> None:
 
 
 def test_a_tensor_changed_while_reduced_in_the_background_is_reported(caplog: pytest.LogCaptureFixture) -> None:
-    from tensorpulse.producers.torch import _version
+    from tensorpulse.producers.offload import _version
 
     hook = TorchHook("off", produce_fn=lambda *a: None, offload=True)
     g = torch.ones(4)

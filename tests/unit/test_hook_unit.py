@@ -427,7 +427,8 @@ def test_torch_hook_shared_modules_and_gradient_accumulation_keep_names_unique()
 def test_torch_hook_step_failure_disables_the_hook(monkeypatch, offload):
     """An exception in the statistics path is caught: training continues and the hook disables itself
     (offloaded: when the failed step is collected, at the latest at close)."""
-    from tensorpulse.producers import torch as torch_hook_module
+    from tensorpulse.producers import offload as offload_module
+    from tensorpulse.producers import torch_attach
     from tensorpulse.producers.torch import TorchHook
 
     def boom(*a, **k):
@@ -436,7 +437,8 @@ def test_torch_hook_step_failure_disables_the_hook(monkeypatch, offload):
     sink = MemorySink()
     model = make_mlp()
     hook = TorchHook("unit-fail", produce_fn=sink, offload=offload).attach(model)
-    monkeypatch.setattr(torch_hook_module, "reduce_on_device", boom)
+    monkeypatch.setattr(torch_attach, "reduce_on_device", boom)  # activations, in the forward hooks
+    monkeypatch.setattr(offload_module, "reduce_on_device", boom)  # a step's tensors
     train(model, hook, 3)
     if offload:
         hook.close(2)
