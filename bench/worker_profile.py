@@ -353,6 +353,8 @@ def _drive(
 ) -> dict[str, Any]:
     """Feed `records` to `worker._process` in Quix transactions of `every` records over an in-memory
     Quix store partition (the same State API as RocksDB's; no disk, no changelog)."""
+    from quixstreams.context import set_message_context
+    from quixstreams.models import MessageContext
     from quixstreams.state.memory import MemoryStorePartition
 
     from tensorpulse.stream import worker as worker_mod
@@ -382,6 +384,7 @@ def _drive(
         if state is None:
             state = states[job] = tx.as_state(prefix=job.encode())
         headers = [(SOURCE_HEADER, f"0:{offset}".encode())]
+        set_message_context(MessageContext("steps", 0, i, len(payload)))  # as Quix sets it per message
         t0 = time.thread_time_ns()
         out = process(payload, job.encode(), 0, headers, state)
         cpu += time.thread_time_ns() - t0
