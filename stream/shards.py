@@ -15,7 +15,8 @@ parameter has none, and each rank's shard keeps its own in its record.
 A parameter of a step is combined once every shard index 0..count-1 has arrived (replicas of a
 shard, HSDP, count once) and their element counts add up to the parameter's; shards of at most
 `max_pending_steps` steps per (job, mode) wait for the rest, the oldest step given up beyond that
-(counted in `incomplete`). The pending shards are the worker's memory only: after a restart a
+(counted in `incomplete`); the names combined of those steps are remembered as long, so that
+replicas of a shard arriving after the parameter was combined are not combined again. The pending shards are the worker's memory only: after a restart a
 step whose shards were split across it is not combined, and the next complete one is.
 """
 
@@ -53,10 +54,12 @@ def complete(shards: dict[int, TensorStats]) -> bool:
 
 @dataclass(slots=True)
 class _Step:
-    """The shards of one step of one (job, mode) seen so far: name -> shard index -> statistics."""
+    """The shards of one step of one (job, mode) seen so far: name -> shard index -> statistics,
+    and the names already combined (so that replicas arriving later do not combine them again)."""
 
     step: int
     shards: dict[str, dict[int, TensorStats]] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
 
 
 class ShardJoin:
@@ -82,16 +85,20 @@ class ShardJoin:
             while len(steps) > self.max_pending_steps:
                 oldest = min(steps)
                 self.incomplete += len(steps.pop(oldest).shards)
+            if record.step not in steps:  # older than every step the window holds: too late
+                self.incomplete += len(sharded)
+                return []
         out = []
         for t in sharded:
             assert t.shard is not None
+            if t.name in entry.done:
+                continue  # a replica of a shard of a parameter already combined (HSDP)
             parts = entry.shards.setdefault(t.name, {})
             parts.setdefault(t.shard.index, t)  # a replica of a shard already here counts once
             if complete(parts):
                 out.append((record.step, combine_shards([parts[i] for i in sorted(parts)])))
                 del entry.shards[t.name]
-        if not entry.shards:
-            del steps[record.step]
+                entry.done.add(t.name)
         return out
 
     def forget(self, job: str) -> None:

@@ -98,6 +98,8 @@ def test_replicas_of_a_shard_count_once() -> None:
     [(_, whole)] = join.add(record(1, 4, 1, {"w": (s1, 1, 2)}, numel))
     assert_whole(whole, w)
     assert join.add(record(3, 4, 1, {"w": (s1, 1, 2)}, numel)) == []  # nor does the late one
+    assert join.add(record(2, 4, 1, {"w": (s0, 0, 2)}, numel)) == []  # nor a repeat: combined once
+    assert join.pending() == 0
 
 
 def test_steps_wait_apart_and_the_oldest_is_given_up_beyond_the_bound() -> None:
@@ -110,7 +112,8 @@ def test_steps_wait_apart_and_the_oldest_is_given_up_beyond_the_bound() -> None:
     assert join.add(record(0, 2, 1, {"w": (a, 0, 2)}, numel)) == []
     assert join.add(record(0, 2, 2, {"w": (a, 0, 2)}, numel)) == []  # step 0 is given up
     assert join.incomplete == 1 and join.pending() == 2
-    assert join.add(record(1, 2, 0, {"w": (b, 1, 2)}, numel)) == []  # step 0 starts afresh, alone
+    assert join.add(record(1, 2, 0, {"w": (b, 1, 2)}, numel)) == []  # too late: given up
+    assert join.incomplete == 2 and join.pending() == 2
     [(step, whole)] = join.add(record(1, 2, 2, {"w": (b, 1, 2)}, numel))
     assert step == 2 and whole.n == 16 and whole.mean == 1.0
     join.forget("fsdp")
