@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from tensorpulse import statistics
 from tensorpulse.wire import (
     ACTIVITY_EDGES,
     ClassCounts,
@@ -27,6 +28,9 @@ from tensorpulse.wire import (
 
 from .base import Finding, Rule, State
 from .tester import RuleCheckError, RuleTester, lengthen
+
+#: The per-tensor numbers a record carries for every tensor (n, the float columns, the counts).
+_SENT_SCALARS = tuple(s for s in statistics.STATISTICS if s.wire in ("n", "f", "z", "nf"))
 
 __all__ = [
     "RuleCheckError",
@@ -81,18 +85,8 @@ def make_stats(name: str, collection: str, values: Any | None = None, **override
         a = np.asarray(values, dtype=np.float64)
         flat = a.reshape(-1)
         if flat.size:
-            with np.errstate(all="ignore"):
-                fields.update(
-                    n=int(flat.size),
-                    mean=float(flat.mean()),
-                    std=float(flat.std()),
-                    min=float(flat.min()),
-                    max=float(flat.max()),
-                    abs_mean=float(np.abs(flat).mean()),
-                    zeros=int((flat == 0).sum()),
-                    nan=int(np.isnan(flat).sum()),
-                    inf=int(np.isinf(flat).sum()),
-                )
+            # the declared float64 references (tensorpulse/statistics.py) of what the wire sends
+            fields.update({s.name: s.reference(flat) for s in _SENT_SCALARS})
             if collection == "activations":
                 fields["activity"] = activity_histogram(a)
             if overrides.get("quantiles") is True:
