@@ -5,6 +5,8 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tensorpulse import wire
 from tensorpulse.errors import DecodeError
@@ -76,3 +78,23 @@ def test_shard_mark_of_a_row_that_does_not_exist_is_refused() -> None:
     with pytest.raises(DecodeError) as err:
         wire.decode(msgpack.packb(rec, use_bin_type=True), {})
     assert err.value.reason == "bad_tensors"
+
+
+leaves = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=4)
+entries = st.lists(leaves, max_size=6) | leaves | st.dictionaries(st.text(max_size=3), leaves, max_size=2)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None, database=None)
+@given(st.dictionaries(st.integers(-2, 4) | st.text(max_size=2), entries, max_size=3))
+def test_any_shard_map_decodes_or_raises_decode_error(sh: dict) -> None:
+    """Whatever `t.sh` holds, decoding gives valid Shard marks or a DecodeError, never another exception."""
+    rec = msgpack.unpackb(_payload({}), raw=False, strict_map_key=False)
+    rec["t"]["sh"] = sh
+    try:
+        got = wire.decode(msgpack.packb(rec, use_bin_type=True), {})
+    except DecodeError:
+        return
+    for t in got.tensors:
+        if t.shard is not None:
+            assert t.n <= t.shard.numel and 0 <= t.shard.index < t.shard.count
+            assert t.shard.offset is None or 0 <= t.shard.offset <= t.shard.numel - t.n
