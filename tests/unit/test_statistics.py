@@ -2,10 +2,11 @@
 
 Backends: the numpy path (`numpy_stats`), the torch path on CPU one tensor at a time
 (`torch_stats`) and batched as the hook reduces (`reduce_many` + `transfer`), each with the numba
-kernels off (TENSORPULSE_NUMBA=0) and on, and the numba kernels called directly (`moments`, and
-the whole-job kernel behind `reduce_host_fused`). Inputs: random, constant, empty, all-NaN, mixed
-NaN/inf, huge (1e30; 1e300 in float64; 3e4 in float16) and subnormal tensors, in float32, float64,
-bfloat16 and float16 (the numpy path takes no bfloat16, the kernels only float32).
+kernels off (TENSORPULSE_NUMBA=0) and on, the path a GPU takes run on CPU, and the numba kernels
+called directly (`moments`, and the whole-job kernel behind `reduce_host_fused`). Inputs:
+random, constant, empty, all-NaN, mixed NaN/inf, huge (1e30; 1e300 in float64; 3e4 in float16),
+subnormal and tiny (1e-22) tensors, in float32, float64, bfloat16 and float16 (the numpy path
+takes no bfloat16, the kernels only float32).
 
 Tolerances, stated once (`TOLERANCE`): counts (n, zeros, nan, inf, nonfinite, activity) and min /
 max exactly; the moments (mean, std, abs_mean, and l2, variance derived from them) relative to
@@ -141,6 +142,8 @@ BACKENDS: dict[str, tuple[Callable[..., Columns], str | None]] = {
     "torch-numba-on": (_torch_each, "1"),
     "torch-many-numba-off": (_torch_many, "0"),
     "torch-many-numba-on": (_torch_many, "1"),
+    # the path a GPU takes (sums shifted by the first element, nan/inf counted up front), on CPU
+    "torch-device-path": (_torch_each, "0"),
 }
 
 
@@ -221,6 +224,10 @@ def test_backend_gives_the_declared_statistics(backend, dtype, case, monkeypatch
     run, numba = BACKENDS[backend]
     if numba is not None:
         monkeypatch.setenv("TENSORPULSE_NUMBA", numba)
+    if backend == "torch-device-path":
+        from tensorpulse.producers import stats_torch
+
+        monkeypatch.setattr(stats_torch, "_HOST_DEVICES", frozenset())  # its documented test switch
     t = _tensor(case, DTYPES[dtype])
     x = _values(t)
     # Twice: without and with quantiles and activity (the torch path takes other ways with them).
