@@ -32,7 +32,8 @@ class TcpRelay:
     """Relays connections from `listen` to `upstream` in a background thread.
 
     `cut()` closes every open connection and refuses new ones (a broker that vanished);
-    `restore()` accepts again on the same port.
+    `restore()` accepts again on the same port; `slow(s)` holds every chunk for `s` seconds before
+    relaying it, both ways (a slow broker or link: requests still complete, late).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class TcpRelay:
         self._thread = threading.Thread(target=self._loop.run_forever, name="tensorpulse-relay", daemon=True)
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._delay_s = 0.0
 
     # -------------------------------------------------------------- public, thread-safe
     def start(self) -> TcpRelay:
@@ -61,6 +63,10 @@ class TcpRelay:
     def restore(self) -> None:
         """Listen again after `cut()`."""
         self._call(self._open())
+
+    def slow(self, delay_s: float) -> None:
+        """Relay every chunk `delay_s` seconds late from now on (0: at once again)."""
+        self._delay_s = max(0.0, float(delay_s))
 
     def stop(self) -> None:
         if not self._thread.is_alive():
@@ -111,10 +117,11 @@ class TcpRelay:
                 self._writers.discard(w)
                 w.transport.abort()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):
             while data := await reader.read(65536):
+                if self._delay_s:
+                    await asyncio.sleep(self._delay_s)
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()

@@ -1,6 +1,7 @@
-"""SIGTERM and SIGINT end a worker within 10 s, with the broker up and in the states a broker outage
-puts it in; the next worker evaluates again only what the first one could not commit, and publishes
-no alert of the first one again.
+"""SIGTERM and SIGINT end a worker within 10 s, with the broker up, slow (during the worker's first
+topic listing, during a slow flush) and in the states a broker outage puts it in; the next worker
+evaluates again only what the first one could not commit, and publishes no alert of the first one
+again.
 
 (The start-up backoff, with no broker at all, is tests/unit/test_worker_signals.py.)
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from corpus import good
 
 from tensorpulse.broker import EmbeddedBroker
+from tensorpulse.stream.process import worker_command
 from tensorpulse.topics import ALERTS_TOPIC, group_topic, reductions_topic
 
 from .helpers import create_topic, metric_value, read_topic, scrape, wait_for, worker_process
@@ -66,16 +69,18 @@ def _send(bootstrap: str, job: str) -> Producer:
     return producer
 
 
-def _evaluate_one_more(bootstrap: str, tmp_path: Path, group: str, job: str, producer: Producer) -> float:
+def _evaluate_one_more(
+    bootstrap: str, tmp_path: Path, group: str, job: str, producer: Producer, step: int = 10
+) -> float:
     """A second worker of `group`: records one more step; returns how many records it evaluated."""
     with worker_process(bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (_, url):
-        producer.produce(reductions_topic(job), key=job.encode(), value=good(job, 10, ts=time.time()))
+        producer.produce(reductions_topic(job), key=job.encode(), value=good(job, step, ts=time.time()))
         assert producer.flush(30) == 0
 
         def evaluated_after() -> str | None:
             text = scrape(url)
             last = metric_value(text, "tensorpulse_last_step", training_job=job, rank="0", mode="train")
-            return text if last == 10 else None
+            return text if last == step else None
 
         text = wait_for(evaluated_after, 90, "the record sent after the restart evaluated")
         again = metric_value(text, "tensorpulse_records_total", training_job=job, mode="train")
@@ -90,8 +95,105 @@ def _one_alert(bootstrap: str, job: str) -> None:
     assert len({a["id"] for a in firing}) == 1 and len(firing) == 1, firing
 
 
-def _evaluated_ten(url: str, job: str) -> bool:
-    return metric_value(scrape(url), "tensorpulse_records_total", training_job=job, mode="train") == 10
+def _evaluated_ten(url: str, job: str, n: int = 10) -> bool:
+    return metric_value(scrape(url), "tensorpulse_records_total", training_job=job, mode="train") == n
+
+
+#: Seconds the relay holds every chunk in the slow-broker cases: a request and its answer take
+#: twice that, so a listing takes seconds and a commit (produce, offsets, end of transaction) more.
+SLOW_FLUSH_S = 0.4
+SLOW_LISTING_S = 3.0
+
+
+def _stop_in_time(proc: subprocess.Popen, sig: signal.Signals, log: Path, where: str) -> str:
+    """Send `sig`; the worker must exit 0 within 10 s; returns its log."""
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    rc = proc.wait(30)
+    took = time.monotonic() - sent
+    text = log.read_text(errors="replace")
+    assert rc == 0 and took < 10, f"exit {rc} after {took:.1f} s {where}:\n{text[-3000:]}"
+    print(f"\n{sig.name} {where}: exit 0 after {took:.1f} s")
+    return text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_slow_flush_waits_for_it_and_commits_everything(
+    tmp_path: Path, unique: str, sig: signal.Signals
+) -> None:
+    """The broker slow, not gone (every chunk 0.4 s late both ways): five more records are copied,
+    evaluated, then flushed and committed at that pace; the signal as soon as they are evaluated
+    ends the worker within 10 s after that commit: nothing is left uncommitted, the next worker
+    evaluates only the record sent after it, and no alert is published twice."""
+    job = f"shutdown-slow-{unique}"
+    group = f"g-{unique}"
+    with EmbeddedBroker(relay=True, log_path=tmp_path / "broker.log") as broker:
+        bootstrap = broker.bootstrap
+        assert broker.relay is not None
+        producer = _send(bootstrap, job)
+        log = tmp_path / f"worker-{group}.log"
+        with worker_process(bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (proc, url):
+            wait_for(lambda: _evaluated_ten(url, job), 60, "the 10 records evaluated")
+            broker.relay.slow(SLOW_FLUSH_S)
+            for step in range(10, 15):
+                producer.produce(
+                    reductions_topic(job), key=job.encode(), value=good(job, step, ts=time.time())
+                )
+            assert producer.flush(60) == 0
+            wait_for(
+                lambda: _evaluated_ten(url, job, 15), 120, "the 5 records sent to the slow broker evaluated"
+            )
+            text = _stop_in_time(proc, sig, log, "during a slow flush")
+            assert "worker stopped" in text and "exiting without it" not in text, text[-3000:]
+        broker.relay.slow(0)
+        assert _uncommitted(bootstrap, group, job) == 0
+        assert _evaluate_one_more(bootstrap, tmp_path, group, job, producer, step=15) == 1
+        _one_alert(bootstrap, job)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_first_topic_listing_ends_the_worker_and_keeps_the_commits(
+    tmp_path: Path, unique: str, sig: signal.Signals
+) -> None:
+    """A worker of a group that has committed ten records starts against a slow broker (every chunk
+    3 s late): its first listing of the topics takes seconds; the signal, as soon as it starts
+    (at-least-once: it lists at once, with no fencing first), ends it within 10 s; the group's
+    commits are untouched: the next worker evaluates only the record sent after it."""
+    job = f"shutdown-listing-{unique}"
+    group = f"g-{unique}"
+    with EmbeddedBroker(relay=True, log_path=tmp_path / "broker.log") as broker:
+        bootstrap = broker.bootstrap
+        assert broker.relay is not None
+        producer = _send(bootstrap, job)
+        with worker_process(bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (proc, url):
+            wait_for(lambda: _evaluated_ten(url, job), 60, "the 10 records evaluated")
+            _stop_in_time(proc, signal.SIGTERM, tmp_path / f"worker-{group}.log", "with the broker up")
+        assert _uncommitted(bootstrap, group, job) == 0
+        broker.relay.slow(SLOW_LISTING_S)
+        log = tmp_path / "worker-listing.log"
+        cmd = worker_command(
+            bootstrap,
+            group=group,
+            state_dir=tmp_path / f"state-{group}",
+            jobs_regex=f"^{job}$",
+            guarantee="at-least-once",
+            log_level="INFO",
+        )
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "worker starting" in log.read_text(errors="replace"), 60, "the worker to start")
+            text = _stop_in_time(proc, sig, log, "during the first topic listing")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert "worker stopped" in text or "exiting without it" in text
+        assert "stream application" not in text  # it never got as far as building the application
+        broker.relay.slow(0)
+        assert _uncommitted(bootstrap, group, job) == 0
+        assert _evaluate_one_more(bootstrap, tmp_path, group, job, producer) == 1
+        _one_alert(bootstrap, job)
 
 
 def test_a_signal_with_the_broker_up_commits_everything_so_nothing_is_evaluated_again(
