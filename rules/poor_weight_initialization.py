@@ -36,7 +36,7 @@ class PoorWeightInitialization(Rule):
         non-zero one is an infinite ratio). Neighbours, not max/min over the whole network:
         PyTorch's default init shrinks ReLU pre-activation variance ~6x per layer by design,
         so a global ratio fires on every healthy default-initialised net deeper than 2 layers;
-    (b) over gradient tensors carrying quantiles, min of the *relative* spread
+    (b) over gradient tensors of more than one element carrying quantiles, min of the *relative* spread
         (p95 − p5) / max(|p5|, |p95|) < `distribution_range`: gradient values (nearly) all
         equal, the symmetry a constant initialisation causes. The absolute spread SageMaker
         describes depends on the loss scale and fired on healthy 6-layer nets here;
@@ -102,7 +102,9 @@ class PoorWeightInitialization(Rule):
             ratio, k = adjacent
             state["var"] = [ratio, inputs[k].name, inputs[k + 1].name]
         spreads = [
-            (F.relative_spread(t.quantiles), t.name) for t in record.select(["gradients"]) if t.quantiles
+            (F.relative_spread(t.quantiles), t.name)
+            for t in record.select(["gradients"])
+            if t.quantiles and t.n > 1  # one value has no spread (e.g. an FSDP2 shard of one element)
         ]
         spreads = [s for s in spreads if math.isfinite(s[0])]
         if spreads:

@@ -86,6 +86,8 @@ def test_tiny_init_fires_on_variance_ratio_and_narrow_gradients() -> None:
             "nearly identical",
         ),
         ({"g2": make_stats("gradient/net.2.weight", "gradients", np.zeros(100))}, False, ""),  # no quantiles
+        # one element has no spread (an FSDP2 shard of a 3-element bias on 2 ranks holds one)
+        ({"g2": make_stats("gradient/net.2.bias", "gradients", [0.25], quantiles=True)}, False, ""),
     ],
 )
 def test_condition_table(replace: dict, expected: bool, reason: str) -> None:
