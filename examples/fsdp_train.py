@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--bootstrap", default=None, help="Kafka (default $TENSORPULSE_BOOTSTRAP)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--nan-step", type=int, default=-1, help="step at which to inject a NaN (default: none)")
+    parser.add_argument("--nan-step", type=int, default=-1, help="step of the NaN (default: none)")
     parser.add_argument("--nan-rank", type=int, default=1, help="the rank whose shard gets it")
     parser.add_argument("--nan-param", default="2.weight", help="the parameter whose shard gets it")
     args = parser.parse_args()
@@ -40,7 +40,8 @@ def main() -> None:
     device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the same initial model on every rank
-    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).to(device)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    model = model.to(device)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
