@@ -17,9 +17,13 @@ step, in the same background job as the next step's weights (one hand-over per s
 optimizer still waits for the weights alone). The next backward waits only if it would
 accumulate into a gradient still being read (checked at the forward pass before it, which then
 registers the gradient guards), and zero_grad(set_to_none=False) waits too. Records
-are published one step later. In-place changes to a gradient or activation after `step()` (for
-example clipping after it) would race with the reading; a tensor whose version counter moved
-meanwhile is reported once in the log. Without an optimizer passed to `attach`, weights are
+are published one step later. In-place changes after `step()`: an activation that autograd
+recorded and that an in-place op changed meanwhile (its `grad_fn` is then another node, a
+public attribute) is reported once in the log. A gradient changed in place after `step()`
+(clipping or unscaling after it) is not detected: torch has no public version counter
+(`Tensor._version` is private). With an optimizer attached, a step staged before the optimizer's
+step is read at the optimizer's step post-hook, so it reads the gradients the optimizer used;
+without one, call `step()` after such changes, or pass offload=False. Without an optimizer passed to `attach`, weights are
 reduced on the training thread. A write to the weights outside the optimizer (loading a
 checkpoint, a hand-made fault), above all after a step the GradScaler skipped, should come after
 `hook.publish()`, which waits for the reading. The background thread is not woken for each job: it looks for
@@ -98,8 +102,9 @@ class _Staged(NamedTuple):
 class _Deferred(NamedTuple):
     """An activation captured on the training thread and reduced later, off it."""
 
-    tensor: torch.Tensor
-    version: int | None  # the tensor's version counter when captured (None: not tracked)
+    tensor: torch.Tensor  # detached
+    source: torch.Tensor  # as the module returned it: autograd's node tells in-place changes
+    grad_fn: Any  # source.grad_fn when captured; None: autograd did not record it (not checked)
     kwargs: dict[str, Any]
 
 def _first_value(v: Any) -> float:
@@ -110,21 +115,6 @@ def _first_value(v: Any) -> float:
     if n == 1:
         return float(v.item())  # one call: this runs beside training, on the GIL
     return float(v.detach().reshape(-1)[0]) if n else math.nan
-
-
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return None
-
-
-def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
-    """`_version` of each tensor; one comprehension, per-tensor calls only for inference tensors."""
-    try:
-        return [t._version for t in tensors]
-    except RuntimeError:
-        return [_version(t) for t in tensors]
 
 
 class Offloading:
@@ -333,7 +323,7 @@ class Offloading:
             if not self._held_back(job.step, job.mode):
                 Hook.publish(self, job.step, job.mode)
 
-    def _reduce(self, step, tensors, quants, delta_keys, act_stats, extras, caps, versions=None):
+    def _reduce(self, step, tensors, quants, delta_keys, act_stats, extras, caps):
         """Statistics of one step, to host values: on the training thread, or offloaded."""
         got = self._reduce_lean(tensors, quants, delta_keys, act_stats, extras, caps)
         if got is None:
@@ -348,10 +338,7 @@ class Offloading:
             got = transfer([*stats, *acts], extras, vectors=[c.values for c in caps])
         for a in act_stats:
             if isinstance(a, _Deferred):
-                self._check_unchanged(a.tensor, a.version)
-        if versions is not None and _versions(tensors) != versions:
-            for t, v in zip(tensors, versions, strict=True):
-                self._check_unchanged(t, v)
+                self._check_unchanged(a)
         return got
 
     def _reduce_lean(self, tensors, quants, delta_keys, act_stats, extras, caps):
@@ -370,16 +357,19 @@ class Offloading:
         host = reduce_host_fused([*tensors, *acts], ranges)
         return None if host is None else (host, [_first_value(e) for e in extras])
 
-    def _check_unchanged(self, t: torch.Tensor, version: int | None) -> None:
-        """Warn (once) that a tensor read off the training thread was changed in place meanwhile."""
-        if version is not None and _version(t) != version:
+    def _check_unchanged(self, act: _Deferred) -> None:
+        """Warn (once) that an activation kept for the step was changed in place meanwhile.
+
+        Seen through autograd's public graph: an in-place op on a tensor that autograd records
+        replaces its `grad_fn`. Not seen: changes autograd does not record (under no_grad).
+        """
+        if act.grad_fn is not None and act.source.grad_fn is not act.grad_fn:
             self._log_once(
                 "changed",
                 logging.WARNING,
-                "tensorpulse: a gradient or activation of job %s was changed in place between its "
-                "capture and its reduction (e.g. gradient clipping or unscaling after step(), or an "
-                "in-place op on a module's output); its statistics may mix old and new values. Call "
-                "hook.step() after such changes, or pass offload=False (and set TENSORPULSE_NUMBA=0 "
-                "for activations).",
+                "tensorpulse: an activation of job %s was changed in place between its capture and "
+                "its reduction (an in-place op on a module's output); its statistics may mix old and "
+                "new values. Pass offload=False and set TENSORPULSE_NUMBA=0 to reduce activations "
+                "inside their forward hooks.",
                 self.job,
             )

@@ -22,10 +22,12 @@ The activation hooks themselves are registered for captured passes only: they st
 captured pass to the next (registering them costs more than the hooks' calls) and are removed
 before a pass that is not captured. Between saves the hook unhooks itself altogether (`_disarm`):
 once a saved step's background job has been read (and its record handed on, a step or two
-after the save instead of at the next one), `step()` removes the forward pre-hook and the
-optimizer's step hooks while no upcoming step is saved, and registers them again at the
-`step()` before a saved one, or when model.train() / model.eval() switches to a mode whose
-next step is saved. A step that is not saved then costs one `step()` call.
+after the save instead of at the next one), `step()` removes the optimizer's step hooks while
+no upcoming step is saved and the forward pre-hooks return at once; they capture again from the
+`step()` before a saved one, or from the first forward pass after model.train() / model.eval()
+switched to a mode whose next step is saved (the pre-hook sees `module.training` change: the
+model's methods are not wrapped). A step that is not saved then costs one `step()` call and
+two early returns per forward pass.
 
 Offloading (CPU models, when torch leaves a core free, or `offload=True`): the training thread only
 collects references and a background thread reduces them; see producers/offload.py.
@@ -73,7 +75,7 @@ from torch import nn
 from tensorpulse.errors import ConfigError
 
 from .hook import Hook
-from .offload import Offloading, _Job, _Staged, _versions, _WeightsJob
+from .offload import Offloading, _Job, _Staged, _WeightsJob
 from .records import Part
 from .shards import ShardedParams, local_tensors
 from .stats_torch import DeviceStats
@@ -122,7 +124,9 @@ class TorchHook(ModelHooks, Offloading, Hook):
         self._model: nn.Module | None = None
         self._optimizer: Any = None
         self._params: list[tuple[str, str, nn.Parameter]] = []
-        self._handles: list[Any] = []  # the step hooks registered now (see _arm)
+        self._handles: list[Any] = []  # the optimizer's step hooks registered now (see _arm)
+        self._forward_handles: list[Any] = []  # the forward pre-hooks, while attached (_watch_forward)
+        self._was_training = True  # the model's mode at its last forward pass
         self._arm_with: list[Callable[[], Any]] = []  # what registers each of them, made at attach
         self._armed = False
         self._grad_guards: list[tuple[nn.Parameter, Any]] = []  # (parameter, its guard), made at attach
@@ -179,6 +183,12 @@ class TorchHook(ModelHooks, Offloading, Hook):
         self._eager_forward_start = self._on_forward_start
         self._eager_forward_end = self._on_forward_end
         self._marked_for_compile = False
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TorchHook:
+        """The hook itself, not a copy: a deepcopy of the hooked model (an EMA copy, say) copies the
+        model's hook registrations, which hold the hook's methods. The copy's passes are then
+        ignored (`_on_forward_start`), and its model.train() / eval() switch only its own mode."""
+        return self
 
     # ------------------------------------------------------------------ attach / detach
     def attach(
@@ -292,15 +302,13 @@ class TorchHook(ModelHooks, Offloading, Hook):
             # Counts optimizer steps (offloading's `_on_optimizer_step` counts them itself): did
             # the optimizer apply a step since the forward pass (`_weights_after_update`)?
             self._arm_with.append(lambda: optimizer.register_step_post_hook(self._count_optimizer_step))
-        if forward_hooks:
-            # Registered while a saved step may come (`_arm` / `_disarm`); the activation hooks
-            # are registered when a capture starts and removed when it ends.
-            self._arm_with.append(lambda: model.register_forward_pre_hook(self._on_compiled_forward))
-            self._arm_with.append(lambda: model.register_forward_pre_hook(self._eager_forward_start))
         if self._offloading:
             self._guard_offloaded_reads(model, optimizer, outer)
-        if self._arm_with:
-            self._watch_mode(model)
+        if forward_hooks:
+            # The forward pre-hooks stay while attached (they notice model.train() / eval()); the
+            # optimizer's hooks are registered while a saved step may come (`_arm` / `_disarm`);
+            # the activation hooks when a capture starts, removed when it ends.
+            self._watch_forward(model)
         self._ready_for_compile()
         self._arm()
         return self
@@ -310,6 +318,7 @@ class TorchHook(ModelHooks, Offloading, Hook):
         self._decide_skipped()
         self._drain(wait=True)
         self._disarm()  # also ends a capture and removes the gradient guards
+        self._unwatch_forward()
         self._arm_with = []
         self._grad_guards = []
         for undo in self._restore:
@@ -351,7 +360,7 @@ class TorchHook(ModelHooks, Offloading, Hook):
         saved = self.save_config.should_save(step, mode)
         if not saved and (self._armed or self._jobs):
             self._settle()
-        if not self._armed and self._arm_with and self.save_config.should_save(step + 1, mode):
+        if not self._armed and self._forward_handles and self.save_config.should_save(step + 1, mode):
             self._arm()  # before the next forward pass, which is saved
         if not saved:
             return
@@ -420,10 +429,9 @@ class TorchHook(ModelHooks, Offloading, Hook):
                 if self._scaler is not None:  # published once the optimizer has run
                     self._awaiting_optimizer = (step, self._optimizer_steps if seen is None else seen)
             if offload:
-                versions = _versions(tensors)
                 self._flush_staged()
                 job = _Job(step, mode, names, colls, extra_names, caps, None, weights, wnames, wcolls, after)
-                self._staged = _Staged((step, tensors, quants, None, act_stats, extras, caps, versions), job)
+                self._staged = _Staged((step, tensors, quants, None, act_stats, extras, caps), job)
                 self._unreported_train += job.is_train_save
                 if not (self._weights_offloadable and self._armed and mode == "train"):
                     self._flush_staged()  # no optimizer step will carry it

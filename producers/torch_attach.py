@@ -7,8 +7,10 @@ mixed into `TorchHook` (producers/torch.py), whose `__init__` declares the state
 
 Which forward pass is captured: a pre-hook on the top module decides once per pass (module
 docstring of producers/torch.py). Between saves the hook unhooks itself (`_disarm`) and registers
-its hooks again (`_arm`) at the `step()` before a saved one, or when the model switches to a mode
-whose next step is saved (`_on_mode_change`).
+its hooks again (`_arm`) at the `step()` before a saved one, or at the first forward pass after the
+model switched to a mode whose next step is saved (`_on_mode_change`). No method of the user's
+model is replaced: the forward pre-hooks stay registered while attached and notice the switch
+from `module.training` (public), where wrapping `model.train` would monkeypatch the model.
 
 torch.compile: attach to the model before or after compiling it (`torch.compile(model)`); the
 hook attaches to the original module either way (`_original_module`), so tensors keep their
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -43,7 +44,7 @@ from torch import nn
 
 from . import stats_numba
 from .hook import Hook
-from .offload import _Deferred, _version
+from .offload import _Deferred
 from .stats_torch import DeviceStats, reduce_on_device
 
 #: Non-saturated input ranges of tanh and sigmoid (SageMaker's SaturatedActivation defaults).
@@ -142,28 +143,34 @@ def _collection(param_name: str) -> str:
 class ModelHooks:
     """The hooks TorchHook registers on a model and its optimizer (module docstring)."""
 
-    def _watch_mode(self, model: nn.Module) -> None:
-        """Wrap model.train (which model.eval calls): a switch of mode re-arms the hook if the
-        new mode's next step is saved (`_disarm`). A bound method, so that a deepcopy of the
-        model (an EMA copy, say) switches its own mode, not this one's."""
-        hook = self
+    def _watch_forward(self, model: nn.Module) -> None:
+        """Register the two forward pre-hooks on the top module, for as long as the hook is attached.
 
-        def train(module: nn.Module, mode: bool = True) -> nn.Module:
-            out = type(module).train(module, mode)
-            hook._on_mode_change()
-            return out
+        They notice a switch of mode without touching the model: `model.train()` / `model.eval()`
+        are the model's own methods and stay so; the next forward pass's pre-hook sees
+        `module.training` differ from the last pass's and calls `_on_mode_change`. While the hook
+        is disarmed between saves they cost one early return per forward pass (`_armed`).
+        """
+        self._was_training = model.training
+        self._forward_handles = [
+            model.register_forward_pre_hook(self._on_compiled_forward),
+            model.register_forward_pre_hook(self._eager_forward_start),
+        ]
 
-        model.train = types.MethodType(train, model)  # type: ignore[method-assign]
-        self._restore.append(lambda: model.__dict__.pop("train", None))
+    def _unwatch_forward(self) -> None:
+        for h in self._forward_handles:
+            h.remove()
+        self._forward_handles = []
 
     def _arm(self) -> None:
-        """Register the step hooks (forward pre-hook, optimizer step hooks)."""
+        """Register the step hooks (the optimizer's step hooks) and let the forward pre-hook capture."""
         if not self._armed:
             self._handles = [register() for register in self._arm_with]
             self._armed = True
 
     def _disarm(self) -> None:
-        """Remove the step hooks until a step that may be saved comes near (`_settle`).
+        """Remove the step hooks until a step that may be saved comes near (`_settle`); the
+        forward pre-hooks stay, each returning at once (`_on_forward_start`).
 
         Why: a step that is not saved would still run them, one Python call each, and each costs
         the training thread its cold-cache time, far more than in a micro-benchmark
@@ -189,12 +196,13 @@ class ModelHooks:
         return any(self.save_config.should_save(last.get(m, -1) + 1, m) for m in modes)
 
     def _on_mode_change(self) -> None:
-        """model.train() / model.eval(): the next forward pass may be of a saved step again; back
-        in training, an evaluation that just ended has its record published now."""
+        """The model switched between train and eval (seen at the first forward pass after
+        model.train() / model.eval()): that pass may be of a saved step again, so the hook arms
+        if disarmed; back in training, an evaluation that just ended has its record published now."""
         try:
             if self._pending and self._model is not None and self._model.training:
                 self._publish_evaluations()
-            if not self._armed and self._arm_with and self._upcoming_saved():
+            if not self._armed and self._upcoming_saved():
                 self._arm()
         except Exception as exc:  # noqa: BLE001 - never into training
             self._note("switching modes", exc)
@@ -203,8 +211,8 @@ class ModelHooks:
         """Publish the finished pending records of modes other than train.
 
         Why: a validation loss recorded with `record_loss(step, value)` (mode "eval") belongs to
-        an evaluation that is over once training resumes (model.train(), or the next train
-        `step()`); otherwise it would wait for the next eval record, often many steps later, or
+        an evaluation that is over once training resumes (the first forward pass in train mode,
+        or the next train `step()`); otherwise it would wait for the next eval record, often many steps later, or
         for close(). Records still being reduced in the background go out when they are done.
         """
         ready = sorted(k for k in self._pending if k[1] != "train" and not self._unfinished(*k))
@@ -256,16 +264,25 @@ class ModelHooks:
         self._eager_forward_end = _eager(self._on_forward_end)
         if self._capture_handles:
             self._end_capture()
-        if self._armed:
-            for h in self._handles:
-                h.remove()
-            self._handles = [register() for register in self._arm_with]
+        if self._forward_handles and self._model is not None:
+            self._unwatch_forward()
+            self._watch_forward(self._model)
 
     def _on_forward_start(self, module: nn.Module, args: Any) -> None:
-        """Decide whether the pass starting now is captured (module docstring); run eagerly."""
+        """Notice a switch of mode; armed, decide whether the pass starting now is captured
+        (module docstring of producers/torch.py); run eagerly."""
         if _is_compiling():  # plain, reached by torch.compile before `_ready_for_compile` marked it
             return
+        if module is not self._model:  # a deepcopy of the model (an EMA copy) carries our hooks
+            self._compiled_pass = False  # its pass, not ours
+            return
         try:
+            if module.training is not self._was_training:
+                self._was_training = module.training
+                self._on_mode_change()
+            if not self._armed:
+                self._compiled_pass = False
+                return
             self._start_forward(module, args)
         except Exception as exc:  # noqa: BLE001 - never into training
             self._capturing = None
@@ -333,6 +350,8 @@ class ModelHooks:
         self._capture_key = None
 
     def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module is not self._model:
+            return
         self._capturing = None  # modules called outside the model's forward are not captured
 
     def _make_pre_hook(self, in_name: str, want_input: bool, in_range: tuple[float, float] | None = None):
@@ -393,10 +412,10 @@ class ModelHooks:
         autograd records the pass and the numba kernels are on: then the step reduces it in the
         same kernel call as the gradients, instead of in one call per module here. A kept
         activation stays alive until it is read; autograd keeps most of them until backward
-        anyway. Its version counter tells whether it changed in place meanwhile.
+        anyway. Its `grad_fn` tells whether it changed in place meanwhile (`_check_unchanged`).
         """
         x = t.detach()
         kernel = x.dtype == torch.float32 and torch.is_grad_enabled()  # numba is asked (and loads) only then
         if now or not x.is_cpu or not (self._offloading or (kernel and stats_numba.enabled())):
             return reduce_on_device(x, exact_nonfinite=True, **kwargs)
-        return _Deferred(x, _version(x), kwargs)
+        return _Deferred(x, t, t.grad_fn, kwargs)

@@ -78,16 +78,18 @@ def test_offload_argument_is_checked() -> None:
         TorchHook("off", produce_fn=lambda *a: None, offload="sometimes")
 
 
-def test_a_tensor_changed_while_reduced_in_the_background_is_reported(caplog: pytest.LogCaptureFixture) -> None:
-    from tensorpulse.producers.offload import _version
+def test_an_activation_changed_while_reduced_in_the_background_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    """An in-place op that autograd records replaces the activation's grad_fn, which tells it."""
+    from tensorpulse.producers.offload import _Deferred
 
     hook = TorchHook("off", produce_fn=lambda *a: None, offload=True)
-    g = torch.ones(4)
-    before = _version(g)
-    hook._check_unchanged(g, before)
+    x = torch.ones(4, requires_grad=True)
+    h = x * 2  # a module's output, as autograd records it
+    kept = _Deferred(h.detach(), h, h.grad_fn, {})
+    hook._check_unchanged(kept)
     assert "changed in place" not in caplog.text
-    g.mul_(0.5)  # e.g. gradient clipping after step()
-    hook._check_unchanged(g, before)
+    h.mul_(0.5)  # e.g. a later in-place op on the module's output
+    hook._check_unchanged(kept)
     assert "changed in place" in caplog.text
     hook.close()
 
@@ -306,6 +308,11 @@ def _hooks_on(model: nn.Module, opt: torch.optim.Optimizer) -> int:
     return len(model._forward_pre_hooks) + len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
 
 
+#: The two forward pre-hooks that stay on the model while the hook is attached: they notice a
+#: switch of mode (no wrapped model.train) and, while disarmed, return at once.
+WATCH = 2
+
+
 def _train_saving_every(interval: int, offload: bool, order: str, model: nn.Module, *, disarm: bool = True):
     """13 steps saved every `interval`, each step's background jobs waited for before the next;
     returns (whether any hook of ours was on the model or optimizer after each step, records)."""
@@ -318,7 +325,7 @@ def _train_saving_every(interval: int, offload: bool, order: str, model: nn.Modu
     hooked: list[bool] = []
 
     def after() -> None:
-        hooked.append(_hooks_on(model, opt) > 0)
+        hooked.append(_hooks_on(model, opt) > WATCH)
         _wait_background(hook)
 
     _train(hook, model, opt, 13, order, 2, after=after)
@@ -329,8 +336,9 @@ def _train_saving_every(interval: int, offload: bool, order: str, model: nn.Modu
 @pytest.mark.parametrize("offload", [True, False])
 @pytest.mark.parametrize("order", ["after", "before"])
 def test_between_saves_the_hook_unhooks_itself_and_records_stay_the_same(offload: bool, order: str) -> None:
-    """Saving every 5 steps: once a save's job is read, no hook of ours runs on the steps that
-    are not saved; they are back before the next saved step, whose records are unchanged."""
+    """Saving every 5 steps: once a save's job is read, no hook of ours but the two forward
+    pre-hooks (which return at once) runs on the steps that are not saved; they are back before
+    the next saved step, whose records are unchanged."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
     hooked, records = _train_saving_every(5, offload, order, copy.deepcopy(model))
@@ -372,13 +380,15 @@ def test_a_saved_steps_record_leaves_at_the_next_steps_not_at_the_next_save() ->
 
 
 def test_switching_to_eval_hooks_the_next_saved_eval_pass() -> None:
-    """Unhooked between train saves, model.eval() brings the hooks back when the eval step is saved."""
+    """Unhooked between train saves, the first pass after model.eval() brings the hooks back when
+    the eval step is saved, and that pass is captured."""
     sent, model, opt, hook = _offloaded(5, 3)
-    assert _hooks_on(model, opt) == 0  # unhooked: steps 3 and 4 are not saved
+    assert _hooks_on(model, opt) == WATCH  # unhooked: steps 3 and 4 are not saved
     model.eval()
-    assert _hooks_on(model, opt) == 4  # eval step 0 is saved: two forward pre-hooks, two optimizer hooks
+    assert _hooks_on(model, opt) == WATCH  # model.eval() is the model's own: nothing happens yet
     with torch.no_grad():
         model(torch.randn(8, 10))
+    assert _hooks_on(model, opt) == WATCH + 2  # the pass saw the switch: eval step 0 is saved
     hook.step(0, mode="eval")
     model.train()
     hook.close()
@@ -388,21 +398,31 @@ def test_switching_to_eval_hooks_the_next_saved_eval_pass() -> None:
 
 
 def test_a_deepcopy_of_the_hooked_model_switches_its_own_mode() -> None:
-    """The mode watch is a method bound to the model: an EMA-style copy's eval() leaves ours training.
-    (Copied between saves: while hooked, the model's hooks hold the TorchHook, which cannot be copied.)"""
-    _, model, _, hook = _offloaded(5, 3)
+    """A deepcopy of the hooked model (EMA-style) switches its own mode; its passes are not ours.
+    (The copy's hook registrations hold the same TorchHook: `TorchHook.__deepcopy__` returns it.)"""
+    sent, model, _, hook = _offloaded(5, 3)
     ema = copy.deepcopy(model)
     ema.eval()
     assert model.training and not ema.training
     model.eval()
     assert not model.training
+    model.train()
+    for step in (3, 4):  # copied while hooked (step 5 is saved): the copy's passes are ignored
+        hook.step(step)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        ema(torch.randn(8, 10))
+    model(torch.randn(8, 10)).sum().backward()
+    hook.step(5)
     hook.close()
+    assert [r.step for r in _records(sent)] == [0, 5]
+    assert any(t.name.endswith("relu_output") for t in _records(sent)[1].tensors)
 
 
 def test_a_saved_step_that_comes_while_unhooked_is_still_published() -> None:
     """Step numbers that skip (3, then 5) reach a saved step with the hooks off: its job goes at once."""
     sent, model, opt, hook = _offloaded(5, 4)  # steps 0-3
-    assert _hooks_on(model, opt) == 0
+    assert _hooks_on(model, opt) == WATCH
     x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()

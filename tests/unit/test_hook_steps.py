@@ -56,7 +56,8 @@ def test_gradient_accumulation_records_one_step_per_optimizer_step(offload: bool
 @pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("back_to_training", ["model.train()", "next train step"])
 def test_a_validation_loss_is_published_when_its_evaluation_ends(offload: bool, back_to_training: str) -> None:
-    """record_loss(step, v) in eval mode goes out when training resumes, not at the next eval or close()."""
+    """record_loss(step, v) in eval mode goes out when training resumes (the first forward pass in
+    train mode, or the next train step()), not at the next eval or close()."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sent: list[bytes] = []
@@ -74,6 +75,7 @@ def test_a_validation_loss_is_published_when_its_evaluation_ends(offload: bool, 
     hook.record_loss(2, val)
     if back_to_training == "model.train()":
         model.train()
+        model(x)  # training resumes: its first forward pass sees the switch (model.train is not wrapped)
     else:
         nn.functional.cross_entropy(model(x), y).backward()
         hook.step(3)
