@@ -4,13 +4,17 @@ beside the same training with no flood, in one run.
 
 Each arm trains the benchmark MLP on the CPU with a TorchHook publishing to a real broker and a
 control listener on the job's control topic (the hook's own class; built here so that its pacing
-can be switched off for the third arm). Before a flood arm starts, 10,000 messages wait on its
-control topic: malformed ones (deep nesting, 400-digit numbers, not JSON, wrong types), valid
-checkpoints and stops for other jobs, and stale stops. The listener reads them from the start
-while the job trains; the steps measured all fall while it is still working through them.
+can be switched off for the third arm). The flood: malformed messages (deep nesting, 400-digit
+numbers, not JSON, wrong types), valid checkpoints and stops for other jobs, and stale stops.
 
-Only steps that end while the listener is still reading the flood count (all steps without one):
-the unpaced listener gets through the flood in about a second, the paced one takes far longer.
+Flood and steps are made to overlap, whatever the machine's speed: the warm-up steps run first,
+then the listener starts and reads its (nearly empty) topic, then the 10,000 messages are sent and
+the measured steps begin. A step counts only if the listener still had flood messages to read
+when it ended (it was reading all through it: the messages were there from its start); when the
+listener has read everything sent so far, another 10,000 are sent between two steps (not timed:
+the cost of sending falls on no measured step), until `--steps` steps are measured. Without this
+the unpaced listener read the whole flood during the warm-up on a quiet machine, and the run
+stopped with "0 steps fell inside the flood".
 
 Arms, interleaved in every repeat: `none` (no flood), `flood` (the listener as shipped:
 paced to MAX_BUSY_SHARE of a core), `unpaced` (the same with no pacing: what a flood cost
@@ -54,57 +58,83 @@ def flood_messages(job: str) -> list[bytes]:
     return [kinds[i % len(kinds)] for i in range(FLOOD)]
 
 
-def fill(bootstrap: str, topic: str, messages: list[bytes]) -> None:
+def create(bootstrap: str, topic: str) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     for f in admin.create_topics([NewTopic(topic, 1, 1)]).values():
         f.result(30)
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "message.max.bytes": 1_000_000})
+
+
+def send(producer: Producer, topic: str, messages: list[bytes]) -> int:
+    """Produce `messages` to `topic` and wait until the broker has them; returns how many."""
     key = topic.rsplit(".", 1)[-1].encode()
     for m in messages:
         while True:
             try:
-                p.produce(topic, m, key)
+                producer.produce(topic, m, key)
                 break
             except BufferError:
-                p.poll(0.1)
-    assert p.flush(60) == 0, "flood not delivered"
+                producer.poll(0.1)
+    assert producer.flush(60) == 0, "flood not delivered"
+    return len(messages)
 
 
-def arm(bootstrap: str, flood: bool, share: float, steps: int, warmup: int) -> tuple[float, int]:
-    """Median step time (ms) over the measured steps that fell while the flood was being read (all of
-    them without a flood), and how many flood messages the listener had read by the end."""
+def _wait(cond, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def arm(bootstrap: str, flood: bool, share: float, steps: int, warmup: int) -> tuple[float, int, int]:
+    """Median step time (ms) over `steps` measured steps that each ended with flood messages still
+    unread (every step without a flood); the flood messages read, and the floods sent."""
     job = f"flood-{uuid.uuid4().hex[:8]}"
     topic = control_topic(job)
-    fill(bootstrap, topic, flood_messages(job) if flood else [encode_action("stop", "some-other-job")])
+    create(bootstrap, topic)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "message.max.bytes": 1_000_000})
+    send(producer, topic, [encode_action("stop", "some-other-job")])  # one message to see it reading
     torch.manual_seed(0)
     model, batches = make_model("mlp"), make_batches("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     hook = TorchHook(job, bootstrap, listen_for_actions=False).attach(model, opt)
+
+    def train(step: int) -> float:
+        x, y = batches[step % len(batches)]
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        hook.step(step, loss=loss)
+        return time.perf_counter() - t0
+
+    for step in range(warmup):  # before the listener: the flood cannot be read during these
+        train(step)
     listener = ControlListener(job, bootstrap=bootstrap, max_busy_share=share).start()
     try:
-        deadline = time.monotonic() + 30
-        while not listener.assigned and time.monotonic() < deadline:
-            time.sleep(0.01)
-        times = []
-        for step in range(warmup + steps):
-            x, y = batches[step % len(batches)]
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            hook.step(step, loss=loss)
-            busy = sum(listener.counts.values()) < FLOOD  # the flood is still being read
-            if step >= warmup and (busy or not flood):
-                times.append(time.perf_counter() - t0)
-        read = sum(listener.counts.values())
-        if len(times) < 10:
-            raise SystemExit(f"only {len(times)} steps fell inside the flood: use fewer --warmup steps")
+        _wait(lambda: sum(listener.counts.values()) >= 1, "the listener to read its topic")
+        base = sum(listener.counts.values())
+        sent = floods = 0
+        if flood:
+            sent += send(producer, topic, flood_messages(job))
+            floods += 1
+        times: list[float] = []
+        step = warmup
+        while len(times) < steps:
+            took = train(step)
+            step += 1
+            if not flood or sum(listener.counts.values()) - base < sent:  # still reading at its end
+                times.append(took)
+            else:  # all read: another flood, between two steps
+                sent += send(producer, topic, flood_messages(job))
+                floods += 1
+        read = sum(listener.counts.values()) - base
         assert not listener.stop_requested.is_set(), "the flood stopped the job"
     finally:
         listener.close(5)
         hook.close(10)
-    return statistics.median(times) * 1e3, read
+    return statistics.median(times) * 1e3, read, floods
 
 
 def main() -> None:
@@ -122,21 +152,27 @@ def main() -> None:
         print(f"broker: {broker.what}; {FLOOD:,} control messages per flood arm; MLP, 1 torch thread")
         ms: dict[str, list[float]] = {a: [] for a in arms}
         read: dict[str, list[int]] = {a: [] for a in arms}
+        floods: dict[str, list[int]] = {a: [] for a in arms}
         ratios: dict[str, list[float]] = {a: [] for a in arms}
         for r in range(args.repeats):
             for name, (flood, share) in arms.items():
-                m, n = arm(broker.bootstrap, flood, share, args.steps, args.warmup)
+                m, n, f = arm(broker.bootstrap, flood, share, args.steps, args.warmup)
                 ms[name].append(m)
                 read[name].append(n)
+                floods[name].append(f)
             for name in arms:
                 ratios[name].append(ms[name][-1] / ms["none"][-1])
             print(f"  repeat {r + 1}: " + ", ".join(f"{a} {ms[a][-1]:.2f} ms" for a in arms), flush=True)
-    print(f"{'arm':<10} {'step ms (median of repeats)':>28} {'vs none: median (min-max)':>28} {'flood read':>12}")
+    print(
+        f"{'arm':<10} {'step ms (median of repeats)':>28} {'vs none: median (min-max)':>28}"
+        f" {'flood read':>16} {'floods sent':>12}"
+    )
     for name in arms:
         rs = ratios[name]
         spread = f"{statistics.median(rs):.3f}x ({min(rs):.3f}-{max(rs):.3f})"
         got = f"{min(read[name]):,}-{max(read[name]):,}" if arms[name][0] else "-"
-        print(f"{name:<10} {statistics.median(ms[name]):>28.2f} {spread:>28} {got:>12}")
+        sent = f"{min(floods[name])}-{max(floods[name])}" if arms[name][0] else "-"
+        print(f"{name:<10} {statistics.median(ms[name]):>28.2f} {spread:>28} {got:>16} {sent:>12}")
 
 
 if __name__ == "__main__":
