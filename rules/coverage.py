@@ -1,4 +1,5 @@
-"""Does a rule select anything a job publishes? `tensorpulse rules --check FILE --against JOB`.
+"""Does a rule select anything a job publishes? `tensorpulse rules --check FILE --against JOB`
+(the job's topic), or `--against-records RUN` (a recorded run: its records back to back in a file).
 
 A rule whose `tensor_regex` or `collection_names` selects no tensor is silent forever, which
 reads like a healthy run: the README's `BigGradients` example, `fc\\d\\.weight`, matched nothing a
@@ -13,9 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
 
 from tensorpulse import wire
-from tensorpulse.errors import DecodeError
+from tensorpulse.errors import ConfigError, DecodeError
 
 from .base import compile_regex
 from .config import RuleSpec
@@ -108,6 +112,38 @@ def misses(specs: Iterable[RuleSpec], published: Published, *, shown: int = 4) -
                     )
                 )
     return out
+
+
+def recorded_payloads(path: Path) -> list[bytes]:
+    """The records of a recorded run: a file of wire records back to back, as a hook whose
+    `produce_fn` appends each value to a file writes it (each record is one msgpack value).
+    ConfigError names the file and the byte where it stops being msgpack."""
+    data = path.read_bytes()
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    out = []
+    while unpacker.tell() < len(data):
+        start = unpacker.tell()
+        try:
+            unpacker.skip()
+        except Exception as exc:  # OutOfData (cut short), FormatError, StackError: not a recording
+            raise ConfigError(
+                f"{path}: not a recorded run (wire records back to back) at byte {start}: "
+                f"{type(exc).__name__} {exc}".rstrip()
+            ) from exc
+        out.append(data[start : unpacker.tell()])
+    return out
+
+
+def job_of(payloads: Iterable[bytes]) -> str | None:
+    """The job of the first record among `payloads` that decodes (None: none does)."""
+    schemas = wire.SchemaCache()
+    for payload in payloads:
+        try:
+            return wire.decode(payload, schemas).job
+        except DecodeError:
+            continue
+    return None
 
 
 def read_published(payloads: Iterable[bytes | None]) -> tuple[Published, int]:

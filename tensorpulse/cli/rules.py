@@ -40,8 +40,23 @@ def _narrowed_defaults(specs: list) -> list[str]:
     help="Also read JOB's records and warn for each rule whose tensor_regex or collection_names "
     "selects nothing it publishes (exit 1 if a rules file's own setting does).",
 )
+@click.option(
+    "--against-records",
+    "against_records",
+    metavar="RUN",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The same check offline, against a recorded run: a file of the job's wire records back to back "
+    "(what a hook whose produce_fn appends each record to a file writes); the job is the records' own.",
+)
 @topic_options
-def rules_cmd(markdown: bool, check_file: Path | None, against: str | None, bootstrap, topic_prefix) -> None:
+def rules_cmd(
+    markdown: bool,
+    check_file: Path | None,
+    against: str | None,
+    against_records: Path | None,
+    bootstrap,
+    topic_prefix,
+) -> None:
     """List the rule catalogue: names, parameters and defaults (or check a rules file with --check).
 
     Rules marked [default] run when no rules file is given; a parameter shown as <required> has
@@ -51,9 +66,13 @@ def rules_cmd(markdown: bool, check_file: Path | None, against: str | None, boot
     Examples:
       tensorpulse rules --check rules.yaml
       tensorpulse rules --check rules.yaml --against resnet-42 --bootstrap 127.0.0.1:9092
+      tensorpulse rules --check rules.yaml --against-records resnet-42.run
     """
     from ..rules import REGISTRY
 
+    if against_records is not None:
+        _check_against_records(check_file, against_records, against, topic_prefix)
+        return
     if against is not None:
         _check_against(check_file, against, bootstrap, topic_prefix)
         return
@@ -96,8 +115,7 @@ def _check_against(
 ) -> None:
     """`rules --against JOB`: the rules JOB gets (the file, else as for replay) against the names
     its records publish; a selection that matches nothing would keep its rule silent forever."""
-    from ..rules.config import describe, rules_for_job
-    from ..rules.coverage import misses, read_published
+    from ..rules.coverage import read_published
 
     try:
         specs, prefix = replay_inputs(rules_file, topic_prefix)
@@ -105,6 +123,33 @@ def _check_against(
             published, bad = read_published(p.value for p in reader)
     except TensorpulseError as exc:
         raise click.ClickException(str(exc)) from exc
+    _report_misses(specs, job, published, bad, reader.topic, reader.read)
+
+
+def _check_against_records(
+    rules_file: Path | None, run: Path, job: str | None, topic_prefix: str | None
+) -> None:
+    """`rules --against-records RUN`: `--against`'s check with the records read from a file."""
+    from ..rules.coverage import job_of, read_published, recorded_payloads
+
+    try:
+        specs, _ = replay_inputs(rules_file, topic_prefix)
+        payloads = recorded_payloads(run)
+    except TensorpulseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    job = job or job_of(payloads)
+    if job is None:
+        raise click.ClickException(f"{run}: no record in it decodes: no job to check the rules for")
+    published, bad = read_published(payloads)
+    _report_misses(specs, job, published, bad, str(run), len(payloads))
+
+
+def _report_misses(specs: list, job: str, published, bad: int, source: str, read: int) -> None:
+    """Print the rules `job` gets and warn for each selection that matches nothing it publishes;
+    exit 1 if a rules file's own setting does."""
+    from ..rules.config import describe, rules_for_job
+    from ..rules.coverage import misses
+
     specs = rules_for_job(specs, job)
     click.echo(describe(specs))
     found = misses(specs, published)
@@ -113,7 +158,7 @@ def _check_against(
     unreadable = f", {bad} undecodable (skipped)" if bad else ""
     explicit = sum(m.explicit for m in found)
     click.echo(
-        f"{reader.topic}: {reader.read} record(s), {len(published.tensors)} tensor(s), "
+        f"{source}: {read} record(s), {len(published.tensors)} tensor(s), "
         f"{len(published.scalars)} scalar(s){unreadable}; {len(specs)} rule(s) for {job}, "
         f"{explicit} with a selection of the rules file that matches nothing",
         err=True,
