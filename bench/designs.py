@@ -188,6 +188,20 @@ def prepare_current(tmp: Path) -> Design:
     return Design("current", None, env, imports, None, f"working tree {REPO}{tree_state()}")
 
 
+def prepare_variant(name: str, tmp: Path) -> Design:
+    """`current[:<setting>=<value>,...]`: the working tree's worker with those worker settings (as
+    TENSORPULSE_<SETTING> variables); or the same with a git revision in place of `current` (that
+    revision's worker, `git archive`d, so that a long run measures a fixed version while the tree
+    changes). The design keeps `name`; `tmp` must not contain ":" (PYTHONPATH's separator)."""
+    base, _, settings = name.partition(":")
+    design = prepare_current(tmp) if base == "current" else prepare_baseline(base, tmp)
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        design.env[f"TENSORPULSE_{key.upper()}"] = value
+    design.name = name
+    return design
+
+
 def tree_state() -> str:
     """' (HEAD <sha>[, uncommitted changes in the package's folders])', or '' without git."""
     try:

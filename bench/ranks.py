@@ -16,7 +16,7 @@ fire naming that rank. Meanwhile a one-rank bystander job sends a step every 0.2
     python bench/ranks.py --ranks 1024 4096 --designs baseline current --broker kafka
 
 A design `current:<setting>=<value>,...` is the working tree's worker with those worker settings
-(as TENSORPULSE_<SETTING> variables), e.g. `current:max_ahead_per_job=0` for no per-job bound
+(as TENSORPULSE_<SETTING> variables; `<git rev>:<setting>=...` the same for a revision), e.g. `current:max_ahead_per_job=0` for no per-job bound
 on the copies ahead of evaluation (stream/flow.py). `--placements same other` runs each scenario
 with the bystander named so that its records share the big job's steps partition (which no
 consumer setting can help: one partition is evaluated in order) and so that they do not.
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from common import open_broker, percentile
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
-from designs import DEFAULT_BASELINE_REV, Design, prepare_baseline, prepare_current, start_workers
+from designs import DEFAULT_BASELINE_REV, Design, prepare_baseline, prepare_variant, start_workers
 from loadgen import create_topics
 from loadwatch import AlertCollector, WorkerProc, check_alive, scrape, stop_workers
 
@@ -224,9 +224,8 @@ def scenario(
             if time.monotonic() > warm:
                 raise RuntimeError(f"no bystander alert within 90 s; see {log}")
             time.sleep(0.1)
-        watch = StepsWatch(bootstrap, group, big, bys) if design.name.startswith("current") else None
-        if watch is not None:
-            watch.start()
+        watch = StepsWatch(bootstrap, group, big, bys)  # idle where the design has no steps topic
+        watch.start()
         sick = world * 3 // 4
         healthy, nan = _block(a.tensors, False), _block(a.tensors, True)
         producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000})
@@ -271,14 +270,13 @@ def scenario(
             time.sleep(0.1)
         lat = [alerts.firings[(bys, s)].read - ts for s, ts in during.items() if (bys, s) in alerts.firings]
         copy_s, after_copy_s = [], []
-        if watch is not None:
-            watch.stop_event.set()
-            watch.join(10)
-            for s, ts in during.items():
-                copied = watch.copied.get(s)
-                if copied is not None and (bys, s) in alerts.firings:
-                    copy_s.append(copied - ts)
-                    after_copy_s.append(alerts.firings[(bys, s)].read - copied)
+        watch.stop_event.set()
+        watch.join(10)
+        for s, ts in during.items():
+            copied = watch.copied.get(s)
+            if copied is not None and (bys, s) in alerts.firings:
+                copy_s.append(copied - ts)
+                after_copy_s.append(alerts.firings[(bys, s)].read - copied)
         died = proc.poll() is not None
         try:
             restarts = None if died else _metric(worker, "tensorpulse_worker_restarts_total")
@@ -298,9 +296,7 @@ def scenario(
             bystander_max_s=round(max(lat), 3) if lat else None,
             bystander_copy_p50_s=round(percentile(copy_s, 50), 3) if copy_s else None,
             bystander_after_copy_p50_s=round(percentile(after_copy_s, 50), 3) if after_copy_s else None,
-            same_steps_partition=(
-                len(set(watch.partitions.values())) == 1 and len(watch.partitions) == 2 if watch else None
-            ),
+            same_steps_partition=len(set(watch.partitions.values())) == 1 and len(watch.partitions) == 2,
             restarts=restarts,
             died=died,
             state_max_bytes=biggest,
@@ -311,19 +307,6 @@ def scenario(
         alerts.stop()
         stop_workers([worker])
     return out
-
-
-def variant(name: str, tmp: Path) -> Design:
-    """`current` or `current:<setting>=<value>,...`: the working tree's worker with those settings."""
-    base, _, settings = name.partition(":")
-    if base != "current":
-        raise SystemExit(f"unknown design {name!r}: baseline, current or current:<setting>=<value>,...")
-    design = prepare_current(tmp)
-    for item in filter(None, settings.split(",")):
-        key, _, value = item.partition("=")
-        design.env[f"TENSORPULSE_{key.upper()}"] = value
-    design.name = name
-    return design
 
 
 def _alert_ranks(bootstrap: str, job: str) -> list[int]:
@@ -344,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "--designs",
         nargs="+",
         default=["baseline", "current"],
-        help="baseline, current, current:<setting>=<v>,...",
+        help="baseline (--baseline-rev), current, current:<setting>=<v>,..., <git rev>[:<setting>=<v>,...]",
     )
     ap.add_argument(
         "--placements",
@@ -367,9 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         designs = {}
         for name in a.designs:
-            d = work / f"design-{name}"
+            d = work / f"design-{len(designs)}"  # no ":" in it: PYTHONPATH separates with ":"
             d.mkdir()
-            designs[name] = prepare_baseline(a.baseline_rev, d) if name == "baseline" else variant(name, d)
+            designs[name] = (
+                prepare_baseline(a.baseline_rev, d) if name == "baseline" else prepare_variant(name, d)
+            )
+            designs[name].name = name
             print(f"{name}: {designs[name].source}", flush=True)
         for world in a.ranks:
             for placement in a.placements:

@@ -28,14 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from common import open_broker, percentile
-from designs import prepare_current, start_workers
+from designs import prepare_variant, start_workers
 from loadgen import LoadGenerator, create_topics, make_jobs
 from loadwatch import AlertCollector, check_alive, cpu_rss, scrape, stop_workers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_one(bootstrap: str, jobs: int, tensors: int, a: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_one(
+    bootstrap: str, jobs: int, tensors: int, a: argparse.Namespace, work: Path, design_name: str = "current"
+) -> dict[str, Any]:
     rid = uuid.uuid4().hex[:6]
     prefix = f"load-{rid}-"
     sims = make_jobs(rid, jobs, tensors, seed=7)
@@ -43,7 +45,7 @@ def run_one(bootstrap: str, jobs: int, tensors: int, a: argparse.Namespace, work
     create_topics(bootstrap, [j.topic for j in sims])
     topics_s = time.monotonic() - t_topics
     (work / f"design-{rid}").mkdir()
-    design = prepare_current(work / f"design-{rid}")
+    design = prepare_variant(design_name, work / f"design-{rid}")
     (worker,) = start_workers(
         design, bootstrap, 1, group=f"g-{rid}", jobs_regex=f"^{prefix}", workdir=work / f"design-{rid}",
         guarantee="exactly-once",
@@ -85,7 +87,10 @@ def run_one(bootstrap: str, jobs: int, tensors: int, a: argparse.Namespace, work
             for f in gen.faults
             if f.level == 1 and (arr := alerts.firings.get((f.job, f.step)))
         ]
+        listing = [line for line in log.read_text(errors="replace").splitlines() if "intake: listing" in line]
         return {
+            "design": design_name,
+            "listing": listing[-1].split("intake: ", 1)[1] if listing else None,
             "jobs": jobs,
             "tensors": tensors,
             "sent": sent,
@@ -117,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tensor-jobs", type=int, default=10, help="jobs of the tensors table")
     ap.add_argument("--rate", type=float, default=300.0, help="records/s offered in total")
     ap.add_argument("--seconds", type=float, default=40.0)
+    ap.add_argument(
+        "--designs",
+        nargs="+",
+        default=["current"],
+        help="current, current:<setting>=<v>,..., <git rev>[:<setting>=<v>,...] (bench/designs.py), "
+        "each level run with each design in turn",
+    )
     ap.add_argument("--broker", choices=["tansu", "kafka"], default="kafka")
     ap.add_argument("--bootstrap")
     ap.add_argument("--out", type=Path)
@@ -130,20 +142,22 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         plan = [(n, a.tensors) for n in a.jobs] + [(a.tensor_jobs, t) for t in a.tensor_counts]
         for jobs, tensors in plan:
-            print(f"-- {jobs} jobs x {tensors} tensors at {a.rate:g} records/s", flush=True)
-            row = run_one(broker.bootstrap, jobs, tensors, a, work)
-            print("   " + json.dumps(row), flush=True)
-            rows.append(row)
+            for name in a.designs:
+                print(f"-- {name}: {jobs} jobs x {tensors} tensors at {a.rate:g} records/s", flush=True)
+                row = run_one(broker.bootstrap, jobs, tensors, a, work, name)
+                print("   " + json.dumps(row), flush=True)
+                rows.append(row)
         what = broker.what
     load1 = os.getloadavg()[0]
     print(f"\nbroker: {what}; {platform.node()}, {os.cpu_count()} cores; load {load0:.1f} -> {load1:.1f}")
     print(
-        "\n| jobs | tensors | evaluated / sent | worker CPU per record | worker CPU share | RSS | alert p50 / p99 |"
+        "\n| design | jobs | tensors | evaluated / sent | worker CPU per record | worker CPU share | RSS "
+        "| alert p50 / p99 |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['jobs']} | {r['tensors']} | {r['evaluated']:.0f} / {r['sent']} | {r['cpu_us_per_record']} µs | "
+            f"| {r['design']} | {r['jobs']} | {r['tensors']} | {r['evaluated']:.0f} / {r['sent']} | {r['cpu_us_per_record']} µs | "
             f"{r['worker_cpu_share']} | {r['rss_mb']} MB | {r['alert_p50_s']} / {r['alert_p99_s']} s |"
         )
     out = a.out or RESULTS / f"scaling-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -57,6 +57,8 @@ TICK_HEADER = "tp.tick"  # b"<unix time>": a clock tick, no record
 IDLE_HEADER = "tp.idle"  # on a tick: b"<seconds>" since the intake last copied a record of the job
 #: A round of the intake's loop longer than this is logged with what took the time.
 SLOW_ROUND_S = 1.0
+#: The largest share of the intake thread's time that listing topics for new jobs may take.
+LISTING_SHARE = 0.05
 
 
 def source_group(group: str) -> str:
@@ -139,6 +141,7 @@ class Intake:
         self._steps_partitions: list[TopicPartition] = []
         self.flow = JobFlow(config.max_ahead, progress or Progress(), self._processed_positions)
         self.copied = 0
+        self.listing_stretched = False  # listing less often than discovery_interval (a large cluster)
 
     # ------------------------------------------------------------------ clients
     def _clients(self) -> tuple[Consumer, Consumer, Producer]:
@@ -259,7 +262,7 @@ class Intake:
             coordination.poll(0)  # serves the shard group's heartbeats and rebalances
             steps["coordination"] = time.monotonic() - now
             if now >= next_discovery:
-                next_discovery = now + c.discovery_interval
+                cpu = time.thread_time()
                 try:
                     jobs = self.discovery.jobs(via=source)
                     logged_down = False
@@ -268,6 +271,7 @@ class Intake:
                         log.warning("intake cannot list topics (%s); retrying", exc)
                         logged_down = True
                     jobs = self.jobs
+                next_discovery = now + self._listing_interval(time.thread_time() - cpu)
                 t = time.monotonic()
                 steps["listing"] = t - now
                 owned = len(self.owned)
@@ -295,6 +299,25 @@ class Intake:
                 # copies every job's records.
                 names, self._need_control = self._need_control, []
                 self._creating = self._creator.submit(self._create_control_topics, names)
+
+    def _listing_interval(self, cpu: float) -> float:
+        """Seconds to the next listing: `discovery_interval`, or longer where a listing costs more
+        than LISTING_SHARE of this thread's time. A listing turns every topic of the cluster into
+        Python objects while holding the GIL that the processor needs: with 1,000 jobs (2,000 and
+        more topics) listing ten times a second made every record cost 2.5 times as much
+        (bench/scaling.py). A new job then waits longer for its first copy, in proportion."""
+        interval = max(self.config.discovery_interval, cpu / LISTING_SHARE)
+        stretched = interval > 2 * self.config.discovery_interval
+        if stretched != self.listing_stretched:
+            self.listing_stretched = stretched
+            (log.warning if stretched else log.info)(
+                "intake: listing %d topics took %.0f ms of CPU; listing every %.2f s (a new job's "
+                "first record waits up to that long)",
+                len(self.discovery.existing),
+                cpu * 1e3,
+                interval,
+            )
+        return interval
 
     def _create_control_topics(self, jobs: list[str]) -> None:
         """The new jobs' control topics (where their stop actions go), on the creator thread."""
