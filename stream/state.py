@@ -14,6 +14,7 @@ not by the job's size:
 | `ended`              | rank -> wall time of its end record                                  |
 | `src:<partition>`    | the last source offset processed (the intake's copies are deduplicated) |
 | `schema:<r>:<id>`, `schemas:<r>` | announced tensor names, and rank r's schema ids (for removal) |
+| `scalars`            | keys of the scalar names admitted (stream/scalars.py; max_scalars_per_job) |
 
 Inside an entry a slot is keyed `<rule name>#<digest of its class and parameters>`: a rule whose
 threshold changed starts from a fresh state instead of reading state made under other
@@ -44,6 +45,8 @@ from .evaluator import JOB_SLOT, JobState, is_clock, is_per_rank
 
 #: The largest entry written, in bytes as stored (Kafka's default message limit is 1 MB).
 MAX_ENTRY_BYTES = 100 * 1024
+#: The entry of a job's admitted scalar names (stream/scalars.py).
+SCALARS_KEY = "scalars"
 
 
 class Store(Protocol):
@@ -253,7 +256,7 @@ class JobStore:
         for name, group in self._group.items():
             if group == "job":
                 self._store.delete(self._entry_key("job", JOB_SLOT, name))
-        for key in ("ranks", "ended"):
+        for key in ("ranks", "ended", SCALARS_KEY):
             self._store.delete(key)
 
 

@@ -58,6 +58,7 @@ from .flow import Progress
 from .intake import IDLE_HEADER, KEY_HEADER, SOURCE_HEADER, TICK_HEADER, Intake, IntakeConfig, source_group
 from .lag import LagMonitor
 from .published import PublishedAlerts, fence
+from .scalars import ScalarNames
 from .settings import WorkerSettings
 from .state import JobStore, Layout, StoredSchemas, pack, unpack
 
@@ -145,8 +146,8 @@ class Worker:
         self._jobs: dict[str, str] = {}
         self._controls: dict[str, Topic] = {}
         self._warned: dict[str, float] = {}
-        #: Per job, hashes of the scalar names admitted so far (at most max_scalars_per_job).
-        self._scalar_names: dict[str, set[int]] = {}
+        #: Per job, the scalar names admitted (at most max_scalars_per_job), kept in its state.
+        self._scalars = ScalarNames(settings.max_scalars_per_job)
         self.ready = threading.Event()  # set once the stream application is built and starting
         self.progress = Progress()  # how far the processor is: the intake's flow control reads it
         base = client_config(settings.bootstrap, kafka=settings.kafka_config)  # resolved at the edge
@@ -530,7 +531,7 @@ class Worker:
                 )
         except DecodeError as exc:
             return [], [self._reject(exc, job, key, value, src)], [], []
-        record = self._admit_scalars(job, record)
+        record = self._admit_scalars(job, record, state)
         now = time.time()
         self.metrics.observe(record, now)
         ev = self._evaluator(job)
@@ -571,23 +572,11 @@ class Worker:
             return alerts, [], actions, job_over
         return alerts, [], actions, self._forwards(job, record)
 
-    def _admit_scalars(self, job: str, record: wire.StepRecord) -> wire.StepRecord:
-        """`record` without the scalars whose names are beyond the job's first max_scalars_per_job.
-
-        A job that sends a new scalar name every step would otherwise grow the rules' state and
-        Prometheus's series without bound. Names are kept as hashes (bounded memory per job) and
-        counted from the first record this worker process evaluated of the job.
-        """
-        seen = self._scalar_names.setdefault(job, set())
+    def _admit_scalars(self, job: str, record: wire.StepRecord, state: State) -> wire.StepRecord:
+        """`record` without the scalars whose names are beyond the job's first max_scalars_per_job
+        (stream/scalars.py: the admitted names are kept in the job's state, the same on every worker)."""
         limit = self.settings.max_scalars_per_job
-        dropped = []
-        for name in record.scalars:
-            h = hash(name)
-            if h not in seen:
-                if len(seen) >= limit:
-                    dropped.append(name)
-                    continue
-                seen.add(h)
+        dropped = self._scalars.admit(job, record.scalars, state)
         if not dropped:
             return record
         self.metrics.limits.labels("scalars_per_job").inc(len(dropped))
@@ -609,7 +598,7 @@ class Worker:
         """A job is over: its Prometheus series and its admitted scalar names go."""
         self.metrics.remove_job(job)
         self.metrics.finished.inc()
-        self._scalar_names.pop(job, None)
+        self._scalars.forget(job)
         self._warned.pop(f"scalars:{job}", None)
 
     def _tick(self, job: str, stamp: Any, state: State, idle: Any = None) -> Outputs:
