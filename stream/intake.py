@@ -338,8 +338,8 @@ class Intake:
         shards = frozenset(
             tp.partition for tp in coordination.assignment() if tp.topic == c.coordination_topic
         )
-        if (shards, self.jobs) == self._followed:
-            return  # same shards, same jobs: nothing to assign (checked every 0.1 s)
+        if (shards, self.jobs) == self._followed and not self.refused:
+            return  # same shards, same jobs: nothing to assign (checked every listing)
         self._followed = (shards, dict(self.jobs))
         wanted = self.limit_jobs({t: j for j, t in self.jobs.items() if shard_of(j, c.shards) in shards})
         added = [t for t in wanted if t not in self.owned]
@@ -373,18 +373,32 @@ class Intake:
             )
 
     def limit_jobs(self, wanted: dict[str, str]) -> dict[str, str]:
-        """The jobs (topic -> job) of `wanted` to read: every one already read, then new ones in
-        name order up to `max_jobs`. The rest are not read (their records wait on their topics),
-        said and counted once each, and taken in as soon as there is room."""
+        """The jobs (topic -> job) of `wanted` to read, at most `max_jobs` live ones: every live one
+        already read, then new ones in name order, then ended ones already read (newest record
+        first) while there is room. A job read here is live until it has been silent for the tick
+        horizon (its idle timeout and its state's retention are over: nothing more is owed to it),
+        so the topics of ended jobs, which outlive them, do not keep new jobs out. The jobs left out
+        are not read (their records wait on their topics), said and counted once each (ended ones
+        are not counted), and taken in as soon as there is room."""
         limit = self.config.max_jobs
         if len(wanted) <= limit:
             self.refused = frozenset()
             return wanted
-        kept = {t: j for t, j in wanted.items() if t in self.owned}
-        for t in sorted(t for t in wanted if t not in kept)[: max(limit - len(kept), 0)]:
+        now = time.monotonic()
+
+        def ended(t: str) -> bool:
+            seen = self._last_seen.get(self.owned[t])
+            return seen is not None and now - seen > self.config.tick_horizon
+
+        owned = [t for t in wanted if t in self.owned]
+        kept = {t: wanted[t] for t in owned if not ended(t)}
+        for t in sorted(t for t in wanted if t not in self.owned)[: max(limit - len(kept), 0)]:
+            kept[t] = wanted[t]
+        idle = sorted((t for t in owned if ended(t)), key=lambda t: -self._last_seen[self.owned[t]])
+        for t in idle[: max(limit - len(kept), 0)]:
             kept[t] = wanted[t]
         refused = frozenset(j for t, j in wanted.items() if t not in kept)
-        new = sorted(refused - self.refused)
+        new = sorted(refused - self.refused - {self.owned[t] for t in idle})
         self.refused = refused
         if new:
             log.error(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -122,7 +123,7 @@ def intake(max_jobs: int, refused: list[int]) -> Intake:
     config = IntakeConfig(
         group="g", topic_prefix="tensorpulse.", jobs_regex=None, shards=4, discovery_interval=0.1,
         max_record_bytes=wire.MAX_RECORD_BYTES, topic_config={}, replication_factor=1,
-        tick_interval=None, tick_horizon=0.0, max_jobs=max_jobs,
+        tick_interval=None, tick_horizon=3600.0, max_jobs=max_jobs,
     )  # fmt: skip
     return Intake(config, {"bootstrap.servers": "127.0.0.1:1"}, on_refused=refused.append)
 
@@ -143,3 +144,25 @@ def test_jobs_beyond_the_limit_are_not_read_until_there_is_room(caplog: pytest.L
     del jobs["t.a"]  # job a's topic went away
     assert i.limit_jobs(jobs) == {"t.d": "d", "t.b": "b"} and i.refused == {"c"} and refused == [2]
     assert i.limit_jobs({"t.b": "b"}) == {"t.b": "b"} and i.refused == frozenset()
+
+
+def test_ended_jobs_topics_do_not_keep_new_jobs_out(caplog: pytest.LogCaptureFixture) -> None:
+    """max_jobs counts live jobs, not topics: of two jobs read, one has been silent for longer than
+    the tick horizon (its idle end and its state's retention are over; its topic outlives it), so a
+    new job takes its place; the ended one is left out without being counted as refused.
+
+    The test sets the intake's `_last_seen` (when it last copied each job's record): the clock the
+    intake keeps for its ticks is the behaviour under test, and nothing outside the intake sets it.
+    """
+    refused: list[int] = []
+    i = intake(2, refused)
+    now = time.monotonic()
+    i.owned = {"t.d": "d", "t.e": "e"}
+    i._last_seen.update({"d": now, "e": now - 7200.0})
+    jobs = {"t.a": "a", "t.b": "b", "t.d": "d", "t.e": "e"}
+    with caplog.at_level(logging.ERROR, logger="tensorpulse.stream"):
+        assert i.limit_jobs(jobs) == {"t.d": "d", "t.a": "a"}
+    assert i.refused == {"b", "e"} and refused == [1]
+    assert len(caplog.records) == 1 and caplog.records[0].getMessage().endswith("raise max_jobs): b")
+    # with room (no new job waiting), the ended job is read as before
+    assert i.limit_jobs({"t.d": "d", "t.e": "e"}) == {"t.d": "d", "t.e": "e"} and i.refused == frozenset()
