@@ -13,6 +13,7 @@ import inspect
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,12 +27,29 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+#: the overhead table's models: the peer table's two, then issue 20's real ones (real_models.py)
+MODELS = ("mlp", "cnn", "gpt", "resnet18")
 KAFKA_LOCAL = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "kafka_local.py"
 
 
+#: batch size per model: the peer table's 128 for the MLP and the CNN; the real models' are what a
+#: step of about a second (GPT) or a third of one (ResNet-18) on one core of this machine allows
+BATCH = {"mlp": 128, "cnn": 128, "gpt": 4, "resnet18": 32}
+
+
 def make_model(kind: str) -> nn.Module:
-    """The two models the peer overhead table was measured on."""
+    """The models of the overhead table: the peer measurements' MLP and small CNN, and the "real"
+    ones of issue 20 (real_models.py: a 6-layer GPT, ResNet-18 for 64x64 images)."""
     from torch import nn
+
+    if kind == "gpt":
+        from real_models import GPT
+
+        return GPT()
+    if kind == "resnet18":
+        from real_models import resnet18
+
+        return resnet18()
     if kind == "mlp":
         return nn.Sequential(
             nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
@@ -50,15 +68,24 @@ def make_model(kind: str) -> nn.Module:
             nn.Flatten(),
             nn.Linear(32 * 4 * 4, 10),
         )
-    raise ValueError(f"unknown model {kind!r}: mlp or cnn")
+    raise ValueError(f"unknown model {kind!r}: mlp, cnn, gpt or resnet18")
 
 
-def make_batches(kind: str, n: int = 8, batch: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(kind: str, n: int = 8, batch: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` random batches (inputs, class targets) for `kind`; `batch` defaults to BATCH[kind]."""
     import torch
 
+    batch = batch or BATCH[kind]
     g = torch.Generator().manual_seed(1234)
-    shape = (batch, 784) if kind == "mlp" else (batch, 3, 32, 32)
-    return [(torch.randn(*shape, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+    if kind == "gpt":
+        from real_models import gpt_batches
+
+        return gpt_batches(n, batch, g)
+    shape, classes = {"mlp": ((784,), 10), "cnn": ((3, 32, 32), 10), "resnet18": ((3, 64, 64), 200)}[kind]
+    return [
+        (torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g))
+        for _ in range(n)
+    ]
 
 
 @contextlib.contextmanager
@@ -234,6 +261,26 @@ def peak_rss_mb() -> float:
 def children_rss_mb() -> float:
     """Resident memory of this process's live descendants (e.g. wandb's service process), MiB."""
     return sum(_status_kb(pid, "VmRSS") for pid in _descendants(os.getpid())) / 1024
+
+
+def machine_info(repo_dir: str) -> dict[str, object]:
+    """What the run's figures belong to: CPU model and count, load, the commit and whether the tree
+    differed from it (the benchmark measures the working tree it runs from)."""
+    info: dict[str, object] = {
+        "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "node": os.uname().nodename,
+    }
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    git = ["git", "-C", repo_dir]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        info["commit"] = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", ".."], capture_output=True, text=True)
+        info["tree_dirty"] = bool(dirty.stdout.strip())
+    return info
 
 
 def dir_bytes(path: str) -> int:

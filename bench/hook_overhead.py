@@ -19,6 +19,11 @@ started (wandb's service).
 
     python bench/hook_overhead.py                                    # full table (long: see README)
     python bench/hook_overhead.py --models mlp --intervals 1 --tools no-hook tensorpulse --steps 20 --reps 1
+    python bench/hook_overhead.py --models gpt resnet18 --tools no-hook tensorpulse --threads 1 2 --aa-once
+
+Models: the peer table's MLP and small CNN (batch 128), and issue 20's real ones (real_models.py):
+a 6-layer, 6-head, 384-wide GPT on 256-token blocks (batch 4) and ResNet-18 on 64x64 images (batch
+32); --batch overrides the batch size. --threads takes several counts: each is a cell of its own.
 
 Peers that are not installed (bench/setup_peers.sh installs them) are reported as such.
 """
@@ -42,9 +47,11 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMDEBUG_PYTHON = os.path.join(HERE, ".venv-smdebug", "bin", "python")
-MODELS = ("mlp", "cnn")
 if HERE not in sys.path:  # common.py and peers.py, also when this file is loaded as a module
     sys.path.insert(0, HERE)
+
+from common import MODELS  # noqa: E402
+from overhead_table import format_table, overhead_check, summarise, target_check  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- one cell (child process)
@@ -75,6 +82,7 @@ def run_cell(
     reps: int,
     threads: int,
     workdir: str,
+    batch: int | None = None,
     bootstrap: str | None = None,
     tree_root: int | None = None,
     startup_saves: int = 0,
@@ -91,7 +99,7 @@ def run_cell(
     torch.manual_seed(0)
     base = make_model(kind)
     hooked = copy.deepcopy(base)
-    batches = make_batches(kind)
+    batches = make_batches(kind, batch=batch)
     loss_b, loss_h = nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
     opt_b = torch.optim.SGD(base.parameters(), lr=0.01, momentum=0.9)
     opt_h = torch.optim.SGD(hooked.parameters(), lr=0.01, momentum=0.9)
@@ -106,11 +114,13 @@ def run_cell(
 
     # Start-up, outside the ratios: what a tool does only at its first saves (tensorpulse: p5/p95
     # during the first `quantile_steps` saves, numba compiles) would otherwise weigh on the first
-    # repetition only, and the more so the rarer the saves. Its cost is reported on its own.
+    # repetition only, and the more so the rarer the saves. Its cost is reported on its own. The
+    # base copy runs at most 20 of those steps (its mean stands for all): at every 10 steps of a
+    # model with 1 s steps, running it for all 100 would double this segment for nothing.
     start = startup_saves * interval
-    startup_extra_s = sum(_train(hooked, loss_h, opt_h, batches, start, 0, tool)) - sum(
-        _train(base, loss_b, opt_b, batches, start, 0)
-    )
+    startup_h = _train(hooked, loss_h, opt_h, batches, start, 0, tool)
+    startup_b = _train(base, loss_b, opt_b, batches, min(start, 20), 0)
+    startup_extra_s = sum(startup_h) - (statistics.fmean(startup_b) * start if startup_b else 0.0)
     tool.flush()
     bytes0 = tool.bytes_written()
     seg = warmup + steps
@@ -178,8 +188,9 @@ def cell_main(args: argparse.Namespace) -> int:
             steps=args.steps,
             warmup=args.warmup,
             reps=args.reps,
-            threads=args.threads,
+            threads=args.threads[0],
             workdir=args.workdir,
+            batch=args.batch,
             bootstrap=args.bootstrap,
             tree_root=args.tree_root,
             startup_saves=args.startup_saves,
@@ -207,7 +218,7 @@ def _python_for(tool: str, smdebug_python: str) -> tuple[str | None, str]:
 
 
 def spawn_cell(
-    tool: str, kind: str, interval: int, args: argparse.Namespace, bootstrap: str | None
+    tool: str, kind: str, interval: int, args: argparse.Namespace, bootstrap: str | None, threads: int = 1
 ) -> dict[str, Any]:
     """Run one cell in a child process; never raises: failures come back as a status and a reason."""
     python, why = _python_for(tool, args.smdebug_python)
@@ -219,11 +230,13 @@ def spawn_cell(
         python, os.path.abspath(__file__), "--cell", tool, "--models", kind, "--intervals", str(interval),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--reps", str(args.reps),
         "--startup-saves", str(args.startup_saves),
-        "--threads", str(args.threads), "--workdir", os.path.join(work, "out"), "--result", result,
+        "--threads", str(threads), "--workdir", os.path.join(work, "out"), "--result", result,
         "--tree-root", str(os.getpid()),
     ]  # fmt: skip
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout, check=False)
         if os.path.exists(result):
@@ -254,138 +267,13 @@ def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def summarise(
-    tool: str, kind: str, interval: int, cell: dict[str, Any], max_foreign: float
-) -> dict[str, Any]:
-    """One table row from a cell's raw result."""
-    row: dict[str, Any] = {"tool": tool, "model": kind, "interval": interval, "status": cell["status"]}
-    if cell["status"] != "ok":
-        row["reason"] = cell.get("reason", "")
-        return row
-    reps = cell["reps"]
-    kept = [r for r in reps if max(r["foreign_base"], r["foreign_hook"]) <= max_foreign]
-    use = kept or reps
-    mean_r = [r["hook_mean_ms"] / r["base_mean_ms"] for r in use]
-    median_r = [r["hook_median_ms"] / r["base_median_ms"] for r in use]
-    steps = max(cell["hook_steps"], 1)
-    row.update(
-        mean_ratio=statistics.median(mean_r),
-        median_ratio=statistics.median(median_r),
-        mean_ratio_range=[min(mean_r), max(mean_r)],
-        median_ratio_range=[min(median_r), max(median_r)],
-        reps_kept=len(kept),
-        reps_total=len(reps),
-        noisy=not kept,
-        base_median_ms=statistics.median(r["base_median_ms"] for r in use),
-        base_mean_ms=statistics.median(r["base_mean_ms"] for r in use),
-        bytes_per_step=cell["bytes"] / steps,
-        bytes_per_save=cell["bytes"] / max(cell["saves"], 1),
-        peak_mb=cell["peak_self_mb"] + cell["children_mb"],
-        peak_self_mb=cell["peak_self_mb"],
-        children_mb=cell["children_mb"],
-        setup_s=cell["setup_s"],
-        close_s=cell["close_s"],
-        startup_steps=cell.get("startup_steps", 0),
-        startup_extra_s=cell.get("startup_extra_s", 0.0),
-        versions=cell["versions"],
-        per_rep=reps,
-    )
-    return row
-
-
-def overhead_check(rows: list[dict[str, Any]], factor: float = 5.0) -> list[dict[str, Any]]:
-    """Per (model, interval) and ratio kind: is tensorpulse's overhead (ratio - 1) at most 1/factor
-    of the best peer's? `passed` is None where tensorpulse or every peer is missing, or where no
-    peer's overhead stands out of the no-hook (A/A) row's distance from 1."""
-    from peers import PEERS
-
-    ok = {(r["tool"], r["model"], r["interval"]): r for r in rows if r["status"] == "ok"}
-    cells = sorted({(r["model"], r["interval"]) for r in rows}, key=lambda c: (MODELS.index(c[0]), c[1]))
-    out = []
-    for kind, interval in cells:
-        for basis in ("mean_ratio", "median_ratio"):
-            ours = ok.get(("tensorpulse", kind, interval))
-            peers = [ok[(p, kind, interval)] for p in PEERS if (p, kind, interval) in ok]
-            entry: dict[str, Any] = {"model": kind, "interval": interval, "basis": basis, "required": factor}
-            if ours is None or not peers:
-                entry.update(
-                    passed=None, note="tensorpulse not measured" if ours is None else "no peer measured"
-                )
-                out.append(entry)
-                continue
-            best = min(peers, key=lambda r: r[basis])
-            ours_over, peer_over = ours[basis] - 1.0, best[basis] - 1.0
-            entry.update(
-                ours_overhead=ours_over,
-                best_peer=best["tool"],
-                best_peer_overhead=peer_over,
-                noisy=ours["noisy"] or best["noisy"],
-            )
-            aa = ok.get(("no-hook", kind, interval))
-            # The A/A row: how far "no overhead" reads from 1 in this run; smaller differences
-            # from 1 cannot be told apart from none.
-            resolution = 0.0
-            if aa is not None:
-                entry["no_hook_overhead"] = aa[basis] - 1.0
-                resolution = abs(entry["no_hook_overhead"])
-            if peer_over <= resolution:
-                entry.update(factor=None, passed=None, note="no peer overhead above the no-hook row's noise")
-            elif ours_over <= resolution:
-                entry.update(
-                    factor=None, passed=True, note="tensorpulse overhead within the no-hook row's noise"
-                )
-            else:
-                entry.update(factor=peer_over / ours_over, passed=peer_over >= factor * ours_over)
-            out.append(entry)
-    return out
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-_VERDICT = {True: "PASS", False: "FAIL", None: "n/a"}
-
-
-def format_table(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> str:
-    lines = [
-        f"{'model':5} {'int':>3}  {'tool':19} {'mean x':>7} {'median x':>8} {'bytes/step':>11} "
-        f"{'peak MB':>8}  {'reps':>5}  note",
-    ]
-    for r in rows:
-        head = f"{r['model']:5} {r['interval']:>3}  {r['tool']:19}"
-        if r["status"] != "ok":
-            lines.append(f"{head} {r['status']}: {r.get('reason', '')}")
-            continue
-        note = "NOISY (no clean repetition)" if r["noisy"] else ""
-        if r.get("startup_steps"):
-            note = f"start-up {r['startup_extra_s']:+.2f} s over {r['startup_steps']} steps {note}".rstrip()
-        lines.append(
-            f"{head} {r['mean_ratio']:7.2f} {r['median_ratio']:8.2f} {_fmt_bytes(r['bytes_per_step']):>11} "
-            f"{r['peak_mb']:8.1f}  {r['reps_kept']:>2}/{r['reps_total']:<2}  {note}"
-        )
-    lines.append("")
-    for c in checks:
-        head = f"{c['required']:g}x check, {c['model']} every {c['interval']}, {c['basis']}:"
-        if "ours_overhead" not in c:
-            lines.append(f"{head} n/a ({c['note']})")
-            continue
-        lines.append(
-            f"{head} tensorpulse {c['ours_overhead']:+.3f} vs best peer {c['best_peer']} "
-            f"{c['best_peer_overhead']:+.3f}"
-            + ("" if c["factor"] is None else f" -> {c['factor']:.1f}x less")
-            + (f" (no-hook A/A {c['no_hook_overhead']:+.3f})" if "no_hook_overhead" in c else "")
-            + f": {_VERDICT[c['passed']]}"
-            + (f" ({c['note']})" if "note" in c else "")
-        )
-    return "\n".join(lines)
+def _target(text: str) -> tuple[int, float]:
+    interval, _, ratio = text.partition(":")
+    return int(interval), float(ratio)
 
 
 def drive(args: argparse.Namespace) -> int:
-    from common import broker
+    from common import broker, machine_info
     from peers import TOOLS
 
     for t in args.tools:
@@ -394,32 +282,43 @@ def drive(args: argparse.Namespace) -> int:
     for interval in args.intervals:
         if (args.steps % interval) or (args.warmup % interval):
             print(f"note: --steps/--warmup not multiples of interval {interval}: saves per segment vary")
-    cells: dict[tuple[str, str, int], dict[str, Any]] = {}
+    cells: dict[tuple[str, str, int, int], dict[str, Any]] = {}
     started = time.strftime("%Y%m%d-%H%M%S")
+    machine = machine_info(HERE)
     use_broker = args.broker or args.bootstrap
+    plan = [
+        (kind, threads, interval, tool)
+        for kind in args.models
+        for threads in args.threads
+        for interval in args.intervals
+        for tool in args.tools
+        if not (args.aa_once and tool == "no-hook" and interval != args.intervals[0])
+    ]
     with broker(args.bootstrap) if use_broker else contextlib.nullcontext(None) as bootstrap:
         for rnd in range(args.rounds):
-            for kind in args.models:
-                for interval in args.intervals:
-                    for tool in args.tools:
-                        t0 = time.monotonic()
-                        res = spawn_cell(tool, kind, interval, args, bootstrap)
-                        key = (tool, kind, interval)
-                        cells[key] = merge(cells.get(key), res)
-                        print(
-                            f"[round {rnd + 1}/{args.rounds}] {kind} every {interval} {tool}: {res['status']}"
-                            f" ({time.monotonic() - t0:.0f} s)"
-                            + (f" {res.get('reason', '')}" if res["status"] != "ok" else ""),
-                            flush=True,
-                        )
-    rows = [summarise(*key, cell, args.max_foreign) for key, cell in cells.items()]
+            for kind, threads, interval, tool in plan:
+                t0 = time.monotonic()
+                res = spawn_cell(tool, kind, interval, args, bootstrap, threads)
+                key = (tool, kind, interval, threads)
+                cells[key] = merge(cells.get(key), res)
+                print(
+                    f"[round {rnd + 1}/{args.rounds}] {kind} every {interval}, {threads} thread(s), {tool}: "
+                    f"{res['status']} ({time.monotonic() - t0:.0f} s)"
+                    + (f" {res.get('reason', '')}" if res["status"] != "ok" else ""),
+                    flush=True,
+                )
+    rows = [summarise(*key[:3], cell, args.max_foreign, threads=key[3]) for key, cell in cells.items()]
     order = {t: i for i, t in enumerate(args.tools)}
-    rows.sort(key=lambda r: (MODELS.index(r["model"]), r["interval"], order[r["tool"]]))
+    rows.sort(key=lambda r: (MODELS.index(r["model"]), r["threads"], r["interval"], order[r["tool"]]))
     checks = overhead_check(rows, args.factor)
+    targets = target_check(rows, dict(args.target)) if args.target else []
+    machine["loadavg_end"] = os.getloadavg()
     print()
-    print(format_table(rows, checks))
+    print(format_table(rows, checks, targets))
     report = {
         "created": started,
+        "finished": time.strftime("%Y%m%d-%H%M%S"),
+        "machine": machine,
         "config": {
             k: getattr(args, k)
             for k in (
@@ -432,12 +331,15 @@ def drive(args: argparse.Namespace) -> int:
                 "reps",
                 "rounds",
                 "threads",
+                "batch",
+                "aa_once",
                 "max_foreign",
             )
         }
         | {"broker": bool(use_broker), "cpus": os.cpu_count()},
         "rows": rows,
         "check": checks,
+        "targets": targets,
     }
     path = args.out or os.path.join(args.out_dir, f"overhead-{started}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -465,7 +367,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--reps", type=int, default=5, help="repetitions (base + tool segment pairs) per cell")
     ap.add_argument("--rounds", type=int, default=1, help="passes over all cells; repetitions pool per cell")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument(
+        "--threads", type=int, nargs="+", default=[1], help="torch intra-op threads; several: a cell each"
+    )
+    ap.add_argument("--batch", type=int, help="batch size (default per model: common.BATCH)")
+    ap.add_argument(
+        "--aa-once",
+        action="store_true",
+        help="run the no-hook (A/A) cell at the first interval only (it saves nothing at any interval)",
+    )
+    ap.add_argument(
+        "--target",
+        type=_target,
+        nargs="*",
+        default=[(1, 1.05), (10, 1.01)],
+        metavar="INTERVAL:RATIO",
+        help="issue 20's targets for tensorpulse's mean ratio (default 1:1.05 10:1.01)",
+    )
     ap.add_argument(
         "--max-foreign",
         type=float,
@@ -484,9 +402,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--tree-root", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    for name in ("steps", "reps", "rounds", "threads"):
+    for name in ("steps", "reps", "rounds"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1")
+    if any(t < 1 for t in args.threads) or (args.batch is not None and args.batch < 1):
+        ap.error("--threads and --batch must be >= 1")
     if args.warmup < 0 or args.startup_saves < 0 or any(i < 1 for i in args.intervals):
         ap.error("--warmup and --startup-saves must be >= 0 and every interval >= 1")
     return args
