@@ -308,6 +308,7 @@ class TorchHook(ModelHooks, Offloading, Hook):
             # The forward pre-hooks stay while attached (they notice model.train() / eval()); the
             # optimizer's hooks are registered while a saved step may come (`_arm` / `_disarm`);
             # the activation hooks when a capture starts, removed when it ends.
+            self._was_training = model.training
             self._watch_forward(model)
         self._ready_for_compile()
         self._arm()

@@ -151,7 +151,6 @@ class ModelHooks:
         `module.training` differ from the last pass's and calls `_on_mode_change`. While the hook
         is disarmed between saves they cost one early return per forward pass (`_armed`).
         """
-        self._was_training = model.training
         self._forward_handles = [
             model.register_forward_pre_hook(self._on_compiled_forward),
             model.register_forward_pre_hook(self._eager_forward_start),
