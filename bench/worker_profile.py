@@ -442,6 +442,13 @@ def _instrument(worker: Any, timers: _Timers) -> contextlib.ExitStack:
     patch(evaluator_mod.JobEvaluator, "_transition", "evaluator: transitions and alert events")
     patch(worker_mod.Worker, "_emit", "worker: emit alerts (JSON, metrics, log)")
     patch(worker_mod.Worker, "_too_large", "worker: _too_large")
+    try:  # since the worker's split: stream/outcomes.py
+        from tensorpulse.stream import outcomes as outcomes_mod
+    except ImportError:
+        outcomes_mod = None
+    if outcomes_mod is not None:
+        patch(outcomes_mod.Outcomes, "emit", "worker: emit alerts (JSON, metrics, log)")
+        patch(outcomes_mod.Outcomes, "too_large", "worker: _too_large")
     patch(worker_mod.Worker, "_forwards", "worker: cross-run forwards")
     seen: set[int] = set()
     for spec in worker.specs:

@@ -4,10 +4,13 @@ Data flow (docs/architecture.md): the intake (stream/intake.py) copies every job
 its first one, into `tensorpulse.steps.<group>`, keyed by job; this application consumes that one
 topic in the worker group, so a new job never changes its subscription and never rebalances it.
 Quix owns consumption, state (RocksDB with a changelog topic, keyed by job), offsets and
-exactly-once delivery of the outputs. This module wires it up: decode with the shared codec (bad
-records go to the dead-letter topic, counted), evaluate with `JobEvaluator` over the job's state
-entries (stream/state.py), and emit alerts, actions and metrics. Workers in one group share the
-steps topic's partitions; run more of them to scale out.
+exactly-once delivery of the outputs. This module runs the worker (the intake's thread, the
+application, restarted after a failure) and processes each message: decode with the shared codec
+(bad records go to the dead-letter topic, counted), drop copies already evaluated, evaluate with
+`JobEvaluator` over the job's state entries (stream/state.py). The application's topology is in
+stream/topology.py, what becomes of alerts and errors in stream/outcomes.py, the signal handling
+in stream/signals.py. Workers in one group share the steps topic's partitions; run more of them
+to scale out.
 
 Two kinds of rule need more than one job's record at a time: clock rules (StalledTrainingRule)
 are evaluated on ticks that the intake sends down each job's partition (stream/clock.py), and
@@ -18,80 +21,45 @@ cross-run rules (SimilarAcrossRuns) get other jobs' records through an internal 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
-import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from quixstreams import Application
 from quixstreams.context import message_context
-from quixstreams.models import Topic, TopicConfig
 from quixstreams.state import State
-from quixstreams.state.rocksdb import RocksDBOptions
 
 from tensorpulse import wire
-from tensorpulse.actions import encode_action
 from tensorpulse.errors import DecodeError
 from tensorpulse.kafka import client_config, redact
 from tensorpulse.rules.config import RuleSpec, load_rules, rules_for_job
 from tensorpulse.sinks.prometheus import WorkerMetrics
-from tensorpulse.topics import (
-    ALERTS_TOPIC,
-    DEADLETTER_TOPIC,
-    control_topic,
-    reductions_topic,
-    validate_job,
-)
+from tensorpulse.topics import ALERTS_TOPIC, reductions_topic, validate_job
 
 from .clock import clock_interval, clock_thresholds, housekeeping_interval, tick_horizon
-from .crossrun import Forward, KeyedValue, crossrun_topic, forward_payload, job_over_notice, job_over_reason
-from .deadletter import envelope
+from .crossrun import Forward, forward_payload, job_over_notice, job_over_reason
 from .evaluator import JobEvaluator, Transition, is_cross_run
 from .flow import Progress
 from .intake import IDLE_HEADER, KEY_HEADER, SOURCE_HEADER, TICK_HEADER, Intake, IntakeConfig, source_group
 from .lag import LagMonitor
+from .outcomes import LIMIT_OF_REASON, Outcomes, Source
 from .published import PublishedAlerts, fence
 from .scalars import ScalarNames
 from .settings import WorkerSettings
-from .state import JobStore, Layout, StoredSchemas, pack, unpack
+from .signals import SHUTDOWN_S, StopSignals
+from .state import JobStore, Layout, StoredSchemas
+from .topology import ROCKSDB_OPTIONS, build_application
+
+#: Importable from here as before the split (tests, bench/worker_profile.py).
+__all__ = ["LIMIT_OF_REASON", "ROCKSDB_OPTIONS", "SHUTDOWN_S", "Source", "Worker"]
 
 log = logging.getLogger("tensorpulse.stream")
 
 _EVAL_KEY = "eval"  # the cross-run stream's one state entry per job
 _OVER_KEY = "over"  # set in the cross-run stream once the job is over (stream/crossrun.py)
-
-#: Seconds from SIGTERM/SIGINT to the worker's exit at the latest. A stop normally takes well under
-#: a second (the application commits its last checkpoint); with the broker away that commit cannot
-#: finish (Quix Streams waits for it without a bound), and the worker then exits without it, as
-#: after a crash: the next worker resumes from the last committed transaction, nothing is lost.
-SHUTDOWN_S = 9.0
-
-#: One RocksDB store per partition holds a few KB of rule state per job, so RocksDB's defaults
-#: (64 MB memtables x 3, a 1 GB block cache) only make memory grow with the number of jobs
-#: until the first flush, an hour or more later (bench/load.py soak measured 3.5-7 MB/min).
-ROCKSDB_OPTIONS = RocksDBOptions(
-    write_buffer_size=512 << 10,
-    max_write_buffer_number=2,
-    target_file_size_base=8 << 20,
-    block_cache_size=8 << 20,
-    max_total_wal_size=16 << 20,
-    dumps=pack,  # state values (stream/state.py)
-    loads=unpack,
-)
-
-#: Dead-letter reasons that are a documented limit: the limit's label on tensorpulse_limit_exceeded_total.
-LIMIT_OF_REASON = {
-    "too_large": "record_bytes",
-    "too_many_tensors": "tensors_per_record",
-    "too_many_ranks": "ranks_per_job",
-}
 
 #: What the processor returns: (alerts, dead letters, actions, crossrun messages) to publish.
 Outputs = tuple[list[bytes], list[bytes], list[bytes], list[Forward]]
@@ -105,14 +73,6 @@ def _seconds(value: Any) -> float | None:
     except (TypeError, ValueError, UnicodeDecodeError):
         return None
     return seconds if math.isfinite(seconds) else None
-
-
-class Source(NamedTuple):
-    """Where a record came from: its job topic, partition and offset (what a dead letter names)."""
-
-    topic: str
-    partition: int
-    offset: int
 
 
 class Worker:
@@ -133,19 +93,15 @@ class Worker:
         self._layouts: dict[str, Layout] = {}  # per job, beside its evaluator (stream/state.py)
         self._cross_evaluators: dict[str, JobEvaluator] = {}
         self._cross_specs = [s for s in self.specs if is_cross_run(s)]
-        self._crossrun_topic = crossrun_topic(settings.group)
         self._targets: dict[str, list[tuple[str, list[RuleSpec]]]] = {}
         self._schemas = wire.SchemaCache()
         self._published = PublishedAlerts()
-        self._on_alert = on_alert
+        self.out = Outcomes(self.metrics, self._published, on_alert)
         self._stop = threading.Event()
         self._stopped = threading.Event()  # run() has finished
-        self._signals: socket.socket | None = None  # read end of the signal wake-up pipe
-        self._wake: socket.socket | None = None  # its write end (signal.set_wakeup_fd)
+        self._signals = StopSignals(self.stop, self._stop, self._stopped)
         self._app: Application | None = None
         self._jobs: dict[str, str] = {}
-        self._controls: dict[str, Topic] = {}
-        self._warned: dict[str, float] = {}
         #: Per job, the scalar names admitted (at most max_scalars_per_job), kept in its state.
         self._scalars = ScalarNames(settings.max_scalars_per_job)
         self.ready = threading.Event()  # set once the stream application is built and starting
@@ -181,7 +137,7 @@ class Worker:
             ),
             base,
             on_jobs=self._jobs_changed,
-            on_reject=self._count_reject,
+            on_reject=self.out.count_reject,
             on_refused=self.metrics.limits.labels("jobs_per_worker").inc,
             progress=self.progress,
         )
@@ -200,7 +156,7 @@ class Worker:
             [x.name for x in self.specs],
             redact(self._base_config),
         )
-        self._handle_signals()
+        self._signals.install()
         if s.guarantee == "exactly-once":
             self._take_over()
         backoff = 1.0
@@ -217,7 +173,14 @@ class Worker:
         backoff = 1.0
         while not self._stop.is_set():
             try:
-                app = self._build()
+                app = build_application(
+                    s,
+                    self._base_config,
+                    self.intake.config.steps_topic,
+                    process=self._process,
+                    cross=self._cross_processor if self._cross_specs else None,
+                    on_processing_error=self.out.processing_error,
+                )
             except Exception as exc:  # the broker went away
                 log.warning("building the stream application failed (%s); retrying in %.0fs", exc, backoff)
                 self._stop.wait(backoff)
@@ -233,7 +196,7 @@ class Worker:
                 # transaction, and Quix gives up. Start again from the last commit: state comes
                 # back from the store and changelog, offsets from the group, nothing is lost.
                 self._app = None
-                self._handle_signals()  # Quix's handlers stop only the application that failed
+                self._signals.install()  # Quix's handlers stop only the application that failed
                 if self._stop.is_set():
                     break
                 self.metrics.restarts.inc()
@@ -257,45 +220,6 @@ class Worker:
             self._intake_thread.join(10)
         log.info("worker stopped")
         self._stopped.set()
-
-    def _handle_signals(self) -> None:
-        """SIGTERM and SIGINT stop the worker, also between application runs (a restart's backoff).
-
-        Quix Streams installs handlers that stop the running application while `app.run()` runs;
-        they stay installed after it returns, so a signal during the backoff would be lost.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            return  # embedded in another program's thread: its owner calls stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
-        if self._signals is None:
-            # Quix Streams replaces these handlers while its application runs, and its own only
-            # stop that application: a signal then never reached this worker, which restarted the
-            # application when the broker was away. The wake-up fd sees every signal whoever
-            # handles it (Python writes the signal's number to it).
-            self._signals, wake = socket.socketpair()
-            wake.setblocking(False)
-            signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
-            self._wake = wake  # kept open for the process's life
-            threading.Thread(target=self._watch_signals, name="tensorpulse-signals", daemon=True).start()
-
-    def _watch_signals(self) -> None:
-        """On SIGTERM/SIGINT: stop, and exit after SHUTDOWN_S if the stop has not finished by then."""
-        assert self._signals is not None
-        wanted = {int(signal.SIGTERM), int(signal.SIGINT)}
-        while not wanted.intersection(self._signals.recv(64)):
-            pass
-        self._stop.set()
-        if self._stopped.wait(SHUTDOWN_S):
-            return
-        log.error(
-            "the worker did not stop within %.0f s of the signal (the broker is away, so the last "
-            "checkpoint cannot be committed); exiting without it: the next worker resumes from the "
-            "last committed one",
-            SHUTDOWN_S,
-        )
-        logging.shutdown()
-        os._exit(0)
 
     def _take_over(self) -> None:
         """Fence this worker's crashed former self, then note the alerts it already published."""
@@ -325,114 +249,9 @@ class Worker:
         self._targets = {}
         self.metrics.jobs.set(owned)
 
-    def _count_reject(self, reason: str) -> None:
-        self.metrics.decode_errors.labels(reason).inc()
-        self.metrics.deadletters.labels(reason).inc()
-        limit = LIMIT_OF_REASON.get(reason)
-        if limit is not None:
-            self.metrics.limits.labels(limit).inc()
-
     def _watch_lag(self) -> None:
         while not self._stop.wait(self.settings.lag_interval):
             self._lag.poll(self._jobs)
-
-    # ------------------------------------------------------------------ the pipeline
-    def _build(self) -> Application:
-        s = self.settings
-        consumer_extra = {
-            "session.timeout.ms": s.session_timeout_ms,
-            "heartbeat.interval.ms": min(1000, s.session_timeout_ms // 3),
-            "fetch.wait.max.ms": 10,
-            # Small fetches and a short prefetch queue per partition: the consumer hands out records
-            # in the order they were fetched, so a backlog of one big job must not queue thousands
-            # of records ahead of every other job's (a record over the size is still fetched whole).
-            "max.partition.fetch.bytes": 64 << 10,
-            "queued.min.messages": 200,
-            **{k: v for k, v in self._base_config.items() if k != "bootstrap.servers"},
-        }
-        producer_extra = {
-            "linger.ms": 5,
-            "compression.type": "lz4",
-            # A stable id: a restarted worker fences its crashed self and aborts the transaction it
-            # left open (Quix would pick a random id, leaving it to the broker's timeout).
-            **(
-                {"transactional.id": s.transactional_id(), "transaction.timeout.ms": s.transaction_timeout_ms}
-                if s.guarantee == "exactly-once"
-                else {}
-            ),
-            **{k: v for k, v in self._base_config.items() if k != "bootstrap.servers"},
-        }
-        app = Application(
-            broker_address=s.bootstrap,
-            consumer_group=s.group,
-            auto_offset_reset="earliest",  # the steps topic is the group's own: read all of it
-            processing_guarantee=s.guarantee,
-            commit_interval=s.commit_interval,
-            state_dir=str(Path(s.state_dir)),
-            consumer_extra_config=consumer_extra,
-            producer_extra_config=producer_extra,
-            loglevel=s.loglevel,
-            on_processing_error=self._on_processing_error,
-            consumer_poll_timeout=0.1,
-            rocksdb_options=ROCKSDB_OPTIONS,
-        )
-        self._controls = {}
-        cfg = TopicConfig(
-            num_partitions=1,
-            replication_factor=s.replication_factor,
-            extra_config=s.topic_config(),
-        )
-        steps_cfg = TopicConfig(
-            num_partitions=s.partitions,
-            replication_factor=s.replication_factor,
-            extra_config=s.topic_config(),
-        )
-        alerts = app.topic(ALERTS_TOPIC, value_serializer="bytes", key_serializer="bytes", config=cfg)
-        dead = app.topic(DEADLETTER_TOPIC, value_serializer="bytes", key_serializer="bytes", config=cfg)
-        steps = app.topic(
-            self.intake.config.steps_topic, value_deserializer="bytes", key_deserializer="bytes", config=steps_cfg
-        )
-        out = app.dataframe(steps).apply(self._process, stateful=True, metadata=True)
-        out.apply(lambda r: r[0], expand=True).to_topic(alerts)
-        out.apply(lambda r: r[1], expand=True).to_topic(dead)
-        out.apply(lambda r: r[2], expand=True).to_topic(self._control_of)
-        if self._cross_specs:
-            cross = app.topic(
-                self._crossrun_topic,
-                value_deserializer="bytes",
-                key_deserializer="bytes",
-                value_serializer=KeyedValue(),
-                key_serializer="bytes",
-                config=cfg,
-            )
-            forwards = out.apply(lambda r: r[3], expand=True)
-            forwards.set_headers(lambda m, *_: list(m.headers)).to_topic(cross, key=lambda m: m.key)
-            # Cross-run rules: both sides of every comparison arrive here keyed by the job they alert on.
-            cout = app.dataframe(cross).apply(self._cross_processor, stateful=True, metadata=True)
-            cout.apply(lambda r: r[0], expand=True).to_topic(alerts)
-            cout.apply(lambda r: r[1], expand=True).to_topic(dead)
-            cout.apply(lambda r: r[2], expand=True).to_topic(self._control_of)
-        return app
-
-    def _control_of(self, value: bytes, key: Any, timestamp: int, headers: Any) -> Topic:
-        """The control topic of the job an action is for (its JSON names the job)."""
-        job = validate_job(json.loads(value)["job"])
-        topic = self._controls.get(job)
-        if topic is None:
-            cfg = TopicConfig(
-                num_partitions=1,
-                replication_factor=self.settings.replication_factor,
-                extra_config=self.settings.topic_config(),
-            )
-            app = self._app
-            assert app is not None, "actions are published only while the application runs"
-            topic = self._controls[job] = app.topic(
-                control_topic(job, self.settings.topic_prefix),
-                value_serializer="bytes",
-                key_serializer="bytes",
-                config=cfg,
-            )
-        return topic
 
     def _evaluator(self, job: str) -> JobEvaluator:
         """The evaluator of a job's own topic: every rule that applies to it but the cross-run ones."""
@@ -497,7 +316,7 @@ class Worker:
         try:
             job = validate_job(key.decode() if isinstance(key, bytes) else str(key))
         except Exception:  # not written by an intake: nothing to evaluate, nothing to name
-            self._count_reject("wrong_key")
+            self.out.count_reject("wrong_key")
             return _NOTHING
         tick = meta.get(TICK_HEADER)
         if tick is not None:
@@ -530,7 +349,7 @@ class Worker:
                     f"0-{self.settings.max_ranks_per_job - 1} of a job (setting max_ranks_per_job)",
                 )
         except DecodeError as exc:
-            return [], [self._reject(exc, job, key, value, src)], [], []
+            return [], [self.out.reject(exc, job, key, value, src)], [], []
         record = self._admit_scalars(job, record, state)
         now = time.time()
         self.metrics.observe(record, now)
@@ -551,11 +370,11 @@ class Worker:
                     eval_state,
                     record,
                     now=now,
-                    on_rule_error=self._on_rule_error,
+                    on_rule_error=self.out.rule_error,
                     rank_states=lambda rule: store.rule_states(rule, eval_state),
                 )
                 store.save(eval_state, [record.rank])
-                self._too_large(job, store)
+                self.out.too_large(job, store)
                 if record.kind == "end" and store.all_ended() is not None:
                     # The cross-rank rules' alerts resolve now (the ranks' resolved above), the
                     # cross-run rules' in the crossrun stream.
@@ -565,8 +384,8 @@ class Worker:
             except Exception as exc:  # a bug here must not stop the pipeline: keep the record
                 log.exception("rule evaluation failed for job %s step %d", job, record.step)
                 err = DecodeError("processing_error", f"{type(exc).__name__}: {exc}")
-                return [], [self._reject(err, job, key, value, src)], [], []
-        alerts, actions = self._emit(transitions)
+                return [], [self.out.reject(err, job, key, value, src)], [], []
+        alerts, actions = self.out.emit(transitions)
         if job_over is not None:  # after the resolved events: their counters go with the job's other series
             self._forget(job)
             return alerts, [], actions, job_over
@@ -581,8 +400,7 @@ class Worker:
             return record
         self.metrics.limits.labels("scalars_per_job").inc(len(dropped))
         key = f"scalars:{job}"
-        if time.monotonic() - self._warned.get(key, 0.0) > 60:
-            self._warned[key] = time.monotonic()
+        if self.out.due(key, 60):
             log.error(
                 "job %s sends more than %d scalar names (setting max_scalars_per_job): scalars with "
                 "new names are dropped before evaluation and export, %d in this record (e.g. %r)",
@@ -599,7 +417,7 @@ class Worker:
         self.metrics.remove_job(job)
         self.metrics.finished.inc()
         self._scalars.forget(job)
-        self._warned.pop(f"scalars:{job}", None)
+        self.out.forget(f"scalars:{job}")
 
     def _tick(self, job: str, stamp: Any, state: State, idle: Any = None) -> Outputs:
         """Clock rules at the tick's time; a job silent for `job_idle_timeout_s` (`idle`: the
@@ -610,7 +428,7 @@ class Worker:
             if not math.isfinite(now):
                 raise ValueError(stamp)
         except (TypeError, ValueError, UnicodeDecodeError):
-            self._count_reject("bad_tick")
+            self.out.count_reject("bad_tick")
             return _NOTHING
         ev = self._evaluator(job)
         store = self._store(job, state)
@@ -631,42 +449,25 @@ class Worker:
             transitions = self._end_job(job, store, ranks, now, reason)
             store.end_all(ranks, now)
             log.info("job %s: %s; %d alert(s) resolved", job, reason, len(transitions))
-            alerts, actions = self._emit(transitions)
+            alerts, actions = self.out.emit(transitions)
             self._forget(job)
             return alerts, [], actions, self._job_over(job, 0, now, reason)
         if not ev.has_clock:
             return _NOTHING
         eval_state = store.load(ranks, groups=("clock",))
-        eval_state, transitions = ev.check_idle(eval_state, job, now, on_rule_error=self._on_rule_error)
+        eval_state, transitions = ev.check_idle(eval_state, job, now, on_rule_error=self.out.rule_error)
         store.save(eval_state, ranks, groups=("clock",))
-        alerts, actions = self._emit(transitions)
+        alerts, actions = self.out.emit(transitions)
         return alerts, [], actions, []
 
-    def _end_job(self, job: str, store: JobStore, ranks: list[int], now: float, reason: str) -> list[Transition]:
+    def _end_job(
+        self, job: str, store: JobStore, ranks: list[int], now: float, reason: str
+    ) -> list[Transition]:
         """Resolve what still fires for a job that is over: the job-level slots, and those of `ranks`."""
         eval_state = store.load(ranks)
         eval_state, transitions = self._evaluator(job).end_job(eval_state, job, now, reason=reason)
         store.save(eval_state, ranks)
         return transitions
-
-    def _too_large(self, job: str, store: JobStore) -> None:
-        """Count (and say once per rule) the state entries that were over the limit and reset."""
-        for exc in store.rejected:
-            for rule in exc.rules:
-                self.metrics.state_too_large.labels(rule).inc()
-                key = f"too_large:{rule}"
-                if time.monotonic() - self._warned.get(key, 0.0) > 60:
-                    self._warned[key] = time.monotonic()
-                    log.error(
-                        "job %s: the state of rule %s (%s) is %d bytes, over the limit of %d; the rule "
-                        "starts over at every record of this job (fewer ranks or tensors per record, or "
-                        "a narrower collection/tensor selection for this rule, keep it under the limit)",
-                        job,
-                        rule,
-                        exc.key,
-                        exc.size,
-                        store.max_entry_bytes,
-                    )
 
     def _cross_processor(
         self, value: bytes, key: Any, timestamp: int, headers: Any, state: State
@@ -688,7 +489,7 @@ class Worker:
                 raise DecodeError("wrong_key", f"crossrun key {key!r} is not a job id") from exc
             record = wire.decode(value)
         except DecodeError as exc:
-            return [], [self._reject(exc, target, key, value, src)], []
+            return [], [self.out.reject(exc, target, key, value, src)], []
         ev = self._cross_evaluator(target)
         now = time.time()
         over = job_over_reason(headers) if record.job == target else None
@@ -701,82 +502,20 @@ class Worker:
                 if state.get(_OVER_KEY):
                     state.delete(_OVER_KEY)  # the job publishes again: compare it with the others again
                 eval_state, transitions = ev.process(
-                    eval_state, record, now=now, on_rule_error=self._on_rule_error
+                    eval_state, record, now=now, on_rule_error=self.out.rule_error
                 )
             elif state.get(_OVER_KEY):
                 return [], [], []  # the job is over: nothing more is said about it
             else:
                 eval_state, transitions = ev.process_other(
-                    eval_state, target, record, now=now, on_rule_error=self._on_rule_error
+                    eval_state, target, record, now=now, on_rule_error=self.out.rule_error
                 )
         except Exception as exc:
             log.exception("cross-run evaluation failed for job %s (record of %s)", target, record.job)
             err = DecodeError("processing_error", f"{type(exc).__name__}: {exc}")
-            return [], [self._reject(err, target, key, value, src)], []
+            return [], [self.out.reject(err, target, key, value, src)], []
         state.set(_EVAL_KEY, eval_state)
-        alerts, actions = self._emit(transitions)
+        alerts, actions = self.out.emit(transitions)
         if over is not None:  # after the resolved events, as for the job's own alerts
             self.metrics.remove_job(target)
         return alerts, [], actions
-
-    def _emit(self, transitions: list[Transition]) -> tuple[list[bytes], list[bytes]]:
-        """Encode alert events and actions, and count and log them (every path that alerts uses this)."""
-        alerts, actions = [], []
-        for tr in transitions:
-            ev = tr.event
-            if ev.id in self._published:  # already published by a crashed predecessor (see published.py)
-                self._published.suppressed += 1
-                self.metrics.redeliveries.inc()
-                continue
-            alerts.append(ev.to_json())
-            self.metrics.alert(ev.job, ev.rule, ev.severity, ev.status, ev.rank)
-            log.warning("alert %s", ev.format())
-            if tr.action in ("stop", "checkpoint"):
-                actions.append(
-                    encode_action(
-                        tr.action, ev.job, rule=ev.rule, alert_id=ev.id, step=ev.step, reason=ev.message
-                    )
-                )
-                self.metrics.actions.labels(ev.job, tr.action).inc()
-            if self._on_alert is not None:
-                self._on_alert(ev)
-        return alerts, actions
-
-    def _reject(self, exc: DecodeError, job: str, key: Any, value: Any, src: Source) -> bytes:
-        self._count_reject(exc.reason)
-        where = f"job {job!r} topic {src.topic} partition {src.partition} offset {src.offset}"
-        last = self._warned.get(exc.reason, 0.0)
-        if time.monotonic() - last > 10:  # one line per reason per 10 s, the counter has the rest
-            self._warned[exc.reason] = time.monotonic()
-            log.warning(
-                "rejected record (%s) at %s: %s; sent to %s", exc.reason, where, exc.detail, DEADLETTER_TOPIC
-            )
-        payload = value if isinstance(value, (bytes, bytearray)) else repr(value).encode()
-        return envelope(
-            reason=exc.reason,
-            error=exc.detail,
-            topic=src.topic,
-            partition=src.partition,
-            offset=src.offset,
-            job=job,
-            key=key,
-            payload=bytes(payload),
-        )
-
-    def _on_rule_error(self, rule: str, record: wire.StepRecord | None, exc: Exception) -> None:
-        self.metrics.rule_errors.labels(rule).inc()
-        key = f"rule:{rule}"
-        if time.monotonic() - self._warned.get(key, 0.0) > 10:
-            self._warned[key] = time.monotonic()
-            where = (
-                "a clock tick"
-                if record is None
-                else f"job {record.job} rank {record.rank} step {record.step}"
-            )
-            log.error("rule %s failed on %s and was reset: %s: %s", rule, where, type(exc).__name__, exc)
-
-    def _on_processing_error(self, exc: Exception, row: Any, logger: logging.Logger) -> bool:
-        """Last-resort boundary: a bug in a rule must not stop every other job. Count and go on."""
-        self.metrics.decode_errors.labels("processing_error").inc()
-        log.exception("processing failed for a record (%s); skipped", type(exc).__name__)
-        return True
