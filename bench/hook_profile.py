@@ -13,11 +13,12 @@
   a helper thread costs. Then a thread handed one job per step and waited for at the next: woken
   for each (a ThreadPoolExecutor), with (d) a job that does nothing (one wake-up, one take of the
   GIL) or (e) one that calls the numba kernel on 64 floats (the call gives the GIL back and takes
-  it again); and the hook's PollingWorker, which looks for (e)'s jobs on its own clock: (f) with
-  `time.sleep` between looks (each look takes the GIL), (g) without the GIL (numba, its default).
-  Then 0.1 ms of busy Python per step, (h) as the polling thread's job or (i) on the training
-  thread itself: what Python costs training when it runs on the other core. Last, (j) (e)'s job
-  handed to a thread that stays inside a numba loop and never takes the GIL.
+  it again); and the hook's PollingWorker, which looks for (e)'s jobs on its own clock, (f) with
+  `time.sleep` between looks (each look takes the GIL). Then 0.1 ms of busy Python per step, (h)
+  as the polling thread's job or (i) on the training thread itself: what Python costs training
+  when it runs on the other core. Last, (j) (e)'s job handed to a thread that stays inside a
+  numba loop and never takes the GIL (a diagnostic: the hook's worker used to wait that way,
+  producers/native_wait.py, until issue 21 found it earned less than 0.02 of a step).
 - floor: the same ratio for the least a hook that reads every weight and gradient once per step
   (or every --interval steps) can cost: one numba kernel call over them, on the training thread or on a background thread;
   and on a background thread over a copy of the same bytes that training never touches (what
@@ -30,9 +31,8 @@
   module and optimizer hooks).
 - hook: the mean step-time ratio of TorchHook(save_interval=1, or --interval) against an
   interleaved no-hook copy, reduced on the training thread or offloaded, with the numba kernels
-  or torch ops; and three diagnostics, not modes of the hook: offloaded to a ThreadPoolExecutor
-  instead of its polling worker, to a worker that polls with `time.sleep` (the worker without
-  numba), and with the numba kernel replaced by a stub that reads no tensor and writes plausible
+  or torch ops; and two diagnostics, not modes of the hook: offloaded to a ThreadPoolExecutor
+  instead of its polling worker, and with the numba kernel replaced by a stub that reads no tensor and writes plausible
   sums (what the hook costs besides reading and reducing the tensors). Then the training
   thread's time per step in each of the hook's entry points (offloaded, numba).
 - phases (only when named): the training thread's CPU time per step above an interleaved no-hook
@@ -197,18 +197,17 @@ def contention(steps: int, reps: int) -> None:
     if stats_numba.available():
         tiny = np.ones(64, dtype=np.float32)
         kernel = ("a job that calls the kernel on 64 floats", lambda: stats_numba.moments([tiny]))
-        jobs += [(*kernel, "woken"), (*kernel, "sleep"), (*kernel, "native")]
+        jobs += [(*kernel, "woken"), (*kernel, "sleep")]
     python = ("a job of 0.1 ms of Python (no GIL release)", lambda: _python_for(1e-4))
-    jobs += [(*python, "native" if stats_numba.available() else "sleep"), (*python, "inline")]
+    jobs += [(*python, "sleep"), (*python, "inline")]
     hows = {
         "woken": "one thread woken per step",
-        "sleep": "polling with time.sleep",
-        "native": "polling without the GIL (the hook's)",
+        "sleep": "polling with time.sleep (the hook's)",
         "inline": "no thread: on the training thread",
     }
     for name, body, how in jobs:
         tooled = _Trainer()
-        hook = _PerStepJob(body, polling=how != "woken", native=how == "native", inline=how == "inline")
+        hook = _PerStepJob(body, polling=how != "woken", inline=how == "inline")
         tooled.run(20, hook)
         ratio = _interleaved(lambda: trainer.run(steps), lambda t=tooled, h=hook: t.run(steps, h), reps)
         print(f"  {hows[how]:36s} {name:41s} {ratio:5.3f}x")
@@ -226,14 +225,12 @@ class _PerStepJob:
     """Hands `body` to one background thread at every step and waits for it at the next, as the
     offloaded hook hands over its jobs: a ThreadPoolExecutor, or the hook's PollingWorker."""
 
-    def __init__(
-        self, body: Callable[[], Any], polling: bool = False, native: bool = True, inline: bool = False
-    ) -> None:
+    def __init__(self, body: Callable[[], Any], polling: bool = False, inline: bool = False) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from tensorpulse.producers.worker import PollingWorker
 
-        self.pool: Any = None if inline else PollingWorker(native=native) if polling else ThreadPoolExecutor(1)
+        self.pool: Any = None if inline else PollingWorker() if polling else ThreadPoolExecutor(1)
         self.body = body
         self.future: Any = None
 
@@ -250,6 +247,45 @@ class _PerStepJob:
             self.pool.shutdown(wait=True)
 
 
+def _gil_free_primitives() -> tuple[Any, Any, Any]:
+    """(load_acquire(addr) -> int64, store_release(addr, value), usleep(us)) for numba nopython
+    code that waits on counters in memory shared with Python (the GIL-free threads below)."""
+    import ctypes
+    import ctypes.util
+
+    import llvmlite.ir as lir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def load_acquire(typingctx, addr):
+        """An int64 load with acquire ordering: the compiler may not hoist it out of a loop."""
+        sig = types.int64(types.intp)
+
+        def codegen(context, builder, signature, args):
+            ptr = builder.inttoptr(args[0], lir.IntType(64).as_pointer())
+            return builder.load_atomic(ptr, "acquire", 8)
+
+        return sig, codegen
+
+    @intrinsic
+    def store_release(typingctx, addr, value):
+        """An int64 store with release ordering: what was written before it is seen first."""
+        sig = types.void(types.intp, types.int64)
+
+        def codegen(context, builder, signature, args):
+            ptr = builder.inttoptr(args[0], lir.IntType(64).as_pointer())
+            builder.store_atomic(args[1], ptr, "release", 8)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    usleep = ctypes.CDLL(ctypes.util.find_library("c")).usleep
+    usleep.argtypes = [ctypes.c_uint]
+    usleep.restype = ctypes.c_int
+    return load_acquire, store_release, usleep
+
+
 class _GilFreeKernelJob:
     """The kernel job of `contention`, handed to a thread that stays inside one numba loop and
     never takes the GIL: `step` bumps a counter, the loop runs the kernel and bumps another. What
@@ -259,9 +295,9 @@ class _GilFreeKernelJob:
         """`args`: the kernel's arguments (`stats_numba.args` / `args_at`), read at every job."""
         from numba import njit
 
-        from tensorpulse.producers import native_wait, stats_numba
+        from tensorpulse.producers import stats_numba
 
-        load_acquire, store_release, usleep = native_wait.primitives()
+        load_acquire, store_release, usleep = _gil_free_primitives()
         kernel = stats_numba._get()
 
         @njit(nogil=True)
@@ -505,7 +541,7 @@ def hook_variants(steps: int, reps: int, interval: int = 1) -> None:
     torch.set_num_threads(1)
     variants = [(False, "0"), (True, "0")]
     if stats_numba.available():
-        variants += [(False, "1"), (True, "1"), (True, "pool"), (True, "sleep"), (True, "stub")]
+        variants += [(False, "1"), (True, "1"), (True, "pool"), (True, "stub")]
     base = _Trainer()
     print(f"\nhook: TorchHook(save_interval={interval}) / no hook, mean step time ({reps} reps of {steps} steps)")
     for offload, numba in variants:
@@ -525,10 +561,6 @@ def hook_variants(steps: int, reps: int, interval: int = 1) -> None:
             from concurrent.futures import ThreadPoolExecutor
 
             hook._pool = ThreadPoolExecutor(1)  # type: ignore[assignment]
-        elif numba == "sleep":
-            from tensorpulse.producers.worker import PollingWorker
-
-            hook._pool = PollingWorker(native=False)
         base.run(20)
         tooled.run(20, hook)
         totals.clear()
@@ -541,7 +573,6 @@ def hook_variants(steps: int, reps: int, interval: int = 1) -> None:
             "0": "torch ops",
             "1": "numba",
             "pool": "numba, on a ThreadPoolExecutor",
-            "sleep": "numba, worker polling with time.sleep",
             "stub": "numba kernel stubbed (reads no tensor)",
         }[numba]
         print(f"  {where:11s} {name:38s} {ratio:5.3f}x")

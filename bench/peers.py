@@ -60,13 +60,17 @@ class TensorPulse(Tool):
 
     name = "tensorpulse"
 
-    def __init__(self, *args: Any, bootstrap: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, bootstrap: str | None = None, plain: str | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         try:
             import tensorpulse
             from tensorpulse.producers.torch import TorchHook
         except ImportError as exc:
             raise NotInstalled(f"tensorpulse is not importable: {exc}") from exc
+        if plain is not None:
+            _plain_path(plain)
         self._version = getattr(tensorpulse, "__version__", "?")
         self.bootstrap = bootstrap
         self._bytes = 0
@@ -99,6 +103,26 @@ class TensorPulse(Tool):
 
     def versions(self) -> dict[str, str]:
         return {"tensorpulse": self._version}
+
+
+def _plain_path(which: str) -> None:
+    """Swap one of the hook's speed paths for the plain way, in this (child) process only, so that
+    a row beside "tensorpulse" shows what the speed path earns (bench/README.md, "Speed paths"):
+
+    - "numba": torch ops instead of the numba kernels (TENSORPULSE_NUMBA=0, the users' switch);
+    - "pool": a ThreadPoolExecutor, woken by a system call for each job, instead of the polling
+      worker of producers/worker.py.
+    """
+    import concurrent.futures
+
+    from tensorpulse.producers import offload
+
+    if which == "numba":
+        os.environ["TENSORPULSE_NUMBA"] = "0"
+    elif which == "pool":
+        offload.PollingWorker = lambda name: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)  # type: ignore[misc]
+    else:
+        raise ValueError(f"unknown plain path {which!r}")
 
 
 def topic_bytes(bootstrap: str, topic: str, idle_s: float = 2.0) -> int:
@@ -240,6 +264,9 @@ class Smdebug(Tool):
 TOOLS: dict[str, tuple[type[Tool], dict[str, Any]]] = {
     "no-hook": (Tool, {}),
     "tensorpulse": (TensorPulse, {}),
+    # the hook with one speed path swapped for the plain way (`_plain_path`)
+    "tensorpulse-no-numba": (TensorPulse, {"plain": "numba"}),
+    "tensorpulse-pool": (TensorPulse, {"plain": "pool"}),
     "tensorboard": (TensorBoard, {}),
     "wandb": (Wandb, {}),
     "smdebug-reductions": (Smdebug, {"reductions": True}),

@@ -27,7 +27,7 @@ without one, call `step()` after such changes, or pass offload=False. Without an
 reduced on the training thread. A write to the weights outside the optimizer (loading a
 checkpoint, a hand-made fault), above all after a step the GradScaler skipped, should come after
 `hook.publish()`, which waits for the reading. The background thread is not woken for each job: it looks for
-jobs on its own clock, without the GIL when numba is installed (`worker.PollingWorker`).
+jobs on its own clock (`worker.PollingWorker`).
 
 With numba installed (`pip install tensorpulse[fast]`), the float32 CPU tensors of a job (the
 weights; or the gradients and activations) are reduced by one kernel call, one fused pass each,

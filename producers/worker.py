@@ -7,15 +7,14 @@ thread is still running Python, so the training thread waits for it at its next 
 a job that calls the numba kernel costs training 1.049, this thread handed the same job 1.023;
 TorchHook offloaded to a ThreadPoolExecutor 1.195, to this thread 1.156.
 
-Here `submit` only appends to a deque and bumps a counter (no system call). The thread looks
-for the next job on its own clock. With numba it waits inside one call that holds no GIL
-(`native_wait`), looking at the counter every NATIVE_POLL_US for IDLE_S after its last job, then
-every NATIVE_SLOW_POLL_US up to NATIVE_PARK_S: the looks hold no GIL, so the thread can keep
-looking across the steps between two saves (a save every 10 steps of a small model) instead of
-being woken for each. Without numba it looks with `time.sleep(POLL_S)`
-for IDLE_S, each look taking the GIL for a microsecond or two. After that it parks on an Event
-and the next `submit` wakes it the ordinary way: jobs that far apart are handed over as a pool
-would, with no cost between them.
+Here `submit` only appends to a deque (no system call). The thread looks for the next job on
+its own clock, with `time.sleep(POLL_S)` for IDLE_S after its last job, each look taking the GIL
+for a microsecond or two. After that it parks on an Event and the next `submit` wakes it the
+ordinary way: jobs that far apart are handed over as a pool would, with no cost between them.
+
+A GIL-free wait inside a numba call (ctypes `usleep` on a counter in shared memory) used to
+replace the sleeping looks; it never earned 0.02 of a step beside them in one run (bench/README.md,
+"Speed paths"), so it went (issue 21).
 """
 
 from __future__ import annotations
@@ -26,19 +25,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from . import native_wait
-
-#: Seconds between looks at the queue, while jobs keep coming (without numba).
+#: Seconds between looks at the queue, while jobs keep coming.
 POLL_S = 0.0005
-#: Microseconds between looks at the job counter in the GIL-free wait (with numba), for IDLE_S
-#: after the last job; then NATIVE_SLOW_POLL_US apart, up to NATIVE_PARK_S after it.
-NATIVE_POLL_US = 100
-NATIVE_SLOW_POLL_US = 1000
-NATIVE_PARK_S = 0.5
-#: Seconds without a job after which the thread parks until the next `submit` (without numba),
-#: or looks for jobs less often (with it).
+#: Seconds without a job after which the thread parks until the next `submit`.
 IDLE_S = 0.007
 
 
@@ -97,9 +86,8 @@ class Outcome:
 class PollingWorker:
     """One daemon thread that runs submitted callables in order; `submit` returns an Outcome.
 
-    `submit` and `shutdown` are for one thread (the training thread) at a time. `native`: wait
-    for jobs without the GIL when numba is installed (False: always `time.sleep`); it then parks
-    after `park_s` without a job (without numba, after `idle_s`).
+    `submit` and `shutdown` are for one thread (the training thread) at a time. The thread looks
+    for jobs every `poll_s` and parks after `idle_s` without one.
     """
 
     def __init__(
@@ -107,19 +95,10 @@ class PollingWorker:
         name: str = "tensorpulse-stats",
         poll_s: float = POLL_S,
         idle_s: float = IDLE_S,
-        *,
-        native: bool = True,
-        park_s: float = NATIVE_PARK_S,
     ) -> None:
         self._jobs: collections.deque[tuple[Outcome, Callable[..., Any], tuple]] = collections.deque()
         self._looks = max(1, round(idle_s / poll_s))  # empty looks before parking
-        self._native_looks = max(1, round(idle_s * 1e6 / NATIVE_POLL_US))
-        self._slow_looks = max(0, round((park_s - idle_s) * 1e6 / NATIVE_SLOW_POLL_US))
         self._poll_s = poll_s
-        self._native = native
-        # Bumped by every submit (and shutdown): what the GIL-free wait looks at.
-        self._counter = np.zeros(1, np.int64)
-        self.polls_natively = False  # set by the thread once it knows
         self._wake = threading.Event()
         self._parked = False
         self._stop = False
@@ -131,7 +110,6 @@ class PollingWorker:
             raise RuntimeError("cannot submit to a worker that was shut down")
         future = Outcome()
         self._jobs.append((future, fn, args))
-        self._bump()
         if self._parked:  # read after the append: a thread parking meanwhile sees the job
             self._wake.set()
         return future
@@ -139,35 +117,21 @@ class PollingWorker:
     def shutdown(self, wait: bool = True) -> None:
         """Run the jobs already submitted, then stop the thread (joined when `wait`)."""
         self._stop = True
-        self._bump()
         self._wake.set()
         if wait:
             self._thread.join()
 
-    def _bump(self) -> None:
-        self._counter[0] += 1  # written by the submitting thread only
-
     def _run(self) -> None:
         jobs, sleep, poll = self._jobs, time.sleep, self._poll_s
-        wait = native_wait.waiter() if self._native else None
-        self.polls_natively = wait is not None
-        counter, looks, slow, seen = self._counter.ctypes.data, self._native_looks, self._slow_looks, 0
         empty = 0
         while True:
             if not jobs:
                 if self._stop:
                     return
-                if wait is not None:
-                    # Without the GIL until a submit bumps the counter, or park_s passed.
-                    now = wait(counter, seen, looks, NATIVE_POLL_US, slow, NATIVE_SLOW_POLL_US)
-                    if now != seen:
-                        seen = now
-                        continue
-                else:
-                    empty += 1
-                    if empty <= self._looks:
-                        sleep(poll)  # the hot loop: as little Python as possible per look
-                        continue
+                empty += 1
+                if empty <= self._looks:
+                    sleep(poll)  # the hot loop: as little Python as possible per look
+                    continue
                 self._parked = True
                 if not jobs and not self._stop:  # checked after parking: no job is missed
                     self._wake.wait()

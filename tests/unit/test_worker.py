@@ -10,25 +10,14 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 from waits import stack_of, wait_for
 
-from tensorpulse.producers import native_wait
 from tensorpulse.producers.worker import Outcome, PollingWorker
 
-HAS_NUMBA = native_wait.waiter() is not None
 
-
-@pytest.fixture(params=[True, False], ids=["native-wait", "sleep-polling"])
-def native(request: pytest.FixtureRequest) -> bool:
-    if request.param and not HAS_NUMBA:
-        pytest.skip("numba is not installed")
-    return request.param
-
-
-def test_jobs_run_in_order_on_one_thread_and_return_through_futures(native: bool) -> None:
-    w = PollingWorker("tp-test", native=native)
+def test_jobs_run_in_order_on_one_thread_and_return_through_futures() -> None:
+    w = PollingWorker("tp-test")
     seen: list[tuple[int, str]] = []
     futures = [w.submit(lambda i=i: seen.append((i, threading.current_thread().name)) or i * i) for i in range(50)]
     assert [f.result(timeout=5) for f in futures] == [i * i for i in range(50)]
@@ -37,8 +26,8 @@ def test_jobs_run_in_order_on_one_thread_and_return_through_futures(native: bool
     w.shutdown()
 
 
-def test_an_exception_reaches_the_caller_and_later_jobs_still_run(native: bool) -> None:
-    w = PollingWorker(native=native)
+def test_an_exception_reaches_the_caller_and_later_jobs_still_run() -> None:
+    w = PollingWorker()
 
     def boom() -> None:
         raise ValueError("boom in a job")
@@ -51,8 +40,8 @@ def test_an_exception_reaches_the_caller_and_later_jobs_still_run(native: bool) 
     w.shutdown()
 
 
-def test_an_idle_worker_parks_and_the_next_submit_wakes_it(native: bool) -> None:
-    w = PollingWorker(poll_s=0.001, idle_s=0.005, native=native, park_s=0.02)
+def test_an_idle_worker_parks_and_the_next_submit_wakes_it() -> None:
+    w = PollingWorker(poll_s=0.001, idle_s=0.005)
     assert w.submit(lambda: 1).result(timeout=5) == 1
     wait_for(lambda: w._parked, 5, "the worker to park with nothing to do")
     # A parked thread waits on its Event with no timeout: only the submit can wake it.
@@ -60,22 +49,8 @@ def test_an_idle_worker_parks_and_the_next_submit_wakes_it(native: bool) -> None
     w.shutdown()
 
 
-def test_a_native_worker_keeps_looking_without_wake_ups_between_jobs_far_apart() -> None:
-    if not HAS_NUMBA:
-        pytest.skip("numba is not installed")
-    w = PollingWorker(idle_s=0.002, park_s=5.0, native=True)  # slow looks from 2 ms to 5 s
-    sets: list[int] = []
-    original = w._wake.set
-    w._wake.set = lambda: (sets.append(1), original())[1]  # type: ignore[method-assign]
-    for i in range(5):
-        assert w.submit(lambda i=i: i).result(timeout=5) == i
-        time.sleep(0.03)  # sleep-ok: the gap between jobs under test (a save every 10 steps of a 3 ms step)
-    assert sets == [] and not w._parked
-    w.shutdown()
-
-
-def test_a_polling_worker_needs_no_wake_up_while_jobs_keep_coming(native: bool) -> None:
-    w = PollingWorker(poll_s=0.0005, idle_s=0.5, native=native)
+def test_a_polling_worker_needs_no_wake_up_while_jobs_keep_coming() -> None:
+    w = PollingWorker(poll_s=0.0005, idle_s=0.5)
     sets: list[int] = []
     original = w._wake.set
     w._wake.set = lambda: (sets.append(1), original())[1]  # type: ignore[method-assign]
@@ -86,8 +61,8 @@ def test_a_polling_worker_needs_no_wake_up_while_jobs_keep_coming(native: bool) 
     w.shutdown()
 
 
-def test_shutdown_runs_the_jobs_already_submitted_then_refuses_more(native: bool) -> None:
-    w = PollingWorker(poll_s=0.01, native=native)
+def test_shutdown_runs_the_jobs_already_submitted_then_refuses_more() -> None:
+    w = PollingWorker(poll_s=0.01)
     done: list[int] = []
     slow = time.sleep  # sleep-ok: jobs that take a while are the case under test, not a wait
     futures = [w.submit(lambda i=i: (slow(0.002), done.append(i))) for i in range(5)]
@@ -95,44 +70,6 @@ def test_shutdown_runs_the_jobs_already_submitted_then_refuses_more(native: bool
     assert done == list(range(5)) and all(f.done() for f in futures)
     with pytest.raises(RuntimeError, match="shut down"):
         w.submit(lambda: None)
-
-
-def test_the_worker_says_how_it_polls(native: bool) -> None:
-    w = PollingWorker(native=native)
-    w.submit(lambda: None).result(timeout=5)
-    assert w.polls_natively is native
-    w.shutdown()
-
-
-def test_a_shutdown_ends_a_native_wait_long_before_its_idle_time() -> None:
-    if not HAS_NUMBA:
-        pytest.skip("numba is not installed")
-    w = PollingWorker(idle_s=30.0, park_s=30.0, native=True)  # would wait 30 s without the bump
-    w.submit(lambda: None).result(timeout=5)
-    stopped = threading.Event()
-    threading.Thread(target=lambda: (w.shutdown(wait=True), stopped.set()), daemon=True).start()
-    assert stopped.wait(10), "shutdown still waits: the bump did not end the native wait"
-
-
-def test_the_native_wait_returns_the_moved_counter_or_the_same_one_after_its_looks() -> None:
-    wait = native_wait.waiter()
-    if wait is None:
-        pytest.skip("numba is not installed")
-    counter = np.zeros(1, np.int64)
-    addr = counter.ctypes.data
-    assert wait(addr, 0, 3, 10, 2, 20) == 0  # nothing moved: back after five looks
-    counter[0] = 7
-    assert wait(addr, 0, 1_000_000, 10, 0, 0) == 7  # moved before the call: back at once
-    for looks, slow_looks in ((1_000_000, 0), (1, 100_000)):  # moved during the fast, the slow looks
-        seen = int(counter[0])
-        # The move 50 ms into the wait is the case under test (during the fast or the slow looks).
-        threading.Timer(0.05, lambda v=seen + 1: counter.__setitem__(0, v)).start()
-        got: list[int] = []
-        args = (addr, seen, looks, 100, slow_looks, 1000)
-        waiter = threading.Thread(target=lambda a=args, out=got: out.append(wait(*a)), daemon=True)
-        waiter.start()
-        waiter.join(50)  # the looks alone would take 100 s: back before that only if it saw the move
-        assert not waiter.is_alive() and got == [seen + 1]
 
 
 def test_an_outcome_waits_with_a_timeout_and_wakes_every_waiter() -> None:
