@@ -138,7 +138,13 @@ class Offloading:
         before the optimizer updates them, and for a step's gradients before a gradient is
         accumulated into one in place (guards registered only when needed: `_guard_gradients`)
         or gradients are zeroed in place (zero_grad(set_to_none=False)). With set_to_none (the
-        default) a new step's gradients are new tensors, so the previous ones stay readable."""
+        default) a new step's gradients are new tensors, so the previous ones stay readable.
+
+        The zero_grad methods of the optimizer and the model are wrapped while offloading (undone
+        by `detach`): the one place where the hook still replaces a method of the user's objects.
+        torch has no public hook before zero_grad, and neither the optimizer's step hooks nor the
+        forward pre-hook come between zero_grad(set_to_none=False) and the job reading the
+        gradients it zeroes."""
         if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
             self._arm_with.append(lambda: optimizer.register_step_pre_hook(self._on_optimizer_pre_step))
             self._arm_with.append(lambda: optimizer.register_step_post_hook(self._on_optimizer_step))
