@@ -24,7 +24,10 @@ record of B, and A and B may be owned by different workers of the group. The des
   `job_idle_timeout_s`), the worker that saw it forwards a job-over notice keyed by A: an end record of
   A with the header `JOB_OVER_HEADER` (the reason). In A's key context it resolves every cross-run
   alert still firing for A (`JobEvaluator.end_job`), removes A's series there, and marks the context
-  over: records of other jobs no longer fire alerts about A until A publishes again.
+  over (with the reason). B's records reach this stream through other partitions than A's, so one of
+  B for a step A published can come after A's notice: it is compared as ever, and an alert it
+  raises resolves at once with A's end (`late_comparison`), once per rule and rank, so that none is
+  left firing for a job that is over and a divergence seen late is said once, not at every step.
 
 The topic name carries the consumer group, so that two groups on one cluster do not evaluate each
 other's forwarded records. It has one partition (comparisons are few; more partitions would
@@ -43,6 +46,8 @@ from quixstreams.models.serializers import SerializationContext, Serializer
 from tensorpulse import wire
 from tensorpulse.rules.config import RuleSpec
 from tensorpulse.topics import group_topic
+
+from .evaluator import JobEvaluator, JobState, Transition
 
 
 def crossrun_topic(group: str) -> str:
@@ -78,6 +83,35 @@ def job_over_reason(headers: Any) -> str | None:
         if name == JOB_OVER_HEADER:
             return bytes(value).decode("utf-8", "replace")
     return None
+
+
+def ended_state(reason: str) -> dict[str, Any]:
+    """What the crossrun stream keeps for a job that is over: the reason, and the (rule, rank)
+    slots whose late comparison was already said."""
+    return {"why": reason, "said": []}
+
+
+def late_comparison(
+    ev: JobEvaluator,
+    state: JobState,
+    job: str,
+    transitions: list[Transition],
+    ended: Any,
+    now: float,
+) -> tuple[JobState, list[Transition], dict[str, Any]]:
+    """`transitions` of a comparison that came after `job`'s end: what fired resolves at once with the
+    job's end reason, and each (rule, rank) says so once; returns the state, the transitions to
+    publish, and the updated `ended_state`."""
+    ended = ended if isinstance(ended, dict) else ended_state(str(ended))
+    said = set(ended.get("said") or ())
+    state, resolved = ev.end_job(state, job, now, reason=str(ended.get("why")))
+    out = []
+    for tr in [*transitions, *resolved]:
+        slot = f"{tr.event.rule}|{tr.event.rank}"
+        if slot not in said:
+            out.append(tr)
+    said |= {f"{tr.event.rule}|{tr.event.rank}" for tr in transitions if tr.event.status == "firing"}
+    return state, out, {"why": ended.get("why"), "said": sorted(said)}
 
 
 def _selected(spec: RuleSpec, name: str, collection: str | None) -> bool:

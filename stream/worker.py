@@ -40,7 +40,7 @@ from tensorpulse.sinks.prometheus import WorkerMetrics
 from tensorpulse.topics import ALERTS_TOPIC, reductions_topic, validate_job
 
 from .clock import clock_interval, clock_thresholds, housekeeping_interval, tick_horizon
-from .crossrun import Forward, forward_payload, job_over_notice, job_over_reason
+from .crossrun import Forward, ended_state, forward_payload, job_over_notice, job_over_reason, late_comparison
 from .evaluator import JobEvaluator, Transition, is_cross_run
 from .flow import Progress
 from .intake import IDLE_HEADER, KEY_HEADER, SOURCE_HEADER, TICK_HEADER, Intake, IntakeConfig, source_group
@@ -59,7 +59,7 @@ __all__ = ["LIMIT_OF_REASON", "ROCKSDB_OPTIONS", "SHUTDOWN_S", "Source", "Worker
 log = logging.getLogger("tensorpulse.stream")
 
 _EVAL_KEY = "eval"  # the cross-run stream's one state entry per job
-_OVER_KEY = "over"  # set in the cross-run stream once the job is over (stream/crossrun.py)
+_OVER_KEY = "over"  # in the cross-run stream once the job is over: crossrun.ended_state
 
 #: What the processor returns: (alerts, dead letters, actions, crossrun messages) to publish.
 Outputs = tuple[list[bytes], list[bytes], list[bytes], list[Forward]]
@@ -497,15 +497,13 @@ class Worker:
             eval_state = state.get(_EVAL_KEY)
             if over is not None:
                 eval_state, transitions = ev.end_job(eval_state, target, now, reason=over)
-                state.set(_OVER_KEY, True)
+                state.set(_OVER_KEY, ended_state(over))
             elif record.job == target:
                 if state.get(_OVER_KEY):
                     state.delete(_OVER_KEY)  # the job publishes again: compare it with the others again
                 eval_state, transitions = ev.process(
                     eval_state, record, now=now, on_rule_error=self.out.rule_error
                 )
-            elif state.get(_OVER_KEY):
-                return [], [], []  # the job is over: nothing more is said about it
             else:
                 eval_state, transitions = ev.process_other(
                     eval_state, target, record, now=now, on_rule_error=self.out.rule_error
@@ -514,6 +512,10 @@ class Worker:
             log.exception("cross-run evaluation failed for job %s (record of %s)", target, record.job)
             err = DecodeError("processing_error", f"{type(exc).__name__}: {exc}")
             return [], [self.out.reject(err, target, key, value, src)], []
+        ended = state.get(_OVER_KEY) if record.job != target else None
+        if ended and transitions:  # another job's record for a step the job published, after its end
+            eval_state, transitions, ended = late_comparison(ev, eval_state, target, transitions, ended, now)
+            state.set(_OVER_KEY, ended)
         state.set(_EVAL_KEY, eval_state)
         alerts, actions = self.out.emit(transitions)
         if over is not None:  # after the resolved events, as for the job's own alerts

@@ -87,16 +87,22 @@ def test_the_job_over_notice_resolves_the_firing_cross_run_alerts_and_removes_th
     assert worker.cross_one(notice.value, notice.key, list(notice.headers), state, SRC)[0] == []
 
 
-def test_an_ended_job_gets_no_alert_from_the_others_until_it_publishes_again(worker: Worker) -> None:
-    """After A is over, B's diverging records say nothing about A; A's next record makes it compared again."""
+def test_a_comparison_that_comes_after_the_end_fires_and_resolves_at_once(worker: Worker) -> None:
+    """A's step 3 came before its end, B's step 3 (diverging) after the notice (another partition):
+    it is compared, and its alert resolves at once with A's end reason, once per rule and rank; a
+    step A never published says nothing; A's next record makes it a live job again."""
     state = MemoryStore()
     _firing(worker, state)
+    worker.cross_one(_record(B, 3), A.encode(), [], state, SRC)  # B back in line: A's alert resolves
+    worker.cross_one(_record(A, 3), A.encode(), [], state, SRC)
     notice = job_over_notice(A, 3, time.time(), "every rank of the job finished")
-    assert _events(worker.cross_one(notice.value, notice.key, list(notice.headers), state, SRC)[0]) == [
-        ("SimilarAcrossRuns", "resolved", 2)
-    ]
+    assert worker.cross_one(notice.value, notice.key, list(notice.headers), state, SRC)[0] == []
     late = worker.cross_one(_record(B, 3, shift=0.5), A.encode(), [], state, SRC)[0]
-    assert late == []
+    assert _events(late) == [("SimilarAcrossRuns", "firing", 3), ("SimilarAcrossRuns", "resolved", 3)]
+    assert AlertEvent.from_json(late[1]).message.endswith("every rank of the job finished")
+    # said once per rule and rank: another late difference (step 2, which A published) is not said again
+    assert worker.cross_one(_record(B, 2, shift=0.9), A.encode(), [], state, SRC)[0] == []
+    assert worker.cross_one(_record(B, 9, shift=0.5), A.encode(), [], state, SRC)[0] == []
     again = worker.cross_one(_record(A, 4), A.encode(), [], state, SRC)[0]
     again += worker.cross_one(_record(B, 4, shift=0.5), A.encode(), [], state, SRC)[0]
     assert _events(again) == [("SimilarAcrossRuns", "firing", 4)]
