@@ -16,7 +16,9 @@ the optimizer steps and the next forward pass runs: when `step()` comes before t
 step, in the same background job as the next step's weights (one hand-over per step; the
 optimizer still waits for the weights alone). The next backward waits only if it would
 accumulate into a gradient still being read (checked at the forward pass before it, which then
-registers the gradient guards), and zero_grad(set_to_none=False) waits too. Records
+registers the gradient guards). Gradients zeroed in place (zero_grad(set_to_none=False)) are
+told by being the same tensors as at the previous save, and such a step is read on the training
+thread (`_grads_reused`; so is the first saved step, with nothing to compare). Records
 are published one step later. In-place changes after `step()`: an activation that autograd
 recorded and that an in-place op changed meanwhile (its `grad_fn` is then another node, a
 public attribute) is reported once in the log. A gradient changed in place after `step()`
@@ -41,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -137,32 +140,32 @@ class Offloading:
         """Nothing may change a tensor while the background thread reads it: wait for the weights
         before the optimizer updates them, and for a step's gradients before a gradient is
         accumulated into one in place (guards registered only when needed: `_guard_gradients`)
-        or gradients are zeroed in place (zero_grad(set_to_none=False)). With set_to_none (the
-        default) a new step's gradients are new tensors, so the previous ones stay readable.
-
-        The zero_grad methods of the optimizer and the model are wrapped while offloading (undone
-        by `detach`): the one place where the hook still replaces a method of the user's objects.
-        torch has no public hook before zero_grad, and neither the optimizer's step hooks nor the
-        forward pre-hook come between zero_grad(set_to_none=False) and the job reading the
-        gradients it zeroes."""
+        or gradients are zeroed in place (zero_grad(set_to_none=False): `_grads_reused`). With
+        set_to_none (the default) a new step's gradients are new tensors, so the previous ones
+        stay readable."""
         if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
             self._arm_with.append(lambda: optimizer.register_step_pre_hook(self._on_optimizer_pre_step))
             self._arm_with.append(lambda: optimizer.register_step_post_hook(self._on_optimizer_step))
             self._weights_offloadable = True
         self._grad_guards = [(p, self._make_grad_guard(p)) for p in self._gparams if p.requires_grad]
-        for owner in (optimizer, model, outer) if outer is not model else (optimizer, model):
-            original = getattr(owner, "zero_grad", None)
-            if original is None:
-                continue
 
-            def zero_grad(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                set_to_none = kwargs.get("set_to_none", args[0] if args else True)
-                if not set_to_none:
-                    self._wait_jobs()
-                return _original(*args, **kwargs)
+    def _grads_reused(self, grads: list[Any]) -> bool:
+        """Whether a saved step's gradients may be the tensors of the previous saved step, zeroed
+        (or accumulated) in place since: then the step is reduced on the training thread.
 
-            owner.zero_grad = zero_grad
-            self._restore.append(lambda owner=owner: owner.__dict__.pop("zero_grad", None))
+        Why: zero_grad(set_to_none=False) zeroes the gradients in place, and nothing public runs
+        before it (torch has no zero_grad hook; wrapping the user's zero_grad would monkeypatch
+        it): a background read could meet the zeroing, or, when `step()` follows the optimizer's
+        step, come after it. With set_to_none (torch's default) every step's gradients are new
+        tensors: object identity, seen through weak references (no gradient is kept alive),
+        tells the two apart. The first saved step has nothing to compare with and counts as
+        reused, so it is reduced on the training thread.
+        """
+        refs = self._grad_refs
+        self._grad_refs = [None if g is None else weakref.ref(g) for g in grads]
+        if refs is None or len(refs) != len(grads):
+            return True
+        return any(r is not None and g is not None and r() is g for r, g in zip(refs, grads, strict=True))
 
     def _train_index(self) -> int:
         # Offloaded train steps not yet turned into records count too: they are the earlier saves.

@@ -159,7 +159,7 @@ class TorchHook(ModelHooks, Offloading, Hook):
         # (_reduce arguments, _Job fields); submitted on its own when no optimizer step comes.
         self._staged: _Staged | None = None
         self._unreported_train = 0  # staged or queued jobs that are train saves (`_train_index`)
-        self._restore: list[Any] = []  # undo functions for wrapped zero_grad methods
+        self._grad_refs: list[Any] | None = None  # the last saved step's gradients, weakly (_grads_reused)
         # Weights may be read off the training thread only between two optimizer steps, which
         # the optimizer's step hooks delimit: `_generation` counts optimizer steps, and
         # `_weights` is the background reduction of the weights of the current generation.
@@ -322,9 +322,6 @@ class TorchHook(ModelHooks, Offloading, Hook):
         self._unwatch_forward()
         self._arm_with = []
         self._grad_guards = []
-        for undo in self._restore:
-            undo()
-        self._restore = []
         self._act_modules = []
         self._acts = {}
         self._capturing = None
@@ -389,6 +386,8 @@ class TorchHook(ModelHooks, Offloading, Hook):
             nparams = len(tensors)
             if mode == "train" and self._gparams:
                 grads = [p.grad for p in self._gparams]
+                if offload and self._grads_reused(grads):
+                    offload = False  # zeroed in place later, perhaps: read them now (_grads_reused)
                 if self._sharded is not None:
                     grads = local_tensors(grads)
                 missing = False
@@ -437,6 +436,9 @@ class TorchHook(ModelHooks, Offloading, Hook):
                 if not (self._weights_offloadable and self._armed and mode == "train"):
                     self._flush_staged()  # no optimizer step will carry it
                 return
+            if weights is not None:  # read in the background; the rest of this step is read now
+                self._drain(wait=True)  # earlier steps' records first
+                self._record_for(step, mode).parts.append(Part(wnames, wcolls, weights.result()))
             host, values = self._reduce(step, tensors, quants, delta_keys, act_stats, extras, caps)
             self._assemble(step, mode, names, colls, extra_names, caps, host, values, after)
         except Exception as exc:  # noqa: BLE001

@@ -140,8 +140,10 @@ def test_a_step_before_the_optimizer_shares_one_background_job_with_the_next_wei
         opt.step()
     hook.close()
     saved = steps // interval
-    # the first step's weights are read on their own (at the first forward pass)
-    assert len(submitted) == 1 + saved * jobs_per_step, submitted
+    # the first step's weights are read on their own (at the first forward pass); the first saved
+    # step's gradients and activations on the training thread (no earlier gradients to tell
+    # in-place zeroing by: `_grads_reused`), which at interval 2 saves that step's own job
+    assert len(submitted) == 1 + saved * jobs_per_step - (jobs_per_step - 1), submitted
     if interval == 1:
         assert submitted[1:] == ["_reduce_both"] * saved
     schemas = wire.SchemaCache()
@@ -238,11 +240,13 @@ def test_the_optimizer_waits_for_the_weights_not_for_the_step_sharing_their_job(
         release.wait(10)
         return original(*args)
 
-    hook._reduce = slow  # type: ignore[method-assign]
-    opt.zero_grad()
-    nn.functional.cross_entropy(model(torch.randn(16, 10)), torch.randint(0, 3, (16,))).backward()
-    hook.step(0)
-    opt.step()  # its post-hook starts one job: the weights of step 1, then step 0's gradients
+    for step in range(2):  # step 0 is read on the training thread (`_grads_reused`), step 1 not
+        if step == 1:
+            hook._reduce = slow  # type: ignore[method-assign]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(16, 10)), torch.randint(0, 3, (16,))).backward()
+        hook.step(step)
+        opt.step()  # its post-hook starts one job: the weights of step 2, then step 1's gradients
     try:
         assert hook._weights is not None
         hook._weights.future.result(timeout=5)  # read while the step part still waits
@@ -287,7 +291,9 @@ def test_gradients_accumulated_in_place_wait_for_the_job_still_reading_them() ->
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
     inline, _ = _accumulating(False, copy.deepcopy(model))
     offloaded, guarded = _accumulating(True, copy.deepcopy(model), slow_job_s=0.05)
-    assert guarded == 4  # the second micro-batch of each optimizer step
+    # the second micro-batch of each optimizer step but the first: the first saved step is read
+    # on the training thread (`_grads_reused`: nothing to compare its gradients with)
+    assert guarded == 3
     assert [r.step for r in offloaded] == list(range(8))
     for a, b in zip(inline, offloaded, strict=True):
         grads_a = {t.name: (t.mean, t.std, t.min, t.max) for t in a.tensors if t.name.startswith("gradient/")}
@@ -470,3 +476,19 @@ def test_finite_kernel_columns_encode_as_the_checked_path_does(monkeypatch: pyte
     assert len(taken) == 12 and not any(taken[:2]) and not taken[5] and not taken[10]
     assert sum(taken) == 8, taken
     assert len(same) == 16 and all(same), same
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_the_hook_replaces_no_method_of_the_model_or_the_optimizer(offload: bool) -> None:
+    """Attached (offloading or not), the model's and the optimizer's methods are their own: the
+    hook uses their hooks only (model.train, zero_grad: the class's, not instance attributes)."""
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = TorchHook("own", produce_fn=lambda *a: None, offload=offload).attach(model, opt)
+    for step in range(3):
+        opt.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(model(torch.randn(16, 10)), torch.randint(0, 3, (16,))).backward()
+        hook.step(step)
+        opt.step()
+    assert {"train", "eval", "zero_grad"}.isdisjoint(vars(model)) and "zero_grad" not in vars(opt)
+    hook.close()
