@@ -296,7 +296,10 @@ def scenario(
             bystander_max_s=round(max(lat), 3) if lat else None,
             bystander_copy_p50_s=round(percentile(copy_s, 50), 3) if copy_s else None,
             bystander_after_copy_p50_s=round(percentile(after_copy_s, 50), 3) if after_copy_s else None,
-            same_steps_partition=len(set(watch.partitions.values())) == 1 and len(watch.partitions) == 2,
+            # None when the watch did not see a copy of both jobs (a short burst)
+            same_steps_partition=len(set(watch.partitions.values())) == 1
+            if len(watch.partitions) == 2
+            else None,
             restarts=restarts,
             died=died,
             state_max_bytes=biggest,

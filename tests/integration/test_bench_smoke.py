@@ -451,6 +451,7 @@ def test_ranks_names_the_nan_rank_and_measures_state(kafka_bootstrap: str, tmp_p
     out = tmp_path / "ranks.json"
     cmd = [sys.executable, str(BENCH / "ranks.py"), "--ranks", "8", "--steps", "2", "--tensors", "4"]
     cmd += ["--designs", "current", "--bootstrap", kafka_bootstrap, "--deadline-s", "60", "--out", str(out)]
+    cmd += ["--placements", "same"]  # the bystander in the big job's steps partition
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=BENCH)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
