@@ -142,6 +142,7 @@ class Intake:
         self.flow = JobFlow(config.max_ahead, progress or Progress(), self._processed_positions)
         self.copied = 0
         self.listing_stretched = False  # listing less often than discovery_interval (a large cluster)
+        self._listing_cpu = 0.0  # CPU seconds of the last listing
 
     # ------------------------------------------------------------------ clients
     def _clients(self) -> tuple[Consumer, Consumer, Producer]:
@@ -276,7 +277,7 @@ class Intake:
                         log.warning("intake cannot list topics (%s); retrying", exc)
                         logged_down = True
                     jobs = self.jobs
-                next_discovery = now + self._listing_interval(time.thread_time() - cpu)
+                next_discovery = now + self.listing_interval(time.thread_time() - cpu)
                 t = time.monotonic()
                 steps["listing"] = t - now
                 owned = len(self.owned)
@@ -305,13 +306,16 @@ class Intake:
                 names, self._need_control = self._need_control, []
                 self._creating = self._creator.submit(self._create_control_topics, names)
 
-    def _listing_interval(self, cpu: float) -> float:
+    def listing_interval(self, cpu: float) -> float:
         """Seconds to the next listing: `discovery_interval`, or longer where a listing costs more
         than LISTING_SHARE of this thread's time. A listing turns every topic of the cluster into
         Python objects while holding the GIL that the processor needs: with 1,000 jobs (2,000 and
         more topics) listing ten times a second made every record cost 2.5 times as much
         (bench/scaling.py). A new job then waits longer for its first copy, in proportion."""
-        interval = max(self.config.discovery_interval, cpu / LISTING_SHARE)
+        # The smaller of the last two listings' costs: one slow listing (a cold metadata cache, a
+        # busy machine) does not hold back new jobs for seconds; a lasting cost does stretch it.
+        cost, self._listing_cpu = min(cpu, self._listing_cpu), cpu
+        interval = max(self.config.discovery_interval, cost / LISTING_SHARE)
         stretched = interval > 2 * self.config.discovery_interval
         if stretched != self.listing_stretched:
             self.listing_stretched = stretched
