@@ -7,8 +7,9 @@ but no container engine. Maven Central already publishes the broker as jars, so 
 Maven for them once (about 45 MB into a cache directory) and `KafkaCluster` runs one JVM per node
 in KRaft mode (each node is broker and controller) with its data under a work directory.
 
-Standard library only and no tensorpulse imports, so that an operator can copy this file and
-pom.xml anywhere and run it:
+Standard library only and no tensorpulse imports, so that an operator can copy this folder
+(kafka_local.py, kafka_fetch.py for the jars, kafka_config.py for the nodes' configuration, and
+pom.xml) anywhere and run it:
 
     python deploy/kafka/kafka_local.py fetch                 # once: Maven into the cache
     python deploy/kafka/kafka_local.py run --nodes 3         # prints KAFKA_BOOTSTRAP=...; Ctrl-C stops
@@ -40,10 +41,7 @@ import atexit
 import base64
 import contextlib
 import ctypes
-import fcntl
-import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -53,150 +51,31 @@ import tempfile
 import threading
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-POM = HERE / "pom.xml"
-LIBS_ENV = "TENSORPULSE_KAFKA_LIBS"
-MARKER = ".tensorpulse-fetched"
+if str(HERE) not in sys.path:  # the sibling modules, also when this file is imported by path
+    sys.path.insert(0, str(HERE))
+
+from kafka_config import (  # noqa: E402
+    ADMIN_USER,
+    BROKER_USER,
+    JVM_OPTS,
+    LOG4J2,
+    SASL_MECHANISM,
+    SECRETS_FILE,
+    load_or_make_secrets,
+    make_certificate,
+    secure_properties,
+    server_properties,
+)
+from kafka_fetch import LIBS_ENV, KafkaUnavailable, fetch, java, ready  # noqa: E402
+
+__all__ = ["KafkaCluster", "KafkaUnavailable", "fetch", "free_ports", "main"]
+
 STARTED = "Kafka Server started"
-# Each JVM is small on purpose: the tests run on 2-core machines next to the workers they test.
-# SerialGC has no GC threads to compete with; the heap holds a few small test topics easily.
-JVM_OPTS = ("-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", "-Djava.awt.headless=true")
-LOG4J2 = """\
-status = error
-name = tensorpulse-kafka-local
-appender.file.type = File
-appender.file.name = file
-appender.file.fileName = ${{sys:tensorpulse.kafka.log}}
-appender.file.append = true
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = {level}
-rootLogger.appenderRef.file.ref = file
-# The start line that KafkaCluster waits for, whatever the level of the rest.
-logger.started.name = kafka.server.KafkaRaftServer
-logger.started.level = INFO
-"""
-
-# -- the secured listener (KafkaCluster(secure=True)) ----------------------------------------------
-#: Clients authenticate with this SASL mechanism over TLS on the secured listener.
-SASL_MECHANISM = "SCRAM-SHA-512"
-#: Users every secured cluster has, both super users: the nodes' own (inter-broker traffic, which
-#: also carries the transaction markers a node sends to itself) and an administrator's.
-BROKER_USER = "broker"
-ADMIN_USER = "admin"
-#: Subject of the generated certificate. Nodes also present it to the controllers (mutual TLS), whose
-#: listener cannot take SCRAM: that makes this subject the nodes' principal there, a super user too.
-NODE_SUBJECT = "CN=tensorpulse-kafka-local"
-AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
-SECURE_LISTENER = "SASL_SSL"
-SECRETS_FILE = "secure.json"
-
-
-class KafkaUnavailable(RuntimeError):
-    """Java or Maven is missing, the fetch failed, or a node did not come up; the message says which."""
-
-
-def kafka_version(pom: Path = POM) -> str:
-    """The Kafka version pom.xml asks for: the pom is the one place where it is written."""
-    root = ET.parse(pom).getroot()
-    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
-    node = root.find("m:properties/m:kafka.version", ns)
-    if node is None or not (node.text or "").strip():
-        raise KafkaUnavailable(f"{pom} has no <kafka.version> property")
-    return node.text.strip()
-
-
-def libs_dir() -> Path:
-    """Where the jars live: $TENSORPULSE_KAFKA_LIBS, else a per-version directory in the user's cache."""
-    env = os.environ.get(LIBS_ENV)
-    if env:
-        return Path(env).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "tensorpulse" / f"kafka-{kafka_version()}" / "libs"
-
-
-def _tool(name: str, how: str) -> str:
-    if name == "java" and os.environ.get("JAVA_HOME"):
-        candidate = Path(os.environ["JAVA_HOME"]) / "bin" / "java"
-        if candidate.exists():
-            return str(candidate)
-    path = shutil.which(name)
-    if path is None:
-        raise KafkaUnavailable(f"'{name}' is not on PATH: {how}")
-    return path
-
-
-def java() -> str:
-    """The `java` to run Kafka with ($JAVA_HOME first), or KafkaUnavailable saying how to get one."""
-    return _tool("java", "Kafka 4 needs Java 17 or newer (e.g. apt-get install openjdk-17-jre-headless)")
-
-
-def fetch(libs: Path | None = None, *, quiet: bool = True) -> Path:
-    """Copy Kafka's jars and their dependencies into `libs` (default `libs_dir()`); returns it.
-
-    Runs Maven only when the directory lacks its marker file, so calling it before every start is
-    cheap. Maven writes into a temporary sibling that is renamed into place, so an interrupted fetch
-    never leaves a half-filled class path behind; a lock keeps concurrent fetches from racing.
-    A directory that already holds Kafka's jars without the marker (say $TENSORPULSE_KAFKA_LIBS
-    pointing at a Kafka distribution's libs/) is used as it is and never written to.
-    """
-    libs = Path(libs) if libs is not None else libs_dir()
-    if _ready(libs):
-        return libs
-    if libs.is_dir() and any(libs.iterdir()):
-        raise KafkaUnavailable(f"{libs} holds files but no Kafka jars: empty it, or set {LIBS_ENV} elsewhere")
-    libs.parent.mkdir(parents=True, exist_ok=True)
-    with open(libs.parent / f".{libs.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _ready(libs):  # another process fetched while we waited
-            return libs
-        mvn = _tool(
-            "mvn",
-            "install Maven (e.g. apt-get install maven), or set KAFKA_BOOTSTRAP to use a running broker",
-        )
-        _tool("java", "Maven and Kafka need Java 17 or newer (e.g. apt-get install openjdk-17-jdk-headless)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{libs.name}-", dir=libs.parent))
-        cmd = [
-            mvn,
-            "-B",
-            "-q",
-            "-f",
-            str(POM),
-            "dependency:copy-dependencies",
-            "-DincludeScope=runtime",
-            f"-DoutputDirectory={tmp}",
-        ]
-        if not quiet:
-            print(
-                f"fetching Apache Kafka {kafka_version()} jars into {libs} ...", file=sys.stderr, flush=True
-            )
-        started = time.monotonic()
-        try:
-            run = subprocess.run(cmd, capture_output=True, text=True)
-            if run.returncode != 0 or not list(tmp.glob("kafka_*.jar")):
-                raise KafkaUnavailable(
-                    f"Maven could not fetch Kafka (exit {run.returncode}): {' '.join(cmd)}\n"
-                    f"{(run.stdout + run.stderr)[-3000:]}"
-                )
-            (tmp / MARKER).write_text(f"kafka {kafka_version()}\n")
-            if libs.exists():
-                libs.rmdir()  # empty, as checked above
-            tmp.rename(libs)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not quiet:
-            n = len(list(libs.glob("*.jar")))
-            print(f"fetched {n} jars in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
-    return libs
-
-
-def _ready(libs: Path) -> bool:
-    return (libs / MARKER).exists() or any(libs.glob("kafka_2.*.jar"))
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -325,81 +204,21 @@ class KafkaCluster:
     # -- configuration -------------------------------------------------------------------------
 
     def _properties(self, i: int) -> dict[str, str]:
-        n = self.nodes
-        rf = str(min(3, n))
-        isr = str(min(2, n))
-        voters = ",".join(f"{j + 1}@127.0.0.1:{cp}" for j, cp in enumerate(self.controller_ports))
-        props = {
-            "process.roles": "broker,controller",
-            "node.id": str(i + 1),
-            "controller.quorum.voters": voters,
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.ports[i]},CONTROLLER://127.0.0.1:{self.controller_ports[i]}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.ports[i]}",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
-            "log.dirs": str(self.node_dir(i) / "data"),
-            # Internal topics replicated as far as the cluster allows, and few partitions of them:
-            # 50 partitions of __consumer_offsets cost seconds per start and nothing is gained.
-            "offsets.topic.replication.factor": rf,
-            "offsets.topic.num.partitions": "4",
-            "transaction.state.log.replication.factor": rf,
-            "transaction.state.log.min.isr": isr,
-            "transaction.state.log.num.partitions": "4",
-            "share.coordinator.state.topic.replication.factor": rf,
-            "share.coordinator.state.topic.min.isr": isr,
-            "share.coordinator.state.topic.num.partitions": "4",
-            "default.replication.factor": rf,
-            # 1 (Kafka's default) so that a replication-factor-1 topic still takes acks=all writes;
-            # a topic that wants more says so in its own config, as production topics do.
-            "min.insync.replicas": "1",
-            "num.partitions": "1",
-            "auto.create.topics.enable": "true",
-            # Tests form groups all the time; Kafka's 3 s wait for more members is pure delay here.
-            "group.initial.rebalance.delay.ms": "0",
-            # A killed node is fenced, and its partitions get new leaders, after this session timeout;
-            # a restarted node cannot register again before it either. Kafka's 9 s would make every
-            # failover test wait; 4 s still rides out a busy 2-core machine.
-            "broker.session.timeout.ms": "4000",
-            "broker.heartbeat.interval.ms": "1000",
-            # Fewer threads and a smaller cleaner buffer (128 MB by default) for small machines.
-            "num.network.threads": "2",
-            "num.io.threads": "4",
-            "num.recovery.threads.per.data.dir": "1",
-            "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
-            "log.cleaner.threads": "1",
-        }
+        props = server_properties(i, self.ports, self.controller_ports, self.node_dir(i) / "data")
         if self.secure:
-            props.update(self._secure_properties(i))
+            props.update(
+                secure_properties(
+                    i,
+                    self.ports,
+                    self.controller_ports,
+                    self.passwords[BROKER_USER],
+                    self._keystore_path,
+                    self._keystore_password,
+                    self.ca_path,
+                )
+            )
         props.update(self.extra_config)
         return props
-
-    def _secure_properties(self, i: int) -> dict[str, str]:
-        """Clients on SASL_SSL (SCRAM only), the controllers on mutual TLS, every request authorized."""
-        listener = SECURE_LISTENER.lower()
-        login = (
-            "org.apache.kafka.common.security.scram.ScramLoginModule required "
-            f'username="{BROKER_USER}" password="{self.passwords[BROKER_USER]}";'
-        )
-        return {
-            "listeners": f"{SECURE_LISTENER}://127.0.0.1:{self.ports[i]},CONTROLLER://127.0.0.1:{self.controller_ports[i]}",
-            "advertised.listeners": f"{SECURE_LISTENER}://127.0.0.1:{self.ports[i]}",
-            "listener.security.protocol.map": f"{SECURE_LISTENER}:SASL_SSL,CONTROLLER:SSL",
-            "inter.broker.listener.name": SECURE_LISTENER,
-            "sasl.enabled.mechanisms": SASL_MECHANISM,
-            "sasl.mechanism.inter.broker.protocol": SASL_MECHANISM,
-            f"listener.name.{listener}.{SASL_MECHANISM.lower()}.sasl.jaas.config": login,
-            "ssl.keystore.type": "PKCS12",
-            "ssl.keystore.location": str(self._keystore_path),
-            "ssl.keystore.password": self._keystore_password,
-            "ssl.key.password": self._keystore_password,
-            "ssl.truststore.type": "PEM",
-            "ssl.truststore.location": str(self.ca_path),
-            "listener.name.controller.ssl.client.auth": "required",
-            "authorizer.class.name": AUTHORIZER,
-            "super.users": ";".join(f"User:{u}" for u in (BROKER_USER, ADMIN_USER, NODE_SUBJECT)),
-            "allow.everyone.if.no.acl.found": "false",
-        }
 
     @property
     def ca_path(self) -> Path:
@@ -427,53 +246,9 @@ class KafkaCluster:
 
     def _prepare_secure(self) -> None:
         """The SCRAM passwords and the certificate: made on first use of the work directory, then reused."""
-        saved_path = self.workdir / SECRETS_FILE
-        if saved_path.exists():
-            saved = json.loads(saved_path.read_text())
-            differ = sorted(u for u, pw in self._users.items() if saved["users"].get(u) != pw)
-            if differ:
-                raise KafkaUnavailable(
-                    f"{self.workdir} was formatted with other SCRAM users or passwords ({', '.join(differ)}): "
-                    "use another directory"
-                )
-        else:
-            users = {BROKER_USER: secrets.token_hex(16), ADMIN_USER: secrets.token_hex(16), **self._users}
-            saved = {"keystore": secrets.token_hex(16), "users": users}
-            fd = os.open(saved_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(saved, f, indent=1)
-        self.passwords = dict(saved["users"])
-        self._keystore_password = saved["keystore"]
+        self.passwords, self._keystore_password = load_or_make_secrets(self.workdir, self._users)
         if not self._keystore_path.exists() or not self.ca_path.exists():
-            self._make_certificate()
-
-    def _make_certificate(self) -> None:
-        """A self-signed key pair for 127.0.0.1 (keytool ships with every JDK and JRE), and its PEM."""
-        tls = self._keystore_path.parent
-        tls.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._keystore_path.unlink(missing_ok=True)
-        keytool = str(Path(java()).resolve().parent / "keytool")
-        store = [
-            "-keystore",
-            str(self._keystore_path),
-            "-storetype",
-            "PKCS12",
-            "-storepass",
-            self._keystore_password,
-        ]
-        steps = [
-            [keytool, "-genkeypair", "-alias", "node", "-keyalg", "EC", "-groupname", "secp256r1",
-             "-validity", "30", "-dname", NODE_SUBJECT, "-ext", "SAN=ip:127.0.0.1,dns:localhost",
-             "-keypass", self._keystore_password, *store],
-            [keytool, "-exportcert", "-rfc", "-alias", "node", "-file", str(self.ca_path), *store],
-        ]  # fmt: skip
-        for cmd in steps:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=self.start_timeout)
-            if run.returncode != 0:
-                raise KafkaUnavailable(
-                    f"keytool could not make the test certificate (exit {run.returncode}): "
-                    f"{(run.stdout + run.stderr)[-2000:]}"
-                )
+            make_certificate(self._keystore_path, self.ca_path, self._keystore_password, self.start_timeout)
 
     def _write_config(self, i: int) -> Path:
         d = self.node_dir(i)
@@ -505,7 +280,7 @@ class KafkaCluster:
 
     def _classpath(self) -> str:
         libs = self._libs if self._libs is not None else fetch()
-        if not _ready(libs):
+        if not ready(libs):
             raise KafkaUnavailable(f"{libs} holds no Kafka jars: run `python {Path(__file__)} fetch`")
         return str(libs / "*")
 
