@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from tensorpulse.events import AlertEvent
-from tensorpulse.topics import ALERTS_TOPIC
-
 from tensorpulse.stream.running import running_groups
+from tensorpulse.topics import ALERTS_TOPIC
 
 from .helpers import read_topic, wait_for, worker_process
 
