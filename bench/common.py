@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import json
 import os
 import shutil
 import statistics
@@ -291,3 +292,38 @@ def dir_bytes(path: str) -> int:
             with contextlib.suppress(OSError):
                 total += os.path.getsize(os.path.join(root, name))
     return total
+
+
+# ----------------------------------------------------------------------------- reports
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def host_info(**extra: object) -> dict[str, object]:
+    """What a JSON report says about the machine: CPU count, platform and Python, then `extra`
+    (e.g. the load average at the start), in that order."""
+    import platform
+
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **extra,
+    }
+
+
+def utc(t: float) -> str:
+    """`t` (time.time()) as an ISO 8601 UTC timestamp, the reports' `started_utc`."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def write_json(
+    report: dict[str, object], out: str | None, name: str, started: float, *, allow_nan: bool = True
+) -> Path:
+    """Write `report` to `out`, else to bench/results/<name>-<UTC start time>.json; returns the path.
+    `allow_nan=False` refuses inf/NaN (the reports that turn them into null first)."""
+    path = (
+        Path(out) if out else RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(started))}.json"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, allow_nan=allow_nan) + "\n")
+    return path
