@@ -88,7 +88,7 @@ from designs import (
     print_imports,
     start_workers,
 )
-from load import finite, percentile
+from load_report import finite, percentile
 from loadgen import Fault, LoadGenerator, SyntheticJob, create_topics, make_jobs
 from loadwatch import (
     AlertCollector,
