@@ -333,7 +333,7 @@ def test_job_start_times_every_new_job(kafka_bootstrap: str, tmp_path: Path) -> 
 def test_job_start_pauses_are_standstills_with_records_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
     """A pause is progress standing still with records waiting (idle is none), its length a lower bound."""
     monkeypatch.syspath_prepend(str(BENCH))  # the script imports its siblings (common, loadgen, ...)
-    spec = importlib.util.spec_from_file_location("bench_job_start", JOB_START)
+    spec = importlib.util.spec_from_file_location("bench_job_scenario", BENCH / "job_scenario.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up by name
     spec.loader.exec_module(bench)
