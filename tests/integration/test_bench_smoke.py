@@ -248,21 +248,21 @@ def test_hook_profile_reports_every_part() -> None:
     assert out.count("x sum") >= 7
     assert "sleep 0.5 ms in a loop" in out
     assert "the numba kernel over its own 32 MiB" in out or "numba is not installed" in out
-    heads = ("one thread woken per step", "polling with time.sleep", "polling without the GIL", "no thread", "a thread")
+    heads = ("one thread woken per step", "polling with time.sleep", "no thread", "a thread")
     woken = [line for line in out.splitlines() if line.strip().startswith(heads)]
-    assert len(woken) == (3 if "numba is not installed" in out else 7), out
+    # 3 job rows without numba; with it 2 more kernel jobs and the GIL-free thread (issue 21
+    # removed the hook's GIL-free polling wait, and its row here, for earning < 0.02 of a step)
+    assert len(woken) == (3 if "numba is not installed" in out else 6), out
     assert ("never takes the GIL" in out) != ("numba is not installed" in out), out
     assert sum("0.1 ms of Python" in line for line in woken) == 2, out
-    assert ("polling without the GIL" in out) != ("numba is not installed" in out), out
     floors = [line for line in out.splitlines() if line.strip().startswith("on the ")]
     assert len(floors) == 7 or "numba is not installed" in out, out
     for row in ("over a copy of its own", "summing them only", "a hand-over only", "never takes the GIL", "no-op hooks"):
         assert sum(row in line for line in floors) == (0 if "numba is not installed" in out else 1), out
     assert all(float(line.split()[-1].rstrip("x")) > 0 for line in [*woken, *floors])
     ratios = [line for line in out.splitlines() if line.strip().startswith(("inline", "background"))]
-    assert len(ratios) in (2, 7), out
-    assert ("kernel stubbed" in out) == ("on a ThreadPoolExecutor" in out) == (len(ratios) == 7), out
-    assert ("worker polling with time.sleep" in out) == (len(ratios) == 7), out
+    assert len(ratios) in (2, 6), out  # torch ops inline/background, and with numba 4 more
+    assert ("kernel stubbed" in out) == ("on a ThreadPoolExecutor" in out) == (len(ratios) == 6), out
     assert all(float(line.split()[-1].rstrip("x")) > 0 for line in ratios)
     unhooked = [line for line in out.splitlines() if "unhooked between saves" in line or "hooks kept on" in line]
     assert len(unhooked) == 2 and all(float(line.split()[-1].rstrip("x")) > 0 for line in unhooked), out
