@@ -2,8 +2,9 @@
 
 argv[1] is a JSON object: job, bootstrap, out (a folder), bad_rank, stop_wait (seconds). Rank and
 world come from RANK / WORLD_SIZE. Every Linear is sharded with `fully_shard` (gloo, CPU), so the
-hook sees DTensor parameters and gradients. On `bad_rank`, at step BAD_STEP (before its forward
-pass), one element of that rank's own shard of BAD_PARAM becomes NaN.
+hook sees DTensor parameters and gradients. On `bad_rank`, right after the optimizer's update of
+step BAD_STEP - 1 (so before step BAD_STEP's forward pass), one element of that rank's own shard
+of BAD_PARAM becomes NaN.
 """
 
 from __future__ import annotations
@@ -58,16 +59,29 @@ def _rank_main(cfg: dict[str, Any]) -> int:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     teacher = torch.randn(10, 3, generator=torch.Generator().manual_seed(7))
     data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+    params = dict(model.named_parameters())
+    updates = 0
+
+    def fault(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        """After the update of step BAD_STEP - 1, one element of this rank's shard becomes NaN.
+
+        Registered before the hook attaches, so it runs before the hook's own step post-hook,
+        which starts reading the weights of the next step in the background: the read sees the
+        NaN whatever the timing (a write between steps, outside the optimizer, would race it).
+        """
+        nonlocal updates
+        updates += 1
+        if rank == cfg["bad_rank"] and updates == BAD_STEP:
+            with torch.no_grad():
+                params[BAD_PARAM].to_local()[0, 0] = float("nan")  # this rank's shard only
+
+    opt.register_step_post_hook(fault)
     hook = TorchHook(cfg["job"], cfg["bootstrap"], quantile_steps=0).attach(model, opt)
     stopped = threading.Event()
     hook.on_action(lambda action: action["action"] == "stop" and stopped.set())
-    params = dict(model.named_parameters())
     whole: dict[str, dict[str, float]] = {}
     shards: dict[str, list[int]] = {}
     for step in range(STEPS):
-        if rank == cfg["bad_rank"] and step == BAD_STEP:
-            with torch.no_grad():
-                params[BAD_PARAM].to_local()[0, 0] = float("nan")  # this rank's shard only
         x = torch.randn(64, 10, generator=data)
         y = (x @ teacher).argmax(dim=1)
         loss = nn.functional.cross_entropy(model(x), y)

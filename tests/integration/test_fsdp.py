@@ -2,8 +2,9 @@
 
 Each rank is its own `python` process running tests/integration/fsdp_rank.py with a TorchHook at
 its defaults (offloaded reductions included): every parameter and gradient is a DTensor, and each
-rank publishes the statistics of its own shards, marked (wire `t.sh`). At the last step rank 1
-puts a NaN into its shard of 2.weight before the forward pass. ExplodingTensor must fire on
+rank publishes the statistics of its own shards, marked (wire `t.sh`). At the last step rank 1's
+shard of 2.weight holds a NaN before the forward pass (written by an optimizer step post-hook
+that runs before the hook's, so the offloaded weight read always sees it). ExplodingTensor must fire on
 rank 1 naming 2.weight first; the worker must combine the shards of every step into the
 parameters' statistics (tensorpulse_parameter_stat), equal to those of the whole parameters.
 """
