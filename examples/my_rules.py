@@ -4,7 +4,7 @@ import math
 
 from pydantic import Field
 
-from tensorpulse.rules import Finding, Rule, RuleParams, State
+from tensorpulse.rules import Finding, Rule, RuleKind, RuleParams, State
 from tensorpulse.wire import StepRecord
 
 
@@ -23,6 +23,7 @@ class GradNormSpike(Rule):
     name = "GradNormSpike"
     Params = GradNormSpikeParams
     needs = "mean and std of the gradients (l2 is derived from them)"
+    kind = RuleKind.PER_TENSOR  # reads tensor statistics, one state per rank (the default)
 
     def initialize(self) -> State:
         return {"avg": 0.0, "seen": 0}  # plain JSON: the worker stores it between records

@@ -11,7 +11,7 @@ import difflib
 from tensorpulse.errors import ConfigError
 
 from .all_zero import AllZero
-from .base import Finding, Rule, RuleParams, State, run_rule
+from .base import Finding, Rule, RuleKind, RuleParams, State, run_rule
 from .check_input_images import CheckInputImages
 from .class_imbalance import ClassImbalance
 from .confusion import Confusion
@@ -111,6 +111,7 @@ __all__ = [
     "PoorWeightInitialization",
     "RankDivergence",
     "Rule",
+    "RuleKind",
     "RuleParams",
     "SaturatedActivation",
     "SimilarAcrossRuns",

@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -117,6 +118,52 @@ def range_finding(
     )
 
 
+class RuleKind(StrEnum):
+    """What a rule reads and how the stream layer drives it: every rule declares one (`Rule.kind`).
+
+    PER_TENSOR and SCALAR rules are driven alike (one state per rank, `update` on each record);
+    the kind says what they read, for the docs and the checks. The other three change the routing.
+    """
+
+    #: Statistics of the record's tensors (VanishingGradient); the default.
+    PER_TENSOR = "per_tensor"
+    #: Scalars of each step, such as the loss (LossNotDecreasing); tensors are not read.
+    SCALAR = "scalar"
+    #: Compares the ranks of a job (RankDivergence): one job-level state fed by every rank.
+    CROSS_RANK = "cross_rank"
+    #: Compares jobs (SimilarAcrossRuns): other jobs' records go to `update_other(state, record)`,
+    #: for the jobs `watches(job)` accepts.
+    CROSS_RUN = "cross_run"
+    #: Can fire without a new record (StalledTrainingRule): `check_idle(state, now)` is called on ticks.
+    CLOCK = "clock"
+
+
+def _kind_from_flags(cls: type[Rule]) -> RuleKind | None:
+    """The kind that a class's older flags (`clock`, `per_rank`, `cross_run`) declare; None: none set.
+
+    Before `kind`, a rule declared how it is driven with those flags, and rules written then still
+    work: a class that sets any of them in its own body (and not `kind`) gets the kind they mean.
+    """
+    own = cls.__dict__
+    if not any(flag in own for flag in ("clock", "per_rank", "cross_run")):
+        return None
+    clock = bool(getattr(cls, "clock", False))
+    cross_rank = not bool(getattr(cls, "per_rank", True))
+    cross_run = bool(getattr(cls, "cross_run", False))
+    flags = ((RuleKind.CLOCK, clock), (RuleKind.CROSS_RANK, cross_rank), (RuleKind.CROSS_RUN, cross_run))
+    chosen = [k for k, on in flags if on]
+    if len(chosen) > 1:
+        raise TypeError(
+            f"rule class {cls.__qualname__}: its flags make it a {' and a '.join(k.value for k in chosen)} "
+            "rule; a rule has one kind (a cross-rank rule cannot also be a clock or cross-run rule)"
+        )
+    if chosen:
+        return chosen[0]
+    base = getattr(cls, "kind", RuleKind.PER_TENSOR)
+    # Flags that say "none of those" keep a per-tensor or scalar kind inherited from a base class.
+    return base if base in (RuleKind.PER_TENSOR, RuleKind.SCALAR) else RuleKind.PER_TENSOR
+
+
 class Rule:
     """Base class of every rule. Subclasses set `name`, `Params`, and implement `update`."""
 
@@ -130,12 +177,34 @@ class Rule:
     severity: ClassVar[str] = "warning"
     #: For the docs: what the hook must capture for the rule to work.
     needs: ClassVar[str] = ""
-    #: True for rules that can fire without a new record (StalledTrainingRule): the stream
-    #: layer then also calls `check_idle` periodically with the current wall-clock time.
+    #: What the rule reads and how the stream layer drives it (see RuleKind): the stream layer and
+    #: RuleTester ask only this. CLOCK: `check_idle` is also called periodically with the current
+    #: wall-clock time; CROSS_RANK: one job-level slot sees every rank's records; CROSS_RUN: other
+    #: jobs' records go to `update_other`.
+    kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
+    #: Older flags, kept in step with `kind` for code that reads them. A subclass that sets one of
+    #: them (and not `kind`) gets the kind it means: `clock = True` is CLOCK, `per_rank = False`
+    #: CROSS_RANK, `cross_run = True` CROSS_RUN.
     clock: ClassVar[bool] = False
-    #: False for cross-rank rules (RankDivergence): the evaluator gives them one job-level slot
-    #: that sees every rank's records, instead of one slot per rank.
     per_rank: ClassVar[bool] = True
+    cross_run: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Settle the subclass's `kind` (declared, from the older flags, or inherited) and the flags with it."""
+        super().__init_subclass__(**kwargs)
+        legacy = _kind_from_flags(cls)
+        if "kind" in cls.__dict__:
+            kind = RuleKind(cls.__dict__["kind"])
+            if legacy not in (None, kind, RuleKind.PER_TENSOR, RuleKind.SCALAR):
+                raise TypeError(
+                    f"rule class {cls.__qualname__}: kind = {kind.value!r} but its flags say {legacy.value!r}"
+                )
+        else:
+            kind = legacy if legacy is not None else cls.kind
+        cls.kind = kind
+        cls.clock = kind is RuleKind.CLOCK
+        cls.per_rank = kind is not RuleKind.CROSS_RANK
+        cls.cross_run = kind is RuleKind.CROSS_RUN
 
     def __init__(self, **params: Any) -> None:
         try:
@@ -161,7 +230,7 @@ class Rule:
         raise NotImplementedError(f"{type(self).__name__}.update")
 
     def check_idle(self, state: State, now: float) -> tuple[State, Finding | None]:
-        """Called between records for `clock` rules (now = Unix time); None: nothing to say."""
+        """Called between records for CLOCK rules (now = Unix time); None: nothing to say."""
         return state, None
 
     def batch_reference(self, records: Sequence[StepRecord]) -> list[Finding | None] | None:

@@ -10,7 +10,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 
 #: Image inputs tracked per job and rank; further names are not accumulated (state stays bounded).
 MAX_INPUTS = 64
@@ -45,6 +45,7 @@ class CheckInputImages(Rule):
     """
 
     name: ClassVar[str] = "CheckInputImages"
+    kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = CheckInputImagesParams
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"

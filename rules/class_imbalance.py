@@ -9,7 +9,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 
 
 class ClassImbalanceParams(RuleParams):
@@ -68,6 +68,7 @@ class ClassImbalance(Rule):
     """
 
     name: ClassVar[str] = "ClassImbalance"
+    kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = ClassImbalanceParams
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"

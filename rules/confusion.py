@@ -9,7 +9,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 
 #: At most this many rows and cells are named in a Finding (k can be up to 256).
 MAX_LISTED = 32
@@ -54,6 +54,7 @@ class Confusion(Rule):
     """
 
     name: ClassVar[str] = "Confusion"
+    kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = ConfusionParams
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"

@@ -1,7 +1,7 @@
 """Cross-rank rules: one rule state per job that sees every rank's records and compares ranks.
 
 Most rules run once per rank (the stream layer keeps one state per rule and rank). A rule that
-compares ranks with each other declares `per_rank = False`: the stream layer then keeps one
+compares ranks with each other declares `kind = RuleKind.CROSS_RANK`: the stream layer then keeps one
 job-level state for it and feeds it the records of all ranks of the job, in arrival order.
 
 Records of one step arrive one rank at a time, interleaved with other steps. `CrossRankRule`
@@ -33,7 +33,7 @@ from pydantic import Field
 
 from tensorpulse.wire import StepRecord
 
-from .base import Finding, Rule, RuleParams, State
+from .base import Finding, Rule, RuleKind, RuleParams, State
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +142,7 @@ class CrossRankRule(Rule):
     `max_pending_steps` entries (+1 while a record is being added). Jobs with world 1 keep nothing.
     """
 
-    per_rank: ClassVar[bool] = False
+    kind: ClassVar[RuleKind] = RuleKind.CROSS_RANK
     Params: ClassVar[type[RuleParams]] = CrossRankParams
 
     def initialize(self) -> State:

@@ -30,7 +30,7 @@ from pydantic_core import PydanticCustomError
 from tensorpulse.wire import MODES, StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 
 Statistic = Literal[
     "mean", "std", "min", "max", "abs_mean", "l2", "variance", "zero_frac", "nan", "inf", "nonfinite"
@@ -153,6 +153,7 @@ class Threshold(Rule):
     """
 
     name: ClassVar[str] = "Threshold"
+    kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = ThresholdParams
     modes: ClassVar[frozenset[str]] = frozenset(MODES)
     severity: ClassVar[str] = "warning"

@@ -10,7 +10,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State
+from .base import Finding, Rule, RuleKind, RuleParams, State
 
 
 class EarlyStoppingParams(RuleParams):
@@ -45,6 +45,7 @@ class EarlyStopping(Rule):
     """
 
     name: ClassVar[str] = "EarlyStopping"
+    kind: ClassVar[RuleKind] = RuleKind.SCALAR
     Params: ClassVar[type[RuleParams]] = EarlyStoppingParams
     modes: ClassVar[frozenset[str]] = frozenset({"eval"})
     severity: ClassVar[str] = "info"

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from tensorpulse.wire import MODES, StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 
 #: Collection names that select the scalars of a record (scalars carry no collection on the wire).
 SCALAR_COLLECTIONS = frozenset({"losses", "metrics"})
@@ -58,6 +58,7 @@ class ExplodingTensor(Rule):
     """
 
     name: ClassVar[str] = "ExplodingTensor"
+    kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = ExplodingTensorParams
     modes: ClassVar[frozenset[str]] = frozenset(MODES)
     severity: ClassVar[str] = "critical"

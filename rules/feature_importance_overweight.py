@@ -9,7 +9,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 
 
 class FeatureImportanceOverweightParams(RuleParams):
@@ -39,6 +39,7 @@ class FeatureImportanceOverweight(Rule):
     """
 
     name: ClassVar[str] = "FeatureImportanceOverweight"
+    kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = FeatureImportanceOverweightParams
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "info"

@@ -11,7 +11,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import MODES, StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, WindowedParams, compile_regex, hold
+from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, WindowedParams, compile_regex, hold
 
 
 class LossNotDecreasingParams(WindowedParams):
@@ -64,6 +64,7 @@ class LossNotDecreasing(Rule):
     """
 
     name: ClassVar[str] = "LossNotDecreasing"
+    kind: ClassVar[RuleKind] = RuleKind.SCALAR
     Params: ClassVar[type[RuleParams]] = LossNotDecreasingParams
     modes: ClassVar[frozenset[str]] = frozenset(MODES)
     severity: ClassVar[str] = "warning"

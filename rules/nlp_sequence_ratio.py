@@ -11,7 +11,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 
 #: Largest window (counted records) the rule keeps.
 MAX_STEPS = 10_000
@@ -101,6 +101,7 @@ class NLPSequenceRatio(Rule):
     """
 
     name: ClassVar[str] = "NLPSequenceRatio"
+    kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = NLPSequenceRatioParams
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"

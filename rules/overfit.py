@@ -10,7 +10,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, WindowedParams, compile_regex, hold
+from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, WindowedParams, compile_regex, hold
 
 
 class OverfitParams(WindowedParams):
@@ -55,6 +55,7 @@ class Overfit(Rule):
     """
 
     name: ClassVar[str] = "Overfit"
+    kind: ClassVar[RuleKind] = RuleKind.SCALAR
     Params: ClassVar[type[RuleParams]] = OverfitParams
     modes: ClassVar[frozenset[str]] = frozenset({"train", "eval"})
     severity: ClassVar[str] = "warning"

@@ -10,7 +10,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State
+from .base import Finding, Rule, RuleKind, RuleParams, State
 
 #: How the two losses are named in a Finding's tensors.
 TRAIN_LOSS, EVAL_LOSS = "train/loss", "eval/loss"
@@ -48,6 +48,7 @@ class Overtraining(Rule):
     """
 
     name: ClassVar[str] = "Overtraining"
+    kind: ClassVar[RuleKind] = RuleKind.SCALAR
     Params: ClassVar[type[RuleParams]] = OvertrainingParams
     modes: ClassVar[frozenset[str]] = frozenset({"train", "eval"})
     severity: ClassVar[str] = "info"

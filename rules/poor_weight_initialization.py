@@ -10,7 +10,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 
 #: Normalisation-layer scales start as all ones on purpose; their constancy is not a bad init.
 NORM_WEIGHTS_REGEX = r"(?i)norm|(^|[./_])(bn|ln|gn)\d*([./_]|$)"
@@ -59,6 +59,7 @@ class PoorWeightInitialization(Rule):
     """
 
     name: ClassVar[str] = "PoorWeightInitialization"
+    kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = PoorWeightInitializationParams
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from tensorpulse.wire import StepRecord, TensorStats
 
-from .base import Finding, RuleParams, State, compile_regex
+from .base import Finding, RuleKind, RuleParams, State, compile_regex
 from .cross_rank import AssembledStep, CrossRankParams, CrossRankRule, Extremes, RankedFinding, SummarisedStep
 
 #: Collection names that select scalars (scalars carry no collection on the wire).
@@ -74,6 +74,7 @@ class RankDivergence(CrossRankRule):
     """
 
     name: ClassVar[str] = "RankDivergence"
+    kind: ClassVar[RuleKind] = RuleKind.CROSS_RANK
     Params: ClassVar[type[RuleParams]] = RankDivergenceParams
     modes: ClassVar[frozenset[str]] = frozenset({"train", "eval"})
     severity: ClassVar[str] = "warning"

@@ -19,7 +19,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import MODES, StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, compile_regex
+from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 
 #: Collection names that select the scalars of a record (as for ExplodingTensor).
 SCALAR_COLLECTIONS = frozenset({"losses", "metrics"})
@@ -70,7 +70,7 @@ class SimilarAcrossRuns(Rule):
         "mean, std, min, max and l2 of the selected tensors of both jobs, at the same steps"
     )
     #: Tells the stream layer to route other jobs' records to `update_other` (crossrun path).
-    cross_run: ClassVar[bool] = True
+    kind: ClassVar[RuleKind] = RuleKind.CROSS_RUN
 
     def _check(self) -> None:
         p = self.params

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from tensorpulse.wire import MODES, StepRecord
 
-from .base import Finding, Rule, RuleParams, State
+from .base import Finding, Rule, RuleKind, RuleParams, State
 
 
 class StalledTrainingRuleParams(RuleParams):
@@ -41,7 +41,7 @@ class StalledTrainingRule(Rule):
     modes: ClassVar[frozenset[str]] = frozenset(MODES)
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = "nothing but the records' publish times (ts)"
-    clock: ClassVar[bool] = True
+    kind: ClassVar[RuleKind] = RuleKind.CLOCK
 
     def initialize(self) -> State:
         return {"ts": None, "step": None, "mode": None}

@@ -34,7 +34,7 @@ from typing import Any
 
 from tensorpulse.wire import StepRecord
 
-from .base import Finding, Rule, State
+from .base import Finding, Rule, RuleKind, State
 
 #: One streaming result: (index of the record in the sequence given, finding or None).
 Result = list[tuple[int, Finding | None]]
@@ -187,15 +187,15 @@ class RuleTester:
         """Drive `rule` as the stream layer does: (final state, [(record index, finding or None)]).
 
         Records of the rule's own job (the first record's) go to `update`; for a cross-run rule
-        (`cross_run = True`), records of other jobs go to `update_other`. For a clock rule
-        (`clock = True`), when the tester's `ticks` (and `ticks` here) are on, a clock tick comes
+        (`kind = RuleKind.CROSS_RUN`), records of other jobs go to `update_other`. For a clock rule
+        (`RuleKind.CLOCK`), when the tester's `ticks` (and `ticks` here) are on, a clock tick comes
         before every record but the first: `check_idle(state, record.ts)`, the worker's last tick
         before that record arrives; its entry carries that record's index, before the record's.
         `before(i, state)` sees the state each call is given, `after(i, state)` may replace the
         state each call returns (the round-trip check passes it through a codec).
         """
         state = rule.initialize() if state is None else state
-        ticking = ticks and self.ticks and bool(getattr(rule, "clock", False))
+        ticking = ticks and self.ticks and rule.kind is RuleKind.CLOCK
         out: Result = []
         for n, i in enumerate(self.seen(rule, records)):
             for tick in (True, False) if ticking and n else (False,):
@@ -319,7 +319,7 @@ class RuleTester:
     ) -> tuple[State, Finding | None]:
         """One record through `rule` as `stream` would route it."""
         record = records[i]
-        if getattr(rule, "cross_run", False) and record.job != records[0].job:
+        if rule.kind is RuleKind.CROSS_RUN and record.job != records[0].job:
             return rule.update_other(state, record)  # type: ignore[attr-defined,no-any-return]
         return rule.update(state, record)
 
@@ -355,7 +355,7 @@ class RuleTester:
         state, _ = self.stream(rule, records)
         store = MemoryStore()
         spec = spec_for(rule)
-        slot = f"{spec.name}|{0 if getattr(rule, 'per_rank', True) else JOB_SLOT}"
+        slot = f"{spec.name}|{JOB_SLOT if rule.kind is RuleKind.CROSS_RANK else 0}"
         JobStore(store, [spec]).save({"r": {slot: {"s": state, "f": False}}}, [0])
         kept = JobStore(store, [spec_for(self.fresh())]).load([0])["r"]
         if slot not in kept:

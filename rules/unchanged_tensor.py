@@ -9,7 +9,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleParams, State, WindowedParams, compile_regex, hold
+from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, WindowedParams, compile_regex, hold
 
 DEFAULT_COLLECTIONS = ("weights", "biases")
 
@@ -49,6 +49,7 @@ class UnchangedTensor(Rule):
     """
 
     name: ClassVar[str] = "UnchangedTensor"
+    kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = UnchangedTensorParams
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"

@@ -11,7 +11,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State
+from .base import Finding, Rule, RuleKind, RuleParams, State
 
 
 class VanishingGradientParams(RuleParams):
@@ -31,6 +31,7 @@ class VanishingGradient(Rule):
     """
 
     name: ClassVar[str] = "VanishingGradient"
+    kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = VanishingGradientParams
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"

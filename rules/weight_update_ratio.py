@@ -10,7 +10,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleParams, State, range_finding
+from .base import Finding, Rule, RuleKind, RuleParams, State, range_finding
 
 
 class WeightUpdateRatioParams(RuleParams):
@@ -45,6 +45,7 @@ class WeightUpdateRatio(Rule):
     """
 
     name: ClassVar[str] = "WeightUpdateRatio"
+    kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = WeightUpdateRatioParams
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"

@@ -6,16 +6,16 @@ publish. The stream worker, `tensorpulse replay` and the tests all drive this sa
 
 Three entry points, one state:
 - `process(state, record)`: a record of the job itself (step or end).
-- `check_idle(state, job, now)`: a clock tick, for `clock` rules (StalledTrainingRule), which can
+- `check_idle(state, job, now)`: a clock tick, for CLOCK rules (StalledTrainingRule), which can
   fire without a record; the stream layer calls it between records (see stream/clock.py).
-- `process_other(state, job, record)`: a record of *another* job, for `cross_run` rules
+- `process_other(state, job, record)`: a record of *another* job, for CROSS_RUN rules
   (SimilarAcrossRuns); the stream layer routes it here (see stream/crossrun.py).
 
 And the end of a job: a rank's `end` record (through `process`) resolves every alert firing for
 that rank; `end_job(state, job, now, reason=...)` resolves whatever still fires once the job is
 over (every rank ended, or no record for the worker's `job_idle_timeout_s`).
 
-Rules run once per rank, except cross-rank rules (`per_rank = False`, RankDivergence): they get
+Rules run once per rank, except CROSS_RANK rules (RankDivergence): they get
 one job-level slot that sees every rank's records (see tensorpulse.rules.cross_rank).
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tensorpulse.events import AlertEvent
-from tensorpulse.rules.base import Finding
+from tensorpulse.rules.base import Finding, RuleKind
 from tensorpulse.rules.config import RuleSpec
 from tensorpulse.rules.cross_rank import RankedFinding
 from tensorpulse.wire import StepRecord
@@ -66,18 +66,18 @@ def _finite_or_none(x: float | None) -> float | None:
 
 
 def is_clock(spec: RuleSpec) -> bool:
-    """True for rules that can fire without a record (they declare `clock = True`)."""
-    return bool(getattr(spec.rule, "clock", False))
+    """True for rules that can fire without a record (`kind = RuleKind.CLOCK`)."""
+    return spec.rule.kind is RuleKind.CLOCK
 
 
 def is_per_rank(spec: RuleSpec) -> bool:
-    """False for rules that compare ranks (they declare `per_rank = False`): one slot per job."""
-    return bool(getattr(spec.rule, "per_rank", True))
+    """False for rules that compare ranks (`kind = RuleKind.CROSS_RANK`): one slot per job."""
+    return spec.rule.kind is not RuleKind.CROSS_RANK
 
 
 def is_cross_run(spec: RuleSpec) -> bool:
-    """True for rules that compare jobs (they declare `cross_run = True` and `update_other`)."""
-    return bool(getattr(spec.rule, "cross_run", False))
+    """True for rules that compare jobs (`kind = RuleKind.CROSS_RUN`, with `update_other`)."""
+    return spec.rule.kind is RuleKind.CROSS_RUN
 
 
 def _apply(
@@ -109,7 +109,7 @@ class JobEvaluator:
     of clock rules also hold "k": [step, mode, ts] of the newest record (what a tick's event names)
     and "e": true once the rank's end record arrived (a finished rank is not stalled). A firing
     slot keeps "a": [step, mode] of its firing event (what `end_job`'s resolved event names).
-    A cross-rank rule (`per_rank = False`) has one slot "<rule name>|*" fed by every rank; its
+    A cross-rank rule (`kind = RuleKind.CROSS_RANK`) has one slot "<rule name>|*" fed by every rank; its
     events name the step, mode and rank its `RankedFinding` gives, and the slot's "w" keeps the
     rank its firing event named (the resolved event names the same rank).
     Per-rank evaluation keeps a healthy rank from masking a sick one (and vice versa); rules
@@ -123,9 +123,6 @@ class JobEvaluator:
             raise ValueError(f"duplicate rule names in {names}")
         self.specs = tuple(specs)
         self.clock_specs = tuple(s for s in self.specs if is_clock(s))
-        bad = [s.name for s in self.specs if not is_per_rank(s) and (is_clock(s) or is_cross_run(s))]
-        if bad:
-            raise ValueError(f"rules {bad}: a cross-rank rule cannot also be a clock or cross-run rule")
         self._job_level = frozenset(s.name for s in self.specs if not is_per_rank(s))
         self._clock_names = frozenset(s.name for s in self.clock_specs)
 

@@ -9,7 +9,7 @@ not by the job's size:
 |----------------------|---------------------------------------------------------------------|
 | `rank:<r>`           | the slots of the per-rank rules (not clock rules) of rank r          |
 | `clock:<r>`          | the slots of the clock rules of rank r (read by every tick)          |
-| `job:<rule>`         | the one slot of a cross-rank rule (`per_rank = False`)               |
+| `job:<rule>`         | the one slot of a cross-rank rule (kind CROSS_RANK)                  |
 | `ranks`              | the ranks seen, a hex bitmap (what a tick or a job summary iterates) |
 | `ended`              | rank -> wall time of its end record                                  |
 | `src:<partition>`    | the last source offset processed (the intake's copies are deduplicated) |
