@@ -271,9 +271,9 @@ def _kcat(args: list[str], bootstrap: str) -> subprocess.CompletedProcess:
 def test_kcat_line_from_the_docs_reads_alert_events(kafka_bootstrap: str, unique: str) -> None:
     """The kcat command in docs/alerts.md prints the topic's events, one JSON object per line."""
     doc = (Path(__file__).resolve().parents[2] / "docs" / "alerts.md").read_text()
-    line = next(x for x in doc.splitlines() if x.strip().startswith("kcat -b localhost:9092 -C"))
+    line = next(x for x in doc.splitlines() if x.strip().startswith("kcat -b ") and " -C " in x)
     args = shlex.split(line.strip())
-    assert args[:3] == ["kcat", "-b", "localhost:9092"]
+    assert args[:2] == ["kcat", "-b"] and args[2].endswith(":9092"), args  # _kcat points -b here
     ev = alert(f"kcat-{unique}", "firing", 0, 5)
     create_topic(kafka_bootstrap, ALERTS_TOPIC)
     produce(kafka_bootstrap, ev)
