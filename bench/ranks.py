@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\nbroker: {broker.what}; {platform.node()}, {os.cpu_count()} cores; load {os.getloadavg()[0]:.1f}"
         )
+        broker_what = broker.what  # with --bootstrap, --broker is not what ran: say what did
     print(
         "\n| design | ranks | bystander's partition | records | evaluated/s | alert (s), rank "
         "| bystander p50 / max (s) | its copy p50 (s) | restarts | died | largest state record |"
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = a.out or RESULTS / f"ranks-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "broker": broker_what, "rows": rows}, indent=2))
     print(f"\nwritten {out}")
     return 0
 
