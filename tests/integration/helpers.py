@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -172,3 +173,33 @@ def _up(url: str, proc: subprocess.Popen) -> bool:
 def train_record(job: str, step: int, **fields: Any) -> bytes:
     """A wire record of rank 0 of a one-rank train job at `step`, stamped now; `fields` as wire.encode."""
     return wire.encode(job=job, rank=0, world=1, step=step, mode="train", ts=time.time(), **fields)
+
+
+def launch_ranks(script: Path, world: int, argv: list[str], out: Path) -> list[subprocess.Popen]:
+    """`world` processes of `python script *argv`, one per rank, rendezvous on a free local port
+    (the environment torchrun would give them); rank r's output goes to out/rank-r.log."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "OMP_NUM_THREADS": "1",
+        }
+        with open(out / f"rank-{rank}.log", "wb") as log:  # the child keeps its own descriptor
+            procs.append(subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def ranks_ready(out: Path, procs: list[subprocess.Popen]) -> bool:
+    """True once every rank wrote out/ready-<rank>; a rank that exited without its result fails, with its log."""
+    for rank, p in enumerate(procs):
+        if p.poll() is not None and not (out / f"result-{rank}.json").exists():
+            log = (out / f"rank-{rank}.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"rank {rank} of {out.name} exited with {p.returncode}:\n{log}")
+    return all((out / f"ready-{r}").exists() for r in range(len(procs)))

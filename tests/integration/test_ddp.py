@@ -10,9 +10,7 @@ control topic must reach both of its ranks.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,12 +20,21 @@ import pytest
 from confluent_kafka import Producer
 
 from tensorpulse.actions import encode_action
-from tensorpulse.broker import free_port
 from tensorpulse.events import AlertEvent
 from tensorpulse.topics import ALERTS_TOPIC, control_topic, reductions_topic
 
 from .ddp_rank import BAD_FROM, STEPS
-from .helpers import committed_past, create_topic, metric_value, read_topic, scrape, wait_for, worker_process
+from .helpers import (
+    committed_past,
+    create_topic,
+    launch_ranks,
+    metric_value,
+    ranks_ready,
+    read_topic,
+    scrape,
+    wait_for,
+    worker_process,
+)
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.integration
@@ -38,40 +45,9 @@ RANK_SCRIPT = Path(__file__).with_name("ddp_rank.py")
 
 
 def _launch(job: str, bootstrap: str, out: Path, bad_rank: int) -> list[subprocess.Popen]:
-    """WORLD rank processes of one job, rendezvous on a free local port."""
-    out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    """WORLD rank processes of one job."""
     cfg = {"job": job, "bootstrap": bootstrap, "out": str(out), "bad_rank": bad_rank, "stop_wait": 60}
-    procs = []
-    for rank in range(WORLD):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(WORLD),
-            "LOCAL_RANK": str(rank),
-            "OMP_NUM_THREADS": "1",
-        }
-        log = open(out / f"rank-{rank}.log", "wb")  # noqa: SIM115 - closed with the process below
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(RANK_SCRIPT), json.dumps(cfg)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        log.close()
-    return procs
-
-
-def _ready(out: Path, procs: list[subprocess.Popen]) -> bool:
-    for rank, p in enumerate(procs):
-        if p.poll() is not None and not (out / f"result-{rank}.json").exists():
-            log = (out / f"rank-{rank}.log").read_text(errors="replace")[-3000:]
-            raise AssertionError(f"rank {rank} of {out.name} exited with {p.returncode}:\n{log}")
-    return all((out / f"ready-{r}").exists() for r in range(WORLD))
+    return launch_ranks(RANK_SCRIPT, WORLD, [json.dumps(cfg)], out)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +71,7 @@ def ddp_runs(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
             }
             all_procs = [p for ps in procs.values() for p in ps]
             wait_for(
-                lambda: all(_ready(tmp / n, ps) for n, ps in procs.items()),
+                lambda: all(ranks_ready(tmp / n, ps) for n, ps in procs.items()),
                 120,
                 "both jobs to finish training",
             )
@@ -104,7 +80,8 @@ def ddp_runs(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
             def evaluated() -> bool:
                 text = scrape(url)
                 return all(
-                    metric_value(text, "tensorpulse_records_total", training_job=j, mode="train") == WORLD * STEPS
+                    metric_value(text, "tensorpulse_records_total", training_job=j, mode="train")
+                    == WORLD * STEPS
                     for j in jobs.values()
                 )
 

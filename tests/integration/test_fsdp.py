@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,12 +23,20 @@ import pytest
 from confluent_kafka import Producer
 
 from tensorpulse.actions import encode_action
-from tensorpulse.broker import free_port
 from tensorpulse.events import AlertEvent
 from tensorpulse.topics import ALERTS_TOPIC, control_topic, reductions_topic
 
 from .fsdp_rank import BAD_PARAM, BAD_STEP, CHECKED_STEP, STEPS
-from .helpers import create_topic, metric_value, read_topic, scrape, wait_for, worker_process
+from .helpers import (
+    create_topic,
+    launch_ranks,
+    metric_value,
+    ranks_ready,
+    read_topic,
+    scrape,
+    wait_for,
+    worker_process,
+)
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.integration
@@ -38,43 +44,6 @@ pytestmark = pytest.mark.integration
 BAD_RANK = 1
 WORLD = 2
 RANK_SCRIPT = Path(__file__).with_name("fsdp_rank.py")
-
-
-def _launch(job: str, bootstrap: str, out: Path) -> list[subprocess.Popen]:
-    """WORLD rank processes, rendezvous on a free local port."""
-    out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    cfg = {"job": job, "bootstrap": bootstrap, "out": str(out), "bad_rank": BAD_RANK, "stop_wait": 60}
-    procs = []
-    for rank in range(WORLD):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(WORLD),
-            "LOCAL_RANK": str(rank),
-            "OMP_NUM_THREADS": "1",
-        }
-        log = open(out / f"rank-{rank}.log", "wb")  # noqa: SIM115 - closed with the process below
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(RANK_SCRIPT), json.dumps(cfg)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        log.close()
-    return procs
-
-
-def _ready(out: Path, procs: list[subprocess.Popen]) -> bool:
-    for rank, p in enumerate(procs):
-        if p.poll() is not None and not (out / f"result-{rank}.json").exists():
-            log = (out / f"rank-{rank}.log").read_text(errors="replace")[-3000:]
-            raise AssertionError(f"rank {rank} exited with {p.returncode}:\n{log}")
-    return all((out / f"ready-{r}").exists() for r in range(WORLD))
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +59,15 @@ def fsdp_run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
     result: dict[str, Any] = {"job": job}
     try:
         with worker_process(kafka_bootstrap, tmp, group=f"g-fsdp-{u}", jobs_regex=f"^{job}$") as (_, url):
-            procs = _launch(job, kafka_bootstrap, tmp / "run")
-            wait_for(lambda: _ready(tmp / "run", procs), 180, "both ranks to finish training")
+            cfg = {
+                "job": job,
+                "bootstrap": kafka_bootstrap,
+                "out": str(tmp / "run"),
+                "bad_rank": BAD_RANK,
+                "stop_wait": 60,
+            }
+            procs = launch_ranks(RANK_SCRIPT, WORLD, [json.dumps(cfg)], tmp / "run")
+            wait_for(lambda: ranks_ready(tmp / "run", procs), 180, "both ranks to finish training")
             result["trained_s"] = time.monotonic() - t0
 
             def evaluated() -> bool:

@@ -8,18 +8,13 @@ fed every rank's shard statistics, must give the whole tensor's statistics in ev
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tensorpulse.broker import free_port
-
-from .helpers import wait_for
+from .helpers import launch_ranks, wait_for
 from .mesh_rank import CASES, SHAPE
 
 pytest.importorskip("torch")
@@ -33,26 +28,7 @@ NUMEL = SHAPE[0] * SHAPE[1]
 def views(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Every rank's marks and local values, rank order."""
     out = tmp_path_factory.mktemp("mesh")
-    port = free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(WORLD),
-            "LOCAL_RANK": str(rank),
-            "OMP_NUM_THREADS": "1",
-        }
-        log = open(out / f"rank-{rank}.log", "wb")  # noqa: SIM115 - closed with the process below
-        script = str(Path(__file__).with_name("mesh_rank.py"))
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, script, str(out)], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        )
-        log.close()
+    procs = launch_ranks(Path(__file__).with_name("mesh_rank.py"), WORLD, [str(out)], out)
     try:
 
         def done() -> bool:
