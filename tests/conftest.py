@@ -14,6 +14,7 @@ import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -103,6 +104,42 @@ def kafka_cluster(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield start
     for cluster in started:
         cluster.stop(graceful=False)
+
+
+@dataclass
+class RelayedKafka:
+    """A one-node Apache Kafka that clients reach only through `relay` (tensorpulse.netproxy's
+    TcpRelay): `relay.cut()` is a broker gone, `relay.slow(s)` a slow link, with the data kept."""
+
+    bootstrap: str
+    relay: Any
+
+
+@pytest.fixture
+def relayed_kafka(tmp_path: Path) -> Iterator[RelayedKafka]:
+    """A private Apache Kafka behind a relay, for one test of outages and slow links.
+
+    The node advertises the relay's port, so every connection a client makes (bootstrap,
+    partition leaders, the group and transaction coordinators) goes through the relay; the node
+    itself listens on another port."""
+    from tensorpulse.broker import free_port
+    from tensorpulse.netproxy import TcpRelay
+
+    front, back = free_port(), free_port()
+    relay = TcpRelay(("127.0.0.1", front), ("127.0.0.1", back)).start()
+    cluster = None
+    try:
+        cluster = start_kafka(
+            1,
+            tmp_path / "kafka-relayed",
+            port=back,
+            extra_config={"advertised.listeners": f"PLAINTEXT://127.0.0.1:{front}"},
+        )
+        yield RelayedKafka(f"127.0.0.1:{front}", relay)
+    finally:
+        relay.stop()
+        if cluster is not None:
+            cluster.stop(graceful=False)
 
 
 @pytest.fixture(scope="session")

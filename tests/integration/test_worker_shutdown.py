@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from conftest import RelayedKafka
 from corpus import good
 
-from tensorpulse.broker import EmbeddedBroker
 from tensorpulse.stream.process import worker_command
 from tensorpulse.topics import ALERTS_TOPIC, group_topic, reductions_topic
 
@@ -122,7 +122,7 @@ def _stop_in_time(proc: subprocess.Popen, sig: signal.Signals, log: Path, where:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])
 def test_a_signal_during_a_slow_flush_waits_for_it_and_commits_everything(
-    tmp_path: Path, unique: str, sig: signal.Signals
+    relayed_kafka: RelayedKafka, tmp_path: Path, unique: str, sig: signal.Signals
 ) -> None:
     """The broker slow, not gone (every chunk 0.4 s late both ways): five more records are copied,
     evaluated, then flushed and committed at that pace; the signal as soon as they are evaluated
@@ -130,33 +130,28 @@ def test_a_signal_during_a_slow_flush_waits_for_it_and_commits_everything(
     evaluates only the record sent after it, and no alert is published twice."""
     job = f"shutdown-slow-{unique}"
     group = f"g-{unique}"
-    with EmbeddedBroker(relay=True, log_path=tmp_path / "broker.log") as broker:
-        bootstrap = broker.bootstrap
-        assert broker.relay is not None
-        producer = _send(bootstrap, job)
-        log = tmp_path / f"worker-{group}.log"
-        with worker_process(bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (proc, url):
-            wait_for(lambda: _evaluated_ten(url, job), 60, "the 10 records evaluated")
-            broker.relay.slow(SLOW_FLUSH_S)
-            for step in range(10, 15):
-                producer.produce(
-                    reductions_topic(job), key=job.encode(), value=good(job, step, ts=time.time())
-                )
-            assert producer.flush(60) == 0
-            wait_for(
-                lambda: _evaluated_ten(url, job, 15), 120, "the 5 records sent to the slow broker evaluated"
-            )
-            text = _stop_in_time(proc, sig, log, "during a slow flush")
-            assert "worker stopped" in text and "exiting without it" not in text, text[-3000:]
-        broker.relay.slow(0)
-        assert _uncommitted(bootstrap, group, job) == 0
-        assert _evaluate_one_more(bootstrap, tmp_path, group, job, producer, step=15) == 1
-        _one_alert(bootstrap, job)
+    broker = relayed_kafka
+    bootstrap = broker.bootstrap
+    producer = _send(bootstrap, job)
+    log = tmp_path / f"worker-{group}.log"
+    with worker_process(bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (proc, url):
+        wait_for(lambda: _evaluated_ten(url, job), 60, "the 10 records evaluated")
+        broker.relay.slow(SLOW_FLUSH_S)
+        for step in range(10, 15):
+            producer.produce(reductions_topic(job), key=job.encode(), value=good(job, step, ts=time.time()))
+        assert producer.flush(60) == 0
+        wait_for(lambda: _evaluated_ten(url, job, 15), 120, "the 5 records sent to the slow broker evaluated")
+        text = _stop_in_time(proc, sig, log, "during a slow flush")
+        assert "worker stopped" in text and "exiting without it" not in text, text[-3000:]
+    broker.relay.slow(0)
+    assert _uncommitted(bootstrap, group, job) == 0
+    assert _evaluate_one_more(bootstrap, tmp_path, group, job, producer, step=15) == 1
+    _one_alert(bootstrap, job)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])
 def test_a_signal_during_the_first_topic_listing_ends_the_worker_and_keeps_the_commits(
-    tmp_path: Path, unique: str, sig: signal.Signals
+    relayed_kafka: RelayedKafka, tmp_path: Path, unique: str, sig: signal.Signals
 ) -> None:
     """A worker of a group that has committed ten records starts against a slow broker (every chunk
     3 s late): its first listing of the topics takes seconds; the signal, as soon as it starts
@@ -164,61 +159,59 @@ def test_a_signal_during_the_first_topic_listing_ends_the_worker_and_keeps_the_c
     commits are untouched: the next worker evaluates only the record sent after it."""
     job = f"shutdown-listing-{unique}"
     group = f"g-{unique}"
-    with EmbeddedBroker(relay=True, log_path=tmp_path / "broker.log") as broker:
-        bootstrap = broker.bootstrap
-        assert broker.relay is not None
-        producer = _send(bootstrap, job)
-        with worker_process(bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (proc, url):
-            wait_for(lambda: _evaluated_ten(url, job), 60, "the 10 records evaluated")
-            _stop_in_time(proc, signal.SIGTERM, tmp_path / f"worker-{group}.log", "with the broker up")
-        assert _uncommitted(bootstrap, group, job) == 0
-        broker.relay.slow(SLOW_LISTING_S)
-        log = tmp_path / "worker-listing.log"
-        cmd = worker_command(
-            bootstrap,
-            group=group,
-            state_dir=tmp_path / f"state-{group}",
-            jobs_regex=f"^{job}$",
-            guarantee="at-least-once",
-            log_level="INFO",
-        )
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_for(lambda: "worker starting" in log.read_text(errors="replace"), 60, "the worker to start")
-            text = _stop_in_time(proc, sig, log, "during the first topic listing")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert "worker stopped" in text or "exiting without it" in text
-        assert "stream application" not in text  # it never got as far as building the application
-        broker.relay.slow(0)
-        assert _uncommitted(bootstrap, group, job) == 0
-        assert _evaluate_one_more(bootstrap, tmp_path, group, job, producer) == 1
-        _one_alert(bootstrap, job)
+    broker = relayed_kafka
+    bootstrap = broker.bootstrap
+    producer = _send(bootstrap, job)
+    with worker_process(bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (proc, url):
+        wait_for(lambda: _evaluated_ten(url, job), 60, "the 10 records evaluated")
+        _stop_in_time(proc, signal.SIGTERM, tmp_path / f"worker-{group}.log", "with the broker up")
+    assert _uncommitted(bootstrap, group, job) == 0
+    broker.relay.slow(SLOW_LISTING_S)
+    log = tmp_path / "worker-listing.log"
+    cmd = worker_command(
+        bootstrap,
+        group=group,
+        state_dir=tmp_path / f"state-{group}",
+        jobs_regex=f"^{job}$",
+        guarantee="at-least-once",
+        log_level="INFO",
+    )
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "worker starting" in log.read_text(errors="replace"), 60, "the worker to start")
+        text = _stop_in_time(proc, sig, log, "during the first topic listing")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "worker stopped" in text or "exiting without it" in text
+    assert "stream application" not in text  # it never got as far as building the application
+    broker.relay.slow(0)
+    assert _uncommitted(bootstrap, group, job) == 0
+    assert _evaluate_one_more(bootstrap, tmp_path, group, job, producer) == 1
+    _one_alert(bootstrap, job)
 
 
 def test_a_signal_with_the_broker_up_commits_everything_so_nothing_is_evaluated_again(
-    tmp_path: Path, unique: str
+    kafka_bootstrap: str, tmp_path: Path, unique: str
 ) -> None:
     """The normal stop: SIGTERM with the broker up commits the last offsets and state; the next
     worker evaluates only the record sent after it."""
     job = f"shutdown-up-{unique}"
     group = f"g-{unique}"
-    with EmbeddedBroker(log_path=tmp_path / "broker.log") as broker:
-        bootstrap = broker.bootstrap
-        producer = _send(bootstrap, job)
-        with worker_process(bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (proc, url):
-            wait_for(lambda: _evaluated_ten(url, job), 60, "the 10 records evaluated")
-            # At once, as in the outage test: whatever the last checkpoint left open, the stop commits.
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
-        text = (tmp_path / f"worker-{group}.log").read_text(errors="replace")
-        assert "worker stopped" in text and "exiting without it" not in text, text[-3000:]
-        assert _uncommitted(bootstrap, group, job) == 0
-        assert _evaluate_one_more(bootstrap, tmp_path, group, job, producer) == 1
-        _one_alert(bootstrap, job)
+    bootstrap = kafka_bootstrap
+    producer = _send(bootstrap, job)
+    with worker_process(bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (proc, url):
+        wait_for(lambda: _evaluated_ten(url, job), 60, "the 10 records evaluated")
+        # At once, as in the outage test: whatever the last checkpoint left open, the stop commits.
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    text = (tmp_path / f"worker-{group}.log").read_text(errors="replace")
+    assert "worker stopped" in text and "exiting without it" not in text, text[-3000:]
+    assert _uncommitted(bootstrap, group, job) == 0
+    assert _evaluate_one_more(bootstrap, tmp_path, group, job, producer) == 1
+    _one_alert(bootstrap, job)
 
 
 @pytest.mark.parametrize(
@@ -227,40 +220,39 @@ def test_a_signal_with_the_broker_up_commits_everything_so_nothing_is_evaluated_
     ids=["broker away-SIGTERM", "restart backoff-SIGINT"],
 )
 def test_a_signal_during_an_outage_ends_the_worker_and_only_the_uncommitted_is_evaluated_again(
-    tmp_path: Path, unique: str, state: str, sig: signal.Signals
+    relayed_kafka: RelayedKafka, tmp_path: Path, unique: str, state: str, sig: signal.Signals
 ) -> None:
     """Records and an alert before the outage; the broker cut; the signal in `state`: the worker
     exits 0 within 10 s; a second worker, broker back, evaluates the records past the committed
     position and a new one, nothing before, and publishes no alert twice."""
     job = f"shutdown-{unique}"
     group = f"g-{unique}"
-    with EmbeddedBroker(relay=True, log_path=tmp_path / "broker.log") as broker:
-        bootstrap = broker.bootstrap
-        assert broker.relay is not None
-        producer = _send(bootstrap, job)
-        log = tmp_path / f"worker-{group}.log"
-        with worker_process(bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (proc, url):
-            wait_for(lambda: _evaluated_ten(url, job), 60, "the 10 records evaluated")
-            mark = len(log.read_bytes())
-            broker.relay.cut()
-            wait_for(lambda: STATES[state] in log.read_bytes()[mark:].decode(errors="replace"), 120, state)
-            sent = time.monotonic()
-            proc.send_signal(sig)
-            rc = proc.wait(30)
-            took = time.monotonic() - sent
-            text = log.read_text(errors="replace")
-            assert rc == 0 and took < 10, f"exit {rc} after {took:.1f} s in {state}:\n{text[-3000:]}"
-            # With the broker away, the last checkpoint cannot be committed: the worker says it
-            # exits without it (as after a crash); else it stopped in order.
-            assert "worker stopped" in text or "exiting without it" in text
-        broker.relay.restore()
-        # Cut at once after the 10th record, the broker takes away the checkpoint still open (commit
-        # interval 0.25 s), and the stop cannot commit it: the next worker evaluates those records
-        # again from the last committed state, exactly those and the new one (at-least-once reading,
-        # docs/reliability.md), and since that state and the records are the same, its alerts carry
-        # the same ids and none is published twice.
-        uncommitted = _uncommitted(bootstrap, group, job)
-        again = _evaluate_one_more(bootstrap, tmp_path, group, job, producer)
-        print(f"\nuncommitted after the stop: {uncommitted}; evaluated by the second worker: {again}")
-        assert again == uncommitted + 1
-        _one_alert(bootstrap, job)
+    broker = relayed_kafka
+    bootstrap = broker.bootstrap
+    producer = _send(bootstrap, job)
+    log = tmp_path / f"worker-{group}.log"
+    with worker_process(bootstrap, tmp_path, group=group, jobs_regex=f"^{job}$") as (proc, url):
+        wait_for(lambda: _evaluated_ten(url, job), 60, "the 10 records evaluated")
+        mark = len(log.read_bytes())
+        broker.relay.cut()
+        wait_for(lambda: STATES[state] in log.read_bytes()[mark:].decode(errors="replace"), 120, state)
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        rc = proc.wait(30)
+        took = time.monotonic() - sent
+        text = log.read_text(errors="replace")
+        assert rc == 0 and took < 10, f"exit {rc} after {took:.1f} s in {state}:\n{text[-3000:]}"
+        # With the broker away, the last checkpoint cannot be committed: the worker says it
+        # exits without it (as after a crash); else it stopped in order.
+        assert "worker stopped" in text or "exiting without it" in text
+    broker.relay.restore()
+    # Cut at once after the 10th record, the broker takes away the checkpoint still open (commit
+    # interval 0.25 s), and the stop cannot commit it: the next worker evaluates those records
+    # again from the last committed state, exactly those and the new one (at-least-once reading,
+    # docs/reliability.md), and since that state and the records are the same, its alerts carry
+    # the same ids and none is published twice.
+    uncommitted = _uncommitted(bootstrap, group, job)
+    again = _evaluate_one_more(bootstrap, tmp_path, group, job, producer)
+    print(f"\nuncommitted after the stop: {uncommitted}; evaluated by the second worker: {again}")
+    assert again == uncommitted + 1
+    _one_alert(bootstrap, job)
