@@ -157,6 +157,13 @@ class Publisher:
                 "compression.type": compression,
                 "linger.ms": linger_ms,
                 "acks": "all",
+                # One request in flight per broker: a retried batch (say, the first produce to a
+                # topic created a moment ago, whose leader the broker does not know yet) then cannot
+                # land behind later steps. Rules and `top` read a rank's steps in topic order; a step
+                # 0 arriving after step 19 looked like a job started over. Idempotence would keep the
+                # order too, but its fatal errors would silence the hook for the rest of the run. At
+                # a hook's rate (one record per step, batched by linger.ms) one in flight is plenty.
+                "max.in.flight.requests.per.connection": 1,
                 "batch.num.messages": 10_000,
                 "message.timeout.ms": message_timeout_ms,
                 "message.max.bytes": MAX_MESSAGE_BYTES,

@@ -130,6 +130,7 @@ class _Job:
     rank: int | None = None  # the rank whose tensors the series show (the lowest seen)
     step: int | None = None  # the highest step of `mode` over every rank
     rank_step: int | None = None  # the last step of `mode` from `rank`
+    rank_ts: float = -math.inf  # when `rank` created that step's record
     progress: deque[tuple[float, int]] = field(default_factory=deque)  # (ts, step), new steps only
     series: dict[str, tuple[str, deque[tuple[int, float]]]] = field(default_factory=dict)
     firing: dict[AlertKey, AlertEvent] = field(default_factory=dict)  # by alert_key: the worker's rule slot
@@ -196,9 +197,13 @@ class TopState:
             self._restart(job, mode=job.mode, rank=rec.rank)
         if rec.rank == job.rank:
             if job.rank_step is not None and rec.step < job.rank_step:
+                if rec.ts < job.rank_ts:
+                    # Created before the step already shown: a record that arrived late (a retried
+                    # produce), not a restart. It is history: the row and the series stay as they are.
+                    return
                 # The job started over under the same id (another rank being a step ahead is no restart).
                 self._restart(job, mode=job.mode, rank=rec.rank)
-            job.rank_step = rec.step
+            job.rank_step, job.rank_ts = rec.step, rec.ts
         if job.step is None or rec.step > job.step:
             job.step = rec.step
             job.progress.append((rec.ts, rec.step))
@@ -255,7 +260,7 @@ class TopState:
 
     # ---------------------------------------------------------------------------------- internal
     def _restart(self, job: _Job, *, mode: str, rank: int) -> None:
-        job.mode, job.rank, job.step, job.rank_step = mode, rank, None, None
+        job.mode, job.rank, job.step, job.rank_step, job.rank_ts = mode, rank, None, None, -math.inf
         job.progress.clear()
         job.series.clear()
 

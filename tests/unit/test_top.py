@@ -152,6 +152,16 @@ def test_eval_steps_and_restarts_do_not_mix_with_training() -> None:
     assert state.series("resnet")[0].steps == (0, 1, 2)
 
 
+def test_a_late_record_of_an_earlier_step_is_no_restart() -> None:
+    """A producer retry can land step 0's record after step 19's (created earlier, arrived later):
+    the row keeps step 19 and its series; only a lower step created later is a rerun."""
+    records = [rec(s, T0 + s, loss=float(s)) for s in range(1, 20)] + [rec(0, T0, loss=0.0)]
+    state = TopState().extend(records)
+    row = state.rows(now=T0 + 20)[0]
+    assert row.step == 19 and row.steps_per_s is not None
+    assert state.series("resnet")[0].steps == tuple(range(1, 20))[-state.history :]
+
+
 def test_ranks_a_step_apart_are_no_restart() -> None:
     """Rank 1 a step ahead of rank 0 does not start the series over: all steps stay, the step is the highest."""
     records = []
