@@ -8,7 +8,8 @@ host, and how it gets there decides what a saved step costs the training thread:
    calls `.item()`; chunks are combined on the host in float64.
 2. NaN/inf are detected on the host from a non-finite sum, sum of squares, min, max or sum|x|.
    Only for those tensors a second pass computes exact nan/inf counts, or rescaled moments
-   when the values were finite but their float32 sums overflowed. That pass costs a second
+   when the values were finite but their float32 sums overflowed, or so tiny (mean |x| below
+   `statistics.FLOAT32_TINY`) that their float32 squares underflowed. That pass costs a second
    device sync, and only when something is already wrong with the training run.
 3. `HostStats.finish()` turns the raw host numbers into wire columns in float64 (numpy); the
    publisher runs it on its background thread.
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from tensorpulse.statistics import FLOAT32_TINY
 
 from . import stats_torch
 from .stats_numpy import Columns
@@ -118,11 +121,16 @@ def _scalar_1d(v: torch.Tensor) -> torch.Tensor:
 
 
 def _copy_to_host(floats: list[torch.Tensor], ints: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """One `.cpu()` for float32 and int64 parts of one device; returns (float64, int64) arrays."""
+    """One `.cpu()` for the float and int64 parts of one device; returns (float64, int64) arrays.
+
+    Floats travel as float32 unless one is float64 (the sums of a float64 tensor keep their
+    digits: 1e300 values rescaled lost 1e-7 of their mean in float32), and then all as float64.
+    """
     nf = sum(int(f.numel()) for f in floats)
-    parts = [f.to(torch.float32) for f in floats]
+    fdt = torch.float64 if any(f.dtype == torch.float64 for f in floats) else torch.float32
+    parts = [f.to(fdt) for f in floats]
     if ints:
-        parts.append(torch.cat(ints).view(torch.float32))
+        parts.append(torch.cat(ints).view(fdt))
     host = torch.cat(parts).cpu().numpy()
     return host[:nf].astype(np.float64), np.frombuffer(host[nf:].tobytes(), dtype=np.int64)
 
@@ -312,21 +320,35 @@ def _reshift(stats: Sequence[DeviceStats], raw: np.ndarray, n: np.ndarray, idx: 
 
 
 def _second_pass(stats: Sequence[DeviceStats], host: HostStats) -> None:
-    """Exact nan/inf counts or rescaled moments for tensors whose first-pass sums were non-finite."""
+    """Exact nan/inf counts, or moments of the values scaled by a power of two near 1 / max|x|, for
+    tensors whose first-pass sums were non-finite (a NaN or inf, or finite values whose sums
+    overflowed) or whose float32 squares underflowed (mean |x| below FLOAT32_TINY)."""
+    raw = host.raw
     with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(host.raw[:, 1:]).all(axis=1)
+        bad = ~np.isfinite(raw[:, 1:]).all(axis=1)
+        # sum|x| in (0, FLOAT32_TINY * n): NaN compares False, and all-zero tensors are exact
+        bad |= (raw[:, 5] < FLOAT32_TINY * host.n) & (raw[:, 5] > 0)
     if not bad.any():
         return
     groups: dict[torch.device, list[tuple[int, str, float]]] = {}
     for i in np.flatnonzero(bad):
-        if stats[i].tensor is None:
+        s = stats[i]
+        if s.tensor is None:
             continue
-        mn, mx = host.raw[i, 3], host.raw[i, 4]
-        if math.isfinite(mn) and math.isfinite(mx):
+        mn, mx = raw[i, 3], raw[i, 4]
+        if np.isfinite(raw[i, 1:]).all():
+            # tiny values: float64 sums did not underflow, nor did the numba rows (stats_numba sums
+            # a tiny chunk's squares again in float64; its rows come as float64)
+            if _compute_dtype(s.tensor.dtype) == torch.float64 or (
+                s.rows is not None and s.rows.rows.dtype == torch.float64
+            ):
+                continue
+            groups.setdefault(s.device, []).append((i, "rescale", max(abs(mn), abs(mx))))
+        elif math.isfinite(mn) and math.isfinite(mx):
             # amin/amax propagate NaN and show any inf: all elements are finite, sums overflowed.
-            groups.setdefault(stats[i].device, []).append((i, "rescale", max(abs(mn), abs(mx))))
-        elif not stats[i].counted:
-            groups.setdefault(stats[i].device, []).append((i, "count", 0.0))
+            groups.setdefault(s.device, []).append((i, "rescale", max(abs(mn), abs(mx))))
+        elif not s.counted:
+            groups.setdefault(s.device, []).append((i, "count", 0.0))
     for items in groups.values():
         floats: list[torch.Tensor] = []
         ints: list[torch.Tensor] = []
@@ -337,10 +359,11 @@ def _second_pass(stats: Sequence[DeviceStats], host: HostStats) -> None:
                 ints.append(torch.count_nonzero(flat).reshape(1))  # exact, whatever sign(NaN) gives
             else:
                 ct = _compute_dtype(flat.dtype)
-                y0 = flat[:1].to(ct) / scale
+                up, up2, _ = _pow2_scale(scale)
+                y0 = flat[:1].to(ct, copy=True).mul_(up).mul_(up2)
                 rows = []
                 for c in flat.split(stats_torch.CHUNK):
-                    y = c.to(ct) / scale
+                    y = c.to(ct, copy=True).mul_(up).mul_(up2)
                     d = y - y0
                     rows.append(torch.stack([d.sum(), torch.dot(d, d), y.abs().sum()]))
                 floats.append(torch.cat([y0, torch.stack(rows).sum(0)]))
@@ -353,8 +376,19 @@ def _second_pass(stats: Sequence[DeviceStats], host: HostStats) -> None:
                 io += 3
             else:
                 y0, ys, yss, ya = fl[fo : fo + 4]
-                host.rescaled[i] = (scale, float(y0), float(ys), float(yss), float(ya))
+                host.rescaled[i] = (_pow2_scale(scale)[2], float(y0), float(ys), float(yss), float(ya))
                 fo += 4
+
+
+def _pow2_scale(maxabs: float) -> tuple[float, float, float]:
+    """(up, up2, scale): y = x * up * up2 puts max|x| in [0.5, 1), and x = y * scale, exactly.
+
+    Powers of two, so scaling rounds nothing; two factors, so that each is a normal float32 even
+    for a subnormal max|x| (2**149 overflows float32, and so would 1 / max|x| there).
+    """
+    e = math.frexp(maxabs)[1]
+    half = -e // 2
+    return 2.0**half, 2.0 ** (-e - half), 2.0**e
 
 
 def torch_stats(

@@ -27,7 +27,8 @@ Activation outputs are reduced inside forward hooks and the activation itself is
 there is no tensor left for a second pass: for them (`exact_nonfinite=True`) the nan/inf
 counts are computed up front with float indicator sums (on CPU only when sum|x| is not finite).
 Values that are finite but overflow float32 sums (|x| > ~1e19) are not rescaled for them: their
-mean / std / abs_mean may then read inf (never NaN, which would claim a NaN element).
+mean / std / abs_mean may then read inf (never NaN, which would claim a NaN element); nor are
+values whose float32 squares underflow (|x| < ~1e-19): their std may read low, down to 0.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ Conventions every backend follows: statistics cover every element (population st
 they follow IEEE arithmetic (one NaN makes mean, std, min, max and abs_mean NaN; an inf makes
 mean and abs_mean infinite and std NaN); nan, inf and zeros are exact counts (NaN is not zero);
 an empty tensor has n = 0 and every statistic 0. Values that are finite but whose float64 sums
-overflow (|x| near 1e308) are rescaled, so a finite tensor never reads inf or NaN.
+overflow (|x| near 1e308) are rescaled, so a finite tensor never reads inf or NaN. Backends that
+accumulate in float32 lanes also redo, scaled or in float64, the squares of a tensor whose mean
+|x| is below `FLOAT32_TINY`: squares of values below ~1e-19 are subnormal or 0 in float32.
 
 This module imports nothing of the codec, so the codec can import it.
 """
@@ -34,6 +36,11 @@ import numpy as np
 WireKey = Literal["n", "f", "z", "nf", "q", "d", "act", ""]
 #: Upper edges of the per-unit activity histogram (fraction of samples in which a unit is > 0).
 ACTIVITY_EDGES = (0.001, 0.01, 0.05, 0.1, 0.5)
+#: Mean |x| below which float32 lanes recompute a tensor's sum of squares. Why this bound: a
+#: square that underflows float32 is off by at most 2**-150, so the std by at most 2**-75
+#: (absolute); at a mean |x| of 2**-50 or more that is under 2**-25 of the tensor's scale, far
+#: inside the float32 tolerance, and no tensor of ordinary values pays for a second pass.
+FLOAT32_TINY = 2.0**-50
 
 
 @dataclass(frozen=True, slots=True)

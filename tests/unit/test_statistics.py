@@ -100,14 +100,6 @@ def _mantissa(dtype: torch.dtype) -> int:
 
 
 CASES = ("random", "constant", "empty", "all_nan", "nan_and_inf", "inf_only", "huge", "subnormal", "tiny")
-#: Known disagreement (reported, issue 21): float32 lanes square values below ~1e-19 to
-#: subnormals or 0, and nothing rescales them as 1e30 values are rescaled, so std (and l2,
-#: variance) of a tensor of tiny values reads 0 or a few subnormals: e.g. std 0.0 for values
-#: N(0, 1) * 1e-22, reference 1e-22. The torch path lives in producers/stats_torch.py and
-#: stats_host.py, the kernels in producers/stats_numba.py.
-UNDERFLOW = pytest.mark.xfail(
-    reason="float32 lanes: squares of values below ~1e-19 underflow, std reads 0 (not rescaled)", strict=True
-)
 
 
 def _tensor(name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -184,29 +176,12 @@ def assert_statistics(got: TensorStats, x: np.ndarray, rtol: float, floor: float
             assert have == pytest.approx(want, rel=rtol, abs=max(rtol * width, floor)), where
 
 
-#: Known disagreement (reported, issue 21): the torch path rescales a float64 tensor whose sums
-#: overflow (|x| ~ 1e300) but brings the rescaled sums to the host as float32 (stats_host's
-#: second pass), so its mean is off by ~1e-7 relative: -1.1083455594e299 for -1.1083454626e299.
-RESCALED_F32 = pytest.mark.xfail(
-    reason="float64 tensors rescaled after an overflow: sums copied to the host in float32", strict=True
-)
-
-
-def _marks(backend: str, dtype: str, case: str) -> list[pytest.MarkDecorator]:
-    if backend != "numpy" and dtype in ("float32", "bfloat16") and case in ("subnormal", "tiny"):
-        return [UNDERFLOW]
-    if backend != "numpy" and dtype == "float64" and case == "huge":
-        return [RESCALED_F32]
-    return []
-
-
 PARAMS = [
     pytest.param(
         backend,
         dtype,
         case,
         id=f"{backend}-{dtype}-{case}",
-        marks=_marks(backend, dtype, case),
     )
     for backend in BACKENDS
     for dtype in DTYPES
@@ -250,9 +225,7 @@ def test_backend_gives_the_declared_statistics(backend, dtype, case, monkeypatch
 # --- the numba kernels, called directly -------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=[UNDERFLOW] if c in ("subnormal", "tiny") else []) for c in CASES]
-)
+@pytest.mark.parametrize("case", CASES)
 def test_numba_moments_kernel_gives_the_declared_statistics(case):
     """`stats_numba.moments` (float32 only) gives the reference's moments for finite tensors, and a
     non-finite moment for a tensor holding NaN or inf (its callers then count them exactly) or
@@ -279,7 +252,7 @@ def test_numba_moments_kernel_gives_the_declared_statistics(case):
     assert_statistics(got, x, TOLERANCE["float32 lanes"], floor, f"moments {case}")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[UNDERFLOW] if c == "tiny" else []) for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_whole_job_kernel_gives_the_declared_statistics(case, monkeypatch):
     """The kernel behind `reduce_host_fused` finishes the wire columns itself: equal to the
     reference, or None (the torch path takes over) for what it does not handle."""
@@ -289,7 +262,7 @@ def test_whole_job_kernel_gives_the_declared_statistics(case, monkeypatch):
     host = _public("reduce_host_fused")([t], [(0.0, math.inf)])
     x = _values(t)
     if host is None:
-        assert x.size == 0 or not np.isfinite(x).all() or case in ("huge", "constant", "subnormal"), case
+        assert x.size == 0 or not np.isfinite(x).all() or case in ("huge", "constant"), case
         return
     cols = host.finish()
     floor = 4 * float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23
