@@ -17,8 +17,11 @@ the unpaced listener read the whole flood during the warm-up on a quiet machine,
 stopped with "0 steps fell inside the flood".
 
 Arms, interleaved in every repeat: `none` (no flood), `flood` (the listener as shipped:
-paced to MAX_BUSY_SHARE of a core), `unpaced` (the same with no pacing: what a flood cost
-before). Ratios are per repeat against that repeat's `none`.
+paced to MAX_BUSY_SHARE of a core, resuming with RESUME_S of CPU time owed), `flood-r0` (the
+same pacing resuming as soon as anything is owed: one message per wake), `unpaced` (the same with no pacing: what a flood cost
+before). Ratios are per repeat against that repeat's `none`. The arms take turns at going first
+(repeat r starts with arm r mod 4): the first arm of a repeat ran slower on a quiet machine, which
+in a fixed order flattered every arm against `none`.
 
     python bench/control_flood.py --repeats 3 --steps 200
 """
@@ -37,7 +40,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from torch import nn
 
 from tensorpulse.actions import encode_action
-from tensorpulse.producers.control import MAX_BUSY_SHARE, ControlListener
+from tensorpulse.producers.control import MAX_BUSY_SHARE, RESUME_S, ControlListener
 from tensorpulse.producers.torch import TorchHook
 from tensorpulse.topics import control_topic
 
@@ -86,7 +89,9 @@ def _wait(cond, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def arm(bootstrap: str, flood: bool, share: float, steps: int, warmup: int) -> tuple[float, int, int]:
+def arm(
+    bootstrap: str, flood: bool, share: float, resume: float, steps: int, warmup: int
+) -> tuple[float, int, int]:
     """Median step time (ms) over `steps` measured steps that each ended with flood messages still
     unread (every step without a flood); the flood messages read, and the floods sent."""
     job = f"flood-{uuid.uuid4().hex[:8]}"
@@ -111,7 +116,7 @@ def arm(bootstrap: str, flood: bool, share: float, steps: int, warmup: int) -> t
 
     for step in range(warmup):  # before the listener: the flood cannot be read during these
         train(step)
-    listener = ControlListener(job, bootstrap=bootstrap, max_busy_share=share).start()
+    listener = ControlListener(job, bootstrap=bootstrap, max_busy_share=share, resume_s=resume).start()
     try:
         _wait(lambda: sum(listener.counts.values()) >= 1, "the listener to read its topic")
         base = sum(listener.counts.values())
@@ -147,7 +152,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the listener and training compete for the same core, as on a busy node
 
-    arms = {"none": (False, MAX_BUSY_SHARE), "flood": (True, MAX_BUSY_SHARE), "unpaced": (True, 1.0)}
+    arms = {
+        "none": (False, MAX_BUSY_SHARE, RESUME_S),
+        "flood": (True, MAX_BUSY_SHARE, RESUME_S),
+        "flood-r0": (True, MAX_BUSY_SHARE, 0.0),
+        "unpaced": (True, 1.0, 0.0),
+    }
     with open_broker(args.bootstrap, args.broker) as broker:
         print(f"broker: {broker.what}; {FLOOD:,} control messages per flood arm; MLP, 1 torch thread")
         ms: dict[str, list[float]] = {a: [] for a in arms}
@@ -155,8 +165,10 @@ def main() -> None:
         floods: dict[str, list[int]] = {a: [] for a in arms}
         ratios: dict[str, list[float]] = {a: [] for a in arms}
         for r in range(args.repeats):
-            for name, (flood, share) in arms.items():
-                m, n, f = arm(broker.bootstrap, flood, share, args.steps, args.warmup)
+            names = list(arms)
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                flood, share, resume = arms[name]
+                m, n, f = arm(broker.bootstrap, flood, share, resume, args.steps, args.warmup)
                 ms[name].append(m)
                 read[name].append(n)
                 floods[name].append(f)

@@ -44,6 +44,11 @@ GRACE_S = 5.0
 MAX_BUSY_SHARE = 0.02
 #: CPU seconds of handling the listener may spend at once before the pacing starts.
 BURST_S = 0.05
+#: Once paced, the listener works again only when this much CPU time is owed to it, so a flood is
+#: read in a few pieces per second instead of one message every couple of milliseconds: each wake
+#: takes the GIL from the training thread, which then waits for it again, and hundreds of those
+#: hand-overs a second cost training more than the listener's own CPU time (bench/control_flood.py).
+RESUME_S = 0.01
 #: A flood (ignored messages, pacing) is logged once per this many seconds, with counts.
 FLOOD_LOG_INTERVAL_S = 10.0
 #: Another action of the same kind within this many seconds of the last one is counted, not dispatched.
@@ -63,16 +68,21 @@ class WorkBudget:
 
     A token bucket whose tokens are CPU seconds: it refills at `share` seconds per second and
     holds at most `burst_s`. `spend(cpu_seconds, now)` charges a piece of work and returns how
-    long to wait before the next one (0 while there is credit). Pure: the caller measures and waits.
+    long to wait before the next one (0 while there is credit). A bucket that ran dry waits until
+    it holds `resume_s` again (at most `burst_s`), so paced work comes in pieces of about that much
+    CPU time rather than one small piece per refill. Pure: the caller measures and waits.
     """
 
-    def __init__(self, share: float, burst_s: float, now: float) -> None:
+    def __init__(self, share: float, burst_s: float, now: float, resume_s: float = 0.0) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"Expected `share` to be in (0, 1] but got {share}")
         if burst_s <= 0:
             raise ValueError(f"Expected `burst_s` to be positive but got {burst_s}")
+        if resume_s < 0:
+            raise ValueError(f"Expected `resume_s` to be at least 0 but got {resume_s}")
         self.share = share
         self.burst_s = burst_s
+        self.resume_s = min(resume_s, burst_s)
         self._credit = burst_s
         self._last = now
 
@@ -80,7 +90,7 @@ class WorkBudget:
         """Charge `cpu_seconds` of work done by `now`; seconds to wait before the next piece."""
         self._credit = min(self.burst_s, self._credit + max(0.0, now - self._last) * self.share) - cpu_seconds
         self._last = now
-        return 0.0 if self._credit >= 0 else -self._credit / self.share
+        return 0.0 if self._credit >= 0 else (self.resume_s - self._credit) / self.share
 
 
 class FloodLog:
@@ -160,6 +170,7 @@ class ControlListener:
         poll_interval_s: float = 0.05,
         max_busy_share: float = MAX_BUSY_SHARE,
         burst_s: float = BURST_S,
+        resume_s: float = RESUME_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.job = validate_job(job)
@@ -173,7 +184,7 @@ class ControlListener:
         #: Messages read, by what became of them: accepted, coalesced, stale, other_job, malformed.
         self.counts: collections.Counter[str] = collections.Counter()
         self._clock = clock
-        self._budget = WorkBudget(max_busy_share, burst_s, clock())
+        self._budget = WorkBudget(max_busy_share, burst_s, clock(), resume_s)
         self._flood = FloodLog(self.topic, FLOOD_LOG_INTERVAL_S, clock())
         self._dispatched: dict[str, float] = {}  # action kind -> when its callbacks last ran
         self._closing = threading.Event()

@@ -4,6 +4,7 @@ CPU paced to its share, and a genuine stop still honoured (no broker: messages h
 from __future__ import annotations
 
 import logging
+import statistics
 
 import pytest
 
@@ -96,6 +97,37 @@ def test_work_budget_holds_the_share_over_a_long_flood() -> None:
         now += budget.spend(0.001, now)
     assert cpu <= share * now + burst
     assert cpu >= share * now * 0.95  # and it does not wait more than it must
+
+
+@pytest.mark.parametrize("resume", [0.0, 0.01])
+def test_work_budget_holds_the_share_whatever_its_resume_level(resume: float) -> None:
+    """Pieces of 1 ms: the share holds with or without a resume level."""
+    budget = WorkBudget(0.02, 0.05, now=0.0, resume_s=resume)
+    now = cpu = 0.0
+    for _ in range(5_000):
+        now += 0.001
+        cpu += 0.001
+        now += budget.spend(0.001, now)
+    assert 0.02 * now * 0.95 <= cpu <= 0.02 * now + 0.05
+
+
+def test_work_budget_resumes_in_pieces_of_its_resume_level() -> None:
+    """Once dry, the bucket waits until it owes `resume_s` again: with 0.1 ms pieces and a 10 ms
+    resume level, about 100 pieces run between two waits (without it, one)."""
+    def runs_between_waits(resume: float) -> float:
+        budget = WorkBudget(0.02, 0.05, now=0.0, resume_s=resume)
+        now, runs, current = 0.0, [], 0
+        for _ in range(20_000):
+            now += 0.0001
+            wait = budget.spend(0.0001, now)
+            current += 1
+            if wait > 0:
+                runs.append(current)
+                current, now = 0, now + wait
+        return statistics.median(runs[1:])  # the first run spends the initial burst
+
+    assert runs_between_waits(0.01) >= 90
+    assert runs_between_waits(0.0) <= 2
 
 
 def test_work_budget_lets_a_trickle_through_without_waiting() -> None:
