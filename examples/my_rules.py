@@ -3,8 +3,9 @@
 import math
 
 from pydantic import Field
+from typing_extensions import TypedDict
 
-from tensorpulse.rules import Finding, Rule, RuleKind, RuleParams, State
+from tensorpulse.rules import Finding, Rule, RuleKind, RuleParams
 from tensorpulse.wire import StepRecord
 
 
@@ -24,6 +25,10 @@ class GradNormSpike(Rule):
     Params = GradNormSpikeParams
     needs = "mean and std of the gradients (l2 is derived from them)"
     kind = RuleKind.PER_TENSOR  # reads tensor statistics, one state per rank (the default)
+
+    class State(TypedDict):  # the state's fields: the worker checks a stored state against them
+        avg: float  # the recent average of the norm
+        seen: int  # finite norms seen so far
 
     def initialize(self) -> State:
         return {"avg": 0.0, "seen": 0}  # plain JSON: the worker stores it between records

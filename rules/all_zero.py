@@ -9,7 +9,7 @@ from pydantic import Field
 
 from tensorpulse.wire import StepRecord
 
-from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
+from .base import Finding, NoState, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 
 #: Collections skipped when neither collection_names nor tensor_regex is given.
 DEFAULT_EXCLUDED = frozenset({"biases"})
@@ -39,6 +39,8 @@ class AllZero(Rule):
     name: ClassVar[str] = "AllZero"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = AllZeroParams
+    #: Judges each record on its own: keeps nothing.
+    State = NoState
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = "zero count and element count of the selected tensors"

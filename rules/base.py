@@ -1,12 +1,25 @@
-"""The rule contract: declared parameters, explicit state, a pure `update`.
+"""The rule contract: declared parameters, declared state, a pure `update`.
 
 A rule never does I/O and never stores anything on itself between steps: the stream layer
 keeps the state (JSON-serialisable, so it can live in a changelog-backed store) and feeds
 records in. That makes every rule testable with `run_rule(rule, records)` and no Kafka.
+
+A rule declares its state's type as `State`, a `TypedDict` (from typing_extensions: pydantic
+validates those on Python 3.11), beside its `Params`. Why a TypedDict and not a pydantic model or a
+dataclass: the state stays the plain dict of lists, numbers and strings that msgpack and JSON
+store as they are, so `update(state, record) -> (state, finding)` stays a pure function of plain
+values (the `{**state, "x": ...}` idiom included), and the worker converts nothing per record (a
+model would cost a dump and a validation on every record of every rule). The declaration is
+checked where it earns it: `RuleTester` validates `initialize()` and every state `update`
+returns against it, strictly (`state_mismatch`); the stream layer validates a state read from the
+store once, so a state stored in another layout (a worker upgraded to a version whose rule keeps
+other fields) starts fresh instead of breaking the rule (stream/state.py). A rule without a
+declaration inherits `Rule.State`, any dict: it works, and RuleTester asks for one.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -14,14 +27,18 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
 
+#: A rule's state as the stream layer handles it: a dict (see the rule's own `State` for its fields).
 State = dict[str, Any]
+#: The state type of a rule that declares none (`Rule.State`): any dict.
+AnyState = dict[str, Any]
 
 SEVERITIES = ("info", "warning", "critical")
 
@@ -67,6 +84,17 @@ class Finding:
     threshold: float | None = None
     tensors: tuple[str, ...] = ()
     message: str = ""
+
+
+class NoState(TypedDict):
+    """The state of a rule that keeps nothing between records (`initialize()` returns {})."""
+
+
+class HoldState(TypedDict, total=False):
+    """The field `hold` keeps in a windowed rule's state: base its `State` on this one."""
+
+    #: [firing, healthy checks in a row] (absent before the first check).
+    hold: list[bool | int]
 
 
 def hold(state: State, finding: Finding | None, resolve_after: int) -> tuple[State, Finding | None]:
@@ -188,6 +216,10 @@ class Rule:
     clock: ClassVar[bool] = False
     per_rank: ClassVar[bool] = True
     cross_run: ClassVar[bool] = False
+    #: The type of the rule's state: a `TypedDict` (from typing_extensions) naming each field
+    #: `initialize` and `update` keep, in the types the store gives back (lists, not tuples). The
+    #: default, any dict, works but checks nothing (RuleTester asks for a declaration).
+    State: ClassVar[Any] = AnyState
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Settle the subclass's `kind` (declared, from the older flags, or inherited) and the flags with it."""
@@ -246,6 +278,43 @@ class Rule:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
         return f"{type(self).__name__}({args})"
+
+
+@functools.cache
+def _adapter(state_type: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(state_type)
+
+
+def declares_state(rule: Rule | type[Rule]) -> bool:
+    """True if the rule (class or instance) declares its state's type (a `State` of its own)."""
+    return rule.State is not AnyState
+
+
+def state_mismatch(
+    rule: Rule | type[Rule], state: Any, *, strict: bool = False, extra_fields: bool = True
+) -> str | None:
+    """Where `state` differs from the rule's declared `State` (None: it matches).
+
+    The text names the field's path ("tensors.fc.weight.run") and what is wrong with it, then
+    how many other fields differ. `strict`: no conversions (no "3" for an int, no list for a
+    tuple), as RuleTester checks; the stream layer reads stored state leniently. `extra_fields`:
+    top-level fields the declaration does not name are allowed (False: the first is a difference).
+    """
+    try:
+        _adapter(rule.State).validate_python(state, strict=strict)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        first = errors[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the state"
+        more = f" (and {len(errors) - 1} other field(s))" if len(errors) > 1 else ""
+        return f"{where}: {first['msg']} (got {first['input']!r:.80}){more}"
+    declared = getattr(rule.State, "__required_keys__", None)
+    if not extra_fields and declared is not None:
+        known = declared | rule.State.__optional_keys__
+        extra = sorted(str(k) for k in state if k not in known)
+        if extra:
+            return f"{extra[0]}: a field the declared State does not name (got {state[extra[0]]!r:.80})"
+    return None
 
 
 class Regex(Protocol):

@@ -6,6 +6,7 @@ import math
 from typing import ClassVar
 
 from pydantic import Field
+from typing_extensions import TypedDict
 
 from tensorpulse.wire import StepRecord
 
@@ -21,6 +22,14 @@ class CheckInputImagesParams(RuleParams):
     threshold_samples: int = Field(500, ge=1, description="images to see before judging")
     regex: str | None = Field(None, description="names of the image inputs (None: all)")
     channel: int = Field(1, description="the channel axis; used by the hook (record_inputs), not here")
+
+
+class _Sums(TypedDict):
+    """One image input's running sums: images, values per channel (images x pixels), channel sums."""
+
+    n: int
+    v: int
+    s: list[float]
 
 
 class CheckInputImages(Rule):
@@ -47,6 +56,11 @@ class CheckInputImages(Rule):
     name: ClassVar[str] = "CheckInputImages"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = CheckInputImagesParams
+
+    class State(TypedDict):
+        step: int | None  # the last counted step
+        inputs: dict[str, _Sums]  # per input (at most MAX_INPUTS)
+
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = "per-channel sums of the input images (record_inputs) on train steps"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from pydantic import Field
+from typing_extensions import TypedDict
 
 from tensorpulse.wire import StepRecord
 
@@ -70,6 +71,14 @@ class ClassImbalance(Rule):
     name: ClassVar[str] = "ClassImbalance"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = ClassImbalanceParams
+
+    class State(TypedDict):
+        step: int | None  # the last counted step
+        labels: list[float]  # label count per class
+        rows: list[float]  # the open block: samples per true class
+        correct: list[float]  # the open block: correct predictions per class
+        last: list[list[float]] | None  # the last complete block: [rows, correct]
+
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = "label counts and confusion counts (record_labels) on train steps"

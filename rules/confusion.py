@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from pydantic import Field
+from typing_extensions import TypedDict
 
 from tensorpulse.wire import StepRecord
 
@@ -56,6 +57,12 @@ class Confusion(Rule):
     name: ClassVar[str] = "Confusion"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = ConfusionParams
+
+    class State(TypedDict):
+        step: int | None  # the last counted step
+        k: int  # classes
+        m: list[float]  # the k x k confusion counts, row-major (true class, predicted)
+
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = "confusion counts (record_labels with predictions) on train steps"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import Field
+from typing_extensions import NotRequired, TypedDict
 
 from tensorpulse.wire import StepRecord
 
@@ -130,6 +131,17 @@ class CrossRankParams(RuleParams):
     )
 
 
+class CrossRankState(TypedDict):
+    """A cross-rank rule's job-level state (see CrossRankRule)."""
+
+    #: "<mode>|<step>" -> [first publish time, world, {rank: values} or a hex bitmap of the ranks
+    #: (+ each name's extremes)] of the steps waiting for ranks
+    p: dict[str, list[Any]]
+    d: dict[str, int]  # mode -> newest compared step
+    c: dict[str, Any]  # the subclass's own state (a subclass's State narrows it)
+    on: NotRequired[bool]  # whether the last finding returned was firing
+
+
 class CrossRankRule(Rule):
     """Base of rules that compare the ranks of a job at the same step.
 
@@ -144,6 +156,7 @@ class CrossRankRule(Rule):
 
     kind: ClassVar[RuleKind] = RuleKind.CROSS_RANK
     Params: ClassVar[type[RuleParams]] = CrossRankParams
+    State = CrossRankState
 
     def initialize(self) -> State:
         return {"p": {}, "d": {}, "c": self.initialize_compare()}

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from tensorpulse.errors import ConfigError
 from tensorpulse.wire import MODES
 
-from .base import SEVERITIES, Rule
+from .base import SEVERITIES, Rule, state_mismatch
 
 #: The entry-point group packages use to register rules by name.
 ENTRY_POINT_GROUP = "tensorpulse.rules"
@@ -211,12 +211,17 @@ def check_rule_class(obj: Any, what: str) -> type[Rule]:
 
 
 def check_initial_state(rule: Rule) -> None:
-    """Fail at start-up, not mid-stream, if a rule's initial state cannot be stored as JSON."""
+    """Fail at start-up, not mid-stream, if a rule's initial state cannot be stored as JSON or
+    does not match the rule's declared `State` (the worker would take every stored state for one
+    of another layout)."""
     try:
         state = rule.initialize()
         if not isinstance(state, dict):
             raise TypeError(f"it returned a {type(state).__name__}, not a dict")
         json.dumps(state, allow_nan=True)
+        problem = state_mismatch(rule, state)
+        if problem is not None:
+            raise TypeError(f"it does not match the rule's declared State at {problem}")
     except Exception as exc:
         raise ConfigError(
             f"rule {rule.name or type(rule).__name__}: initialize() must return a JSON-serialisable dict "

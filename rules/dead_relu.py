@@ -10,7 +10,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import ACTIVITY_EDGES, StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
+from .base import Finding, NoState, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 
 #: The values threshold_inactivity may take: the activity histogram edges, in percent.
 ALLOWED_INACTIVITY = tuple(round(e * 100, 6) for e in ACTIVITY_EDGES)
@@ -40,6 +40,8 @@ class DeadRelu(Rule):
     name: ClassVar[str] = "DeadRelu"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = DeadReluParams
+    #: Judges each record on its own: keeps nothing.
+    State = NoState
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = 'per-unit activity histogram (TensorStats.activity) of ReLU outputs, "activations"'

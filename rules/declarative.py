@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal, get_args
 import numpy as np
 from pydantic import Field, StrictStr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict
 
 from tensorpulse.wire import MODES, StepRecord
 
@@ -155,6 +156,13 @@ class Threshold(Rule):
     name: ClassVar[str] = "Threshold"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = ThresholdParams
+
+    class State(TypedDict, total=False):
+        #: (every field may be absent: a state stored under other parameters still reads)
+        last: int | None  # the last checked step
+        run: int  # without num_steps: checked steps in a row that held
+        w: str  # with num_steps: '1' held, '0' not, per checked step of the window, oldest first
+
     modes: ClassVar[frozenset[str]] = frozenset(MODES)
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = "the chosen statistic of the selected tensors, or the named scalar"

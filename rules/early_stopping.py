@@ -6,6 +6,7 @@ import math
 from typing import ClassVar, Literal
 
 from pydantic import Field
+from typing_extensions import TypedDict
 
 from tensorpulse.wire import StepRecord
 
@@ -47,6 +48,12 @@ class EarlyStopping(Rule):
     name: ClassVar[str] = "EarlyStopping"
     kind: ClassVar[RuleKind] = RuleKind.SCALAR
     Params: ClassVar[type[RuleParams]] = EarlyStoppingParams
+
+    class State(TypedDict):
+        step: int | None  # the last step judged
+        best: float | None  # the best value so far
+        wait: int  # checks since the last improvement
+
     modes: ClassVar[frozenset[str]] = frozenset({"eval"})
     severity: ClassVar[str] = "info"
     needs: ClassVar[str] = 'the monitored scalar (default "loss") on records of `record_mode` (default eval)'

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from typing_extensions import TypedDict
+
 from tensorpulse.wire import MODES, StepRecord
 
 from . import functional as F
@@ -60,6 +62,12 @@ class ExplodingTensor(Rule):
     name: ClassVar[str] = "ExplodingTensor"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = ExplodingTensorParams
+
+    class State(TypedDict, total=False):
+        #: mode -> [step, publish time, position in the record, tensor name, 0 for a weight else 1]
+        #: of the earliest non-finite tensor of this rank (absent until there is one).
+        first: dict[str, list[int | float | str]]
+
     modes: ClassVar[frozenset[str]] = frozenset(MODES)
     severity: ClassVar[str] = "critical"
     needs: ClassVar[str] = "exact nan and inf counts of the selected tensors; losses and metrics as scalars"

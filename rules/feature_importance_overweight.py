@@ -9,7 +9,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
+from .base import Finding, NoState, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 
 
 class FeatureImportanceOverweightParams(RuleParams):
@@ -41,6 +41,8 @@ class FeatureImportanceOverweight(Rule):
     name: ClassVar[str] = "FeatureImportanceOverweight"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = FeatureImportanceOverweightParams
+    #: Judges each record on its own: keeps nothing.
+    State = NoState
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "info"
     needs: ClassVar[str] = 'labelled importance vector "feature_importance/gain" (XGBoost callback)'

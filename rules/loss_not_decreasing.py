@@ -6,12 +6,24 @@ import math
 from typing import ClassVar, Literal
 
 from pydantic import Field
+from typing_extensions import NotRequired
 
 from tensorpulse.errors import ConfigError
 from tensorpulse.wire import MODES, StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, WindowedParams, compile_regex, hold
+from .base import (
+    Finding,
+    HoldState,
+    Regex,
+    Rule,
+    RuleKind,
+    RuleParams,
+    State,
+    WindowedParams,
+    compile_regex,
+    hold,
+)
 
 
 class LossNotDecreasingParams(WindowedParams):
@@ -66,6 +78,14 @@ class LossNotDecreasing(Rule):
     name: ClassVar[str] = "LossNotDecreasing"
     kind: ClassVar[RuleKind] = RuleKind.SCALAR
     Params: ClassVar[type[RuleParams]] = LossNotDecreasingParams
+
+    class State(HoldState):
+        last_step: int | None  # the last step taken
+        losses: list[float]  # the last 2 x window losses
+        since: int  # steps since the last check
+        bad: int  # checks in a row that found no decrease
+        first: NotRequired[float | None]  # the mean loss of the first full window
+
     modes: ClassVar[frozenset[str]] = frozenset(MODES)
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = 'the loss as scalar "loss" at every saved step of the watched mode'

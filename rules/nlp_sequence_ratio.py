@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from pydantic import Field
+from typing_extensions import TypedDict
 
 from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
@@ -103,6 +104,12 @@ class NLPSequenceRatio(Rule):
     name: ClassVar[str] = "NLPSequenceRatio"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = NLPSequenceRatioParams
+
+    class State(TypedDict):
+        step: int | None  # the last counted step
+        #: per step of the window: [total, count] or None per watched token value
+        w: list[list[list[int] | None]]
+
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = "token counts per watched token value (record_inputs kind tokens) on train steps"

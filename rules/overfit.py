@@ -6,11 +6,23 @@ import math
 from typing import ClassVar
 
 from pydantic import Field
+from typing_extensions import NotRequired, TypedDict
 
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, WindowedParams, compile_regex, hold
+from .base import (
+    Finding,
+    HoldState,
+    Regex,
+    Rule,
+    RuleKind,
+    RuleParams,
+    State,
+    WindowedParams,
+    compile_regex,
+    hold,
+)
 
 
 class OverfitParams(WindowedParams):
@@ -22,6 +34,17 @@ class OverfitParams(WindowedParams):
     min_rise_percent: float = Field(5.0, ge=0.0)
     eval_window: int = Field(3, ge=1)
     num_steps: int = Field(10, ge=1)
+
+
+class _Check(TypedDict):
+    """Overfit's open check (an evaluation step being summed)."""
+
+    step: int
+    sum: float
+    count: int
+    held: int
+    train: NotRequired[float]
+    smooth: NotRequired[float]
 
 
 class Overfit(Rule):
@@ -57,6 +80,16 @@ class Overfit(Rule):
     name: ClassVar[str] = "Overfit"
     kind: ClassVar[RuleKind] = RuleKind.SCALAR
     Params: ClassVar[type[RuleParams]] = OverfitParams
+
+    class State(HoldState):
+        train_step: int | None
+        train: list[float]
+        best: float | None
+        train_at_best: float | None
+        evals: NotRequired[list[float]]  # absent in states stored before it existed
+        held: int
+        check: _Check | None
+
     modes: ClassVar[frozenset[str]] = frozenset({"train", "eval"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = 'scalar "loss" on train steps and on eval records'

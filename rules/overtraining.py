@@ -6,6 +6,7 @@ import math
 from typing import ClassVar
 
 from pydantic import Field
+from typing_extensions import TypedDict
 
 from tensorpulse.wire import StepRecord
 
@@ -20,6 +21,14 @@ class OvertrainingParams(RuleParams):
     patience_train: int = Field(5, ge=1, description="train steps")
     patience_validation: int = Field(10, ge=1, description="evaluation steps")
     delta: float = Field(0.01, ge=0.0, description="absolute loss decrease that counts as improvement")
+
+
+class _Patience(TypedDict):
+    """One loss's patience count (train or eval)."""
+
+    step: int | None
+    best: float | None
+    since: int
 
 
 class Overtraining(Rule):
@@ -50,6 +59,11 @@ class Overtraining(Rule):
     name: ClassVar[str] = "Overtraining"
     kind: ClassVar[RuleKind] = RuleKind.SCALAR
     Params: ClassVar[type[RuleParams]] = OvertrainingParams
+
+    class State(TypedDict):
+        train: _Patience
+        eval: _Patience
+
     modes: ClassVar[frozenset[str]] = frozenset({"train", "eval"})
     severity: ClassVar[str] = "info"
     needs: ClassVar[str] = 'scalar "loss" on train steps and on eval records'

@@ -6,6 +6,7 @@ import math
 from typing import Any, ClassVar
 
 from pydantic import Field
+from typing_extensions import TypedDict
 
 from tensorpulse.wire import StepRecord
 
@@ -61,6 +62,17 @@ class PoorWeightInitialization(Rule):
     name: ClassVar[str] = "PoorWeightInitialization"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = PoorWeightInitializationParams
+
+    class State(TypedDict):
+        first_step: int | None
+        last_step: int | None
+        done: bool
+        var: list[float | str] | None  # [ratio, name of max, name of min]
+        spread: list[float | str] | None  # [min p95 - p5, tensor]
+        constant: list[str] | None
+        loss0: list[float] | None  # [index, loss]
+        decreased: bool
+
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = "early steps: activation_inputs variance, gradient p5/p95, initial weights, loss"

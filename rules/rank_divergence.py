@@ -15,11 +15,20 @@ import statistics
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
+from typing_extensions import TypedDict
 
 from tensorpulse.wire import StepRecord, TensorStats
 
 from .base import Finding, RuleKind, RuleParams, State, compile_regex
-from .cross_rank import AssembledStep, CrossRankParams, CrossRankRule, Extremes, RankedFinding, SummarisedStep
+from .cross_rank import (
+    AssembledStep,
+    CrossRankParams,
+    CrossRankRule,
+    CrossRankState,
+    Extremes,
+    RankedFinding,
+    SummarisedStep,
+)
 
 #: Collection names that select scalars (scalars carry no collection on the wire).
 SCALAR_COLLECTIONS = frozenset({"losses", "metrics"})
@@ -41,6 +50,13 @@ class RankDivergenceParams(CrossRankParams):
     ratio_threshold: float = Field(10.0, gt=1.0, description="max/min across ranks above this diverges")
     min_value: float = Field(0.01, gt=0.0, description="values below this count as this (tiny values)")
     patience: int = Field(3, ge=1, description="consecutive compared steps that must diverge")
+
+
+class _Reference(TypedDict):
+    """RankDivergence's own state (under "c")."""
+
+    n: int  # compared steps in a row that diverged
+    ref: dict[str, dict[str, float]]  # name -> rank -> log value at the last step it agreed
 
 
 class RankDivergence(CrossRankRule):
@@ -76,6 +92,10 @@ class RankDivergence(CrossRankRule):
     name: ClassVar[str] = "RankDivergence"
     kind: ClassVar[RuleKind] = RuleKind.CROSS_RANK
     Params: ClassVar[type[RuleParams]] = RankDivergenceParams
+
+    class State(CrossRankState):
+        c: _Reference  # type: ignore[misc]  # narrows CrossRankState's c
+
     modes: ClassVar[frozenset[str]] = frozenset({"train", "eval"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = (

@@ -10,7 +10,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex
+from .base import Finding, NoState, Regex, Rule, RuleKind, RuleParams, State, compile_regex
 from .dead_relu import ALLOWED_INACTIVITY
 
 #: The non-saturated input ranges the hook applies (SageMaker's defaults); see docs/wire-format.md.
@@ -54,6 +54,8 @@ class SaturatedActivation(Rule):
     name: ClassVar[str] = "SaturatedActivation"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = SaturatedActivationParams
+    #: Judges each record on its own: keeps nothing.
+    State = NoState
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = (

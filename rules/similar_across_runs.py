@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from pydantic import Field
+from typing_extensions import TypedDict
 
 from tensorpulse.errors import ConfigError
 from tensorpulse.wire import MODES, StepRecord
@@ -71,6 +72,11 @@ class SimilarAcrossRuns(Rule):
     )
     #: Tells the stream layer to route other jobs' records to `update_other` (crossrun path).
     kind: ClassVar[RuleKind] = RuleKind.CROSS_RUN
+
+    class State(TypedDict):
+        a: dict[str, dict[str, list[float]]]  # "<mode>:<step>" -> name -> this job's values
+        b: dict[str, dict[str, dict[str, list[float]]]]  # other job -> its values waiting, as `a`
+        d: dict[str, list[Any]]  # other job -> [differing names, how many, compared, first text]
 
     def _check(self) -> None:
         p = self.params

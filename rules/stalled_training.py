@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 from pydantic import Field
+from typing_extensions import TypedDict
 
 from tensorpulse.wire import MODES, StepRecord
 
@@ -42,6 +43,11 @@ class StalledTrainingRule(Rule):
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = "nothing but the records' publish times (ts)"
     kind: ClassVar[RuleKind] = RuleKind.CLOCK
+
+    class State(TypedDict):
+        ts: float | None  # the newest publish time seen
+        step: int | None  # and its step and mode
+        mode: str | None
 
     def initialize(self) -> State:
         return {"ts": None, "step": None, "mode": None}

@@ -11,7 +11,7 @@ from pydantic import Field
 from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
 
-from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, compile_regex, range_finding
+from .base import Finding, NoState, Regex, Rule, RuleKind, RuleParams, State, compile_regex, range_finding
 
 
 class TensorVarianceParams(RuleParams):
@@ -42,6 +42,8 @@ class TensorVariance(Rule):
     name: ClassVar[str] = "TensorVariance"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = TensorVarianceParams
+    #: Judges each record on its own: keeps nothing.
+    State = NoState
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = "std of the selected tensors"

@@ -16,7 +16,12 @@ stream layer relies on without saying so in the types:
    another state key (the store keys a slot by a digest of the rule's class and parameters, so a
    changed threshold never reads state made under the old one);
 5. bounded state: over a long run (the records repeated with their steps moved on) the packed
-   state stops growing once the rule's windows are full, and stays under the store's entry limit.
+   state stops growing once the rule's windows are full, and stays under the store's entry limit;
+6. declared state: `initialize()` and the state after every record match the rule's declared
+   `State` (a TypedDict, see tensorpulse.rules.base), strictly and with no undeclared field, as
+   given and after the store's msgpack round-trip (the worker validates stored state against the
+   declaration and starts a rule afresh when it does not match). A rule without a declaration
+   gets an `UndeclaredStateWarning` instead.
 
 A failed check raises `RuleCheckError` (an AssertionError, so pytest shows it) naming the rule,
 the check, the record index and what differed. Usage (see README.md, "Custom rules"):
@@ -29,12 +34,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tensorpulse.wire import StepRecord
 
-from .base import Finding, Rule, RuleKind, State
+from .base import Finding, Rule, RuleKind, State, declares_state, state_mismatch
 
 #: One streaming result: (index of the record in the sequence given, finding or None).
 Result = list[tuple[int, Finding | None]]
@@ -47,6 +53,10 @@ class RuleCheckError(AssertionError):
     def __init__(self, rule: Rule, check: str, what: str) -> None:
         super().__init__(f"{rule!r} failed the {check} check: {what}")
         self.rule, self.check, self.what = rule, check, what
+
+
+class UndeclaredStateWarning(UserWarning):
+    """RuleTester checked a rule that does not declare its state's type (`State`)."""
 
 
 def _codecs() -> dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]]:
@@ -121,7 +131,7 @@ def lengthen(records: Sequence[StepRecord], length: int) -> list[StepRecord]:
 
 class RuleTester:
     """Checks a rule against records: batch reference, state round-trip, determinism and purity,
-    fresh starts, bounded state (see the module docstring).
+    fresh starts, bounded state, declared state (see the module docstring).
 
     `rule` is an instance, or a class with its parameters as keyword arguments. `other_params`
     (optional): a different parameter set, for the parameter-change check (skipped without it).
@@ -410,6 +420,41 @@ class RuleTester:
                 f"first {sizes[half][0]} records (allowed: x{self.growth:g} + {self.slack} bytes); keep a bounded window",
             )
 
+    def check_state(self, records: Sequence[StepRecord]) -> bool:
+        """`initialize()` and every state the rule returns (and that state after a msgpack
+        round-trip, as the worker reads it back) match the declared `State`: strictly, with no
+        undeclared field. False, with an UndeclaredStateWarning, when the rule declares none."""
+        rule = self.fresh()
+        if not declares_state(rule):
+            warnings.warn(
+                f"{rule!r} does not declare its state's type: add a `State` TypedDict (from "
+                "typing_extensions) naming the fields initialize() returns, so the worker can tell a "
+                "stored state of another layout from its own (see README.md, 'Custom rules')",
+                UndeclaredStateWarning,
+                stacklevel=2,
+            )
+            return False
+        pack, unpack = _codecs()["msgpack"]
+
+        def match(state: State, where: str) -> None:
+            for form, value in (("", state), (" after a msgpack round-trip", unpack(pack(state)))):
+                problem = state_mismatch(rule, value, strict=True, extra_fields=False)
+                if problem is not None:
+                    raise RuleCheckError(
+                        rule,
+                        "declared state",
+                        f"{where}{form} does not match {type(rule).__name__}.State at {problem}",
+                    )
+
+        match(rule.initialize(), "the state initialize() returns")
+
+        def each(i: int, state: State) -> State:
+            match(state, f"the state after {self._where(records, i)}")
+            return state
+
+        self.stream(rule, records, after=each)
+        return True
+
     def check(self, records: Sequence[StepRecord]) -> Result:
         """Every check on `records`; returns the streaming findings [(record index, finding or None)],
         for the caller's own assertions (e.g. that a faulty run fires)."""
@@ -420,7 +465,8 @@ class RuleTester:
         self.check_reset(records)
         self.check_params_change(records)
         self.check_bounded(records)
+        self.check_state(records)
         return self.stream(self.fresh(), records)[1]
 
 
-__all__ = ["Result", "RuleCheckError", "RuleTester", "lengthen"]
+__all__ = ["Result", "RuleCheckError", "RuleTester", "UndeclaredStateWarning", "lengthen"]

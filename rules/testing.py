@@ -27,7 +27,7 @@ from tensorpulse.wire import (
 )
 
 from .base import Finding, Rule, State
-from .tester import RuleCheckError, RuleTester, lengthen
+from .tester import RuleCheckError, RuleTester, UndeclaredStateWarning, lengthen
 
 #: The per-tensor numbers a record carries for every tensor (n, the float columns, the counts).
 _SENT_SCALARS = tuple(s for s in statistics.STATISTICS if s.wire in ("n", "f", "z", "nf"))
@@ -35,6 +35,7 @@ _SENT_SCALARS = tuple(s for s in statistics.STATISTICS if s.wire in ("n", "f", "
 __all__ = [
     "RuleCheckError",
     "RuleTester",
+    "UndeclaredStateWarning",
     "activity_histogram",
     "lengthen",
     "make_record",

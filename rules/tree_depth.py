@@ -11,7 +11,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleKind, RuleParams, State
+from .base import Finding, NoState, Rule, RuleKind, RuleParams, State
 
 #: The scalar the XGBoost callback sends: the largest node id over the model's trees so far.
 MAX_NODE_ID = "xgboost/max_node_id"
@@ -45,6 +45,8 @@ class TreeDepth(Rule):
     name: ClassVar[str] = "TreeDepth"
     kind: ClassVar[RuleKind] = RuleKind.SCALAR
     Params: ClassVar[type[RuleParams]] = TreeDepthParams
+    #: Judges each record on its own: keeps nothing.
+    State = NoState
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "info"
     needs: ClassVar[str] = 'scalar "xgboost/max_node_id" (tensorpulse.producers.xgboost callback)'

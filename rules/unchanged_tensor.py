@@ -5,11 +5,23 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from pydantic import Field
+from typing_extensions import TypedDict
 
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Regex, Rule, RuleKind, RuleParams, State, WindowedParams, compile_regex, hold
+from .base import (
+    Finding,
+    HoldState,
+    Regex,
+    Rule,
+    RuleKind,
+    RuleParams,
+    State,
+    WindowedParams,
+    compile_regex,
+    hold,
+)
 
 DEFAULT_COLLECTIONS = ("weights", "biases")
 
@@ -22,6 +34,13 @@ class UnchangedTensorParams(WindowedParams):
     atol: float = Field(1e-8, ge=0.0)
     equal_nan: bool = False
     ignore_frozen: bool = True
+
+
+class _Seen(TypedDict):
+    """A tensor's last fingerprint and how many comparisons in a row found it unchanged."""
+
+    fp: list[float]
+    run: int
 
 
 class UnchangedTensor(Rule):
@@ -51,6 +70,11 @@ class UnchangedTensor(Rule):
     name: ClassVar[str] = "UnchangedTensor"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = UnchangedTensorParams
+
+    class State(HoldState):
+        last_step: int | None
+        tensors: dict[str, _Seen]
+
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = "mean, std, min, max and abs_mean of the selected tensors (weights, biases)"

@@ -11,7 +11,7 @@ from pydantic import Field
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleKind, RuleParams, State
+from .base import Finding, NoState, Rule, RuleKind, RuleParams, State
 
 
 class VanishingGradientParams(RuleParams):
@@ -33,6 +33,8 @@ class VanishingGradient(Rule):
     name: ClassVar[str] = "VanishingGradient"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = VanishingGradientParams
+    #: Judges each record on its own: keeps nothing.
+    State = NoState
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = 'abs_mean of every tensor of collection "gradients" on train steps'

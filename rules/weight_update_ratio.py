@@ -10,7 +10,7 @@ from tensorpulse.errors import ConfigError
 from tensorpulse.wire import StepRecord
 
 from . import functional as F
-from .base import Finding, Rule, RuleKind, RuleParams, State, range_finding
+from .base import Finding, NoState, Rule, RuleKind, RuleParams, State, range_finding
 
 
 class WeightUpdateRatioParams(RuleParams):
@@ -47,6 +47,8 @@ class WeightUpdateRatio(Rule):
     name: ClassVar[str] = "WeightUpdateRatio"
     kind: ClassVar[RuleKind] = RuleKind.PER_TENSOR
     Params: ClassVar[type[RuleParams]] = WeightUpdateRatioParams
+    #: Judges each record on its own: keeps nothing.
+    State = NoState
     modes: ClassVar[frozenset[str]] = frozenset({"train"})
     severity: ClassVar[str] = "warning"
     needs: ClassVar[str] = (

@@ -19,9 +19,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+from typing_extensions import TypedDict
 
 from tensorpulse.rules import REGISTRY, Finding, Rule, RuleParams, State
-from tensorpulse.rules.testing import RuleCheckError, RuleTester, lengthen, make_record, make_stats
+from tensorpulse.rules.base import declares_state
+from tensorpulse.rules.testing import (
+    RuleCheckError,
+    RuleTester,
+    UndeclaredStateWarning,
+    lengthen,
+    make_record,
+    make_stats,
+)
 from tensorpulse.wire import ClassCounts, Delta, ImageSums, StepRecord, TokenCounts, Vector
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -232,6 +241,7 @@ def test_rule_passes_rule_tester(name: str, faulty: bool) -> None:
     else:
         assert fired, f"{name} did not fire on the {case.fault!r} run"
     assert tester.check_reference(records) == (name in WITH_REFERENCE)
+    assert declares_state(REGISTRY[name]) and tester.check_state(records), f"{name} declares no State"
 
 
 def test_references_see_both_verdicts() -> None:
@@ -282,6 +292,9 @@ class LossOver(Rule):
 
     name: ClassVar[str] = "LossOver"
     Params = LossParams
+
+    class State(TypedDict):
+        n: int
 
     def initialize(self) -> State:
         return {"n": 0}
@@ -451,6 +464,63 @@ def test_catches_unbounded_state() -> None:
         RuleCheckError, match=r"bounded state check: the state grows with the run: \d+ bytes after record \d+"
     ):
         RuleTester(KeepsAll).check_bounded(losses(*[1.0] * 20))
+
+
+def test_catches_a_state_unlike_its_declaration() -> None:
+    """A field of another type, a field the declaration does not name, a field missing from
+    initialize(), and a tuple (a list once the store gave it back): each is named."""
+
+    class Text(LossOver):
+        def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
+            return {"n": str(state["n"])}, None
+
+    class Extra(LossOver):
+        def update(self, state: State, record: StepRecord) -> tuple[State, Finding | None]:
+            return {"n": 1, "last": record.step}, None
+
+    class Missing(LossOver):
+        def initialize(self) -> State:
+            return {}
+
+    class PairState(TypedDict):
+        pair: tuple[int, int]
+
+    class Pair(LossOver):
+        State = PairState
+
+        def initialize(self) -> State:
+            return {"pair": (0, 0)}
+
+    with pytest.raises(
+        RuleCheckError,
+        match=r"declared state check: the state after record 0 \(train step 0.* does not match "
+        r"Text.State at n: Input should be a valid integer \(got '0'\)",
+    ):
+        RuleTester(Text).check_state(losses(1.0, 1.0))
+    with pytest.raises(RuleCheckError, match=r"at last: a field the declared State does not name \(got 0\)"):
+        RuleTester(Extra).check_state(losses(1.0))
+    with pytest.raises(
+        RuleCheckError, match=r"the state initialize\(\) returns does not match Missing.State at n: Field required"
+    ):
+        RuleTester(Missing).check_state(losses(1.0))
+    with pytest.raises(
+        RuleCheckError,
+        match=r"initialize\(\) returns after a msgpack round-trip does not match Pair.State at pair: "
+        r"Input should be a valid tuple",
+    ):
+        RuleTester(Pair).check_state(losses(1.0))
+
+
+def test_asks_for_a_declaration() -> None:
+    """A rule without `State` still runs and passes the other checks; the tester warns, once per check()."""
+
+    class Undeclared(LossOver):
+        State = Rule.State
+
+    assert not declares_state(Undeclared) and declares_state(LossOver)
+    with pytest.warns(UndeclaredStateWarning, match=r"does not declare its state's type: add a `State` TypedDict"):
+        findings = RuleTester(Undeclared, limit=1.0).check(losses(0.5, 2.5))
+    assert [f.firing for _, f in findings if f] == [False, True]
 
 
 def test_refuses_parameters_that_change_nothing() -> None:

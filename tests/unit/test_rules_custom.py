@@ -195,6 +195,24 @@ class Setty(Rule):
         return state, None
 """
 
+UNLIKE_ITS_STATE = """
+from typing_extensions import TypedDict
+
+from tensorpulse.rules import Rule
+
+class Counter(Rule):
+    name = "Counter"
+
+    class State(TypedDict):
+        seen: int
+
+    def initialize(self):
+        return {"count": 0}
+
+    def update(self, state, record):
+        return state, None
+"""
+
 
 @pytest.mark.parametrize(
     ("source", "ref", "params", "pattern"),
@@ -271,6 +289,13 @@ class Setty(Rule):
             "",
             r"line 3: rule Setty: initialize\(\) must return a JSON-serialisable "
             r"dict.*TypeError",
+        ),
+        (
+            UNLIKE_ITS_STATE,
+            "{mod}:Counter",
+            "",
+            r"line 3: rule Counter: initialize\(\) must return .*it does not match the rule's declared "
+            r"State at seen: Field required",
         ),
         (
             None,
