@@ -37,6 +37,10 @@ JOB_LABEL = "training_job"
 #: Statistics exported per tensor (attribute names of TensorStats).
 EXPORTED_STATS = ("mean", "std", "min", "max", "l2", "abs_mean", "zero_frac", "nan", "inf")
 
+#: Why a rule's state was reset (`tensorpulse_rule_errors_total{reason}`): `update` or `check_idle`
+#: raised, or the state read from the store did not match the rule's declared State (stream/state.py).
+RULE_ERROR_REASONS = ("raised", "stored_state")
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -180,8 +184,9 @@ class WorkerMetrics:
         )
         self.rule_errors = Counter(
             "tensorpulse_rule_errors",
-            "Rule evaluations that raised (the rule's state was reset).",
-            ["rule"],
+            "Rule states reset, by rule and reason: the rule raised, or its stored state did not "
+            "match its declared State.",
+            ["rule", "reason"],
             registry=r,
         )
         self.alerts = Counter(
@@ -236,7 +241,8 @@ class WorkerMetrics:
         job gets its alert transition counters (per applicable rule and status) at 0."""
         self._rules = tuple(specs)
         for spec in self._rules:
-            self.rule_errors.labels(spec.name)
+            for reason in RULE_ERROR_REASONS:
+                self.rule_errors.labels(spec.name, reason)
             self.state_too_large.labels(spec.name)
         for job in self._jobs_seen:
             self._init_job(job)

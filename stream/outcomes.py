@@ -115,7 +115,7 @@ class Outcomes:
         )
 
     def rule_error(self, rule: str, record: wire.StepRecord | None, exc: Exception) -> None:
-        self.metrics.rule_errors.labels(rule).inc()
+        self.metrics.rule_errors.labels(rule, "raised").inc()
         if self.due(f"rule:{rule}", 10):
             where = (
                 "a clock tick"
@@ -123,6 +123,20 @@ class Outcomes:
                 else f"job {record.job} rank {record.rank} step {record.step}"
             )
             log.error("rule %s failed on %s and was reset: %s: %s", rule, where, type(exc).__name__, exc)
+
+    def stale_state(self, job: str, rule: str, key: str, problem: str) -> None:
+        """Count (and say at most once a minute per rule) a stored state that did not match its
+        rule's declared State and was replaced by a fresh one (stream/state.py)."""
+        self.metrics.rule_errors.labels(rule, "stored_state").inc()
+        if self.due(f"stale:{rule}", 60):
+            log.warning(
+                "job %s: the stored state of rule %s (%s) does not match the rule's declared State "
+                "(%s); the rule starts afresh (a state written by another version of the rule?)",
+                job,
+                rule,
+                key,
+                problem,
+            )
 
     def too_large(self, job: str, store: JobStore) -> None:
         """Count (and say once per rule a minute) the state entries that were over the limit and reset."""

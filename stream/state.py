@@ -24,6 +24,17 @@ it are reset (the rule starts over at the next record), the worker counts it in
 goes on. `JobEvaluator` sees the same `{"r": {"<rule>|<rank>": slot}}` layout as ever: this module
 only decides where each slot is stored.
 
+A slot read from the store holds a state some worker wrote, perhaps one running another version
+whose rule kept other fields (an upgrade, a rolling restart). Before a rule gets it, the state is
+checked against the rule's declared type (`Rule.State`, tensorpulse.rules.base): one that does not
+match is replaced by a fresh `initialize()` (the slot's firing flag stays, so an alert that fires
+still resolves), and `on_stale(rule, entry key, what differs)` is told (the worker counts it in
+`tensorpulse_rule_errors_total{rule, reason="stored_state"}` and logs it at most once a minute per
+rule). Without the check such a state reached `update` and raised (the rule was reset at every
+record that hit it) or, worse, was misread. The check costs a pydantic validation per slot, so an
+entry is checked once per worker per job (`Layout.checked`): entries this worker writes hold
+states its own rules made.
+
 The store is the stream engine's (Quix Streams: RocksDB with a changelog topic, keyed by the
 message key, i.e. the job); anything with `get/set/delete` works (`MemoryStore` in tests).
 """
@@ -33,12 +44,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any, Protocol
 
 import msgpack
 
 from tensorpulse import wire
+from tensorpulse.rules.base import Rule, state_mismatch
 from tensorpulse.rules.config import RuleSpec
 
 from .evaluator import JOB_SLOT, JobState, is_clock, is_per_rank
@@ -47,6 +59,9 @@ from .evaluator import JOB_SLOT, JobState, is_clock, is_per_rank
 MAX_ENTRY_BYTES = 100 * 1024
 #: The entry of a job's admitted scalar names (stream/scalars.py).
 SCALARS_KEY = "scalars"
+#: Told (rule name, entry key, what differs) of a stored state that did not match its rule's
+#: declared `State` and was replaced by a fresh one.
+StaleHandler = Callable[[str, str, str], None]
 
 
 class Store(Protocol):
@@ -108,18 +123,27 @@ class Layout:
         self.slot_name = {s.name: f"{s.name}#{spec_digest(s)}" for s in specs}
         self.group = {s.name: ("job" if not is_per_rank(s) else "clock" if is_clock(s) else "rank") for s in specs}
         self.by_slot_name = {v: k for k, v in self.slot_name.items()}
+        self.rules: dict[str, Rule] = {s.name: s.rule for s in specs}
+        #: Entry keys whose stored states were checked against their rules' declared `State`.
+        self.checked: set[str] = set()
 
 
 class JobStore:
     """Reads and writes one job's rule slots in `store` (the job's key context) for one rule set."""
 
     def __init__(
-        self, store: Store, rules: Layout | Sequence[RuleSpec], *, max_entry_bytes: int = MAX_ENTRY_BYTES
+        self,
+        store: Store,
+        rules: Layout | Sequence[RuleSpec],
+        *,
+        max_entry_bytes: int = MAX_ENTRY_BYTES,
+        on_stale: StaleHandler | None = None,
     ) -> None:
         self._store = store
         self.max_entry_bytes = max_entry_bytes
         layout = rules if isinstance(rules, Layout) else Layout(rules)
         self._slot_name, self._group, self._by_slot_name = layout.slot_name, layout.group, layout.by_slot_name
+        self._rules, self._checked, self._on_stale = layout.rules, layout.checked, on_stale
         self.rejected: list[TooLarge] = []  # entries not written by the last `save`
         self._loaded: dict[str, bytes | None] = {}  # entries as read, packed: an unchanged one is not written
 
@@ -177,6 +201,24 @@ class JobStore:
         self._store.set(f"src:{partition}", int(offset))
 
     # ------------------------------------------------------------------ slots
+    def _unstale(self, key: str, name: str, slot: Any) -> tuple[Any, bool]:
+        """(`slot`, True), or a copy with a fresh state and False when its stored state does not
+        match the rule's declared `State` (see the module docstring)."""
+        rule = self._rules[name]
+        if isinstance(slot, dict):
+            problem = state_mismatch(rule, slot.get("s"))
+            if problem is None:
+                return slot, True
+            fresh = {**slot, "s": rule.initialize()}
+        else:
+            problem, fresh = f"the slot is a {type(slot).__name__}", {"s": rule.initialize(), "f": False}
+        if self._on_stale is not None:
+            self._on_stale(name, key, problem)
+        return fresh, False
+
+    def _matches(self, name: str, slot: Any) -> bool:
+        return isinstance(slot, dict) and state_mismatch(self._rules[name], slot.get("s")) is None
+
     def _entry_key(self, group: str, rank: int | str, rule: str) -> str:
         return f"job:{self._slot_name[rule]}" if group == "job" else f"{group}:{rank}"
 
@@ -186,17 +228,29 @@ class JobStore:
         if "job" in groups:
             for name, group in self._group.items():
                 if group == "job":
-                    slot = self._get(self._entry_key("job", JOB_SLOT, name))
+                    key = self._entry_key("job", JOB_SLOT, name)
+                    slot, ok = self._get(key), True
                     if slot is not None:
+                        if key not in self._checked:
+                            slot, ok = self._unstale(key, name, slot)
                         slots[f"{name}|{JOB_SLOT}"] = slot
+                    if ok:  # else: checked again until the fresh state is saved
+                        self._checked.add(key)
         for group in groups:
             if group == "job":
                 continue
             for rank in ranks:
-                for slot_name, slot in (self._get(f"{group}:{rank}") or {}).items():
+                key, ok = f"{group}:{rank}", True
+                check = key not in self._checked
+                for slot_name, slot in (self._get(key) or {}).items():
                     name = self._by_slot_name.get(slot_name)
                     if name is not None:  # else: other parameters, or a rule no longer configured
+                        if check:
+                            slot, good = self._unstale(key, name, slot)
+                            ok = ok and good
                         slots[f"{name}|{rank}"] = slot
+                if ok:
+                    self._checked.add(key)
         return {"r": slots}
 
     def save(self, state: JobState, ranks: Sequence[int], groups: Sequence[str] = ("rank", "clock", "job")) -> None:
@@ -240,7 +294,10 @@ class JobStore:
         for rank in self.ranks():
             slot = fresh["r"].get(f"{rule}|{rank}")
             if slot is None:
-                slot = (self._get(f"{group}:{rank}") or {}).get(self._slot_name[rule])
+                key = f"{group}:{rank}"
+                slot = (self._get(key) or {}).get(self._slot_name[rule])
+                if slot is not None and key not in self._checked and not self._matches(rule, slot):
+                    continue  # another layout: that rank's own next record starts it afresh
             if slot is not None:
                 out[rank] = slot["s"]
         return out

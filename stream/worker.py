@@ -265,7 +265,11 @@ class Worker:
     def _store(self, job: str, state: State) -> JobStore:
         """The job's state entries, laid out for its rule set."""
         self._evaluator(job)
-        return JobStore(state, self._layouts[job])
+        return JobStore(
+            state,
+            self._layouts[job],
+            on_stale=lambda rule, key, problem: self.out.stale_state(job, rule, key, problem),
+        )
 
     def _cross_evaluator(self, job: str) -> JobEvaluator:
         """The evaluator of a job's cross-run rules (run in the crossrun stream)."""

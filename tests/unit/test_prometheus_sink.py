@@ -131,12 +131,15 @@ def test_rule_counters_are_zero_for_every_configured_rule() -> None:
     """init_rules (the worker calls it with its rules) creates rule errors and state_too_large at 0."""
     m = WorkerMetrics(CollectorRegistry())
     r = m.registry
-    assert r.get_sample_value("tensorpulse_rule_errors_total", {"rule": "ExplodingTensor"}) is None
+    raised = {"rule": "ExplodingTensor", "reason": "raised"}
+    assert r.get_sample_value("tensorpulse_rule_errors_total", raised) is None
     specs = default_specs()
     m.init_rules(specs)
     assert len(specs) > 10
     for spec in specs:
-        assert r.get_sample_value("tensorpulse_rule_errors_total", {"rule": spec.name}) == 0.0, spec.name
+        for reason in ("raised", "stored_state"):
+            labels = {"rule": spec.name, "reason": reason}
+            assert r.get_sample_value("tensorpulse_rule_errors_total", labels) == 0.0, labels
         assert r.get_sample_value("tensorpulse_state_too_large_total", {"rule": spec.name}) == 0.0, spec.name
 
 

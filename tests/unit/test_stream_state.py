@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 
+import pytest
+from prometheus_client import CollectorRegistry
+
 from tensorpulse import wire
-from tensorpulse.rules import RankDivergence, default_rules
+from tensorpulse.rules import LossNotDecreasing, RankDivergence, default_rules
+from tensorpulse.rules.base import state_mismatch
 from tensorpulse.rules.config import RuleSpec
 from tensorpulse.rules.testing import make_record, make_stats
+from tensorpulse.sinks.prometheus import WorkerMetrics
 from tensorpulse.stream.evaluator import JobEvaluator
-from tensorpulse.stream.state import MAX_ENTRY_BYTES, JobStore, MemoryStore, StoredSchemas, spec_digest
+from tensorpulse.stream.outcomes import Outcomes
+from tensorpulse.stream.published import PublishedAlerts
+from tensorpulse.stream.state import (
+    MAX_ENTRY_BYTES,
+    JobStore,
+    Layout,
+    MemoryStore,
+    StoredSchemas,
+    spec_digest,
+)
 
 
 def _specs(**rules) -> list[RuleSpec]:
@@ -132,3 +147,45 @@ def test_delete_all_leaves_only_the_source_offsets() -> None:
     js.mark_ended(0, 1.0)
     js.delete_all()
     assert sorted(store) == ["src:0"] and js.seen_offset(0) == 41 and js.seen_offset(1) == -1
+
+
+def test_a_stored_state_of_another_layout_starts_fresh_and_is_reported() -> None:
+    """A state stored by another version of a rule (other fields) is not handed to the rule: the
+    slot gets a fresh state (its firing flag stays, so the alert can resolve), the worker is told
+    which rule, entry and field, and the rule goes on without raising. Each entry is checked once."""
+    rule = LossNotDecreasing()
+    specs = _specs(r=rule)
+    ev = JobEvaluator(specs)
+    store = MemoryStore()
+    old = {"losses": [1.0, 2.0], "count": 3}  # no "last_step", "since", "bad": another layout
+    layout = Layout(specs)
+    JobStore(store, layout).save({"r": {"LossNotDecreasing|0": {"s": old, "f": True, "a": [4, "train"]}}}, [0])
+    told: list[tuple[str, str, str]] = []
+    errors: list[str] = []
+    js = JobStore(store, layout, on_stale=lambda *a: told.append(a))
+    state = js.load([0])
+    assert state["r"]["LossNotDecreasing|0"] == {"s": rule.initialize(), "f": True, "a": [4, "train"]}
+    assert [(r, k) for r, k, _ in told] == [("LossNotDecreasing", "rank:0")]
+    assert told[0][2].startswith("last_step: Field required")
+    state, _ = ev.process(state, _rec(0, 5, 1), now=105.0, on_rule_error=lambda name, *_: errors.append(name))
+    js.save(state, [0])
+    assert not errors and state_mismatch(rule, state["r"]["LossNotDecreasing|0"]["s"]) is None
+    assert JobStore(store, layout, on_stale=lambda *a: told.append(a)).load([0]) == state
+    assert len(told) == 1  # the fresh state is stored and the entry checked: no second report
+
+
+def test_a_stale_state_is_counted_by_reason_and_logged_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    """The worker's handler: tensorpulse_rule_errors_total{reason="stored_state"} per report, one
+    warning per rule a minute naming the job, rule, entry and field."""
+    metrics = WorkerMetrics(CollectorRegistry())
+    metrics.init_rules(_specs())
+    out = Outcomes(metrics, PublishedAlerts())
+    with caplog.at_level(logging.WARNING, logger="tensorpulse.stream"):
+        for _ in range(3):
+            out.stale_state("job-1", "LossNotDecreasing", "rank:0", "last_step: Field required")
+    labels = {"rule": "LossNotDecreasing", "reason": "stored_state"}
+    assert metrics.registry.get_sample_value("tensorpulse_rule_errors_total", labels) == 3.0
+    raised = {"rule": "LossNotDecreasing", "reason": "raised"}
+    assert metrics.registry.get_sample_value("tensorpulse_rule_errors_total", raised) == 0.0
+    lines = [r.getMessage() for r in caplog.records if "declared State" in r.getMessage()]
+    assert len(lines) == 1 and "job job-1" in lines[0] and "LossNotDecreasing (rank:0)" in lines[0]
