@@ -33,7 +33,8 @@ still resolves), and `on_stale(rule, entry key, what differs)` is told (the work
 rule). Without the check such a state reached `update` and raised (the rule was reset at every
 record that hit it) or, worse, was misread. The check costs a pydantic validation per slot, so an
 entry is checked once per worker per job (`Layout.checked`): entries this worker writes hold
-states its own rules made.
+states its own rules made. (The cross-run stream keeps one entry per job outside this module; the
+worker checks it the same way with `unstale`.)
 
 The store is the stream engine's (Quix Streams: RocksDB with a changelog topic, keyed by the
 message key, i.e. the job); anything with `get/set/delete` works (`MemoryStore` in tests).
@@ -103,6 +104,15 @@ def spec_digest(spec: RuleSpec) -> str:
     params = rule.params.model_dump(mode="json") if rule.params is not None else {}
     text = json.dumps([type(rule).__module__, type(rule).__qualname__, params], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def unstale(rule: Rule, slot: Any) -> tuple[Any, str | None]:
+    """(`slot`, None) when its state matches `rule`'s declared State, else (the slot with a fresh
+    state, its other fields such as the firing flag kept; what differs)."""
+    if not isinstance(slot, dict):
+        return {"s": rule.initialize(), "f": False}, f"the slot is a {type(slot).__name__}"
+    problem = state_mismatch(rule, slot.get("s"))
+    return (slot, None) if problem is None else ({**slot, "s": rule.initialize()}, problem)
 
 
 class TooLarge(Exception):
@@ -204,17 +214,12 @@ class JobStore:
     def _unstale(self, key: str, name: str, slot: Any) -> tuple[Any, bool]:
         """(`slot`, True), or a copy with a fresh state and False when its stored state does not
         match the rule's declared `State` (see the module docstring)."""
-        rule = self._rules[name]
-        if isinstance(slot, dict):
-            problem = state_mismatch(rule, slot.get("s"))
-            if problem is None:
-                return slot, True
-            fresh = {**slot, "s": rule.initialize()}
-        else:
-            problem, fresh = f"the slot is a {type(slot).__name__}", {"s": rule.initialize(), "f": False}
+        slot, problem = unstale(self._rules[name], slot)
+        if problem is None:
+            return slot, True
         if self._on_stale is not None:
             self._on_stale(name, key, problem)
-        return fresh, False
+        return slot, False
 
     def _matches(self, name: str, slot: Any) -> bool:
         return isinstance(slot, dict) and state_mismatch(self._rules[name], slot.get("s")) is None

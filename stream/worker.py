@@ -50,7 +50,7 @@ from .published import PublishedAlerts, fence
 from .scalars import ScalarNames
 from .settings import WorkerSettings
 from .signals import SHUTDOWN_S, StopSignals
-from .state import JobStore, Layout, StoredSchemas
+from .state import JobStore, Layout, StoredSchemas, unstale
 from .topology import ROCKSDB_OPTIONS, build_application
 
 #: Importable from here as before the split (tests, bench/worker_profile.py).
@@ -92,6 +92,7 @@ class Worker:
         self._evaluators: dict[str, JobEvaluator] = {}
         self._layouts: dict[str, Layout] = {}  # per job, beside its evaluator (stream/state.py)
         self._cross_evaluators: dict[str, JobEvaluator] = {}
+        self._cross_checked: set[str] = set()  # jobs whose stored cross-run state was checked
         self._cross_specs = [s for s in self.specs if is_cross_run(s)]
         self._targets: dict[str, list[tuple[str, list[RuleSpec]]]] = {}
         self._schemas = wire.SchemaCache()
@@ -480,6 +481,22 @@ class Worker:
         ctx = message_context()
         return self.cross_one(value, key, headers, state, Source(ctx.topic, ctx.partition, ctx.offset))
 
+    def _cross_state(self, job: str, ev: JobEvaluator, eval_state: Any) -> Any:
+        """The job's stored cross-run state, each slot checked once per worker against its rule's
+        declared State: one of another layout starts fresh (stream/state.py says why)."""
+        if eval_state is None or job in self._cross_checked:
+            return eval_state
+        rules = {s.name: s.rule for s in ev.specs}
+        slots = eval_state.get("r", {})
+        for key, slot in list(slots.items()):
+            name = key.rpartition("|")[0]
+            if name in rules:
+                slots[key], problem = unstale(rules[name], slot)
+                if problem is not None:
+                    self.out.stale_state(job, name, _EVAL_KEY, problem)
+        self._cross_checked.add(job)
+        return eval_state
+
     def cross_one(
         self, value: bytes, key: Any, headers: Any, state: State, src: Source
     ) -> tuple[list[bytes], list[bytes], list[bytes]]:
@@ -498,7 +515,7 @@ class Worker:
         now = time.time()
         over = job_over_reason(headers) if record.job == target else None
         try:
-            eval_state = state.get(_EVAL_KEY)
+            eval_state = self._cross_state(target, ev, state.get(_EVAL_KEY))
             if over is not None:
                 eval_state, transitions = ev.end_job(eval_state, target, now, reason=over)
                 state.set(_OVER_KEY, ended_state(over))
