@@ -237,14 +237,44 @@ class StepRecord:
     def select(
         self, collections: Iterable[str] | None = None, regex: str | re.Pattern[str] | None = None
     ) -> list[TensorStats]:
-        """Tensors in any of `collections` (all if None) whose name matches `regex` (search)."""
+        """Tensors in any of `collections` (all if None) whose name matches `regex` (search).
+
+        Whether a pattern matches a name is remembered (`_matches`): a job sends the same names at
+        every step, and a rule's RE2 search costs about 3 us a name (two regex rules of the default
+        set searched 100 names per record, about 300 us of the worker's CPU per record).
+        """
         colls = None if collections is None else frozenset(collections)
+        if regex is None:
+            return [t for t in self.tensors if colls is None or t.collection in colls]
         pattern = re.compile(regex) if isinstance(regex, str) else regex
-        return [
-            t
-            for t in self.tensors
-            if (colls is None or t.collection in colls) and (pattern is None or pattern.search(t.name))
-        ]
+        seen = _matches(pattern)
+        out = []
+        for t in self.tensors:
+            if colls is not None and t.collection not in colls:
+                continue
+            hit = seen.get(t.name)
+            if hit is None:
+                hit = seen[t.name] = pattern.search(t.name) is not None
+            if hit:
+                out.append(t)
+        return out
+
+
+#: pattern -> {name: whether pattern.search(name) matched}, for `StepRecord.select`. Bounded: a
+#: pattern's names are forgotten past _MAX_NAMES (names come from records anyone can write), and
+#: every pattern's past _MAX_PATTERNS (callers may pass string regexes of their own).
+_MATCHED: dict[object, dict[str, bool]] = {}
+_MAX_NAMES = 100_000
+_MAX_PATTERNS = 1_000
+
+
+def _matches(pattern: object) -> dict[str, bool]:
+    seen = _MATCHED.get(pattern)
+    if seen is None or len(seen) >= _MAX_NAMES:
+        if len(_MATCHED) >= _MAX_PATTERNS:
+            _MATCHED.clear()
+        seen = _MATCHED[pattern] = {}
+    return seen
 
 
 @dataclass(slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import msgpack
 import numpy as np
@@ -153,6 +154,26 @@ def test_select_filters_by_collection_and_regex() -> None:
     assert [t.name for t in rec.select(["gradients"])] == ["gradient/a.weight"]
     assert [t.name for t in rec.select(regex=r"relu_output$")] == ["net.1/relu_output"]
     assert [t.name for t in rec.select(["weights", "gradients"], r"^a")] == ["a.weight"]
+
+
+def test_select_remembers_matches_per_pattern_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """select's remembered matches give what a search gives, for the same names in every record,
+    for new names, for a second pattern, and past the bound (the memo starts again)."""
+    from tensorpulse import records
+    from tensorpulse.rules.base import compile_regex
+
+    monkeypatch.setattr(records, "_MAX_NAMES", 3)
+    relu = compile_regex(r"relu_output$", "tensor_regex")
+    weights = compile_regex(r"weight", "tensor_regex")
+    for i in range(4):  # the third record's names pass the bound of 3 remembered names
+        names = ["a.weight", f"net.{i}/relu_output", f"b{i}.weight"]
+        block = _block(3, names=names, collections=["weights", "activations", "weights"])
+        rec = wire.decode(_encode(tensors=block), wire.SchemaCache())
+        for pattern in (relu, weights, r"^a"):
+            want = [n for n in names if re.search(getattr(pattern, "pattern", pattern), n)]
+            assert [t.name for t in rec.select(regex=pattern)] == want
+        assert [t.name for t in rec.select(["activations"], weights)] == []
+        assert len(records._MATCHED[relu]) <= 3
 
 
 def test_schema_cache_is_bounded() -> None:
