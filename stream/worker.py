@@ -254,6 +254,12 @@ class Worker:
         while not self._stop.wait(self.settings.lag_interval):
             self._lag.poll(self._jobs)
 
+    @property
+    def evaluating(self) -> frozenset[str]:
+        """The jobs whose rule evaluators this worker holds now: the live jobs it has seen (an
+        ended job's go with its series; for tests and debugging)."""
+        return frozenset(self._evaluators) | frozenset(self._cross_evaluators)
+
     def _evaluator(self, job: str) -> JobEvaluator:
         """The evaluator of a job's own topic: every rule that applies to it but the cross-run ones."""
         ev = self._evaluators.get(job)
@@ -418,11 +424,16 @@ class Worker:
         return dataclasses.replace(record, scalars={k: v for k, v in record.scalars.items() if k not in out})
 
     def _forget(self, job: str) -> None:
-        """A job is over: its Prometheus series and its admitted scalar names go."""
+        """A job is over: its Prometheus series, its admitted scalar names and its evaluators go
+        (they hold no state of their own: a job that publishes again gets new ones on demand), so
+        a worker that sees thousands of short jobs keeps memory for the live ones only."""
         self.metrics.remove_job(job)
         self.metrics.finished.inc()
         self._scalars.forget(job)
         self.out.forget(f"scalars:{job}")
+        self._evaluators.pop(job, None)
+        self._layouts.pop(job, None)
+        self._cross_evaluators.pop(job, None)
 
     def _tick(self, job: str, stamp: Any, state: State, idle: Any = None) -> Outputs:
         """Clock rules at the tick's time; a job silent for `job_idle_timeout_s` (`idle`: the

@@ -90,3 +90,17 @@ def test_a_stored_cross_run_state_of_another_layout_starts_fresh(worker: Worker)
     events = [(e.rule, e.status, e.step) for e in map(AlertEvent.from_json, alerts)]
     assert events == [("SimilarAcrossRuns", "firing", 2)]
     assert _errors(other, "SimilarAcrossRuns") == {"raised": 0.0, "stored_state": 1.0}
+
+
+def test_an_ended_job_leaves_no_evaluator_behind(worker: Worker) -> None:
+    """A worker that sees thousands of short jobs keeps evaluators for the live ones only: the end
+    record of a one-rank job drops its evaluators; a record after it gets new ones."""
+    store = MemoryStore()
+    for step in range(3):
+        worker.process_one(B, _record(B, step), B.encode(), store, SRC)
+    assert B in worker.evaluating
+    end = wire.encode(job=B, rank=0, world=1, step=3, mode="global", ts=3.0, seq=3, kind="end")
+    worker.process_one(B, end, B.encode(), store, SRC)
+    assert B not in worker.evaluating
+    worker.process_one(B, _record(B, 4), B.encode(), store, SRC)
+    assert B in worker.evaluating
