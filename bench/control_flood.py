@@ -24,15 +24,42 @@ before). Ratios are per repeat against that repeat's `none`. The arms take turns
 in a fixed order flattered every arm against `none`.
 
     python bench/control_flood.py --repeats 3 --steps 200
+
+Arms one after another cannot show a 2 % effect on a shared machine: `none` alone moved 5.5-9.2 ms
+a step between repeats. `--blocks N` pairs blocks instead, in ONE training process (one model, one
+hook): a block with a fresh listener on a pre-filled flood topic and a block whose listener reads a
+topic holding one harmless message (`none`) make a pair, in ABBA order (flood-none, none-flood,
+...), N pairs per flood arm (`--arms`), so that the machine's drift falls on both blocks of a pair
+alike. Each block's listener starts before the block, which begins once the listener is reading
+(its `counts`). The first `--skip` steps are not timed, nor, for a paced listener on a flood, any
+step until its 50 ms start burst is spent: its `paced_s` turns positive (it has waited for its
+budget once). Once paced it wakes about every 0.5 s (RESUME_S of CPU time at MAX_BUSY_SHARE), and a
+block timed from that moment would start with a wait, so every block then runs a random 0-0.5 s
+more untimed (seeded), and a block is `--block-steps` steps (default 150: a few wakes), not the
+40-60 that would fit inside one wait. A block's figure is its timed steps' wall time over their
+number (the mean step: the listener's pieces of 10 ms hit a step now and then, which a median
+step would not see), and the process's CPU time over the same steps (all its threads: training,
+listener, librdkafka), which other agents' load barely moves. Each flood topic is topped up
+before a block to twice the most any block read from it plus one flood, so no listener runs dry
+within a block (one that did is run again, topped up, and counted as `dry`). Per pair the ratio
+flood/none; per arm the median and the mean ratio with bootstrap 95 % intervals (pairs resampled,
+fixed seed), and the mean step by fifth of the block (a start cost left in the timed steps would
+show in the first fifth).
+
+    python bench/control_flood.py --blocks 60
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import random
 import statistics
 import time
 import uuid
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from common import make_batches, make_model, open_broker
 from confluent_kafka import Producer
@@ -45,6 +72,10 @@ from tensorpulse.producers.torch import TorchHook
 from tensorpulse.topics import control_topic
 
 FLOOD = 10_000
+#: A paced listener, its burst spent, wakes about once per RESUME_S / MAX_BUSY_SHARE (0.5 s): a block
+#: timed from the end of the burst would start where its first wait starts, and miss a wake in a
+#: short block. Every block is timed from a random moment (uniform, this long) after its skip instead.
+PERIOD_S = RESUME_S / MAX_BUSY_SHARE
 
 
 def flood_messages(job: str) -> list[bytes]:
@@ -142,22 +173,238 @@ def arm(
     return statistics.median(times) * 1e3, read, floods
 
 
+class Trainer:
+    """The benchmark MLP with a TorchHook, trained one step at a time: one for the whole run, so that
+    every block of a pair trains the same model in the same process."""
+
+    def __init__(self, bootstrap: str) -> None:
+        torch.manual_seed(0)
+        self.model, self.batches = make_model("mlp"), make_batches("mlp")
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.hook = TorchHook(f"train-{uuid.uuid4().hex[:8]}", bootstrap, listen_for_actions=False)
+        self.hook.attach(self.model, self.opt)
+        self.n = 0
+
+    def step(self) -> None:
+        x, y = self.batches[self.n % len(self.batches)]
+        self.opt.zero_grad()
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+        self.hook.step(self.n, loss=loss)
+        self.n += 1
+
+
+class Topic:
+    """A control topic for block listeners: `size` messages on it, every block's listener reads it
+    from the beginning."""
+
+    def __init__(self, bootstrap: str, producer: Producer, flood: bool) -> None:
+        self.job = f"flood-{uuid.uuid4().hex[:8]}"
+        self.name = control_topic(self.job)
+        self.producer, self.flood = producer, flood
+        create(bootstrap, self.name)
+        self.size = send(producer, self.name, [encode_action("stop", "some-other-job")])
+        self.most_read = 0
+
+    def top_up(self) -> None:
+        """Enough flood that no listener runs dry within a block: twice the most read, plus one flood."""
+        while self.flood and self.size < 2 * self.most_read + FLOOD:
+            self.size += send(self.producer, self.name, flood_messages(self.job))
+
+
+@dataclass
+class Block:
+    """What one block measured."""
+
+    ms: float  #: wall time of its timed steps over their number
+    cpu_ms: float  #: the process's CPU time (all its threads) over the same steps, per step
+    skipped: int  #: untimed steps at its start
+    read: int  #: messages its listener read
+    reading: bool  #: the listener still had messages to read at its end (always, without a flood)
+    each: list[float]  #: every timed step (ms)
+
+
+def block(
+    trainer: Trainer,
+    bootstrap: str,
+    topic: Topic,
+    share: float,
+    resume: float,
+    steps: int,
+    skip: int,
+    phase_s: float,
+) -> Block:
+    """One block: a fresh listener on `topic`, `skip` steps or more untimed (and, for a paced listener
+    on a flood, until its start burst is spent), then more for `phase_s` seconds, then `steps` timed."""
+    topic.top_up()
+    listener = ControlListener(topic.job, bootstrap=bootstrap, max_busy_share=share, resume_s=resume).start()
+    try:
+        _wait(lambda: sum(listener.counts.values()) >= 1, "the listener to read its topic")
+        burst = topic.flood and share < 1.0
+        skipped = 0
+        while skipped < skip or (burst and listener.paced_s == 0):
+            if skipped > 50 * skip + 500:
+                raise SystemExit("the listener's start burst was never spent")
+            trainer.step()
+            skipped += 1
+        until = time.perf_counter() + phase_s
+        while time.perf_counter() < until:
+            trainer.step()
+            skipped += 1
+        each = []
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        last = t0
+        for _ in range(steps):
+            trainer.step()
+            now = time.perf_counter()
+            each.append((now - last) * 1e3)
+            last = now
+        cpu = time.process_time() - cpu0
+        read = sum(listener.counts.values())
+        assert not listener.stop_requested.is_set(), "the flood stopped the job"
+    finally:
+        listener.close(5)
+    topic.most_read = max(topic.most_read, read)
+    return Block(
+        (last - t0) / steps * 1e3,
+        cpu / steps * 1e3,
+        skipped,
+        read,
+        read < topic.size or not topic.flood,
+        each,
+    )
+
+
+def interval(
+    ratios: list[float], stat=np.median, seed: int = 0, resamples: int = 10_000
+) -> tuple[float, float, float]:
+    """`stat` (median or mean) of `ratios` and a bootstrap 95 % interval for it (pairs resampled with
+    a fixed seed)."""
+    a = np.asarray(ratios)
+    rng = np.random.default_rng(seed)
+    boot = stat(a[rng.integers(0, len(a), size=(resamples, len(a)))], axis=1)
+    return float(stat(a)), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def _span(values: list[float], stat=np.median) -> str:
+    mid, lo, hi = interval(values, stat)
+    return f"{mid:.3f}x [{lo:.3f}-{hi:.3f}]"
+
+
+def paired_blocks(bootstrap: str, names: list[str], pairs: int, steps: int, skip: int, warmup: int) -> None:
+    """`pairs` ABBA pairs (arm, none) per arm in `names`, in one training process; prints each pair
+    and, per arm, the median and mean ratio arm/none with bootstrap intervals (and the same for the
+    process's CPU time per step), and the mean step by position in the block (a start cost not
+    skipped would show in the first fifth)."""
+    logging.getLogger("tensorpulse.producers").setLevel(logging.ERROR)  # a flood summary per block
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "message.max.bytes": 1_000_000})
+    none = Topic(bootstrap, producer, flood=False)
+    topics = {name: Topic(bootstrap, producer, flood=True) for name in names}
+    trainer = Trainer(bootstrap)
+    rng = random.Random(0)
+    for _ in range(warmup):
+        trainer.step()
+    got: dict[str, list[tuple[Block, Block]]] = {a: [] for a in names}  # (arm, none) per pair
+    dry: dict[str, int] = dict.fromkeys(names, 0)
+    try:
+        for i in range(pairs):
+            for name in names:
+                _, share, resume = ARMS[name]
+                order = [name, "none"] if i % 2 == 0 else ["none", name]
+                for _attempt in range(3):  # a listener that ran dry: topped up (to twice its read), again
+                    pair = {}
+                    for a in order:
+                        t = none if a == "none" else topics[name]
+                        s, r = (MAX_BUSY_SHARE, RESUME_S) if a == "none" else (share, resume)
+                        pair[a] = block(trainer, bootstrap, t, s, r, steps, skip, rng.uniform(0, PERIOD_S))
+                    if pair[name].reading:
+                        break
+                    dry[name] += 1
+                    print(
+                        f"  pair {i + 1} {name}: the listener ran dry ({pair[name].read:,}); again",
+                        flush=True,
+                    )
+                else:
+                    raise SystemExit(f"{name}: the listener ran dry three times in a row")
+                b, b0 = pair[name], pair["none"]
+                got[name].append((b, b0))
+                print(
+                    f"  pair {i + 1} {name} ({order[0]} first): {name} {b.ms:.2f} ms, none {b0.ms:.2f} ms,"
+                    f" ratio {b.ms / b0.ms:.3f} (cpu {b.cpu_ms / b0.cpu_ms:.3f}), skipped {b.skipped}/{b0.skipped},"
+                    f" read {b.read:,}",
+                    flush=True,
+                )
+    finally:
+        trainer.hook.close(10)
+    print(
+        f"blocks of {steps} timed steps, ABBA pairs; ratio = the arm's mean step / the paired none block's,"
+        " median and mean over pairs [95% bootstrap interval]; cpu = the same for the process's CPU time"
+        f"\n{'arm':<10} {'pairs':>5} {'arm ms':>7} {'none ms':>7} {'ratio: median [95%]':>24}"
+        f" {'ratio: mean [95%]':>24} {'min-max':>13} {'cpu: median [95%]':>24} {'skipped':>8}"
+        f" {'read per block':>16} {'dry':>4}"
+    )
+    for name in names:
+        if not got[name]:
+            print(f"{name:<10} {0:>5} no pair measured")
+            continue
+        rs = [b.ms / b0.ms for b, b0 in got[name]]
+        cpu = [b.cpu_ms / b0.cpu_ms for b, b0 in got[name]]
+        reads = [b.read for b, _ in got[name]]
+        print(
+            f"{name:<10} {len(rs):>5} {statistics.median(b.ms for b, _ in got[name]):>7.2f}"
+            f" {statistics.median(b0.ms for _, b0 in got[name]):>7.2f} {_span(rs):>24} {_span(rs, np.mean):>24}"
+            f" {f'{min(rs):.3f}-{max(rs):.3f}':>13} {_span(cpu):>24}"
+            f" {statistics.median(b.skipped for b, _ in got[name]):>8.0f}"
+            f" {f'{min(reads):,}-{max(reads):,}':>16} {dry[name]:>4}"
+        )
+    nones = [b0 for name in names for _, b0 in got[name]]
+    if nones:
+        print(f"none: median {statistics.median(b0.skipped for b0 in nones):.0f} steps skipped per block")
+    print("mean step (ms) by fifth of the block's timed steps, over all its blocks:")
+    for a, blocks in [*((name, [b for b, _ in got[name]]) for name in names), ("none", nones)]:
+        if blocks:
+            fifths = np.array_split(np.asarray([b.each for b in blocks]), 5, axis=1)
+            print(f"  {a:<10} " + " ".join(f"{f.mean():7.2f}" for f in fifths))
+
+
+ARMS = {
+    "none": (False, MAX_BUSY_SHARE, RESUME_S),
+    "flood": (True, MAX_BUSY_SHARE, RESUME_S),
+    "flood-r0": (True, MAX_BUSY_SHARE, 0.0),
+    "unpaced": (True, 1.0, 0.0),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200, help="measured steps per arm")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 5; with --blocks 100)")
+    parser.add_argument("--blocks", type=int, default=0, help="paired blocks mode: ABBA pairs per flood arm")
+    parser.add_argument(
+        "--block-steps", type=int, default=150, help="timed steps per block (a few of the listener's wakes)"
+    )
+    parser.add_argument("--skip", type=int, default=5, help="untimed steps at least at a block's start")
+    parser.add_argument(
+        "--arms", default="flood,unpaced", help="flood arms of the blocks mode (of: flood, flood-r0, unpaced)"
+    )
     parser.add_argument("--broker", choices=["kafka", "tansu"], default="kafka")
     parser.add_argument("--bootstrap", help="an existing cluster instead of starting one")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the listener and training compete for the same core, as on a busy node
 
-    arms = {
-        "none": (False, MAX_BUSY_SHARE, RESUME_S),
-        "flood": (True, MAX_BUSY_SHARE, RESUME_S),
-        "flood-r0": (True, MAX_BUSY_SHARE, 0.0),
-        "unpaced": (True, 1.0, 0.0),
-    }
+    if args.blocks:
+        names = [a for a in args.arms.split(",") if a]
+        if not names or any(a not in ARMS or a == "none" for a in names):
+            parser.error(f"--arms: some of {', '.join(a for a in ARMS if a != 'none')}")
+        with open_broker(args.bootstrap, args.broker) as broker:
+            print(f"broker: {broker.what}; flood topics of {FLOOD:,} messages or more; MLP, 1 torch thread")
+            warmup = 100 if args.warmup is None else args.warmup
+            paired_blocks(broker.bootstrap, names, args.blocks, args.block_steps, args.skip, warmup)
+        return
+    arms = ARMS
+    args.warmup = 5 if args.warmup is None else args.warmup
     with open_broker(args.bootstrap, args.broker) as broker:
         print(f"broker: {broker.what}; {FLOOD:,} control messages per flood arm; MLP, 1 torch thread")
         ms: dict[str, list[float]] = {a: [] for a in arms}

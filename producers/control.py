@@ -183,6 +183,8 @@ class ControlListener:
         self._callbacks: list[ActionCallback] = []
         #: Messages read, by what became of them: accepted, coalesced, stale, other_job, malformed.
         self.counts: collections.Counter[str] = collections.Counter()
+        #: Seconds the listener has waited for its CPU budget so far: 0 until its first burst is spent.
+        self.paced_s = 0.0
         self._clock = clock
         self._budget = WorkBudget(max_busy_share, burst_s, clock(), resume_s)
         self._flood = FloodLog(self.topic, FLOOD_LOG_INTERVAL_S, clock())
@@ -327,5 +329,6 @@ class ControlListener:
         wait = self._budget.spend(time.thread_time() - cpu, self._clock())
         if wait <= 0:
             return self._closing.is_set()
+        self.paced_s += wait
         self._flood.paced(wait)
         return self._closing.wait(wait)

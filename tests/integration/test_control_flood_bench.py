@@ -35,3 +35,29 @@ def test_every_arm_measures_its_steps_inside_the_flood_after_a_long_warm_up(kafk
     unpaced = rows["unpaced"].group(0).split()
     read, sent = unpaced[-2], unpaced[-1]  # "N-N" messages read, "F-F" floods sent
     assert int(read.split("-")[0].replace(",", "")) >= 1 and int(sent.split("-")[0]) >= 1, proc.stdout
+
+
+def test_paired_blocks_print_a_row_with_an_interval_per_flood_arm(kafka_bootstrap: str) -> None:
+    """`--blocks 2`: two ABBA pairs per flood arm in one training process; each arm's row has its
+    number of pairs and a median ratio inside its bootstrap interval, and its listener read the
+    flood in every block."""
+    cmd = [sys.executable, str(SCRIPT), "--bootstrap", kafka_bootstrap]
+    cmd += ["--blocks", "2", "--block-steps", "20", "--warmup", "5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pairs = re.findall(r"^  pair (\d) (flood|unpaced) \((?:flood|unpaced|none) first\):", proc.stdout, re.M)
+    assert sorted(pairs) == [("1", "flood"), ("1", "unpaced"), ("2", "flood"), ("2", "unpaced")], proc.stdout
+    rows = {
+        m["arm"]: m
+        for m in re.finditer(
+            r"^(?P<arm>flood|unpaced)\s+(?P<pairs>\d+)\s+[\d.]+\s+[\d.]+\s+"
+            r"(?P<med>[\d.]+)x \[(?P<lo>[\d.]+)-(?P<hi>[\d.]+)\].*?(?P<read>[\d,]+)-[\d,]+\s+\d+$",
+            proc.stdout,
+            re.M,
+        )
+    }
+    assert set(rows) == {"flood", "unpaced"}, proc.stdout
+    for m in rows.values():
+        assert m["pairs"] == "2"
+        assert float(m["lo"]) <= float(m["med"]) <= float(m["hi"]), m.group(0)
+        assert int(m["read"].replace(",", "")) >= 1, m.group(0)
