@@ -27,6 +27,7 @@ of a thread add up to about its CPU time; the rest of the worker's CPU is native
     python bench/worker_profile.py spy --broker kafka --rate 1000 --tensors 50 --seconds 60
     python bench/worker_profile.py spy --design baseline --broker kafka --rate 600
     python bench/worker_profile.py stages --tensors 50      # Worker._process in process, each stage timed
+    python bench/worker_profile.py stages --designs 17dade3 current --rounds 6   # old and new, alternating
 
 The JSON report (every figure, and the raw collapsed stacks' path with --keep-raw; speedscope
 and flamegraph.pl read them) goes to bench/results/worker-profile-<UTC time>.json unless --out.
@@ -54,7 +55,7 @@ from common import host_info, open_broker, utc, write_json
 from designs import DEFAULT_BASELINE_REV, DESIGNS, prepare, print_imports, start_workers
 from loadgen import LoadGenerator, create_topics, make_jobs
 from loadwatch import check_alive, cpu_rss, read_all, stop_workers, wait_until
-from worker_stages import print_stages, run_stages
+from worker_stages import one_round, print_designs, print_stages, run_designs, run_stages
 
 REPO = Path(__file__).resolve().parents[1]
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -497,12 +498,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     st.add_argument(
         "--fault-every", type=int, default=500, help="a NaN record every N (default 500: 2/s at 1000/s)"
     )
+    st.add_argument(
+        "--designs",
+        nargs="+",
+        help="compare these instead (e.g. 17dade3 current): --rounds untimed rounds of each, one "
+        "process per design and round, alternating; a revision is git archive'd (bench/designs.py)",
+    )
+    st.add_argument("--one-round", action="store_true", help=argparse.SUPPRESS)  # run_designs' child
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    load_start = list(os.getloadavg())
     if args.mode == "resummarise":
         report = json.loads(Path(args.report).read_text())
         cpu = {t["tid"]: t["cpu_s"] for t in report["os_threads"]}
@@ -515,11 +524,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "spy":
         report = run(args)
         print_report(report, args.top)
+    elif args.one_round:
+        print(json.dumps(one_round(args)))
+        return 0
+    elif args.designs:
+        report = run_designs(args)
+        print_designs(report)
     else:
         report = run_stages(args)
         print_stages(report)
     report["started_utc"] = utc(started)
-    report["host"] = host_info(loadavg_end=list(os.getloadavg()))
+    report["host"] = host_info(loadavg_start=load_start, loadavg_end=list(os.getloadavg()))
     path = write_json(report, args.out, f"worker-profile-{args.mode}", started)
     print(f"\nreport: {path}")
     return 0

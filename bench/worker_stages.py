@@ -11,6 +11,8 @@ import argparse
 import contextlib
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -259,6 +261,96 @@ def run_stages(args: argparse.Namespace) -> dict[str, Any]:
         "what_if_us_per_record": what_if,
         "serialisation_us_per_entry": serial,
     }
+
+
+def one_round(args: argparse.Namespace) -> dict[str, Any]:
+    """One untimed round (warm-up records, then the measured ones) of the `tensorpulse` this
+    process imports: what `run_designs` runs once per design and round, in a process of its own."""
+    import tensorpulse
+
+    tmp = Path(tempfile.mkdtemp(prefix="tp-stages-"))
+    try:
+        w = _quiet_worker(tmp / "plain")
+        _drive(w, _records(args, args.warmup_records), args.checkpoint_every, None)
+        recs = _records(args, args.records)
+        done = _drive(w, recs, args.checkpoint_every, None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "us_per_record": done["cpu_ns"] / 1e3 / len(recs),
+        "alerts": done["alerts"],
+        "tensorpulse": tensorpulse.__file__,
+    }
+
+
+def run_designs(args: argparse.Namespace) -> dict[str, Any]:
+    """`Worker._process`'s CPU per record for each of --designs (`current`, or a git revision
+    `git archive`d by bench/designs.py, with `:setting=value` as there), one process per design
+    and round, the designs' order alternating from round to round, the same records (--seed)."""
+    from designs import prepare_variant
+
+    tmp = Path(tempfile.mkdtemp(prefix="tp-stages-designs-"))
+    script = Path(__file__).with_name("worker_profile.py")
+    flags = [
+        f"--jobs={args.jobs}",
+        f"--tensors={args.tensors}",
+        f"--seed={args.seed}",
+        f"--records={args.records}",
+        f"--warmup-records={args.warmup_records}",
+        f"--checkpoint-every={args.checkpoint_every}",
+        f"--fault-every={args.fault_every}",
+    ]
+    try:
+        designs = []
+        for i, name in enumerate(args.designs):
+            (tmp / f"design{i}").mkdir()
+            designs.append(prepare_variant(name, tmp / f"design{i}"))
+        rows: dict[str, list[float]] = {d.name: [] for d in designs}
+        alerts: dict[str, set[int]] = {d.name: set() for d in designs}
+        files: dict[str, str] = {}
+        for r in range(args.rounds):
+            for d in designs if r % 2 == 0 else designs[::-1]:
+                done = subprocess.run(
+                    [sys.executable, str(script), "stages", "--one-round", *flags],
+                    env=d.env,
+                    cwd=tmp,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                if done.returncode != 0:
+                    raise SystemExit(f"design {d.name}, round {r}: {done.stderr[-2000:]}")
+                out = json.loads(done.stdout.strip().splitlines()[-1])
+                rows[d.name].append(round(out["us_per_record"], 1))
+                alerts[d.name].add(out["alerts"])
+                files[d.name] = out["tensorpulse"]
+                print(f"round {r}: {d.name} {out['us_per_record']:.0f} us per record", flush=True)
+        sources = {d.name: d.source for d in designs}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "mode": "stages-designs",
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "us_per_record": rows,
+        "alerts": {k: sorted(v) for k, v in alerts.items()},
+        "sources": sources,
+        "imported": files,
+    }
+
+
+def print_designs(r: dict[str, Any]) -> None:
+    """One line per design: each round's CPU per record, the median, and the ratio to the first."""
+    names = list(r["us_per_record"])
+    first = sorted(r["us_per_record"][names[0]])
+    for name in names:
+        us = sorted(r["us_per_record"][name])
+        median = us[len(us) // 2]
+        ratio = median / first[len(first) // 2]
+        print(
+            f"{name:>24}: median {median:.0f} us per record (rounds {us[0]:.0f}-{us[-1]:.0f}, "
+            f"{', '.join(f'{x:.0f}' for x in r['us_per_record'][name])}); {ratio:.2f} of {names[0]}; "
+            f"alert events {r['alerts'][name]}; {r['sources'][name]}"
+        )
 
 
 @contextlib.contextmanager

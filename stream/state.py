@@ -37,7 +37,11 @@ states its own rules made. (The cross-run stream keeps one entry per job outside
 worker checks it the same way with `unstale`.)
 
 The store is the stream engine's (Quix Streams: RocksDB with a changelog topic, keyed by the
-message key, i.e. the job); anything with `get/set/delete` works (`MemoryStore` in tests).
+message key, i.e. the job); anything with `get/set/delete` works (`MemoryStore` in tests). A store
+that also has `get_bytes/set_bytes` must serialise its values with `pack` below (the worker's
+RocksDB options do): the rule entries then go through those as bytes, unpacked and packed once per
+record by `JobStore` (through `get/set` the store packed every written entry once more, and
+`JobStore` packed every read one again to see later whether it changed).
 """
 
 from __future__ import annotations
@@ -96,6 +100,12 @@ class MemoryStore(dict):
 
     def delete(self, key: str) -> None:
         self.pop(key, None)
+
+    def get_bytes(self, key: str, default: bytes | None = None) -> bytes | None:
+        return super().get(key, default)
+
+    def set_bytes(self, key: str, value: bytes) -> None:
+        self[key] = value
 
 
 def spec_digest(spec: RuleSpec) -> str:
@@ -156,9 +166,18 @@ class JobStore:
         self._rules, self._checked, self._on_stale = layout.rules, layout.checked, on_stale
         self.rejected: list[TooLarge] = []  # entries not written by the last `save`
         self._loaded: dict[str, bytes | None] = {}  # entries as read, packed: an unchanged one is not written
+        # A store that also has `get_bytes`/`set_bytes` (Quix Streams' State; MemoryStore) and
+        # serialises with `pack` (the worker's ROCKSDB_OPTIONS) hands the rule entries over as
+        # bytes: each is unpacked once and packed once per record, not once more by the store.
+        self._get_bytes = getattr(store, "get_bytes", None)
+        self._set_bytes = getattr(store, "set_bytes", None)
 
     # ------------------------------------------------------------------ small entries
     def _get(self, key: str) -> Any:
+        if self._get_bytes is not None:
+            data = self._get_bytes(key)
+            self._loaded[key] = data
+            return None if data is None else unpack(data)
         value = self._store.get(key)
         # Packed now, because the evaluator changes the slots it is given in place.
         self._loaded[key] = None if value is None else pack(value)
@@ -283,7 +302,10 @@ class JobStore:
                 self._store.delete(key)  # the rules start over rather than keep state they cannot store
                 continue
             if self._loaded.get(key) != data:  # a tick that changes nothing writes nothing
-                self._store.set(key, value)
+                if self._set_bytes is not None:
+                    self._set_bytes(key, data)
+                else:
+                    self._store.set(key, value)
                 self._loaded[key] = data
 
     def add_rank(self, rank: int) -> None:

@@ -25,7 +25,9 @@ from tensorpulse.stream.state import (
     Layout,
     MemoryStore,
     StoredSchemas,
+    pack,
     spec_digest,
+    unpack,
 )
 
 
@@ -89,6 +91,54 @@ def test_store_gives_the_same_alerts_as_one_document_per_job() -> None:
     want = _run_whole(ev, records)
     assert [e.to_json() for e in got] == [e.to_json() for e in want]
     assert any(e.rule == "ExplodingTensor" and e.rank == 2 for e in got)
+
+
+class _ValuesOnly(dict):
+    """A Store with get/set/delete alone (no get_bytes/set_bytes), kept packed like the stream's."""
+
+    reads: list[str]
+
+    def get(self, key: str, default: object = None) -> object:
+        self.reads.append(key)
+        data = super().get(key)
+        return default if data is None else unpack(data)
+
+    def set(self, key: str, value: object) -> None:
+        self[key] = pack(value)
+
+    def delete(self, key: str) -> None:
+        self.pop(key, None)
+
+
+class _CountingMemoryStore(MemoryStore):
+    reads: list[str]
+
+    def get(self, key: str, default: object = None) -> object:
+        self.reads.append(key)
+        return super().get(key, default)
+
+
+def test_a_store_with_get_bytes_gets_the_rule_entries_as_bytes_and_holds_the_same() -> None:
+    """Through get_bytes/set_bytes (MemoryStore, Quix's State) the rule entries are unpacked and
+    packed by JobStore itself: the same alerts and the same stored bytes as through get/set."""
+    ev = JobEvaluator(_specs())
+    records = [
+        _rec(rank, step, 2, nan=(rank == 1 and step in (5, 6, 12)), loss=2.0 / (1 + step))
+        for step in range(20)
+        for rank in range(2)
+    ]
+    by_bytes, by_values = _CountingMemoryStore(), _ValuesOnly()
+    by_bytes.reads, by_values.reads = [], []
+    got = _run_store(ev, records, by_bytes)
+    want = _run_store(ev, records, by_values)  # type: ignore[arg-type]
+    assert [e.to_json() for e in got] == [e.to_json() for e in want]
+    assert [(e.rank, e.step, e.status) for e in got if e.rule == "ExplodingTensor"][:2] == [
+        (1, 5, "firing"),
+        (1, 7, "resolved"),
+    ]
+    assert dict(by_bytes) == dict(by_values)
+    assert not [k for k in by_bytes.reads if k.startswith(("rank:", "clock:", "job:"))]
+    assert [k for k in by_values.reads if k.startswith("rank:")]
 
 
 def test_1024_ranks_no_entry_over_the_limit_and_the_nan_rank_is_named() -> None:
