@@ -10,7 +10,9 @@ The contract is documented in docs/wire-format.md; change both together.
 
 from __future__ import annotations
 
+import array
 import math
+import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -84,6 +86,9 @@ __all__ = [
     "peek_job",
     "schema_id",
 ]
+
+#: array.array("f") reads the wire's little-endian float32 as it is (else numpy converts).
+_NATIVE_F32 = sys.byteorder == "little" and array.array("f").itemsize == 4
 
 _unpack_limits = dict(
     max_str_len=MAX_RECORD_BYTES,
@@ -345,14 +350,31 @@ def _decode_tensors(
     width = len(FLOAT_COLUMNS)
     if not isinstance(f, bytes) or len(f) != 4 * width * k:
         raise DecodeError("bad_tensors", f"'t.f' must be {4 * width * k} bytes of float32 for {k} tensors")
-    with np.errstate(invalid="ignore"):  # any float32 bit pattern is data (signalling NaNs included)
-        floats = np.frombuffer(f, dtype="<f4").reshape(k, width).astype(np.float64).tolist()
+    if _NATIVE_F32:  # the same doubles as numpy's float32 -> float64, in a third of the time
+        flat = array.array("f", f).tolist()
+    else:
+        with np.errstate(invalid="ignore"):  # any float32 bit pattern is data (signalling NaNs included)
+            flat = np.frombuffer(f, dtype="<f4").astype(np.float64).tolist()
+    floats = zip(*[iter(flat)] * width, strict=True)  # one tuple of `width` floats per tensor, in order
     nonfinite = sparse_column(t, "nf", k, 2)
     activity = sparse_column(t, "act", k, 1 + len(ACTIVITY_EDGES))
     quantiles = sparse_column(t, "q", k, 2)
     deltas = sparse_column(t, "d", k, 4)
     sketched = sparse_column(t, "ds", k, 3)
     shards = sparse_column(t, "sh", k, 4)
+    if not (nonfinite or activity or quantiles or deltas or sketched or shards):
+        # Only the dense columns (most records of most tensors): no per-tensor lookups at all.
+        for name, count, zs in zip(names, n, zeros, strict=True):
+            if zs > count:
+                raise DecodeError("bad_tensors", f"tensor {name!r} has {zs} zeros of {count} elements")
+        return tuple(
+            [
+                TensorStats(name, coll, count, mean, std, mn, mx, amean, zs)
+                for name, coll, count, zs, (mean, std, mn, mx, amean) in zip(
+                    names, colls, n, zeros, floats, strict=True
+                )
+            ]
+        )
     # One pass, zipped columns, a sparse column looked up only where the record has it: this loop
     # builds every TensorStats of every record (50 per record: most of wire.decode's time).
     out = []

@@ -143,6 +143,23 @@ def test_column_length_mismatch_is_rejected() -> None:
         wire.decode(msgpack.packb(good, use_bin_type=True), wire.SchemaCache())
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_float_columns_decode_to_numpys_doubles_bit_for_bit(sparse: bool) -> None:
+    """Every float32 bit pattern (signalling and quiet NaNs with payloads, infinities, -0.0,
+    subnormals, the extremes) decodes to the double numpy's float32 -> float64 gives, with or
+    without sparse columns (the decoder's two paths)."""
+    patterns = [0x7F800001, 0x7FC00001, 0xFFA00000, 0x7F800000, 0xFF800000, 0x80000000, 0x00000001]
+    patterns += [0x807FFFFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x3F800000, 0xBEAAAAAB, 0x00800000, 0x7FFFFFFF]
+    patterns += [0xFFFFFFFF]
+    bits = np.array(patterns, dtype="<u4").view("<f4").reshape(3, 5)
+    block = _block(3, floats=bits, activity={1: [10, 1, 2, 3, 4, 5]} if sparse else None)
+    rec = wire.decode(_encode(tensors=block), wire.SchemaCache())
+    with np.errstate(invalid="ignore"):
+        want = bits.astype(np.float64)
+    got = np.array([[t.mean, t.std, t.min, t.max, t.abs_mean] for t in rec.tensors], dtype=np.float64)
+    assert got.view("<u8").tolist() == want.view("<u8").tolist()
+
+
 def test_select_filters_by_collection_and_regex() -> None:
     """StepRecord.select combines collection names and a regex search on tensor names."""
     block = _block(
