@@ -12,8 +12,8 @@ reduces all tensors of a job in one call: one GIL release, and no Python per ten
 kernels. `_delta` does a weight delta in one pass (102 us there, 485 us for the torch pass).
 
 Float32 tensors only (float64 ones keep the torch path). Accuracy: 64 float32 lanes per call of
-at most CHUNK elements, combined in float64; the squares of a chunk of tiny values (mean |x|
-below `statistics.FLOAT32_TINY`, where float32 squares underflow) are summed again in float64.
+at most CHUNK elements, combined in float64; the squares of a chunk of tiny values (see
+`statistics.FLOAT32_TINY`: float32 squares underflow) are summed again in float64.
 NaN: min and max are NaN when any element is, as torch's amin/amax give; the non-zero count
 includes NaN (the caller's second pass recounts a tensor whose sum is not finite).
 
@@ -92,7 +92,7 @@ def _moments(x, out):  # pragma: no cover - run compiled by numba
         tnz += 1.0 if v != 0.0 else 0.0
         lo = v if v < lo else lo
         hi = v if v > hi else hi
-    if 0.0 < ta < FLOAT32_TINY * n:
+    if ta < FLOAT32_TINY * tnz:  # the non-zero elements' mean |x| (False for NaN and all-zero)
         # Squares of values this small are subnormal or 0 in float32 lanes: sum them again in
         # float64 (rare: only tensors of tiny values; the comparison is all others pay).
         tss = 0.0

@@ -14,8 +14,9 @@ they follow IEEE arithmetic (one NaN makes mean, std, min, max and abs_mean NaN;
 mean and abs_mean infinite and std NaN); nan, inf and zeros are exact counts (NaN is not zero);
 an empty tensor has n = 0 and every statistic 0. Values that are finite but whose float64 sums
 overflow (|x| near 1e308) are rescaled, so a finite tensor never reads inf or NaN. Backends that
-accumulate in float32 lanes also redo, scaled or in float64, the squares of a tensor whose mean
-|x| is below `FLOAT32_TINY`: squares of values below ~1e-19 are subnormal or 0 in float32.
+accumulate in float32 lanes also redo, scaled or in float64, the squares of a tensor whose
+non-zero elements have a mean |x| below `FLOAT32_TINY`: squares of values below ~1e-19 are
+subnormal or 0 in float32.
 
 This module imports nothing of the codec, so the codec can import it.
 """
@@ -36,10 +37,13 @@ import numpy as np
 WireKey = Literal["n", "f", "z", "nf", "q", "d", "act", ""]
 #: Upper edges of the per-unit activity histogram (fraction of samples in which a unit is > 0).
 ACTIVITY_EDGES = (0.001, 0.01, 0.05, 0.1, 0.5)
-#: Mean |x| below which float32 lanes recompute a tensor's sum of squares. Why this bound: a
-#: square that underflows float32 is off by at most 2**-150, so the std by at most 2**-75
-#: (absolute); at a mean |x| of 2**-50 or more that is under 2**-25 of the tensor's scale, far
-#: inside the float32 tolerance, and no tensor of ordinary values pays for a second pass.
+#: Mean |x| of a tensor's non-zero elements below which float32 lanes recompute its sum of
+#: squares. Why this bound: a square that underflows float32 is off by at most 2**-150, and
+#: sum x² >= (sum |x|)² / nonzero, so above the bound the sum of squares is off by at most
+#: 2**-150 / FLOAT32_TINY**2 = 2**-50 of itself from underflow; and no tensor of ordinary values
+#: pays for a second pass. Checked as sum |x| < FLOAT32_TINY * nonzero from the first pass's sums.
+#: Compiled into producers/stats_numba.py's cached kernels, whose numba cache follows that file
+#: only: change that file too (a comment will do) when changing this value.
 FLOAT32_TINY = 2.0**-50
 
 
