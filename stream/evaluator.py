@@ -125,6 +125,10 @@ class JobEvaluator:
         self.clock_specs = tuple(s for s in self.specs if is_clock(s))
         self._job_level = frozenset(s.name for s in self.specs if not is_per_rank(s))
         self._clock_names = frozenset(s.name for s in self.clock_specs)
+        #: Per spec, what `process` asks of it for every record, asked once here.
+        self._plan = tuple(
+            (s, s.name in self._job_level, s.name in self._clock_names, f"{s.name}|") for s in self.specs
+        )
 
     @property
     def has_clock(self) -> bool:
@@ -158,12 +162,15 @@ class JobEvaluator:
         rule_states: dict[str, Any] = state.setdefault("r", {})
         where = _Where(record.job, record.rank, record.step, record.mode, record.ts)
         out: list[Transition] = []
-        for spec in self.specs:
+        mode, rank_key = record.mode, str(record.rank)
+        for spec, job_level, clock, prefix in self._plan:
             rule = spec.rule
-            if record.mode not in rule.modes:
+            if mode not in rule.modes:
                 continue
-            job_level = spec.name in self._job_level
-            slot = self._slot(rule_states, spec, JOB_SLOT if job_level else record.rank)
+            key = prefix + (JOB_SLOT if job_level else rank_key)  # as _slot names it
+            slot = rule_states.get(key)
+            if slot is None:
+                slot = rule_states[key] = {"s": rule.initialize(), "f": False}
             ok, finding = _apply(spec, slot, rule.update, record, record, on_rule_error)
             if not ok:
                 continue
@@ -174,11 +181,13 @@ class JobEvaluator:
                 if tr is not None:
                     out.append(tr)
                 continue
-            if spec.name in self._clock_names:
+            if clock:
                 last = slot.get("k")
                 if last is None or record.ts >= last[2]:
                     slot["k"] = [record.step, record.mode, record.ts]
                 slot.pop("e", None)
+            if finding is None or finding.firing == slot["f"]:
+                continue  # no transition (what _transition would say)
             tr = self._transition(state, spec, slot, finding, where, now, rank_states)
             if tr is not None:
                 out.append(tr)

@@ -17,12 +17,14 @@ with the rest of its state after `state_retention_s`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 
 from .state import SCALARS_KEY, Store
 
 
+@functools.lru_cache(maxsize=8192)  # a job sends the same names at every step
 def name_key(name: str) -> int:
     """A scalar name's key in the store: the same in every process (Python's hash() is not)."""
     return int.from_bytes(
