@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from common import Broker, host_info, open_broker
-from designs import DEFAULT_BASELINE_REV, DESIGNS, Design, prepare, print_imports
+from designs import DEFAULT_BASELINE_REV, DESIGNS, Design, prepare, prepare_variant, print_imports
 from load_report import HEADER, MB, finite, print_report, row, slope_per_minute, write_report
 from load_stretch import Bench, bench, offer
 from loadwatch import read_all, resource_source
@@ -223,6 +223,8 @@ def compare(results: dict[str, dict[str, Any]], rates: list[float]) -> dict[str,
         "worker_cpu_us_per_record_min": {n: r["worker_cpu_us_per_record_min"] for n, r in results.items()},
     }
     b, c = results.get("baseline"), results.get("current")
+    if (b is None or c is None) and len(results) == 2:  # two revisions: the second over the first
+        b, c = results.values()
     if b and c:
         for key in ("knee_target_rps", "peak_processed_rps", "worker_cpu_us_per_record_min"):
             x, y = b[key], c[key]
@@ -311,11 +313,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--designs",
         nargs="+",
-        choices=DESIGNS,
         default=["current"],
         help="worker designs (bench/designs.py): current = the working tree (default), baseline = the "
-        "worker of --baseline-rev; knee: several interleave level by level, in this order at the first "
-        "level; soak: one",
+        "worker of --baseline-rev, or any git revision (git archive'd: a fixed version while the tree "
+        "changes), each with :<setting>=<value>,... as designs.py's variants; knee: several interleave "
+        "level by level, in this order at the first level; soak: one",
     )
     g.add_argument(
         "--baseline-rev",
@@ -383,7 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     host = host_info(resources_from=resource_source(), loadavg_start=list(os.getloadavg()))
     tmp = Path(tempfile.mkdtemp(prefix="tp-load-designs-"))
     try:
-        designs = {n: prepare(n, tmp, args.baseline_rev) for n in args.designs}
+        designs = {}
+        for i, n in enumerate(args.designs):
+            if n in DESIGNS:
+                designs[n] = prepare(n, tmp, args.baseline_rev)
+            else:  # a revision or a variant (designs.py)
+                (tmp / f"design{i}").mkdir()
+                designs[n] = prepare_variant(n, tmp / f"design{i}")
         for d in designs.values():
             print_imports(d)
         with open_broker(args.bootstrap, args.broker) as b:
