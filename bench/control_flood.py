@@ -67,7 +67,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from torch import nn
 
 from tensorpulse.actions import encode_action
-from tensorpulse.producers.control import MAX_BUSY_SHARE, RESUME_S, ControlListener
+from tensorpulse.producers.control import MAX_BUSY_SHARE, PREFETCH_KB, RESUME_S, ControlListener
 from tensorpulse.producers.torch import TorchHook
 from tensorpulse.topics import control_topic
 
@@ -234,11 +234,14 @@ def block(
     steps: int,
     skip: int,
     phase_s: float,
+    prefetch_kb: int | None = PREFETCH_KB,
 ) -> Block:
     """One block: a fresh listener on `topic`, `skip` steps or more untimed (and, for a paced listener
     on a flood, until its start burst is spent), then more for `phase_s` seconds, then `steps` timed."""
     topic.top_up()
-    listener = ControlListener(topic.job, bootstrap=bootstrap, max_busy_share=share, resume_s=resume).start()
+    listener = ControlListener(
+        topic.job, bootstrap=bootstrap, max_busy_share=share, resume_s=resume, prefetch_kb=prefetch_kb
+    ).start()
     try:
         _wait(lambda: sum(listener.counts.values()) >= 1, "the listener to read its topic")
         burst = topic.flood and share < 1.0
@@ -317,7 +320,10 @@ def paired_blocks(bootstrap: str, names: list[str], pairs: int, steps: int, skip
                     for a in order:
                         t = none if a == "none" else topics[name]
                         s, r = (MAX_BUSY_SHARE, RESUME_S) if a == "none" else (share, resume)
-                        pair[a] = block(trainer, bootstrap, t, s, r, steps, skip, rng.uniform(0, PERIOD_S))
+                        pf = PREFETCH.get(a, PREFETCH_KB)
+                        pair[a] = block(
+                            trainer, bootstrap, t, s, r, steps, skip, rng.uniform(0, PERIOD_S), pf
+                        )
                     if pair[name].reading:
                         break
                     dry[name] += 1
@@ -368,6 +374,8 @@ def paired_blocks(bootstrap: str, names: list[str], pairs: int, steps: int, skip
             print(f"  {a:<10} " + " ".join(f"{f.mean():7.2f}" for f in fifths))
 
 
+#: librdkafka's prefetch queue per arm (kilobytes; None: its defaults), where not the listener's default.
+PREFETCH: dict[str, int | None] = {}
 ARMS = {
     "none": (False, MAX_BUSY_SHARE, RESUME_S),
     "flood": (True, MAX_BUSY_SHARE, RESUME_S),
@@ -387,7 +395,10 @@ def main() -> None:
     )
     parser.add_argument("--skip", type=int, default=5, help="untimed steps at least at a block's start")
     parser.add_argument(
-        "--arms", default="flood,unpaced", help="flood arms of the blocks mode (of: flood, flood-r0, unpaced)"
+        "--arms",
+        default="flood,unpaced",
+        help="flood arms of the blocks mode: flood, flood-r0, unpaced, or NAME=SHARE/RESUME_S/PREFETCH_KB"
+        " (a pacing to try; PREFETCH_KB 0: librdkafka's default queue)",
     )
     parser.add_argument("--broker", choices=["kafka", "tansu"], default="kafka")
     parser.add_argument("--bootstrap", help="an existing cluster instead of starting one")
@@ -395,9 +406,18 @@ def main() -> None:
     torch.set_num_threads(1)  # the listener and training compete for the same core, as on a busy node
 
     if args.blocks:
-        names = [a for a in args.arms.split(",") if a]
-        if not names or any(a not in ARMS or a == "none" for a in names):
-            parser.error(f"--arms: some of {', '.join(a for a in ARMS if a != 'none')}")
+        names = []
+        for a in filter(None, args.arms.split(",")):
+            name, _, pacing = a.partition("=")
+            if pacing:  # e.g. half=0.01/0.01/1024: 1 % of a core, resuming at 10 ms owed, 1 MB prefetched
+                share, resume, prefetch = ([*pacing.split("/"), "", ""])[:3]
+                ARMS[name] = (True, float(share), float(resume or RESUME_S))
+                PREFETCH[name] = (int(prefetch) or None) if prefetch else PREFETCH_KB  # 0: librdkafka's
+            if name not in ARMS or name == "none":
+                parser.error(f"--arms: {name!r} is none of {', '.join(a for a in ARMS if a != 'none')}")
+            names.append(name)
+        if not names:
+            parser.error("--arms: at least one")
         with open_broker(args.bootstrap, args.broker) as broker:
             print(f"broker: {broker.what}; flood topics of {FLOOD:,} messages or more; MLP, 1 torch thread")
             warmup = 100 if args.warmup is None else args.warmup

@@ -49,6 +49,10 @@ BURST_S = 0.05
 #: takes the GIL from the training thread, which then waits for it again, and hundreds of those
 #: hand-overs a second cost training more than the listener's own CPU time (bench/control_flood.py).
 RESUME_S = 0.01
+#: librdkafka's local queue of fetched messages, when given (kilobytes; None: its defaults, 64 MB or
+#: 100,000 messages): fetching stops once this much is queued, so a flood is fetched about as fast as
+#: the paced listener reads it, not all at once by librdkafka's own threads, which no budget paces.
+PREFETCH_KB: int | None = None
 #: A flood (ignored messages, pacing) is logged once per this many seconds, with counts.
 FLOOD_LOG_INTERVAL_S = 10.0
 #: Another action of the same kind within this many seconds of the last one is counted, not dispatched.
@@ -171,6 +175,7 @@ class ControlListener:
         max_busy_share: float = MAX_BUSY_SHARE,
         burst_s: float = BURST_S,
         resume_s: float = RESUME_S,
+        prefetch_kb: int | None = PREFETCH_KB,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.job = validate_job(job)
@@ -202,6 +207,14 @@ class ControlListener:
                 "fetch.wait.max.ms": 20,
             }
         )
+        if prefetch_kb is not None:
+            self._conf.update(
+                {
+                    "queued.max.messages.kbytes": prefetch_kb,
+                    "queued.min.messages": 1000,
+                    "max.partition.fetch.bytes": prefetch_kb * 1024,
+                }
+            )
         self._assigned = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"tensorpulse-control-{job}", daemon=True)
 
