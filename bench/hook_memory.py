@@ -27,6 +27,15 @@ producer is used, as in production).
 
 The budget (issue 23): extra <= 64 MiB + 5 % of the tracked tensors' bytes, persistent and at
 peak.
+
+numba's LLVM: the hook hands back the pages of llvmlite's library that loading its kernels
+touched (producers/code_pages.py), but the kernel keeps those that another process maps too,
+as shared memory counted in each process's VmRSS. The checkpoint lines give llvmlite's resident
+and shared MiB at the end. On a machine where other processes use the same numba install, the
+figures of one training process alone come from giving the children a private copy:
+
+    cp -r "$(python -c 'import llvmlite, os; print(os.path.dirname(llvmlite.__file__))')" /tmp/own/
+    PYTHONPATH=/tmp/own python bench/hook_memory.py --configs defaults
 """
 
 from __future__ import annotations
@@ -64,6 +73,24 @@ def _status_mib(field: str) -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _llvm_mib() -> tuple[float, float]:
+    """(resident, of which shared with other processes) MiB of llvmlite's mappings (numba's LLVM):
+    pages another process maps too (another rank, another numba user) stay resident after the
+    hook's release (producers/code_pages.py) and are counted once per machine."""
+    rss = shared = 0
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if not head.endswith(":"):
+                inside = "/llvmlite/" in line
+            elif inside and head == "Rss:":
+                rss += int(line.split()[1])
+            elif inside and head in ("Shared_Clean:", "Shared_Dirty:"):
+                shared += int(line.split()[1])
+    return rss / 1024, shared / 1024
 
 
 # ----------------------------------------------------------------------------- child
@@ -127,6 +154,7 @@ def child(model_name: str, config: str | None, steps: int, warmup: int, bootstra
         "peak": _status_mib("VmHWM"),
         "anon": _status_mib("RssAnon"),
         "file": _status_mib("RssFile") + _status_mib("RssShmem"),
+        "llvm": _llvm_mib(),
         "step": statistics.median(times[len(times) // 2 :]),
         "marks": marks,
         "bytes": sent[0],
@@ -226,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         for config in args.configs:
             marks = by[config][0]["marks"]
             base = marks["baseline"]
-            print(f"  {model:>5} {config:<15} " + ", ".join(f"{k} +{v - base:.0f}" for k, v in marks.items() if k != "baseline"))
+            llvm = by[config][0].get("llvm", (0.0, 0.0))
+            print(
+                f"  {model:>5} {config:<15} "
+                + ", ".join(f"{k} +{v - base:.0f}" for k, v in marks.items() if k != "baseline")
+                + f"; llvmlite's pages at the end {llvm[0]:.0f} MiB ({llvm[1]:.0f} shared)"
+            )
     return 0
 
 
