@@ -173,4 +173,16 @@ def write_report(
         "duration_s": round(time.time() - started, 1),
         "host": {**run_host, "loadavg_end": list(os.getloadavg())},
     }
-    return write_json(out, args.out, f"load-{report['mode']}", started, allow_nan=False)
+    return write_json(_nulls(out), args.out, f"load-{report['mode']}", started, allow_nan=False)
+
+
+def _nulls(x: Any) -> Any:
+    """`x` with every inf or NaN float as null (JSON has neither: a level whose alerts went
+    missing has an infinite latency p99, and the report was lost to a ValueError at the end)."""
+    if isinstance(x, float):
+        return finite(x, 12)
+    if isinstance(x, dict):
+        return {k: _nulls(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nulls(v) for v in x]
+    return x
