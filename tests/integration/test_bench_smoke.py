@@ -446,6 +446,24 @@ def test_worker_profile_stages_times_every_stage(tmp_path: Path) -> None:
     assert set(rep["what_if_us_per_record"]) == {"TensorStats not frozen"}
 
 
+@pytest.mark.slow
+def test_worker_profile_stages_compares_designs_each_in_its_own_process(tmp_path: Path) -> None:
+    """`stages --designs HEAD current`: each design's rounds run in processes of their own, HEAD's
+    from a `git archive` (not the working tree), and each round's CPU per record is reported."""
+    out = tmp_path / "designs.json"
+    cmd = [sys.executable, str(WORKER_PROFILE), "stages", "--designs", "HEAD", "current", "--rounds", "2"]
+    cmd += ["--jobs", "2", "--tensors", "10", "--records", "100", "--warmup-records", "20"]
+    cmd += ["--fault-every", "50", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert {k: len(v) for k, v in rep["us_per_record"].items()} == {"HEAD": 2, "current": 2}
+    assert all(x > 0 for v in rep["us_per_record"].values() for x in v)
+    assert rep["alerts"] == {"HEAD": [4], "current": [4]}  # 2 faults: each fires and resolves
+    repo = str(BENCH.parent)
+    assert not rep["imported"]["HEAD"].startswith(repo) and rep["imported"]["current"].startswith(repo)
+
+
 def test_ranks_names_the_nan_rank_and_measures_state(kafka_bootstrap: str, tmp_path: Path) -> None:
     """bench/ranks.py on a small world: every record evaluated, the alert names the NaN rank, state measured."""
     out = tmp_path / "ranks.json"
