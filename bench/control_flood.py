@@ -33,7 +33,8 @@ topic holding one harmless message (`none`) make a pair, in ABBA order (flood-no
 alike. Each block's listener starts before the block, which begins once the listener is reading
 (its `counts`). The first `--skip` steps are not timed, nor, for a paced listener on a flood, any
 step until its 50 ms start burst is spent: its `paced_s` turns positive (it has waited for its
-budget once). Once paced it wakes about every 0.5 s (RESUME_S of CPU time at MAX_BUSY_SHARE), and a
+budget once; 3 s at most, since a listener whose bounded prefetch queue feeds it slower than its
+budget may never wait). Once paced it wakes about every 0.5 s (RESUME_S of CPU time at MAX_BUSY_SHARE), and a
 block timed from that moment would start with a wait, so every block then runs a random 0-0.5 s
 more untimed (seeded), and a block is `--block-steps` steps (default 150: a few wakes), not the
 40-60 that would fit inside one wait. A block's figure is its timed steps' wall time over their
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import statistics
 import time
@@ -76,6 +78,8 @@ FLOOD = 10_000
 #: timed from the end of the burst would start where its first wait starts, and miss a wake in a
 #: short block. Every block is timed from a random moment (uniform, this long) after its skip instead.
 PERIOD_S = RESUME_S / MAX_BUSY_SHARE
+#: The most a block waits, untimed, for a paced listener's start burst to be spent.
+BURST_WAIT_S = 3.0
 
 
 def flood_messages(job: str) -> list[bytes]:
@@ -121,7 +125,13 @@ def _wait(cond, what: str, timeout: float = 30.0) -> None:
 
 
 def arm(
-    bootstrap: str, flood: bool, share: float, resume: float, steps: int, warmup: int
+    bootstrap: str,
+    flood: bool,
+    share: float,
+    resume: float,
+    steps: int,
+    warmup: int,
+    prefetch_kb: int | None = PREFETCH_KB,
 ) -> tuple[float, int, int]:
     """Median step time (ms) over `steps` measured steps that each ended with flood messages still
     unread (every step without a flood); the flood messages read, and the floods sent."""
@@ -147,7 +157,9 @@ def arm(
 
     for step in range(warmup):  # before the listener: the flood cannot be read during these
         train(step)
-    listener = ControlListener(job, bootstrap=bootstrap, max_busy_share=share, resume_s=resume).start()
+    listener = ControlListener(
+        job, bootstrap=bootstrap, max_busy_share=share, resume_s=resume, prefetch_kb=prefetch_kb
+    ).start()
     try:
         _wait(lambda: sum(listener.counts.values()) >= 1, "the listener to read its topic")
         base = sum(listener.counts.values())
@@ -223,6 +235,9 @@ class Block:
     read: int  #: messages its listener read
     reading: bool  #: the listener still had messages to read at its end (always, without a flood)
     each: list[float]  #: every timed step (ms)
+    broker_ms: float = float(
+        "nan"
+    )  #: the broker's CPU time over the timed steps, per step (if its pid is known)
 
 
 def block(
@@ -235,6 +250,7 @@ def block(
     skip: int,
     phase_s: float,
     prefetch_kb: int | None = PREFETCH_KB,
+    broker_pid: int | None = None,
 ) -> Block:
     """One block: a fresh listener on `topic`, `skip` steps or more untimed (and, for a paced listener
     on a flood, until its start burst is spent), then more for `phase_s` seconds, then `steps` timed."""
@@ -244,11 +260,11 @@ def block(
     ).start()
     try:
         _wait(lambda: sum(listener.counts.values()) >= 1, "the listener to read its topic")
-        burst = topic.flood and share < 1.0
+        # A paced listener on a flood spends its burst first; one whose fetching is slower than its
+        # budget (a bounded prefetch queue) may never wait: BURST_WAIT_S at most.
+        burst_until = time.perf_counter() + BURST_WAIT_S if topic.flood and share < 1.0 else 0.0
         skipped = 0
-        while skipped < skip or (burst and listener.paced_s == 0):
-            if skipped > 50 * skip + 500:
-                raise SystemExit("the listener's start burst was never spent")
+        while skipped < skip or (listener.paced_s == 0 and time.perf_counter() < burst_until):
             trainer.step()
             skipped += 1
         until = time.perf_counter() + phase_s
@@ -256,6 +272,7 @@ def block(
             trainer.step()
             skipped += 1
         each = []
+        broker0 = _ticks(broker_pid)
         cpu0, t0 = time.process_time(), time.perf_counter()
         last = t0
         for _ in range(steps):
@@ -264,6 +281,7 @@ def block(
             each.append((now - last) * 1e3)
             last = now
         cpu = time.process_time() - cpu0
+        broker = (_ticks(broker_pid) - broker0) / TICKS_PER_S
         read = sum(listener.counts.values())
         assert not listener.stop_requested.is_set(), "the flood stopped the job"
     finally:
@@ -276,7 +294,20 @@ def block(
         read,
         read < topic.size or not topic.flood,
         each,
+        broker / steps * 1e3,
     )
+
+
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _ticks(pid: int | None) -> float:
+    """CPU ticks (user + system) of process `pid` so far; nan without one."""
+    if pid is None:
+        return float("nan")
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return float(int(fields[11]) + int(fields[12]))
 
 
 def interval(
@@ -295,7 +326,15 @@ def _span(values: list[float], stat=np.median) -> str:
     return f"{mid:.3f}x [{lo:.3f}-{hi:.3f}]"
 
 
-def paired_blocks(bootstrap: str, names: list[str], pairs: int, steps: int, skip: int, warmup: int) -> None:
+def paired_blocks(
+    bootstrap: str,
+    names: list[str],
+    pairs: int,
+    steps: int,
+    skip: int,
+    warmup: int,
+    broker_pid: int | None = None,
+) -> None:
     """`pairs` ABBA pairs (arm, none) per arm in `names`, in one training process; prints each pair
     and, per arm, the median and mean ratio arm/none with bootstrap intervals (and the same for the
     process's CPU time per step), and the mean step by position in the block (a start cost not
@@ -321,9 +360,8 @@ def paired_blocks(bootstrap: str, names: list[str], pairs: int, steps: int, skip
                         t = none if a == "none" else topics[name]
                         s, r = (MAX_BUSY_SHARE, RESUME_S) if a == "none" else (share, resume)
                         pf = PREFETCH.get(a, PREFETCH_KB)
-                        pair[a] = block(
-                            trainer, bootstrap, t, s, r, steps, skip, rng.uniform(0, PERIOD_S), pf
-                        )
+                        phase = rng.uniform(0, PERIOD_S)
+                        pair[a] = block(trainer, bootstrap, t, s, r, steps, skip, phase, pf, broker_pid)
                     if pair[name].reading:
                         break
                     dry[name] += 1
@@ -364,6 +402,16 @@ def paired_blocks(bootstrap: str, names: list[str], pairs: int, steps: int, skip
             f" {statistics.median(b.skipped for b, _ in got[name]):>8.0f}"
             f" {f'{min(reads):,}-{max(reads):,}':>16} {dry[name]:>4}"
         )
+    if broker_pid is not None:
+        print(
+            "broker CPU ms per timed step (median of blocks): "
+            + ", ".join(
+                f"{name} {statistics.median(b.broker_ms for b, _ in got[name]):.2f}"
+                f" (none {statistics.median(b0.broker_ms for _, b0 in got[name]):.2f})"
+                for name in names
+                if got[name]
+            )
+        )
     nones = [b0 for name in names for _, b0 in got[name]]
     if nones:
         print(f"none: median {statistics.median(b0.skipped for b0 in nones):.0f} steps skipped per block")
@@ -374,8 +422,10 @@ def paired_blocks(bootstrap: str, names: list[str], pairs: int, steps: int, skip
             print(f"  {a:<10} " + " ".join(f"{f.mean():7.2f}" for f in fifths))
 
 
-#: librdkafka's prefetch queue per arm (kilobytes; None: its defaults), where not the listener's default.
-PREFETCH: dict[str, int | None] = {}
+#: librdkafka's prefetch queue per arm (kilobytes; None: its defaults), where not the listener's default:
+#: `unpaced` is the listener before pacing, which also let librdkafka prefetch 64 MB (a bounded queue
+#: alone, fetching 1 MB a second once full, throttles even an unpaced listener to ~1.02-1.06x).
+PREFETCH: dict[str, int | None] = {"unpaced": None}
 ARMS = {
     "none": (False, MAX_BUSY_SHARE, RESUME_S),
     "flood": (True, MAX_BUSY_SHARE, RESUME_S),
@@ -402,6 +452,9 @@ def main() -> None:
     )
     parser.add_argument("--broker", choices=["kafka", "tansu"], default="kafka")
     parser.add_argument("--bootstrap", help="an existing cluster instead of starting one")
+    parser.add_argument(
+        "--broker-pid", type=int, help="the given cluster's broker process: its CPU per block"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # the listener and training compete for the same core, as on a busy node
 
@@ -421,7 +474,8 @@ def main() -> None:
         with open_broker(args.bootstrap, args.broker) as broker:
             print(f"broker: {broker.what}; flood topics of {FLOOD:,} messages or more; MLP, 1 torch thread")
             warmup = 100 if args.warmup is None else args.warmup
-            paired_blocks(broker.bootstrap, names, args.blocks, args.block_steps, args.skip, warmup)
+            pid = args.broker_pid or (broker.pids[0] if broker.pids else None)
+            paired_blocks(broker.bootstrap, names, args.blocks, args.block_steps, args.skip, warmup, pid)
         return
     arms = ARMS
     args.warmup = 5 if args.warmup is None else args.warmup
@@ -435,7 +489,8 @@ def main() -> None:
             names = list(arms)
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 flood, share, resume = arms[name]
-                m, n, f = arm(broker.bootstrap, flood, share, resume, args.steps, args.warmup)
+                pf = PREFETCH.get(name, PREFETCH_KB)
+                m, n, f = arm(broker.bootstrap, flood, share, resume, args.steps, args.warmup, pf)
                 ms[name].append(m)
                 read[name].append(n)
                 floods[name].append(f)

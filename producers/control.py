@@ -49,10 +49,12 @@ BURST_S = 0.05
 #: takes the GIL from the training thread, which then waits for it again, and hundreds of those
 #: hand-overs a second cost training more than the listener's own CPU time (bench/control_flood.py).
 RESUME_S = 0.01
-#: librdkafka's local queue of fetched messages, when given (kilobytes; None: its defaults, 64 MB or
-#: 100,000 messages): fetching stops once this much is queued, so a flood is fetched about as fast as
-#: the paced listener reads it, not all at once by librdkafka's own threads, which no budget paces.
-PREFETCH_KB: int | None = None
+#: librdkafka's local queue of fetched messages (kilobytes, fetched in pieces of this size; None: its
+#: defaults, 64 MB or 100,000 messages): fetching stops once this much is queued, so a flood is
+#: fetched about as fast as the paced listener reads it, not all at once by librdkafka's own threads,
+#: whose CPU time no budget paces (bench/control_flood.py: with its defaults a paced listener's
+#: process spent 4-16 % more CPU per training step, bounded 0-1 %), and held in 1 MB, not 64.
+PREFETCH_KB: int | None = 1024
 #: A flood (ignored messages, pacing) is logged once per this many seconds, with counts.
 FLOOD_LOG_INTERVAL_S = 10.0
 #: Another action of the same kind within this many seconds of the last one is counted, not dispatched.
