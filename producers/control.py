@@ -52,8 +52,10 @@ RESUME_S = 0.01
 #: librdkafka's local queue of fetched messages (kilobytes, fetched in pieces of this size; None: its
 #: defaults, 64 MB or 100,000 messages): fetching stops once this much is queued, so a flood is
 #: fetched about as fast as the paced listener reads it, not all at once by librdkafka's own threads,
-#: whose CPU time no budget paces (bench/control_flood.py: with its defaults a paced listener's
-#: process spent 4-16 % more CPU per training step, bounded 0-1 %), and held in 1 MB, not 64.
+#: whose CPU time no budget paces (bench/control_flood.py --blocks: with its defaults the process
+#: spent 4-9 % more CPU per training step under a flood, bounded -0.1 to +1.7 %), and held in 1 MB,
+#: not 64. Once the queue is full, librdkafka fetches again after `fetch.queue.backoff.ms` (1 s): a
+#: flood is then read at about 1 MB a second at most, whatever the budget.
 PREFETCH_KB: int | None = 1024
 #: A flood (ignored messages, pacing) is logged once per this many seconds, with counts.
 FLOOD_LOG_INTERVAL_S = 10.0
