@@ -139,3 +139,16 @@ def test_control_decoder_raises_only_decode_error() -> None:
         with pytest.raises(DecodeError):
             decode_action(payload)
     assert decode_action(json.dumps(stop).encode())["action"] == "stop"
+
+
+def test_control_decoder_refuses_deep_nesting_before_parsing_it() -> None:
+    """Deep nesting, in a run or between keys, is refused by counting brackets (not by the JSON
+    parser's RecursionError, a hundred times the cost of a message); a reason that quotes a few
+    brackets is still a message."""
+    stop = json.loads(encode_action("stop", "job-1", reason="loss [nan] at {step 3}"))
+    for payload in (b"[" * 5_000, b'{"a":' * 2_000 + b"1" + b"}" * 2_000):
+        with pytest.raises(DecodeError, match="nested too deep"):
+            decode_action(payload)
+    assert decode_action(json.dumps(stop).encode())["reason"] == "loss [nan] at {step 3}"
+    many = json.dumps({**stop, "reason": "[x]" * 200}).encode()
+    assert decode_action(many)["reason"] == "[x]" * 200
