@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from sinks.prometheus import WorkerMetrics
+from tensorpulse.sinks.prometheus import WorkerMetrics
 
 
 def _free_port() -> int:
