@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -76,14 +76,19 @@ def start_kafka(nodes: int, workdir: Path, **options: Any) -> Any:
     try:
         return kafka_local.KafkaCluster(nodes=nodes, workdir=workdir, **options).start()
     except kafka_local.KafkaUnavailable as exc:
-        pytest.fail(
-            "the integration tests start Apache Kafka from its Maven jars and could not:\n"
-            f"{exc}\n"
-            "Install Java 17+ and Maven (Debian: apt-get install openjdk-17-jdk-headless maven) and run "
-            "`python deploy/kafka/kafka_local.py fetch`, or point KAFKA_BOOTSTRAP=host:port at a running "
-            "broker (TENSORPULSE_TEST_BROKER=tansu runs the suite on the embedded Tansu broker instead).",
-            pytrace=False,
-        )
+        _no_kafka(exc)
+
+
+def _no_kafka(exc: Exception) -> NoReturn:
+    """Fail the test with what went wrong and how to get Java and Maven."""
+    pytest.fail(
+        "the integration tests start Apache Kafka from its Maven jars and could not:\n"
+        f"{exc}\n"
+        "Install Java 17+ and Maven (Debian: apt-get install openjdk-17-jdk-headless maven) and run "
+        "`python deploy/kafka/kafka_local.py fetch`, or point KAFKA_BOOTSTRAP=host:port at a running "
+        "broker (TENSORPULSE_TEST_BROKER=tansu runs the suite on the embedded Tansu broker instead).",
+        pytrace=False,
+    )
 
 
 @pytest.fixture
@@ -125,21 +130,29 @@ def relayed_kafka(tmp_path: Path) -> Iterator[RelayedKafka]:
     from tensorpulse.broker import free_port
     from tensorpulse.netproxy import TcpRelay
 
-    front, back = free_port(), free_port()
-    relay = TcpRelay(("127.0.0.1", front), ("127.0.0.1", back)).start()
-    cluster = None
+    kafka_local = load_kafka_local()
+    for attempt in range(3):
+        front, back = free_port(), free_port()
+        relay = TcpRelay(("127.0.0.1", front), ("127.0.0.1", back)).start()
+        try:
+            cluster = kafka_local.KafkaCluster(
+                nodes=1,
+                workdir=tmp_path / f"kafka-relayed-{attempt}",
+                port=back,
+                extra_config={"advertised.listeners": f"PLAINTEXT://127.0.0.1:{front}"},
+            ).start()
+            break
+        except kafka_local.KafkaUnavailable as exc:
+            relay.stop()
+            # A free port is free when asked, not when Kafka binds it seconds later: another
+            # process of the suite (a worker's metrics, another broker) may take it in between.
+            if "Address already in use" not in str(exc) or attempt == 2:
+                _no_kafka(exc)
     try:
-        cluster = start_kafka(
-            1,
-            tmp_path / "kafka-relayed",
-            port=back,
-            extra_config={"advertised.listeners": f"PLAINTEXT://127.0.0.1:{front}"},
-        )
         yield RelayedKafka(f"127.0.0.1:{front}", relay)
     finally:
         relay.stop()
-        if cluster is not None:
-            cluster.stop(graceful=False)
+        cluster.stop(graceful=False)
 
 
 @pytest.fixture(scope="session")
