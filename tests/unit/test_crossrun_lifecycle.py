@@ -12,13 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
+from offline_worker import offline_worker
 
 from tensorpulse import wire
 from tensorpulse.events import AlertEvent
-from tensorpulse.sinks.prometheus import WorkerMetrics
 from tensorpulse.stream.crossrun import JOB_OVER_HEADER, job_over_notice
-from tensorpulse.stream.settings import WorkerSettings
 from tensorpulse.stream.state import MemoryStore
 from tensorpulse.stream.worker import Source, Worker
 
@@ -29,18 +27,14 @@ SRC = Source("tensorpulse.crossrun.g", 0, 0)
 @pytest.fixture
 def worker(tmp_path: Path) -> Worker:
     """A worker (never started) whose only rule compares job A's gradients with job B's."""
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(
+    return offline_worker(
+        tmp_path,
         "defaults: false\n"
         "rules:\n"
         "  - rule: SimilarAcrossRuns\n"
         f"    jobs: '^{A}$'\n"
-        f"    params: {{other_trials: [{B}], collection_names: [gradients]}}\n"
+        f"    params: {{other_trials: [{B}], collection_names: [gradients]}}\n",
     )
-    settings = WorkerSettings(
-        bootstrap="127.0.0.1:1", metrics_port=None, state_dir=tmp_path, rules_file=rules
-    )
-    return Worker(settings, metrics=WorkerMetrics(CollectorRegistry()))
 
 
 def _record(job: str, step: int, *, shift: float = 0.0, kind: str = "step") -> bytes:

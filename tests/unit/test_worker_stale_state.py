@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from offline_worker import offline_worker
 from prometheus_client import CollectorRegistry
 
 from tensorpulse import wire
@@ -20,7 +21,6 @@ from tensorpulse.events import AlertEvent
 from tensorpulse.rules.base import state_mismatch
 from tensorpulse.sinks.prometheus import WorkerMetrics
 from tensorpulse.stream.evaluator import is_cross_run
-from tensorpulse.stream.settings import WorkerSettings
 from tensorpulse.stream.state import JobStore, MemoryStore
 from tensorpulse.stream.worker import Source, Worker
 
@@ -31,17 +31,15 @@ SRC = Source("tensorpulse.job.stale-a", 0, 0)
 @pytest.fixture
 def worker(tmp_path: Path) -> Worker:
     """A worker (never started) with LossNotDecreasing for every job and SimilarAcrossRuns for A."""
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(
+    return offline_worker(
+        tmp_path,
         "defaults: false\n"
         "rules:\n"
         "  - rule: LossNotDecreasing\n"
         "  - rule: SimilarAcrossRuns\n"
         f"    jobs: '^{A}$'\n"
-        f"    params: {{other_trials: [{B}], collection_names: [gradients]}}\n"
+        f"    params: {{other_trials: [{B}], collection_names: [gradients]}}\n",
     )
-    settings = WorkerSettings(bootstrap="127.0.0.1:1", metrics_port=None, state_dir=tmp_path, rules_file=rules)
-    return Worker(settings, metrics=WorkerMetrics(CollectorRegistry()))
 
 
 def _record(job: str, step: int, *, shift: float = 0.0) -> bytes:
