@@ -49,13 +49,16 @@ def _rec(rank: int, step: int, world: int, *, nan: bool = False, loss: float = 1
     return r.__class__(**{**{f: getattr(r, f) for f in r.__slots__}, "ts": 100.0 + step, "world": world})
 
 
-def _run_store(ev: JobEvaluator, records, store: MemoryStore, rejected: set[str] | None = None) -> list:
+def _run_store(
+    ev: JobEvaluator, records, store: MemoryStore, rejected: set[str] | None = None, layout: Layout | None = None
+) -> list:
     """The worker's path: load the record's rank, process, save (JSON in between, as RocksDB does).
 
-    Rules whose entry was over the limit go into `rejected` (none are allowed without it)."""
+    Rules whose entry was over the limit go into `rejected` (none are allowed without it). With
+    `layout`, one for all records, as the worker keeps one per job."""
     out = []
     for r in records:
-        js = JobStore(store, ev.specs)
+        js = JobStore(store, layout if layout is not None else ev.specs)
         js.add_rank(r.rank)
         state = js.load([r.rank])
         state, trs = ev.process(
@@ -139,6 +142,38 @@ def test_a_store_with_get_bytes_gets_the_rule_entries_as_bytes_and_holds_the_sam
     assert dict(by_bytes) == dict(by_values)
     assert not [k for k in by_bytes.reads if k.startswith(("rank:", "clock:", "job:"))]
     assert [k for k in by_values.reads if k.startswith("rank:")]
+
+
+def test_an_entry_written_is_read_back_unpacked_only_when_the_store_holds_other_bytes() -> None:
+    """One Layout for every record (as the worker keeps one per job): the same alerts and stored
+    bytes as through get/set; an entry it wrote comes back as the very value it packed while the
+    store holds those bytes, and as stored once the store holds others (a rolled-back transaction)."""
+    ev = JobEvaluator(_specs())
+    layout = Layout(ev.specs)
+    records = [
+        _rec(rank, step, 2, nan=(rank == 1 and step in (5, 6, 12)), loss=2.0 / (1 + step))
+        for step in range(20)
+        for rank in range(2)
+    ]
+    kept, by_values = MemoryStore(), _ValuesOnly()
+    by_values.reads = []
+    got = _run_store(ev, records, kept, layout=layout)
+    want = _run_store(ev, records, by_values)  # type: ignore[arg-type]
+    assert [e.to_json() for e in got] == [e.to_json() for e in want]
+    assert dict(kept) == dict(by_values)
+
+    before = kept["rank:0"]
+    state = JobStore(kept, layout).load([0])
+    ev.process(state, _rec(0, 20, 2), now=120.0)
+    JobStore(kept, layout).save(state, [0])
+    assert kept["rank:0"] != before
+    slot = state["r"]["UnchangedTensor|0"]
+    assert JobStore(kept, layout).load([0])["r"]["UnchangedTensor|0"] is slot  # its own write: not unpacked
+    JobStore(kept, layout).save(state, [0])
+    kept["rank:0"] = before  # the store went back (an aborted transaction): the value it holds now
+    again = JobStore(kept, layout).load([0])["r"]["UnchangedTensor|0"]
+    assert again is not slot
+    assert again == unpack(before)[layout.slot_name["UnchangedTensor"]]
 
 
 def test_1024_ranks_no_entry_over_the_limit_and_the_nan_rank_is_named() -> None:
