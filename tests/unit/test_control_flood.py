@@ -114,6 +114,7 @@ def test_work_budget_holds_the_share_whatever_its_resume_level(resume: float) ->
 def test_work_budget_resumes_in_pieces_of_its_resume_level() -> None:
     """Once dry, the bucket waits until it owes `resume_s` again: with 0.1 ms pieces and a 10 ms
     resume level, about 100 pieces run between two waits (without it, one)."""
+
     def runs_between_waits(resume: float) -> float:
         budget = WorkBudget(0.02, 0.05, now=0.0, resume_s=resume)
         now, runs, current = 0.0, [], 0
@@ -141,3 +142,92 @@ def test_work_budget_rejects_nonsense(share: float, burst: float) -> None:
     """A share outside (0, 1] or a burst that is not positive is refused with the argument's name."""
     with pytest.raises(ValueError, match="Expected `(share|burst_s)`"):
         WorkBudget(share, burst, now=0.0)
+
+
+class Msg:
+    """A consumed Kafka message as `ControlListener.take` reads it: `error()` and `value()`."""
+
+    def __init__(self, value: bytes) -> None:
+        self.payload = value
+
+    def error(self) -> None:
+        return None
+
+    def value(self) -> bytes:
+        return self.payload
+
+
+def flood_batches(n: int, batch: int, stop_at: int | None = None) -> list[list[Msg]]:
+    """`n` junk messages in batches of `batch`, a genuine stop for job-a at index `stop_at`."""
+    msgs = [Msg(JUNK[i % len(JUNK)]) for i in range(n)]
+    if stop_at is not None:
+        msgs[stop_at] = Msg(encode_action("stop", "job-a", ts=START + 1, rule="R"))
+    return [msgs[i : i + batch] for i in range(0, n, batch)]
+
+
+def paced_listener(clock: Clock, cpu: Clock, share: float = 0.005) -> ControlListener:
+    return ControlListener(
+        "job-a",
+        bootstrap=UNREACHABLE,
+        start_ts=START,
+        clock=clock,
+        cpu_clock=cpu,
+        max_busy_share=share,
+        burst_s=0.02,
+        resume_s=0.0025,
+    )
+
+
+def test_batches_are_paced_by_the_threads_cpu_time_to_the_share_of_wall_time() -> None:
+    """100,000 junk messages in batches of 256 at 8 us each (the consume call included): the
+    listener's CPU time stays within 0.5 % of the wall clock plus its burst, it waits in a couple of
+    pieces a second (not once per batch), and every message is counted."""
+    clock, cpu = Clock(), Clock()
+    ctl = paced_listener(clock, cpu)
+    waits = []
+    for batch in flood_batches(100_000, 256):
+        before = cpu.now
+        cpu.now += 8e-6 * len(batch)  # consume and handle: the thread's CPU clock moves
+        clock.now += 8e-6 * len(batch)
+        wait = ctl.take(batch, before)
+        if wait > 0:
+            waits.append(wait)
+            clock.now += wait
+    assert sum(ctl.counts.values()) == ctl.counts["malformed"] == 100_000
+    assert ctl.cpu_s == pytest.approx(cpu.now)
+    assert 0.005 * clock.now * 0.95 <= ctl.cpu_s <= 0.005 * clock.now + 0.02
+    assert ctl.paced_s == pytest.approx(sum(waits)) and ctl.paced_s > 0
+    assert statistics.median(waits) >= 0.0025 / 0.005 * 0.9  # about every 0.5 s, not every batch
+    assert len(waits) <= clock.now / (0.0025 / 0.005) + 2
+
+
+def test_a_stop_inside_a_paced_batch_is_honoured_before_the_wait() -> None:
+    """The budget long spent, a batch holding a genuine stop: the stop is set when `take` returns,
+    though it asks the listener to wait, and the rest of the batch is still counted."""
+    clock, cpu = Clock(), Clock()
+    ctl = paced_listener(clock, cpu)
+    batches = flood_batches(20 * 256, 256, stop_at=19 * 256 + 100)
+    for batch in batches[:-1]:
+        before = cpu.now
+        cpu.now += 0.002  # 2 ms a batch: the 20 ms burst is gone after ten
+        wait = ctl.take(batch, before)
+        assert not ctl.stop_requested.is_set()
+        clock.now += wait
+    before = cpu.now
+    cpu.now += 0.05  # a costly batch: far beyond the budget
+    assert ctl.take(batches[-1], before) > 0
+    assert ctl.stop_requested.is_set() and [a["rule"] for a in ctl.actions] == ["R"]
+    assert ctl.counts["accepted"] == 1 and ctl.counts["malformed"] == 20 * 256 - 1
+
+
+def test_an_idle_listener_never_waits() -> None:
+    """Empty polls and a message now and then (the CPU of each poll charged) never make it wait."""
+    clock, cpu = Clock(), Clock()
+    ctl = paced_listener(clock, cpu)
+    for i in range(10_000):  # 500 s of polls every 50 ms, 30 us each, a checkpoint every 5 s
+        before = cpu.now
+        cpu.now += 30e-6
+        clock.now += 0.05
+        batch = [Msg(encode_action("checkpoint", "job-a", ts=START + 1))] if i % 100 == 0 else []
+        assert ctl.take(batch, before) == 0.0
+    assert ctl.paced_s == 0.0 and ctl.counts["accepted"] + ctl.counts["coalesced"] == 100
