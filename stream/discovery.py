@@ -24,6 +24,8 @@ class JobDiscovery:
         self.prefix = prefix
         # RE2, like every rule regex: job ids are chosen by whoever creates a topic.
         self._filter = compile_regex(jobs_regex or None, "--jobs")
+        # Replaced whole after each listing, never changed in place: the lag monitor reads it from
+        # its own thread.
         self.partitions: dict[str, int] = {}
         self.existing: set[str] = set()
         self.ignored: set[str] = set()  # topics under the prefix whose job part is not a valid job id
@@ -46,7 +48,7 @@ class JobDiscovery:
         if shape == self._shape:  # nothing was created or deleted: the last answer stands
             return dict(self._jobs)
         out = {}
-        self.partitions = {}
+        partitions: dict[str, int] = {}
         self.existing = set(shape)
         under = f"{self.prefix}reductions."
         for topic, count in shape.items():
@@ -64,7 +66,8 @@ class JobDiscovery:
                 )
             if job and (self._filter is None or self._filter.search(job)):
                 out[job] = topic
-                self.partitions[topic] = max(count, 1)
+                partitions[topic] = max(count, 1)
+        self.partitions = partitions
         self._shape, self._jobs = shape, out
         return dict(out)
 

@@ -252,7 +252,7 @@ class Worker:
 
     def _watch_lag(self) -> None:
         while not self._stop.wait(self.settings.lag_interval):
-            self._lag.poll(self._jobs)
+            self._lag.poll(self._jobs, self.intake.discovery.partitions)
 
     @property
     def evaluating(self) -> frozenset[str]:
