@@ -47,6 +47,7 @@ from tensorpulse.topics import DEADLETTER_TOPIC, control_topic, group_topic
 from .deadletter import envelope
 from .discovery import JobDiscovery
 from .flow import JobFlow, Progress
+from .source import FETCH_MIN_BYTES, FETCH_WAIT_MS, fetch_scale, rescale, source_config
 
 log = logging.getLogger("tensorpulse.stream")
 
@@ -143,29 +144,14 @@ class Intake:
         self.copied = 0
         self.listing_stretched = False  # listing less often than discovery_interval (a large cluster)
         self._listing_cpu = 0.0  # CPU seconds of the last listing
+        self._source: Consumer | None = None  # the source consumer now (`_rescaled` replaces it)
+        self._fetch_scale = 1.0  # its fetches' scale (stream/source.py)
+        self._done: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset committed last
 
     # ------------------------------------------------------------------ clients
     def _clients(self) -> tuple[Consumer, Consumer, Producer]:
         c, base = self.config, self._base
-        source = Consumer(
-            {
-                **base,
-                "group.id": source_group(c.group),
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "enable.partition.eof": False,
-                # A fetch names every assigned partition (librdkafka has no incremental fetch
-                # sessions), so its cost grows with the jobs read: with 1,000 jobs and one that
-                # returned as soon as any record was there, librdkafka's thread took more CPU per
-                # record than the copy. A fetch waits for 16 KiB or 20 ms, whichever comes first.
-                "fetch.wait.max.ms": 20,
-                "fetch.min.bytes": 16 << 10,
-                "fetch.error.backoff.ms": 10,
-                "topic.metadata.refresh.fast.interval.ms": 10,
-                "max.partition.fetch.bytes": max(1 << 20, c.max_record_bytes),
-                "client.id": f"tensorpulse-intake-{c.group}",
-            }
-        )
+        source = self._source_consumer(fetch_scale(0))
         coordination = Consumer(
             {
                 **base,
@@ -201,6 +187,42 @@ class Intake:
         )
         return source, coordination, producer
 
+    def _source_consumer(self, scale: float) -> Consumer:
+        """A source consumer whose fetches suit reading about `scale` * 200 partitions (stream/source.py)."""
+        c = self.config
+        self._fetch_scale = scale
+        client_id = f"tensorpulse-intake-{c.group}"
+        return Consumer(
+            source_config(self._base, source_group(c.group), client_id, c.max_record_bytes, scale)
+        )
+
+    def _rescaled(self, source: Consumer) -> Consumer:
+        """`source`, or a new source consumer reading the same partitions whose fetches suit their
+        number (stream/source.py): what was copied is committed first, the new one starts from the
+        committed offsets (records read but not copied, held or unacknowledged, are read again)."""
+        partitions = sum(self.discovery.partitions.get(t, 1) for t in self.owned)
+        scale = rescale(self._fetch_scale, partitions)
+        if scale is None:
+            return source
+        parts = source.assignment()
+        if self._done:
+            source.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in self._done.items()], asynchronous=False
+            )
+        source.close()
+        self._source = source = self._source_consumer(scale)
+        source.incremental_assign([TopicPartition(tp.topic, tp.partition, OFFSET_STORED) for tp in parts])
+        held = [TopicPartition(t, p) for parts in self.flow.held.values() for t, p in parts]
+        if held:
+            source.pause(held)
+        log.info(
+            "intake: reading %d partitions; fetches wait up to %d ms or %d KiB",
+            partitions,
+            round(FETCH_WAIT_MS * scale),
+            round(FETCH_MIN_BYTES * scale) >> 10,
+        )
+        return source
+
     def create_topics(self, partitions: int) -> None:
         """The steps topic (`partitions`: the processing's parallelism) and the coordination topic."""
         c = self.config
@@ -225,6 +247,7 @@ class Intake:
         while not stop.is_set():
             try:
                 source, coordination, producer = self._clients()
+                self._source = source
             except Exception as exc:  # bad config is caught at start-up; this is the broker
                 log.warning("intake cannot start (%s); retrying in %.1fs", exc, backoff)
                 stop.wait(backoff)
@@ -238,7 +261,7 @@ class Intake:
                 backoff = min(backoff * 2, 10.0)
             finally:
                 producer.flush(5)
-                for client in (source, coordination, self._positions):
+                for client in (self._source, coordination, self._positions):
                     try:
                         if client is not None:
                             client.close()
@@ -247,6 +270,7 @@ class Intake:
                 self._positions = None
                 self.owned = {}
                 self._followed = None  # a new source consumer has nothing assigned
+                self._done = {}
                 self.flow.reset()
 
     def _loop(
@@ -284,6 +308,8 @@ class Intake:
                 changed = jobs != self.jobs
                 self.jobs = jobs
                 self._follow(source, coordination)
+                if len(self.owned) != owned:
+                    source = self._rescaled(source)
                 if (changed or owned != len(self.owned)) and self._on_jobs is not None:
                     self._on_jobs(dict(jobs), len(self.owned))
                 steps["assignment"] = time.monotonic() - t
@@ -360,6 +386,8 @@ class Intake:
             except Exception as exc:  # nothing consumed yet, or broker away: the successor re-reads
                 log.debug("commit before unassign: %s", exc)
             source.incremental_unassign(gone)
+            for key in [k for k in self._done if k[0] in removed]:
+                del self._done[key]
             for t in removed:
                 job = self.owned.pop(t)
                 self._last_seen.pop(job, None)
@@ -489,6 +517,7 @@ class Intake:
         # Only the partitions this batch read: committing every assigned partition after every
         # batch wrote thousands of offsets a second to the broker with 1,000 jobs.
         source.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in done.items()], asynchronous=True)
+        self._done.update(done)
 
     def _delivered(self, job: str, topic: str, partition: int, offset: int) -> Callable[[Any, Any], None]:
         def on_delivery(err: Any, msg: Any) -> None:
