@@ -12,7 +12,7 @@ import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from tensorpulse.wire import ACTIVITY_EDGES, FLOAT_COLUMNS, TensorStats
+from tensorpulse.wire import ACTIVITY_EDGES, FLOAT_COLUMNS, Tensors, TensorStats
 
 if TYPE_CHECKING:
     from .base import Regex
@@ -154,8 +154,20 @@ def frozen(tensors: Iterable[TensorStats], prefix: str = "gradient/") -> frozens
 
     A hook publishes the gradient of parameter `p` as `prefix + p` (collection "gradients"), and
     none for a parameter with requires_grad off. A record without any gradient says nothing
-    (gradients not captured), so then no name is returned.
+    (gradients not captured), so then no name is returned. The answer depends on names and
+    collections alone: a decoded record's is remembered with its schema (wire.Schema).
     """
+    if type(tensors) is Tensors:
+        schema = tensors.schema
+        key = ("frozen", prefix)
+        found = schema.memo.get(key)
+        if found is None:
+            found = schema.remember(key, _frozen(tensors, prefix))
+        return found  # type: ignore[return-value]
+    return _frozen(tensors, prefix)
+
+
+def _frozen(tensors: Iterable[TensorStats], prefix: str) -> frozenset[str]:
     tensors = list(tensors)
     grads = {
         t.name[len(prefix) :] for t in tensors if t.collection == "gradients" and t.name.startswith(prefix)

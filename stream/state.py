@@ -385,6 +385,8 @@ class StoredSchemas(MutableMapping[tuple[str, int, int], Any]):
             value = self._store.get(self._key(key))
             if value is None:
                 raise
+            # As wire.decode makes it, so that what it remembers about the schema is kept too.
+            value = wire.Schema(value[0], value[1])
             self._cache[key] = value
             return value
 

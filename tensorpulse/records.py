@@ -200,6 +200,58 @@ class TensorStats:
         return self.activity[1 + i] / self.activity[0]
 
 
+class Schema(tuple):
+    """An announced schema: the tuple (names, collections), in the order of a record's tensors,
+    plus `memo`, what callers work out from the names and collections alone, kept with them.
+
+    Why: a producer sends the same schema at every step, and every rule selects its tensors by
+    name and collection (`StepRecord.select`, `functional.frozen`) for every record: 7 selections
+    over 50 tensors a record with the default rules. `wire.decode` hands the same Schema object
+    to every record of that schema, so such an answer is worked out once per schema, not per
+    record. `memo` is bounded (`MAX_MEMO` answers: callers may pass regexes of their own).
+    """
+
+    MAX_MEMO = 256
+
+    def __new__(cls, names: Sequence[str], collections: Sequence[str]) -> Schema:
+        self = super().__new__(cls, (names, collections))
+        self.memo: dict[object, object] = {}
+        return self
+
+    def __reduce__(self) -> tuple[object, ...]:  # a copy is a plain tuple: the memo holds patterns
+        return (tuple, (tuple(self),))
+
+    def remember(self, key: object, value: object) -> object:
+        """`value`, kept as the answer for `key` (past MAX_MEMO answers, the others are forgotten)."""
+        memo = self.memo
+        if len(memo) >= self.MAX_MEMO:
+            memo.clear()
+        memo[key] = value
+        return value
+
+
+class Tensors(tuple):
+    """`StepRecord.tensors` as `wire.decode` makes it: a tuple of TensorStats that also has the
+    `Schema` it was decoded with (`schema`), whose names and collections are its tensors', in order.
+
+    A tuple for every reader; a record built by hand, or given other tensors, has a plain tuple
+    and no schema, and everything that asks for one works it out from the tensors instead.
+    """
+
+    def __new__(cls, tensors: Iterable[TensorStats], schema: Schema) -> Tensors:
+        self = super().__new__(cls, tensors)
+        self.schema = schema
+        return self
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (tuple, (tuple(self),))
+
+
+def schema_of(tensors: Sequence[TensorStats]) -> Schema | None:
+    """The `Schema` that `tensors` were decoded with, if they are a decoded record's `Tensors`."""
+    return tensors.schema if type(tensors) is Tensors else None
+
+
 @dataclass(frozen=True, slots=True)
 class StepRecord:
     """One decoded record: everything one rank reported for one step of one mode."""
@@ -241,23 +293,41 @@ class StepRecord:
 
         Whether a pattern matches a name is remembered (`_matches`): a job sends the same names at
         every step, and a rule's RE2 search costs about 3 us a name (two regex rules of the default
-        set searched 100 names per record, about 300 us of the worker's CPU per record).
+        set searched 100 names per record, about 300 us of the worker's CPU per record). Which
+        tensors a selection picks is remembered too, with the record's `Schema` (decoded records).
         """
         colls = None if collections is None else frozenset(collections)
+        tensors = self.tensors
+        if colls is None and regex is None:
+            return list(tensors)
+        if type(tensors) is Tensors:  # decoded: which tensors a selection picks is the schema's
+            memo = tensors.schema.memo
+            key = (colls, regex)
+            picked = memo.get(key)
+            if picked is None:
+                picked = tensors.schema.remember(key, self._pick(tensors, colls, regex))
+            return [tensors[i] for i in picked]
+        return [tensors[i] for i in self._pick(tensors, colls, regex)]
+
+    @staticmethod
+    def _pick(
+        tensors: Sequence[TensorStats], colls: frozenset[str] | None, regex: str | re.Pattern[str] | None
+    ) -> tuple[int, ...]:
+        """Indices of the tensors `select` returns."""
         if regex is None:
-            return [t for t in self.tensors if colls is None or t.collection in colls]
+            return tuple(i for i, t in enumerate(tensors) if colls is None or t.collection in colls)
         pattern = re.compile(regex) if isinstance(regex, str) else regex
         seen = _matches(pattern)
         out = []
-        for t in self.tensors:
+        for i, t in enumerate(tensors):
             if colls is not None and t.collection not in colls:
                 continue
             hit = seen.get(t.name)
             if hit is None:
                 hit = seen[t.name] = pattern.search(t.name) is not None
             if hit:
-                out.append(t)
-        return out
+                out.append(i)
+        return tuple(out)
 
 
 #: pattern -> {name: whether pattern.search(name) matched}, for `StepRecord.select`. Bounded: a

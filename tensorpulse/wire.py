@@ -36,10 +36,12 @@ from .records import (
     ClassCounts,
     Delta,
     ImageSums,
+    Schema,
     SchemaCache,
     Shard,
     StepRecord,
     TensorBlock,
+    Tensors,
     TensorStats,
     TokenCounts,
     Vector,
@@ -74,11 +76,13 @@ __all__ = [
     "DecodeError",
     "Delta",
     "ImageSums",
+    "Schema",
     "SchemaCache",
     "Shard",
     "StepRecord",
     "TensorBlock",
     "TensorStats",
+    "Tensors",
     "TokenCounts",
     "Vector",
     "decode",
@@ -313,7 +317,7 @@ def _decode(payload: bytes, schemas: MutableMapping[tuple[str, int, int], Any] |
 
 def _decode_tensors(
     t: Any, job: str, rank: int, schemas: MutableMapping[tuple[str, int, int], Any] | None
-) -> tuple[TensorStats, ...]:
+) -> Tensors:
     if not isinstance(t, dict):
         raise DecodeError("bad_tensors", "'t' (tensors) must be a map")
     sid = t.get("sid")
@@ -332,8 +336,12 @@ def _decode_tensors(
             )
         if schema_id(names, colls) != sid:
             raise DecodeError("bad_tensors", f"schema id {sid} does not match the announced names")
+        schema = Schema(names, colls)
         if schemas is not None:
-            schemas[(job, rank, sid)] = (names, colls)
+            known = schemas.get((job, rank, sid))
+            if type(known) is Schema and known == schema:  # announced again: keep what it remembers
+                schema = known
+            schemas[(job, rank, sid)] = schema
     else:
         known = None if schemas is None else schemas.get((job, rank, sid))
         if known is None:
@@ -342,7 +350,8 @@ def _decode_tensors(
                 f"tensor names for schema {sid} of job {job!r} rank {rank} were never announced "
                 "(the producer re-announces them periodically; records before that cannot be named)",
             )
-        names, colls = known
+        schema = known if type(known) is Schema else Schema(known[0], known[1])
+        names, colls = schema
     k = len(names)
     n = count_column(t, "n", k)
     zeros = count_column(t, "z", k)
@@ -367,13 +376,14 @@ def _decode_tensors(
         for name, count, zs in zip(names, n, zeros, strict=True):
             if zs > count:
                 raise DecodeError("bad_tensors", f"tensor {name!r} has {zs} zeros of {count} elements")
-        return tuple(
+        return Tensors(
             [
                 TensorStats(name, coll, count, mean, std, mn, mx, amean, zs)
                 for name, coll, count, zs, (mean, std, mn, mx, amean) in zip(
                     names, colls, n, zeros, floats, strict=True
                 )
-            ]
+            ],
+            schema,
         )
     # One pass, zipped columns, a sparse column looked up only where the record has it: this loop
     # builds every TensorStats of every record (50 per record: most of wire.decode's time).
@@ -413,7 +423,7 @@ def _decode_tensors(
                 None if not shards or i not in shards else shard_of(shards[i], count, name),
             )
         )
-    return tuple(out)
+    return Tensors(out, schema)
 
 
 def peek_job(payload: bytes) -> str | None:

@@ -193,6 +193,36 @@ def test_select_remembers_matches_per_pattern_and_stays_bounded(monkeypatch: pyt
         assert len(records._MATCHED[relu]) <= 3
 
 
+def test_records_of_one_schema_share_it_and_what_it_remembers() -> None:
+    """Every record of a schema, announced, recalled or announced again, carries the same
+    wire.Schema; the selections remembered there equal those of the same tensors in a plain tuple,
+    and the memo stays bounded whatever patterns callers pass."""
+    import dataclasses
+    import pickle
+
+    from tensorpulse.rules import functional as F
+
+    block = _block(
+        4,
+        names=["a.weight", "gradient/a.weight", "b.weight", "net.1/relu_output"],
+        collections=["weights", "gradients", "weights", "activations"],
+    )
+    cache = wire.SchemaCache()
+    recs = [wire.decode(_encode(tensors=block, announce=step % 3 == 0, step=step), cache) for step in range(6)]
+    schema = recs[0].tensors.schema
+    assert all(r.tensors.schema is schema for r in recs)
+    for r in recs:
+        plain = dataclasses.replace(r, tensors=tuple(r.tensors))
+        for colls, regex in ((["gradients"], None), (None, "weight$"), (["weights"], "^a"), (None, None), ([], None)):
+            assert r.select(colls, regex) == plain.select(colls, regex)
+        assert F.frozen(r.tensors) == F.frozen(plain.tensors) == {"b.weight"}
+    assert ("frozen", "gradient/") in schema.memo
+    for i in range(wire.Schema.MAX_MEMO + 10):
+        assert recs[-1].select(regex=f"^{i}") == []
+    assert 0 < len(schema.memo) <= wire.Schema.MAX_MEMO
+    assert pickle.loads(pickle.dumps(recs[0])) == recs[0]  # a copy's tensors are a plain tuple
+
+
 def test_schema_cache_is_bounded() -> None:
     """The schema cache forgets the least recently used entries beyond its bound."""
     cache = wire.SchemaCache(max_entries=2)
