@@ -180,6 +180,9 @@ def test_a_jobs_event_counters_appear_at_zero_with_its_first_record_and_go_with_
     assert alerts("j", "ExplodingTensor", "critical", "resolved") is None
     m.observe(_record("j", step=7), now=100.0)  # the same id again: a new run, from 0
     assert actions("j", "stop") == 0.0
+    records = r.get_sample_value("tensorpulse_records_total", {"training_job": "j", "mode": _record("j").mode})
+    latencies = r.get_sample_value("tensorpulse_publish_to_eval_seconds_count", {"training_job": "j"})
+    assert (records, latencies) == (1.0, 1.0)  # counted in new series, not in the removed ones
 
 
 def _reasons_in(path: Path) -> set[str]:
