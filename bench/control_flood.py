@@ -407,6 +407,18 @@ def _span(values: list[float], stat=np.median) -> str:
     return f"{mid:.3f}x [{lo:.3f}-{hi:.3f}]"
 
 
+def wait_for_load(max_load: float, trainer: Trainer) -> float:
+    """Wait until the 1-minute load average is at most `max_load`, training meanwhile (the job's
+    own load counts, as it would when measured); the seconds waited. The choice of pairs depends
+    on the load before them, never on what they measure."""
+    t0 = time.perf_counter()
+    while os.getloadavg()[0] > max_load:
+        until = time.perf_counter() + 5.0
+        while time.perf_counter() < until:
+            trainer.step()
+    return time.perf_counter() - t0
+
+
 def paired_blocks(
     bootstrap: str,
     names: list[str],
@@ -416,6 +428,7 @@ def paired_blocks(
     warmup: int,
     broker_pid: int | None = None,
     settle: float = 0.0,
+    max_load: float | None = None,
 ) -> None:
     """`pairs` ABBA pairs (arm, none) per arm in `names`, in one training process; prints each pair
     and, per arm, the median and mean ratio arm/none with bootstrap intervals (and the same for the
@@ -434,6 +447,13 @@ def paired_blocks(
     try:
         for i in range(pairs):
             for name in names:
+                if max_load is not None:
+                    waited = wait_for_load(max_load, trainer)
+                    if waited:
+                        print(
+                            f"  (waited {waited:.0f} s for the load average to fall to {max_load})",
+                            flush=True,
+                        )
                 order = [name, "none"] if i % 2 == 0 else ["none", name]
                 for _attempt in range(3):  # a listener that ran dry: topped up (to twice its read), again
                     pair = {}
@@ -459,7 +479,7 @@ def paired_blocks(
                     f"  pair {i + 1} {name} ({order[0]} first): {name} {b.ms:.2f} ms, none {b0.ms:.2f} ms,"
                     f" ratio {b.ms / b0.ms:.3f} (cpu {b.cpu_ms / b0.cpu_ms:.3f},"
                     f" train {b.train_ms / b0.train_ms:.3f}), skipped {b.skipped}/{b0.skipped},"
-                    f" read {b.read:,}",
+                    f" read {b.read:,}, load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
     finally:
@@ -578,6 +598,12 @@ def main() -> None:
         " (a pacing to try; PREFETCH_KB 0: librdkafka's default queue), or NAME@REV (the listener of"
         " producers/control.py at git revision REV, with its defaults)",
     )
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        help="before each pair, wait (training) until the 1-minute load average is at most this: on a"
+        " shared machine, pairs from its quieter spells only",
+    )
     parser.add_argument("--broker", choices=["kafka", "tansu"], default="kafka")
     parser.add_argument("--bootstrap", help="an existing cluster instead of starting one")
     parser.add_argument(
@@ -608,7 +634,15 @@ def main() -> None:
             warmup = 100 if args.warmup is None else args.warmup
             pid = args.broker_pid or (broker.pids[0] if broker.pids else None)
             paired_blocks(
-                broker.bootstrap, names, args.blocks, args.block_steps, args.skip, warmup, pid, args.settle
+                broker.bootstrap,
+                names,
+                args.blocks,
+                args.block_steps,
+                args.skip,
+                warmup,
+                pid,
+                args.settle,
+                args.max_load,
             )
         return
     arms = ARMS
