@@ -125,10 +125,9 @@ class JobEvaluator:
         self.clock_specs = tuple(s for s in self.specs if is_clock(s))
         self._job_level = frozenset(s.name for s in self.specs if not is_per_rank(s))
         self._clock_names = frozenset(s.name for s in self.clock_specs)
-        #: Per spec, what `process` asks of it for every record, asked once here.
-        self._plan = tuple(
-            (s, s.name in self._job_level, s.name in self._clock_names, f"{s.name}|") for s in self.specs
-        )
+        #: Per mode, the specs that evaluate it and what `process` asks of each for every record,
+        #: asked once: (spec, rule, its job-level slot key or None, clock rule, slot key prefix).
+        self._plans: dict[str, tuple[tuple[RuleSpec, Any, str | None, bool, str], ...]] = {}
 
     @property
     def has_clock(self) -> bool:
@@ -163,18 +162,23 @@ class JobEvaluator:
         where = _Where(record.job, record.rank, record.step, record.mode, record.ts)
         out: list[Transition] = []
         mode, rank_key = record.mode, str(record.rank)
-        for spec, job_level, clock, prefix in self._plan:
-            rule = spec.rule
-            if mode not in rule.modes:
-                continue
-            key = prefix + (JOB_SLOT if job_level else rank_key)  # as _slot names it
+        plan = self._plans.get(mode)
+        if plan is None:
+            plan = self._plans[mode] = self._plan(mode)
+        for spec, rule, job_key, clock, prefix in plan:
+            key = job_key or prefix + rank_key  # as _slot names it
             slot = rule_states.get(key)
             if slot is None:
                 slot = rule_states[key] = {"s": rule.initialize(), "f": False}
-            ok, finding = _apply(spec, slot, rule.update, record, record, on_rule_error)
-            if not ok:
+            try:  # as _apply, inline: this loop runs every rule for every record
+                slot["s"], finding = rule.update(slot["s"], record)
+            except Exception as exc:
+                slot["s"] = rule.initialize()
+                if on_rule_error is None:
+                    raise
+                on_rule_error(spec.name, record, exc)
                 continue
-            if job_level:
+            if job_key:
                 tr = self._transition(
                     state, spec, slot, finding, self._job_where(slot, finding, where), now, rank_states
                 )
@@ -192,6 +196,20 @@ class JobEvaluator:
             if tr is not None:
                 out.append(tr)
         return state, out
+
+    def _plan(self, mode: str) -> tuple[tuple[RuleSpec, Any, str | None, bool, str], ...]:
+        """What `process` runs for a record of `mode`, in the order of the specs."""
+        return tuple(
+            (
+                s,
+                s.rule,
+                f"{s.name}|{JOB_SLOT}" if s.name in self._job_level else None,
+                s.name in self._clock_names,
+                f"{s.name}|",
+            )
+            for s in self.specs
+            if mode in s.rule.modes
+        )
 
     def _end(self, state: JobState, record: StepRecord, now: float) -> list[Transition]:
         """A rank finished: every alert firing for that rank resolves (nothing more will come from
