@@ -173,3 +173,18 @@ def test_state_bounded() -> None:
     assert len(state["tensors"]) == 6
     assert max(sizes) < 2_000
     assert json.loads(json.dumps(state)) == state
+
+
+def test_fingerprints_close_is_close_for_every_component() -> None:
+    """The comparison of two fingerprints agrees with `close` on each component, for ordinary
+    numbers, both zeros, overflowing differences, infinities and NaN, with and without equal_nan."""
+    import itertools
+
+    from tensorpulse.rules.functional import close, fingerprints_close
+
+    values = [0.0, -0.0, 1.0, 1.0 + 1e-9, 1.1, 5, -3.0, 1e308, -1e308, math.inf, -math.inf, math.nan]
+    for x, y in itertools.product(values, repeat=2):
+        for rtol, atol, equal_nan in ((1e-5, 1e-8, False), (0.0, 0.0, True), (0.2, 0.0, False)):
+            want = close(x, y, rtol, atol, equal_nan)
+            assert fingerprints_close([x], [y], rtol, atol, equal_nan) is want, (x, y, rtol, atol, equal_nan)
+            assert fingerprints_close([1.0, x], [1.0, y], rtol, atol, equal_nan) is want

@@ -126,6 +126,9 @@ def _raw(**over) -> bytes:
             "bad_tensors",
         ),
         (b"\x00" * (wire.MAX_RECORD_BYTES + 1), "too_large"),
+        (_raw(t={"sid": 1, "names": ["a"], "colls": ["w"], "n": [-1], "z": [0], "f": b"\0" * 20}), "bad_tensors"),
+        (_raw(t={"sid": 1, "names": ["a"], "colls": ["w"], "n": [True], "z": [0], "f": b"\0" * 20}), "bad_tensors"),
+        (_raw(t={"sid": 1, "names": ["a"], "colls": ["w"], "n": [1], "z": [0.0], "f": b"\0" * 20}), "bad_tensors"),
     ],
 )
 def test_malformed_records_are_rejected_with_a_reason(payload: bytes, reason: str) -> None:
