@@ -343,10 +343,15 @@ class Worker:
                 self.metrics.duplicates.inc()  # a second copy of a record already evaluated
                 return _NOTHING
             store.set_offset(src.partition, src.offset)
+            return self.process_one(job, value, meta.get(KEY_HEADER), state, src, store)
         return self.process_one(job, value, meta.get(KEY_HEADER), state, src)
 
-    def process_one(self, job: str, value: bytes, key: Any, state: State, src: Source) -> Outputs:
-        """Decode, evaluate, and return (alerts, dead letters, actions, crossrun messages) to publish."""
+    def process_one(
+        self, job: str, value: bytes, key: Any, state: State, src: Source, store: JobStore | None = None
+    ) -> Outputs:
+        """Decode, evaluate, and return (alerts, dead letters, actions, crossrun messages) to publish.
+
+        `store`: the job's `JobStore` over `state`, when the caller has made it already."""
         try:
             if key is not None and key != job.encode():
                 raise DecodeError("wrong_key", f"record key {key!r} is not the topic's job id {job!r}")
@@ -365,7 +370,8 @@ class Worker:
         now = time.time()
         self.metrics.observe(record, now)
         ev = self._evaluator(job)
-        store = self._store(job, state)
+        if store is None:
+            store = self._store(job, state)
         transitions: list[Transition] = []
         job_over: list[Forward] | None = None
         if record.kind == "end":
