@@ -16,9 +16,18 @@ pytestmark = pytest.mark.slow
 
 
 def test_sigterm_during_the_start_up_backoff_stops_the_worker(tmp_path: Path) -> None:
-    """The worker retries its topics with backoff while the broker is away; SIGTERM then ends it."""
+    """The worker retries its topics with backoff while the broker is away; SIGTERM then ends it.
+
+    At least once: exactly-once would first try to fence a former self and, with no broker, give
+    up only after that call's 15 s timeout; the backoff and its signal handling are the same."""
     log = tmp_path / "worker.log"
-    cmd = worker_command(f"127.0.0.1:{free_port()}", group="g", state_dir=tmp_path / "state", log_level="INFO")
+    cmd = worker_command(
+        f"127.0.0.1:{free_port()}",
+        group="g",
+        state_dir=tmp_path / "state",
+        guarantee="at-least-once",
+        log_level="INFO",
+    )
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
