@@ -95,25 +95,30 @@ class UnchangedTensor(Rule):
         if not F.is_new_step(state["last_step"], record.step):
             return state, None
         skip = F.frozen(record.tensors) if p.ignore_frozen else frozenset()
-        selected = [
-            t for t in record.select(self._collections, self._regex) if t.n > 0 and t.name not in skip
-        ]
         tensors: dict[str, Any] = dict(state["tensors"])
         compared = False
         longest = 0
         unchanged: list[str] = []
-        for t in selected:
-            fp = F.fingerprint(t)
-            prev = tensors.get(t.name)
+        # Every weight and bias of every record goes through this loop: parameters and functions
+        # are looked up once, and the run length (F.consecutive) is worked out inline.
+        rtol, atol, equal_nan, need = p.rtol, p.atol, p.equal_nan, p.num_steps - 1
+        fingerprint, close = F.fingerprint, F.fingerprints_close
+        for t in record.select(self._collections, self._regex):
+            name = t.name
+            if not t.n > 0 or name in skip:
+                continue
+            fp = fingerprint(t)
+            prev = tensors.get(name)
             run = 0
             if prev is not None:
                 compared = True
-                equal = F.fingerprints_close(fp, prev["fp"], p.rtol, p.atol, p.equal_nan)
-                run = F.consecutive(prev["run"], equal)
-            tensors[t.name] = {"fp": fp, "run": run}
-            longest = max(longest, run + 1)
-            if run >= p.num_steps - 1:
-                unchanged.append(t.name)
+                if close(fp, prev["fp"], rtol, atol, equal_nan):
+                    run = prev["run"] + 1
+            tensors[name] = {"fp": fp, "run": run}
+            if run >= longest:
+                longest = run + 1
+            if run >= need:
+                unchanged.append(name)
         state = {**state, "last_step": record.step, "tensors": tensors}
         if not compared:
             return state, None
