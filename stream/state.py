@@ -68,6 +68,8 @@ MAX_ENTRY_BYTES = 100 * 1024
 #: Entries a job's `Layout` keeps unpacked beside their bytes (each about 10-20 KB of objects with
 #: the default rules and 50 tensors): every rank of a job of up to 32 ranks.
 MAX_DECODED = 64
+#: Slot keys whose entry a job's `Layout` remembers (17 default rules: 60 ranks).
+MAX_ROUTES = 1024
 #: The entry of a job's admitted scalar names (stream/scalars.py).
 SCALARS_KEY = "scalars"
 #: Told (rule name, entry key, what differs) of a stored state that did not match its rule's
@@ -156,6 +158,9 @@ class Layout:
         #: `MAX_DECODED` entries: what `JobStore` reads back unpacked when the store still holds
         #: exactly those bytes (see `JobStore._get`).
         self.decoded: dict[str, tuple[bytes, Any]] = {}
+        #: Evaluator slot key ("<rule>|<rank>") -> (group or None, rank, entry key, slot name):
+        #: where `JobStore.save` puts it, worked out once per key (at most MAX_ROUTES keys).
+        self.routes: dict[str, tuple[str | None, str, str, str]] = {}
 
 
 class JobStore:
@@ -174,7 +179,7 @@ class JobStore:
         layout = rules if isinstance(rules, Layout) else Layout(rules)
         self._slot_name, self._group, self._by_slot_name = layout.slot_name, layout.group, layout.by_slot_name
         self._rules, self._checked, self._on_stale = layout.rules, layout.checked, on_stale
-        self._decoded = layout.decoded
+        self._decoded, self._routes = layout.decoded, layout.routes
         self.rejected: list[TooLarge] = []  # entries not written by the last `save`
         self._loaded: dict[str, bytes | None] = {}  # entries as read, packed: an unchanged one is not written
         # A store that also has `get_bytes`/`set_bytes` (Quix Streams' State; MemoryStore) and
@@ -301,16 +306,20 @@ class JobStore:
         """Write back the slots of `ranks` (and job-level slots) in `groups`; see `rejected`."""
         entries: dict[str, dict[str, Any]] = {}
         wanted = {str(r) for r in ranks}
+        routes = self._routes
         for key, slot in state.get("r", {}).items():
-            name, _, rank = key.rpartition("|")
-            group = self._group.get(name)
+            route = routes.get(key)
+            if route is None:
+                route = self._route(key)
+                if len(routes) < MAX_ROUTES:
+                    routes[key] = route
+            group, rank, entry, slot_name = route
             if group is None or group not in groups or (group != "job" and rank not in wanted):
                 continue
-            entry = self._entry_key(group, rank, name)
             if group == "job":
                 entries[entry] = slot
             else:
-                entries.setdefault(entry, {})[self._slot_name[name]] = slot
+                entries.setdefault(entry, {})[slot_name] = slot
         self.rejected = []
         for key, value in entries.items():
             data = pack(value)
@@ -330,6 +339,14 @@ class JobStore:
                 self._loaded[key] = data
             if self._set_bytes is not None and (len(self._decoded) < MAX_DECODED or key in self._decoded):
                 self._decoded[key] = (data, value)
+
+    def _route(self, key: str) -> tuple[str | None, str, str, str]:
+        """(group, rank, entry key, slot name) of evaluator slot `key`; group None: not this layout's."""
+        name, _, rank = key.rpartition("|")
+        group = self._group.get(name)
+        if group is None:
+            return None, rank, "", ""
+        return group, rank, self._entry_key(group, rank, name), self._slot_name[name]
 
     def add_rank(self, rank: int) -> None:
         """Remember that `rank` exists (a tick and a job summary visit every rank seen)."""
