@@ -45,7 +45,7 @@ from confluent_kafka import OFFSET_STORED, Consumer, KafkaError, Producer, Topic
 from tensorpulse.topics import DEADLETTER_TOPIC, control_topic, group_topic
 
 from .deadletter import envelope
-from .discovery import JobDiscovery
+from .discovery import JobDiscovery, ListingPace
 from .flow import JobFlow, Progress
 from .source import FETCH_MIN_BYTES, FETCH_WAIT_MS, fetch_scale, rescale, source_config
 
@@ -58,8 +58,6 @@ TICK_HEADER = "tp.tick"  # b"<unix time>": a clock tick, no record
 IDLE_HEADER = "tp.idle"  # on a tick: b"<seconds>" since the intake last copied a record of the job
 #: A round of the intake's loop longer than this is logged with what took the time.
 SLOW_ROUND_S = 1.0
-#: The largest share of the intake thread's time that listing topics for new jobs may take.
-LISTING_SHARE = 0.05
 
 
 def source_group(group: str) -> str:
@@ -142,8 +140,7 @@ class Intake:
         self._steps_partitions: list[TopicPartition] = []
         self.flow = JobFlow(config.max_ahead, progress or Progress(), self._processed_positions)
         self.copied = 0
-        self.listing_stretched = False  # listing less often than discovery_interval (a large cluster)
-        self._listing_cpu = 0.0  # CPU seconds of the last listing
+        self.pace = ListingPace(config.discovery_interval)  # how often it lists (stream/discovery.py)
         self._source: Consumer | None = None  # the source consumer now (`_rescaled` replaces it)
         self._fetch_scale = 1.0  # its fetches' scale (stream/source.py)
         self._done: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset committed last
@@ -301,11 +298,12 @@ class Intake:
                         log.warning("intake cannot list topics (%s); retrying", exc)
                         logged_down = True
                     jobs = self.jobs
-                next_discovery = now + self.listing_interval(time.thread_time() - cpu)
+                changed = jobs != self.jobs
+                cpu = time.thread_time() - cpu
+                next_discovery = now + self.pace.interval(cpu, changed, now, len(self.discovery.existing))
                 t = time.monotonic()
                 steps["listing"] = t - now
                 owned = len(self.owned)
-                changed = jobs != self.jobs
                 self.jobs = jobs
                 self._follow(source, coordination)
                 if len(self.owned) != owned:
@@ -331,28 +329,6 @@ class Intake:
                 # copies every job's records.
                 names, self._need_control = self._need_control, []
                 self._creating = self._creator.submit(self._create_control_topics, names)
-
-    def listing_interval(self, cpu: float) -> float:
-        """Seconds to the next listing: `discovery_interval`, or longer where a listing costs more
-        than LISTING_SHARE of this thread's time. A listing turns every topic of the cluster into
-        Python objects while holding the GIL that the processor needs: with 1,000 jobs (2,000 and
-        more topics) listing ten times a second made every record cost 2.5 times as much
-        (bench/scaling.py). A new job then waits longer for its first copy, in proportion."""
-        # The smaller of the last two listings' costs: one slow listing (a cold metadata cache, a
-        # busy machine) does not hold back new jobs for seconds; a lasting cost does stretch it.
-        cost, self._listing_cpu = min(cpu, self._listing_cpu), cpu
-        interval = max(self.config.discovery_interval, cost / LISTING_SHARE)
-        stretched = interval > 2 * self.config.discovery_interval
-        if stretched != self.listing_stretched:
-            self.listing_stretched = stretched
-            (log.warning if stretched else log.info)(
-                "intake: listing %d topics took %.0f ms of CPU; listing every %.2f s (a new job's "
-                "first record waits up to that long)",
-                len(self.discovery.existing),
-                cpu * 1e3,
-                interval,
-            )
-        return interval
 
     def _create_control_topics(self, jobs: list[str]) -> None:
         """The new jobs' control topics (where their stop actions go), on the creator thread."""

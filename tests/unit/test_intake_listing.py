@@ -3,35 +3,29 @@ how long its fetches wait (longer where they name many partitions)."""
 
 from __future__ import annotations
 
-from tensorpulse.stream.intake import LISTING_SHARE, Intake, IntakeConfig
+from tensorpulse.stream.discovery import LISTING_BUSY_S, LISTING_SHARE, QUIET_LISTING_SHARE, ListingPace
 from tensorpulse.stream.source import MAX_FETCH_SCALE, fetch_scale, rescale, source_config
-
-
-def _intake() -> Intake:
-    config = IntakeConfig(
-        group="g",
-        topic_prefix="tensorpulse.",
-        jobs_regex=None,
-        shards=4,
-        discovery_interval=0.1,
-        max_record_bytes=1 << 20,
-        topic_config={},
-        replication_factor=1,
-        tick_interval=None,
-        tick_horizon=60.0,
-    )
-    return Intake(config, {"bootstrap.servers": "127.0.0.1:1"})
 
 
 def test_a_lasting_listing_cost_stretches_the_interval_and_one_slow_listing_does_not() -> None:
     """Two costly listings in a row stretch the interval to cost / LISTING_SHARE; a single one, or a cheap one after, does not."""
-    intake = _intake()
-    assert intake.listing_interval(0.001) == 0.1
-    assert intake.listing_interval(0.2) == 0.1  # one slow listing: the cheaper one before it counts
-    assert intake.listing_interval(0.03) == 0.03 / LISTING_SHARE
-    assert intake.listing_stretched
-    assert intake.listing_interval(0.002) == 0.1
-    assert not intake.listing_stretched
+    pace = ListingPace(0.1)
+    assert pace.interval(0.001, True, 0.0, 10) == 0.1
+    assert pace.interval(0.2, False, 1.0, 10) == 0.1  # one slow listing: the cheaper one before it counts
+    assert pace.interval(0.03, False, 2.0, 10) == 0.03 / LISTING_SHARE
+    assert pace.stretched
+    assert pace.interval(0.002, False, 3.0, 10) == 0.1
+    assert not pace.stretched
+
+
+def test_listing_costs_a_smaller_share_once_the_jobs_stopped_changing() -> None:
+    """LISTING_SHARE while a job appeared or went within LISTING_BUSY_S; QUIET_LISTING_SHARE after
+    that, until the job set changes again."""
+    pace = ListingPace(0.1)
+    pace.interval(0.01, True, 0.0, 1000)
+    assert pace.interval(0.01, False, LISTING_BUSY_S, 1000) == 0.01 / LISTING_SHARE
+    assert pace.interval(0.01, False, LISTING_BUSY_S + 1, 1000) == 0.01 / QUIET_LISTING_SHARE
+    assert pace.interval(0.01, True, LISTING_BUSY_S + 2, 1000) == 0.01 / LISTING_SHARE
 
 
 def test_fetches_wait_longer_the_more_partitions_they_name() -> None:
