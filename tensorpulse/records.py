@@ -236,11 +236,14 @@ class Tensors(tuple):
 
     A tuple for every reader; a record built by hand, or given other tensors, has a plain tuple
     and no schema, and everything that asks for one works it out from the tensors instead.
+    `finite` is True when the record sent no NaN or inf count and every float statistic of every
+    tensor is finite (so no tensor has a non-finite value: what ExplodingTensor looks for).
     """
 
-    def __new__(cls, tensors: Iterable[TensorStats], schema: Schema) -> Tensors:
+    def __new__(cls, tensors: Iterable[TensorStats], schema: Schema, finite: bool = False) -> Tensors:
         self = super().__new__(cls, tensors)
         self.schema = schema
+        self.finite = finite
         return self
 
     def __reduce__(self) -> tuple[object, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import math
+import operator
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -93,6 +94,9 @@ __all__ = [
 
 #: array.array("f") reads the wire's little-endian float32 as it is (else numpy converts).
 _NATIVE_F32 = sys.byteorder == "little" and array.array("f").itemsize == 4
+
+#: The sparse tensor columns: a record without any of them decodes by the dense path alone.
+_SPARSE_KEYS = frozenset({"nf", "act", "q", "d", "ds", "sh"})
 
 _unpack_limits = dict(
     max_str_len=MAX_RECORD_BYTES,
@@ -365,17 +369,15 @@ def _decode_tensors(
         with np.errstate(invalid="ignore"):  # any float32 bit pattern is data (signalling NaNs included)
             flat = np.frombuffer(f, dtype="<f4").astype(np.float64).tolist()
     floats = zip(*[iter(flat)] * width, strict=True)  # one tuple of `width` floats per tensor, in order
-    nonfinite = sparse_column(t, "nf", k, 2)
-    activity = sparse_column(t, "act", k, 1 + len(ACTIVITY_EDGES))
-    quantiles = sparse_column(t, "q", k, 2)
-    deltas = sparse_column(t, "d", k, 4)
-    sketched = sparse_column(t, "ds", k, 3)
-    shards = sparse_column(t, "sh", k, 4)
-    if not (nonfinite or activity or quantiles or deltas or sketched or shards):
-        # Only the dense columns (most records of most tensors): no per-tensor lookups at all.
+    # The sum of float32 values (at most MAX_TENSORS * 5 of them) cannot overflow a double: it is
+    # finite exactly when every value is (an inf or NaN makes it inf or NaN).
+    finite = math.isfinite(sum(flat))
+    if any(map(operator.gt, zeros, n)):  # more zeros than elements: name the first such tensor
         for name, count, zs in zip(names, n, zeros, strict=True):
             if zs > count:
                 raise DecodeError("bad_tensors", f"tensor {name!r} has {zs} zeros of {count} elements")
+    if not _SPARSE_KEYS.intersection(t):
+        # Only the dense columns (most records of most tensors): no per-tensor lookups at all.
         return Tensors(
             [
                 TensorStats(name, coll, count, mean, std, mn, mx, amean, zs)
@@ -384,13 +386,18 @@ def _decode_tensors(
                 )
             ],
             schema,
+            finite,
         )
+    nonfinite = sparse_column(t, "nf", k, 2)
+    activity = sparse_column(t, "act", k, 1 + len(ACTIVITY_EDGES))
+    quantiles = sparse_column(t, "q", k, 2)
+    deltas = sparse_column(t, "d", k, 4)
+    sketched = sparse_column(t, "ds", k, 3)
+    shards = sparse_column(t, "sh", k, 4)
     # One pass, zipped columns, a sparse column looked up only where the record has it: this loop
     # builds every TensorStats of every record (50 per record: most of wire.decode's time).
     out = []
     for i, (name, coll, count, zs, row) in enumerate(zip(names, colls, n, zeros, floats, strict=True)):
-        if zs > count:
-            raise DecodeError("bad_tensors", f"tensor {name!r} has {zs} zeros of {count} elements")
         nan, inf = nonfinite.get(i, (0, 0)) if nonfinite else (0, 0)
         act = activity.get(i) if activity else None
         q = quantiles.get(i) if quantiles else None
@@ -423,7 +430,7 @@ def _decode_tensors(
                 None if not shards or i not in shards else shard_of(shards[i], count, name),
             )
         )
-    return Tensors(out, schema)
+    return Tensors(out, schema, finite and not any(x or y for x, y in nonfinite.values()))
 
 
 def peek_job(payload: bytes) -> str | None:

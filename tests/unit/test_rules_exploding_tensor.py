@@ -243,3 +243,52 @@ def test_gradients_of_a_step_the_scaler_skipped_do_not_fire() -> None:
     )
     _, finding = rule.update({}, with_loss)
     assert finding.firing and finding.tensors == ("loss",)
+
+
+def test_decoded_records_give_the_same_findings_as_their_tensors_in_a_plain_tuple() -> None:
+    """Through the wire a record of finite statistics is marked `finite` (the rule then skips its
+    per-tensor checks); one with a NaN or inf statistic, or a NaN/inf count, is not. Either way
+    the findings, skipped steps and non-finite scalars included, equal those of the same record
+    with its tensors in a plain tuple (the full check)."""
+    import dataclasses
+
+    from tensorpulse import wire
+
+    names = ["layer0.weight", "gradient/layer0.weight", "relu_output", "layer1.bias"]
+    colls = ["weights", "gradients", "activations", "biases"]
+    cases = {  # (a float statistic to set: (row, column, value), NaN/inf counts by row, skipped, loss)
+        "finite": (None, None, False, 0.5),
+        "nan min": ((1, 2, math.nan), None, False, 0.5),
+        "inf max": ((3, 3, math.inf), None, False, 0.5),
+        "nan count": (None, np.array([0, 4, 0, 0]), False, 0.5),
+        "zero counts": (None, np.array([0, 0, 0, 0]), False, 0.5),
+        "skipped nan gradient": ((1, 0, math.nan), None, True, 0.5),
+        "skipped, nan loss": (None, None, True, math.nan),
+        "nan loss": (None, None, False, math.nan),
+    }
+    finite_flags = {}
+    for label, (cell, nan, skipped, loss) in cases.items():
+        floats = np.tile(np.array([0.1, 1.0, -2.0, 2.0, 0.5], dtype=np.float32), (4, 1))
+        if cell is not None:
+            floats[cell[0], cell[1]] = cell[2]
+        block = wire.TensorBlock(names, colls, np.full(4, 100), floats, np.zeros(4, dtype=np.int64), nan=nan)
+        payload = wire.encode(
+            job="j", rank=0, world=1, step=3, mode="train", ts=1.0, scalars={"loss": loss}, tensors=block,
+            skipped=skipped,
+        )
+        decoded = wire.decode(payload, wire.SchemaCache())
+        finite_flags[label] = decoded.tensors.finite
+        plain = dataclasses.replace(decoded, tensors=tuple(decoded.tensors))
+        for params in ({}, {"only_nan": True}):
+            rule = ExplodingTensor(**params)
+            assert repr(rule.update(rule.initialize(), decoded)) == repr(rule.update(rule.initialize(), plain)), label
+    assert finite_flags == {
+        "finite": True,
+        "nan min": False,
+        "inf max": False,
+        "nan count": False,
+        "zero counts": True,
+        "skipped nan gradient": False,
+        "skipped, nan loss": True,
+        "nan loss": True,
+    }
