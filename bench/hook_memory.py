@@ -25,6 +25,13 @@ producer is used, as in production).
     python bench/hook_memory.py                                  # every model and configuration
     python bench/hook_memory.py --models 50M --configs defaults exact --steps 20 --reps 1
 
+A loaded machine, on purpose: `--burners N` runs N busy-looping Python processes (at this
+driver's nice level) beside every child, hooked or not, so that the hook's background thread
+is slowed as on a machine shared with other work (the gradient hand-over's peak depends on it:
+bench/README.md "The hook's memory"):
+
+    python bench/hook_memory.py --models 201M --configs defaults --burners 2
+
 The budget (issue 23): extra <= 64 MiB + 5 % of the tracked tensors' bytes, persistent and at
 peak.
 
@@ -64,6 +71,9 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     # The plain torch path on the training thread: what a GPU model runs (there numba never loads).
     "torch-path": ({"offload": False}, {"TENSORPULSE_NUMBA": "0"}),
     "no-activations": ({"_attach": {"activations": False}}, {}),
+    # Before the backward waited for the job holding the old gradients (bench-only: the wait
+    # turned off on the hook object, to compare the two in one run).
+    "no-held-wait": ({"_no_held_wait": True}, {}),
 }
 
 
@@ -132,6 +142,7 @@ def child(model_name: str, config: str | None, steps: int, warmup: int, bootstra
         kwargs, _ = CONFIGS[config]
         kwargs = dict(kwargs)
         attach_kwargs = kwargs.pop("_attach", {})
+        no_held_wait = kwargs.pop("_no_held_wait", False)
 
         def produce(topic: str, value: bytes, key: bytes | None) -> None:
             sent[0] += len(value)
@@ -143,6 +154,8 @@ def child(model_name: str, config: str | None, steps: int, warmup: int, bootstra
             **kwargs,
         )
         hook.attach(model, opt, **attach_kwargs)
+        if no_held_wait:
+            hook._wait_for_held_gradients = lambda: None  # the bench's own switch (CONFIGS)
         marks["attach"] = _status_mib("VmRSS")
     times = []
     for s in range(warmup, warmup + steps):
@@ -162,6 +175,8 @@ def child(model_name: str, config: str | None, steps: int, warmup: int, bootstra
         / 2**20,
     }
     if hook is not None:
+        st = hook.stats()
+        result["waits"] = (st.get("gradient_waits", 0), st.get("gradient_wait_s", 0.0))
         hook.close()
     return result
 
@@ -176,7 +191,15 @@ def run_child(model: str, config: str | None, args: argparse.Namespace) -> dict[
            "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if args.bootstrap:
         cmd += ["--bootstrap", args.bootstrap]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    burners = [
+        subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(args.burners)
+    ]  # a loaded machine (module docstring)
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
     if out.returncode != 0:
         raise SystemExit(f"child {model}/{config or 'no-hook'} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -198,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=2, help="repetitions of every child (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per child (default 1)")
     p.add_argument("--bootstrap", help="publish to this Kafka cluster instead of a counting produce_fn")
+    p.add_argument("--burners", type=int, default=0, help="busy-looping processes beside every child (default 0)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -220,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                 raw.setdefault(model, {}).setdefault(name, []).append(r)
                 print(
                     f"  {model:>5} {name:<15} rep {rep + 1}/{args.reps}: rss {r['persistent']:.0f} MiB, "
-                    f"peak {r['peak']:.0f} MiB, step {r['step'] * 1e3:.1f} ms ({time.monotonic() - t0:.0f} s)",
+                    f"peak {r['peak']:.0f} MiB, step {r['step'] * 1e3:.1f} ms ({time.monotonic() - t0:.0f} s, "
+                    f"load {os.getloadavg()[0]:.1f})"
+                    + (" backward waited {} times, {:.2f} s".format(*r["waits"]) if "waits" in r else ""),
                     file=sys.stderr,
                     flush=True,
                 )

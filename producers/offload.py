@@ -14,12 +14,17 @@ forward pass) and the optimizer's next step waits for it, so it overlaps the for
 backward passes. A step's gradients and activations are reduced after `step()` returns, while
 the optimizer steps and the next forward pass runs: when `step()` comes before the optimizer's
 step, in the same background job as the next step's weights (one hand-over per step; the
-optimizer still waits for the weights alone). The next backward waits only if it would
+optimizer still waits for the weights alone). The next backward waits if it would
 accumulate into a gradient still being read (checked at the forward pass before it, which then
-registers the gradient guards). Gradients zeroed in place (zero_grad(set_to_none=False)) are
-told by being the same tensors as at the previous save, and such a step is read on the training
-thread (`_grads_reused`; so is the first saved step, with nothing to compare). Records
-are published one step later. In-place changes after `step()`: an activation that autograd
+registers the gradient guards), and, before it produces its first gradient, for the job still
+holding the previous step's gradients (`_wait_for_held_gradients`): with set_to_none a new step's
+gradients are new tensors, and without the wait a background thread slowed by other work kept
+the old set alive while the backward allocated the new one (the 201M-parameter MLP's peak: +112
+to +183 MiB instead of +78 to +87, bench/README.md "The hook's memory"). The job drops the
+step's tensors before its result is set, so that the wait ends once they are freed. Gradients
+zeroed in place (zero_grad(set_to_none=False)) are told by being the same tensors as at the
+previous save, and such a step is read on the training thread (`_grads_reused`; so is the
+first saved step, with nothing to compare). Records are published one step later. In-place changes after `step()`: an activation that autograd
 recorded and that an in-place op changed meanwhile (its `grad_fn` is then another node, a
 public attribute) is reported once in the log. A gradient changed in place after `step()`
 (clipping or unscaling after it) is not detected: torch has no public version counter
@@ -43,6 +48,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -109,6 +115,20 @@ class _Deferred(NamedTuple):
     source: torch.Tensor  # as the module returned it: autograd's node tells in-place changes
     grad_fn: Any  # source.grad_fn when captured; None: autograd did not record it (not checked)
     kwargs: dict[str, Any]
+
+def _requiring_grad(output: Any) -> list[torch.Tensor]:
+    """The tensors of a module's output (a tensor, or a tuple, list or mapping of them, one level
+    deep) that autograd will compute a gradient for."""
+    if isinstance(output, torch.Tensor):
+        items: Any = (output,)
+    elif isinstance(output, (tuple, list)):
+        items = output
+    elif isinstance(output, dict):  # also transformers' ModelOutput (an OrderedDict)
+        items = output.values()
+    else:
+        return []
+    return [t for t in items if isinstance(t, torch.Tensor) and t.requires_grad]
+
 
 def _first_value(v: Any) -> float:
     """A scalar extra (loss, learning rate, recorded scalar) as a float, as `transfer` reads it."""
@@ -210,13 +230,14 @@ class Offloading:
         tensors = self._wtensors if self._sharded is None else local_tensors(self._wtensors)
         staged, self._staged = self._staged, None
         weights = Outcome()
-        both = self._submit(self._reduce_both, weights, upcoming, tensors, delta_keys, staged.args if staged else None)
+        box = [staged.args] if staged is not None else []
+        both = self._submit(self._reduce_both, weights, upcoming, tensors, delta_keys, box)
         self._weights = _WeightsJob(self._generation, upcoming, delta_keys is not None, weights)
         if staged is not None:
             self._jobs.append(staged.job._replace(future=both))
 
     def _reduce_both(
-        self, weights: Outcome, upcoming: int, tensors: list[torch.Tensor], delta_keys: Any, step_args: tuple | None
+        self, weights: Outcome, upcoming: int, tensors: list[torch.Tensor], delta_keys: Any, box: list[tuple]
     ) -> Any:
         """One background job: the weights of the upcoming step (into `weights`, at once: the
         optimizer's next step waits for them alone), then a staged step (the job's result)."""
@@ -224,13 +245,26 @@ class Offloading:
             weights.set_result(self._reduce_weights(upcoming, tensors, delta_keys))
         except Exception as exc:  # noqa: BLE001 - reported when the weights are read
             weights.set_exception(exc)
-        return None if step_args is None else self._reduce(*step_args)
+        return self._reduce_boxed(box)
+
+    def _reduce_boxed(self, box: list[tuple]) -> Any:
+        """`_reduce` of the staged step whose arguments `box` holds, taken out of it.
+
+        Why a box: the background thread keeps a job's arguments until after its result is set;
+        taken out here, the step's gradients and activations are freed when this returns, before
+        the result is set, so a backward waiting for that result (`_wait_for_held_gradients`)
+        allocates its own gradients only once the old ones are gone.
+        """
+        if not box:
+            return None
+        args = box.pop()
+        return self._reduce(*args)
 
     def _flush_staged(self) -> None:
         """Submit the step staged by `step()` on its own (no optimizer step came to carry it)."""
         staged, self._staged = self._staged, None
         if staged is not None:
-            self._jobs.append(staged.job._replace(future=self._submit(self._reduce, *staged.args)))
+            self._jobs.append(staged.job._replace(future=self._submit(self._reduce_boxed, [staged.args])))
 
     def _delta_keys(self, mode: str) -> list[tuple[str, str]] | None:
         """(collection, name) of the tracked weights when this save reports weight deltas."""
@@ -264,35 +298,99 @@ class Offloading:
         self._weights = w._replace(taken=True)
         return w.future
 
-    def _guard_gradients(self) -> None:
+    def _guard_gradients(self, module: nn.Module, compiled: bool = False) -> None:
         """Before a forward pass: register the gradient guards if a job may still be reading
-        gradients that this pass's backward would accumulate into in place, else remove them.
+        gradients that this pass's backward would accumulate into in place, else remove them;
+        and, while a job holds the previous step's gradients, have the backward wait for it
+        before it produces its first gradient (`_wait_for_held_gradients`).
 
-        Why not keep them registered: each is a Python call from autograd, per parameter, at
-        every backward; gradients already set at a forward pass are rare (gradient accumulation,
+        Why not keep the guards registered: each is a Python call from autograd, per parameter,
+        at every backward; gradients already set at a forward pass are rare (gradient accumulation,
         or zero_grad after the forward pass). A backward that follows no forward
         pass of the model is not covered: the version check in `_reduce` warns if it changed a
         gradient being read.
+
+        Where the backward waits: at the gradient of the pass's output (one tensor hook, put on
+        by a one-shot forward hook), the start of the backward, before any parameter's gradient
+        is allocated. A parameter's own hook would run only after its new gradient exists (one
+        layer's gradient too many at peak); it is the fallback when the output holds no tensor
+        that requires grad, and under torch.compile (a forward hook inside a compiled model
+        would be traced, and adding it would recompile).
         """
         jobs = self._jobs
+        busy = bool(jobs) and not jobs[-1].future.done()
         need = False
-        if jobs and not jobs[-1].future.done():
+        if busy:
             for p in self._gparams:  # a loop, not any(genexpr): one frame fewer per parameter
                 if p.grad is not None:
                     need = True
                     break
+        self._held_wait = busy and module.training and torch.is_grad_enabled()
+        if self._held_wait and not need:
+            if compiled:
+                need = True  # the guards wait instead (see above)
+            elif self._held_hook is None:
+                self._held_hook = module.register_forward_hook(self._await_held_at_backward)
         if need and not self._guard_handles:
             self._guard_handles = [p.register_hook(guard) for p, guard in self._grad_guards]
         elif not need and self._guard_handles:
             self._remove_guards()
 
+    def _await_held_at_backward(self, module: nn.Module, args: Any, output: Any) -> None:
+        """The one-shot forward hook: have the backward wait at its start (`_guard_gradients`)."""
+        self._remove_held_hook()
+        try:
+            outs = _requiring_grad(output)
+            for t in outs:
+                t.register_hook(self._wait_at_output)
+            if not outs and self._held_wait and not self._guard_handles:
+                self._guard_handles = [p.register_hook(guard) for p, guard in self._grad_guards]
+        except Exception as exc:  # noqa: BLE001 - never into training
+            self._note("waiting for held gradients", exc)
+
+    def _wait_at_output(self, grad: torch.Tensor) -> None:
+        self._wait_for_held_gradients()
+
+    def _wait_for_held_gradients(self) -> None:
+        """Wait for the background job that still holds the previous step's gradients (and
+        activations), once per backward: it frees them before its result is set (`_reduce_boxed`).
+
+        Why: otherwise a backward that starts while the job runs allocates its own gradients
+        beside the old ones, up to a second set of the model's gradients at peak. The wait costs
+        the training thread only what the job has left when the backward starts: nothing when
+        the background thread kept up (the job ran beside the forward pass).
+        """
+        if not self._held_wait:
+            return
+        self._held_wait = False
+        jobs = self._jobs
+        if jobs and not jobs[-1].future.done():
+            t0 = time.perf_counter()
+            jobs[-1].future.exception()  # only waits; jobs run in order on one thread
+            self._held_waits += 1
+            self._held_wait_s += time.perf_counter() - t0
+
+    def stats(self) -> dict[str, Any]:
+        """As Hook.stats, plus what bounding the held gradients cost training: how many backward
+        passes waited for the background job (`gradient_waits`) and for how long in all
+        (`gradient_wait_s`; `_wait_for_held_gradients`)."""
+        return {**super().stats(), "gradient_waits": self._held_waits, "gradient_wait_s": self._held_wait_s}
+
+    def _remove_held_hook(self) -> None:
+        if self._held_hook is not None:
+            self._held_hook.remove()
+            self._held_hook = None
+
     def _remove_guards(self) -> None:
         for h in self._guard_handles:
             h.remove()
         self._guard_handles = []
+        self._remove_held_hook()
 
     def _make_grad_guard(self, p: nn.Parameter):
         def guard(grad: torch.Tensor) -> None:
+            if self._held_wait:
+                self._wait_for_held_gradients()
             if (self._jobs or self._staged is not None) and p.grad is not None:  # added into p.grad
                 self._wait_jobs()
 

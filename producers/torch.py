@@ -131,6 +131,9 @@ class TorchHook(ModelHooks, Offloading, Hook):
         self._armed = False
         self._grad_guards: list[tuple[nn.Parameter, Any]] = []  # (parameter, its guard), made at attach
         self._guard_handles: list[Any] = []  # the guards registered now (see _guard_gradients)
+        self._held_hook: Any = None  # the one-shot forward hook that makes the backward wait (idem)
+        self._held_wait = False  # the next backward waits for the job holding old gradients
+        self._held_waits, self._held_wait_s = 0, 0.0  # how often and how long it did (stats)
         self._capture_handles: list[Any] = []
         self._capture_key: Any = None  # what the registered capture hooks were registered for
         self._act_modules: list[_ActModule] = []

@@ -295,7 +295,7 @@ class ModelHooks:
         if self._staged is not None:
             self._flush_staged()
         if self._offloading:
-            self._guard_gradients()
+            self._guard_gradients(module, compiled)
         mode = "train" if module.training else "eval"
         upcoming = self._last_step.get(mode, -1) + 1
         # not after a captured pass of this step (e.g. gradient accumulation)

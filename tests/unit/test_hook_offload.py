@@ -167,7 +167,7 @@ def test_a_failing_part_of_a_shared_job_leaves_the_other_part() -> None:
     tensors = [p for _, _, p in hook._param_items]
     weights = Outcome()
     with pytest.raises(RuntimeError, match="boom"):
-        hook._reduce_both(weights, 0, tensors, None, ("step args",))
+        hook._reduce_both(weights, 0, tensors, None, [("step args",)])
     assert weights.done() and weights.exception() is None
     assert weights.result().n.tolist() == [12, 3]
     hook.close()
@@ -253,6 +253,65 @@ def test_the_optimizer_waits_for_the_weights_not_for_the_step_sharing_their_job(
         assert not hook._jobs[-1].future.done()
     finally:
         release.set()
+        hook.close()
+
+
+@pytest.mark.parametrize("output", ["tensor", "object"])
+def test_the_next_backward_waits_for_the_job_holding_the_old_gradients(output: str) -> None:
+    """A background job still reading step 1's gradients when step 2's backward starts: the
+    backward waits for it before producing a gradient, and the old gradients are freed by then
+    (with zero_grad(set_to_none=True) both sets would otherwise live at once). The job goes on
+    only once the training thread waits for it, so that nothing depends on timing. "object": an
+    output autograd cannot hook (the parameters' own hooks wait instead)."""
+    import threading
+    import weakref
+
+    from waits import stack_of
+
+    class Boxed(nn.Module):  # returns its output inside an object that is not a tensor container
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+
+        def forward(self, x):
+            return type("Out", (), {"logits": self.net(x)})()
+
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)) if output == "tensor" else Boxed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = TorchHook("held", produce_fn=lambda *a: None, offload=True).attach(model, opt)
+    trainer = threading.current_thread()
+    original = hook._reduce
+
+    def late(*args):  # the job starts only once the training thread waits for it
+        wait_for(lambda: "_wait_for_held_gradients" in stack_of(trainer), what="the backward waiting")
+        return original(*args)
+
+    def logits(out):
+        return out if output == "tensor" else out.logits
+
+    old: list = []
+    for step in range(2):  # step 0 is read on the training thread (`_grads_reused`), step 1 not
+        if step == 1:
+            hook._reduce = late  # type: ignore[method-assign]
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(logits(model(torch.randn(16, 10))), torch.randint(0, 3, (16,))).backward()
+        old = [weakref.ref(p.grad) for p in model.parameters()]
+        hook.step(step)
+        opt.step()
+    alive_at_new_gradient: list[int] = []
+    for p in model.parameters():
+        # "tensor": before any parameter's gradient reaches autograd's accumulation; "object":
+        # the parameters' hooks registered at the forward pass run after this test's, so the
+        # check comes once the new gradient is stored
+        count = lambda *_: alive_at_new_gradient.append(sum(r() is not None for r in old))  # noqa: E731
+        p.register_hook(count) if output == "tensor" else p.register_post_accumulate_grad_hook(count)
+    try:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(logits(model(torch.randn(16, 10))), torch.randint(0, 3, (16,))).backward()
+        assert alive_at_new_gradient and alive_at_new_gradient[0] == 0, alive_at_new_gradient
+        assert all(r() is None for r in old)
+        assert hook.stats()["gradient_waits"] == 1
+    finally:
         hook.close()
 
 
