@@ -408,14 +408,16 @@ def _span(values: list[float], stat=np.median) -> str:
 
 
 def wait_for_load(max_load: float, trainer: Trainer) -> float:
-    """Wait until the 1-minute load average is at most `max_load`, training meanwhile (the job's
-    own load counts, as it would when measured); the seconds waited. The choice of pairs depends
-    on the load before them, never on what they measure."""
+    """Wait until the 1-minute load average is at most `max_load` (idle: the load is other work, this
+    job's own not counted), then train 100 steps untimed to warm up again; the seconds waited. The
+    choice of pairs depends on the load before them, never on what they measure."""
     t0 = time.perf_counter()
+    if os.getloadavg()[0] <= max_load:
+        return 0.0
     while os.getloadavg()[0] > max_load:
-        until = time.perf_counter() + 5.0
-        while time.perf_counter() < until:
-            trainer.step()
+        time.sleep(5.0)
+    for _ in range(100):
+        trainer.step()
     return time.perf_counter() - t0
 
 
@@ -601,7 +603,7 @@ def main() -> None:
     parser.add_argument(
         "--max-load",
         type=float,
-        help="before each pair, wait (training) until the 1-minute load average is at most this: on a"
+        help="before each pair, wait (idle) until the 1-minute load average is at most this: on a"
         " shared machine, pairs from its quieter spells only",
     )
     parser.add_argument("--broker", choices=["kafka", "tansu"], default="kafka")
