@@ -120,24 +120,26 @@ class RelayedKafka:
     relay: Any
 
 
-@pytest.fixture
-def relayed_kafka(tmp_path: Path) -> Iterator[RelayedKafka]:
-    """A private Apache Kafka behind a relay, for one test of outages and slow links.
+@pytest.fixture(scope="module")
+def _relayed_kafka_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayedKafka]:
+    """The Apache Kafka node behind a relay that the tests of one module share (`relayed_kafka`).
 
     The node advertises the relay's port, so every connection a client makes (bootstrap,
     partition leaders, the group and transaction coordinators) goes through the relay; the node
-    itself listens on another port."""
+    itself listens on another port. One node per module, not per test: a start costs 4 s or more,
+    and the tests that share it name their topics, groups and jobs uniquely."""
     from tensorpulse.broker import free_port
     from tensorpulse.netproxy import TcpRelay
 
     kafka_local = load_kafka_local()
+    workdir = tmp_path_factory.mktemp("kafka-relayed")
     for attempt in range(3):
         front, back = free_port(), free_port()
         relay = TcpRelay(("127.0.0.1", front), ("127.0.0.1", back)).start()
         try:
             cluster = kafka_local.KafkaCluster(
                 nodes=1,
-                workdir=tmp_path / f"kafka-relayed-{attempt}",
+                workdir=workdir / f"attempt-{attempt}",
                 port=back,
                 extra_config={"advertised.listeners": f"PLAINTEXT://127.0.0.1:{front}"},
             ).start()
@@ -153,6 +155,16 @@ def relayed_kafka(tmp_path: Path) -> Iterator[RelayedKafka]:
     finally:
         relay.stop()
         cluster.stop(graceful=False)
+
+
+@pytest.fixture
+def relayed_kafka(_relayed_kafka_node: RelayedKafka) -> RelayedKafka:
+    """A private Apache Kafka (not the session's broker) behind a relay, for a test of outages and
+    slow links; the relay relays at once and accepts connections when the test starts, whatever
+    the module's previous test left it doing."""
+    _relayed_kafka_node.relay.slow(0)
+    _relayed_kafka_node.relay.restore()
+    return _relayed_kafka_node
 
 
 @pytest.fixture(scope="session")
