@@ -43,7 +43,7 @@ class ListingPace:
     def __init__(self, discovery_interval: float) -> None:
         self.discovery_interval = discovery_interval
         self.stretched = False  # listing less often than discovery_interval (a large cluster)
-        self._cpu = 0.0  # CPU seconds of the last listing
+        self._cpu = [0.0, 0.0, 0.0]  # CPU seconds of the last three listings
         self._changed = float("-inf")  # monotonic time the job set last changed
 
     def interval(self, cpu: float, changed: bool, now: float, topics: int) -> float:
@@ -52,9 +52,12 @@ class ListingPace:
         if changed:
             self._changed = now
         share = LISTING_SHARE if now - self._changed <= LISTING_BUSY_S else QUIET_LISTING_SHARE
-        # The smaller of the last two listings' costs: one slow listing (a cold metadata cache, a
-        # busy machine) does not hold back new jobs for seconds; a lasting cost does stretch it.
-        cost, self._cpu = min(cpu, self._cpu), cpu
+        # The median of the last three listings' costs: one slow listing (a cold metadata cache, a
+        # busy machine) does not hold back new jobs for seconds, a lasting cost does stretch it, and
+        # costs that vary (a loaded machine) keep the share on average (the smaller of the last
+        # two, used before, let a listing whose cost alternated take several times its share).
+        self._cpu = [*self._cpu[1:], cpu]
+        cost = sorted(self._cpu)[1]
         interval = max(self.discovery_interval, cost / share)
         stretched = interval > 2 * self.discovery_interval
         if stretched != self.stretched:

@@ -8,13 +8,15 @@ from tensorpulse.stream.source import MAX_FETCH_SCALE, fetch_scale, rescale, sou
 
 
 def test_a_lasting_listing_cost_stretches_the_interval_and_one_slow_listing_does_not() -> None:
-    """Two costly listings in a row stretch the interval to cost / LISTING_SHARE; a single one, or a cheap one after, does not."""
+    """The median of the last three listings' costs, over LISTING_SHARE: one slow listing does not
+    stretch the interval, two do, and it comes back once two cheap ones follow."""
     pace = ListingPace(0.1)
     assert pace.interval(0.001, True, 0.0, 10) == 0.1
-    assert pace.interval(0.2, False, 1.0, 10) == 0.1  # one slow listing: the cheaper one before it counts
+    assert pace.interval(0.2, False, 1.0, 10) == 0.1  # one slow listing: the cheaper ones count
     assert pace.interval(0.03, False, 2.0, 10) == 0.03 / LISTING_SHARE
     assert pace.stretched
-    assert pace.interval(0.002, False, 3.0, 10) == 0.1
+    assert pace.interval(0.002, False, 3.0, 10) == 0.03 / LISTING_SHARE
+    assert pace.interval(0.002, False, 4.0, 10) == 0.1
     assert not pace.stretched
 
 
@@ -22,10 +24,11 @@ def test_listing_costs_a_smaller_share_once_the_jobs_stopped_changing() -> None:
     """LISTING_SHARE while a job appeared or went within LISTING_BUSY_S; QUIET_LISTING_SHARE after
     that, until the job set changes again."""
     pace = ListingPace(0.1)
-    pace.interval(0.01, True, 0.0, 1000)
-    assert pace.interval(0.01, False, LISTING_BUSY_S, 1000) == 0.01 / LISTING_SHARE
-    assert pace.interval(0.01, False, LISTING_BUSY_S + 1, 1000) == 0.01 / QUIET_LISTING_SHARE
-    assert pace.interval(0.01, True, LISTING_BUSY_S + 2, 1000) == 0.01 / LISTING_SHARE
+    for t in range(3):
+        pace.interval(0.01, True, t, 1000)
+    assert pace.interval(0.01, False, LISTING_BUSY_S + 2, 1000) == 0.01 / LISTING_SHARE
+    assert pace.interval(0.01, False, LISTING_BUSY_S + 3, 1000) == 0.01 / QUIET_LISTING_SHARE
+    assert pace.interval(0.01, True, LISTING_BUSY_S + 4, 1000) == 0.01 / LISTING_SHARE
 
 
 def test_fetches_wait_longer_the_more_partitions_they_name() -> None:
