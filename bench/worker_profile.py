@@ -28,6 +28,7 @@ of a thread add up to about its CPU time; the rest of the worker's CPU is native
     python bench/worker_profile.py spy --design baseline --broker kafka --rate 600
     python bench/worker_profile.py stages --tensors 50      # Worker._process in process, each stage timed
     python bench/worker_profile.py stages --designs 17dade3 current --rounds 6   # old and new, alternating
+    python bench/worker_profile.py stages --designs 17dade3 current --instructions --records 500  # callgrind
 
 The JSON report (every figure, and the raw collapsed stacks' path with --keep-raw; speedscope
 and flamegraph.pl read them) goes to bench/results/worker-profile-<UTC time>.json unless --out.
@@ -503,6 +504,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         help="compare these instead (e.g. 17dade3 current): --rounds untimed rounds of each, one "
         "process per design and round, alternating; a revision is git archive'd (bench/designs.py)",
+    )
+    st.add_argument(
+        "--instructions",
+        action="store_true",
+        help="with --designs: count instructions per record under valgrind's callgrind instead of "
+        "timing rounds (load-independent; 50-100x slower: use --records 500)",
     )
     st.add_argument("--one-round", action="store_true", help=argparse.SUPPRESS)  # run_designs' child
     return ap.parse_args(argv)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -308,6 +309,8 @@ def run_designs(args: argparse.Namespace) -> dict[str, Any]:
         rows: dict[str, list[float]] = {d.name: [] for d in designs}
         alerts: dict[str, set[int]] = {d.name: set() for d in designs}
         files: dict[str, str] = {}
+        if getattr(args, "instructions", False):
+            return _instructions(args, designs, script, flags, tmp)
         for r in range(args.rounds):
             for d in designs if r % 2 == 0 else designs[::-1]:
                 done = subprocess.run(
@@ -338,8 +341,63 @@ def run_designs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+#: Records of the shorter of the two runs under callgrind (`--instructions`): their difference,
+#: --records records, is what is counted, start-up and warm-up excluded.
+_SHORT_RUN = 100
+
+
+def _instructions(
+    args: argparse.Namespace, designs: list[Any], script: Path, flags: list[str], tmp: Path
+) -> dict[str, Any]:
+    """Instructions executed per record (valgrind's callgrind, `Ir`) for each design: one run of
+    _SHORT_RUN records and one of _SHORT_RUN + --records, the difference over --records.
+
+    Why: on a shared machine CPU time per record moves by 10-30 % from round to round with other
+    people's work (caches, the other hyperthread), so changes of a few per cent do not show in
+    `stages --designs`; the count of instructions does not depend on the load (it is the same from
+    run to run to about 0.1 %), at 50-100x the run time. It weighs every instruction alike."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+    rows: dict[str, float] = {}
+    counts: dict[str, list[int]] = {}
+    base = [f for f in flags if not f.startswith("--records=")]
+    for d in designs:
+        counts[d.name] = []
+        for n in (_SHORT_RUN, _SHORT_RUN + args.records):
+            out = tmp / f"callgrind-{len(counts)}-{n}.out"
+            done = subprocess.run(
+                ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, str(script)]
+                + ["stages", "--one-round", *base, f"--records={n}"],
+                env=d.env,
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            found = re.search(r"Collected : (\d+)", done.stderr)
+            if done.returncode != 0 or found is None:
+                raise SystemExit(f"design {d.name}, {n} records under callgrind: {done.stderr[-2000:]}")
+            counts[d.name].append(int(found.group(1)))
+        rows[d.name] = (counts[d.name][1] - counts[d.name][0]) / args.records
+        print(f"{d.name}: {rows[d.name] / 1e6:.3f} M instructions per record", flush=True)
+    return {
+        "mode": "stages-instructions",
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "instructions_per_record": rows,
+        "instructions_total": counts,
+        "sources": {d.name: d.source for d in designs},
+    }
+
+
 def print_designs(r: dict[str, Any]) -> None:
-    """One line per design: each round's CPU per record, the median, and the ratio to the first."""
+    """One line per design: each round's CPU per record, the median, and the ratio to the first
+    (with --instructions: instructions per record and the ratio to the first)."""
+    if "instructions_per_record" in r:
+        rows = r["instructions_per_record"]
+        first = rows[next(iter(rows))]
+        for name, ir in rows.items():
+            print(f"{name:>24}: {ir / 1e6:.3f} M instructions per record; {ir / first:.3f} of the first; {r['sources'][name]}")
+        return
     names = list(r["us_per_record"])
     first = sorted(r["us_per_record"][names[0]])
     for name in names:
