@@ -354,8 +354,9 @@ def _instructions(
 
     Why: on a shared machine CPU time per record moves by 10-30 % from round to round with other
     people's work (caches, the other hyperthread), so changes of a few per cent do not show in
-    `stages --designs`; the count of instructions does not depend on the load (it is the same from
-    run to run to about 0.1 %), at 50-100x the run time. It weighs every instruction alike."""
+    `stages --designs`; the count of instructions does not depend on the load (only the random job
+    ids and clock readings differ between runs), at 50-100x the run time. It weighs every
+    instruction alike: a cache miss counts as one."""
     if shutil.which("valgrind") is None:
         raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
     rows: dict[str, float] = {}
