@@ -91,6 +91,7 @@ class _Job(NamedTuple):
     weight_names: list[str] = []
     weight_colls: list[str] = []
     weights_after: bool = False  # read after the optimizer applied this step (Record.weights_after)
+    box: list[tuple] = []  # its `_reduce` arguments until a thread takes them (`_reduce_boxed`)
 
     def weights_done(self) -> bool:
         return self.weights is None or self.weights.done()
@@ -234,7 +235,7 @@ class Offloading:
         both = self._submit(self._reduce_both, weights, upcoming, tensors, delta_keys, box)
         self._weights = _WeightsJob(self._generation, upcoming, delta_keys is not None, weights)
         if staged is not None:
-            self._jobs.append(staged.job._replace(future=both))
+            self._jobs.append(staged.job._replace(future=both, box=box))
 
     def _reduce_both(
         self, weights: Outcome, upcoming: int, tensors: list[torch.Tensor], delta_keys: Any, box: list[tuple]
@@ -255,16 +256,18 @@ class Offloading:
         the result is set, so a backward waiting for that result (`_wait_for_held_gradients`)
         allocates its own gradients only once the old ones are gone.
         """
-        if not box:
-            return None
-        args = box.pop()
+        try:
+            args = box.pop()  # one call under the GIL: the training thread may take them first
+        except IndexError:
+            return None  # taken by the training thread (`_wait_for_held_gradients`)
         return self._reduce(*args)
 
     def _flush_staged(self) -> None:
         """Submit the step staged by `step()` on its own (no optimizer step came to carry it)."""
         staged, self._staged = self._staged, None
         if staged is not None:
-            self._jobs.append(staged.job._replace(future=self._submit(self._reduce_boxed, [staged.args])))
+            box = [staged.args]
+            self._jobs.append(staged.job._replace(future=self._submit(self._reduce_boxed, box), box=box))
 
     def _delta_keys(self, mode: str) -> list[tuple[str, str]] | None:
         """(collection, name) of the tracked weights when this save reports weight deltas."""
@@ -358,17 +361,34 @@ class Offloading:
         Why: otherwise a backward that starts while the job runs allocates its own gradients
         beside the old ones, up to a second set of the model's gradients at peak. The wait costs
         the training thread only what the job has left when the backward starts: nothing when
-        the background thread kept up (the job ran beside the forward pass).
+        the background thread kept up (the job ran beside the forward pass). When the job has
+        not reached the step yet (it reads the next step's weights first), the training thread
+        takes the step out of its box and reduces it itself, beside the job: it waits neither
+        for the weights (the optimizer's step waits for those, as always) nor for a thread that
+        other work slows down.
         """
         if not self._held_wait:
             return
         self._held_wait = False
         jobs = self._jobs
-        if jobs and not jobs[-1].future.done():
-            t0 = time.perf_counter()
-            jobs[-1].future.exception()  # only waits; jobs run in order on one thread
-            self._held_waits += 1
-            self._held_wait_s += time.perf_counter() - t0
+        if not jobs or jobs[-1].future.done():
+            return
+        t0 = time.perf_counter()
+        job = jobs[-1]
+        try:
+            args = job.box.pop()
+        except IndexError:
+            job.future.exception()  # being reduced: only waits; jobs run in order on one thread
+        else:
+            out = Outcome()
+            try:
+                out.set_result(self._reduce(*args))
+            except Exception as exc:  # noqa: BLE001 - reported when the step drains
+                out.set_exception(exc)
+            del args
+            jobs[-1] = job._replace(future=out, box=[])
+        self._held_waits += 1
+        self._held_wait_s += time.perf_counter() - t0
 
     def stats(self) -> dict[str, Any]:
         """As Hook.stats, plus what bounding the held gradients cost training: how many backward

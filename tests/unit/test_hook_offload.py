@@ -315,6 +315,51 @@ def test_the_next_backward_waits_for_the_job_holding_the_old_gradients(output: s
         hook.close()
 
 
+def test_a_backward_reduces_the_old_gradients_itself_while_the_job_reads_the_weights() -> None:
+    """The job that holds step 1's gradients is still reading the next weights (blocked here)
+    when step 2's backward starts: the training thread takes the gradients out of the job and
+    reduces them, instead of waiting for the weights too; their record is the one the job would
+    have made, and the optimizer still waits for the weights."""
+    import threading
+    import weakref
+
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sent: list[bytes] = []
+    hook = TorchHook("steal", produce_fn=lambda t, v, k: sent.append(v), offload=True).attach(model, opt)
+    release = threading.Event()
+    reduce_weights = hook._reduce_weights
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(16, 10, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(3)]
+
+    def blocked(*args):
+        release.wait(10)
+        return reduce_weights(*args)
+
+    old: list = []
+    try:
+        for step, (x, y) in enumerate(batches[:2]):
+            if step == 1:
+                hook._reduce_weights = blocked  # type: ignore[method-assign]
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            old = [weakref.ref(p.grad) for p in model.parameters()]
+            hook.step(step)
+            opt.step()  # its post-hook starts one job: the weights of step 2 (blocked), then step 1's
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(batches[2][0]), batches[2][1]).backward()
+        assert all(r() is None for r in old)
+        assert hook._weights is not None and not hook._weights.future.done()
+        assert hook._jobs[-1].future.done() and hook.stats()["gradient_waits"] == 1
+    finally:
+        release.set()
+        hook.close()
+    schemas = wire.SchemaCache()
+    records = {r.step: r for r in (wire.decode(p, schemas) for p in sent) if r.kind == "step"}
+    assert any(t.name == "gradient/0.weight" for t in records[1].tensors)
+    assert any(t.name == "0.weight" for t in records[1].tensors)
+
+
 def _accumulating(offload: bool, model: nn.Module, slow_job_s: float = 0.0) -> tuple[list[wire.StepRecord], int]:
     """Two micro-batches per optimizer step, each saved (hook.step after its backward): the second
     backward accumulates into the gradients the first one's job reads."""
