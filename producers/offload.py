@@ -17,11 +17,12 @@ step, in the same background job as the next step's weights (one hand-over per s
 optimizer still waits for the weights alone). The next backward waits if it would
 accumulate into a gradient still being read (checked at the forward pass before it, which then
 registers the gradient guards), and, before it produces its first gradient, for the job still
-holding the previous step's gradients (`_wait_for_held_gradients`): with set_to_none a new step's
-gradients are new tensors, and without the wait a background thread slowed by other work kept
-the old set alive while the backward allocated the new one (the 201M-parameter MLP's peak: +112
-to +183 MiB instead of +78 to +87, bench/README.md "The hook's memory"). The job drops the
-step's tensors before its result is set, so that the wait ends once they are freed. Gradients
+holding the previous step's gradients, or reduces them itself when the job has not reached them
+(`_wait_for_held_gradients`): with set_to_none a new step's gradients are new tensors, and
+without the wait a background thread slowed by other work kept the old set alive while the
+backward allocated the new one (the 201M-parameter MLP's peak under load: +146 (78..214) MiB
+without it, +84 with it; bench/README.md "The hook's memory"). The job drops the step's tensors
+before its result is set, so that the wait ends once they are freed. Gradients
 zeroed in place (zero_grad(set_to_none=False)) are told by being the same tensors as at the
 previous save, and such a step is read on the training thread (`_grads_reused`; so is the
 first saved step, with nothing to compare). Records are published one step later. In-place changes after `step()`: an activation that autograd
