@@ -231,3 +231,33 @@ def test_an_idle_listener_never_waits() -> None:
         batch = [Msg(encode_action("checkpoint", "job-a", ts=START + 1))] if i % 100 == 0 else []
         assert ctl.take(batch, before) == 0.0
     assert ctl.paced_s == 0.0 and ctl.counts["accepted"] + ctl.counts["coalesced"] == 100
+
+
+class SlowClock(Clock):
+    """A clock that moves `step` seconds each time it is read: handling that takes wall time."""
+
+    def __init__(self, step: float) -> None:
+        super().__init__()
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_a_batch_handled_slowly_in_wall_time_is_charged_its_wall_time() -> None:
+    """A descheduled thread holds the GIL for longer than its CPU time: a batch of 0.2 ms of CPU
+    that takes 10 ms of wall is charged 10 ms, so the listener waits about fifty times longer."""
+
+    def paced(step: float) -> float:
+        clock, cpu = SlowClock(step), Clock()
+        ctl = paced_listener(clock, cpu)
+        for batch in flood_batches(200 * 256, 256):
+            before = cpu.now
+            cpu.now += 0.0002
+            clock.now += ctl.take(batch, before)
+        assert sum(ctl.counts.values()) == 200 * 256
+        return ctl.paced_s
+
+    fast, slow = paced(0.0), paced(0.005)  # two readings a batch: 10 ms of wall each
+    assert slow > 40 * fast > 0
