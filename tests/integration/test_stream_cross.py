@@ -99,9 +99,11 @@ def test_stalled_job_and_similar_across_runs(kafka_bootstrap: str, unique: str, 
         ]
         assert "every rank of the job finished" in found[1].message
         assert found[0].tensors == ("gradient/fc.weight",) and job_b in found[0].message
-        actions = [
-            json.loads(m.value()) for m in read_topic(kafka_bootstrap, control_topic(job_a), timeout=1)
-        ]
+        actions = wait_for(
+            lambda: [json.loads(m.value()) for m in read_topic(kafka_bootstrap, control_topic(job_a), timeout=1)],
+            30,
+            "the checkpoint action on job A's control topic",
+        )
         assert [(a["action"], a["alert_id"], a["step"]) for a in actions] == [
             ("checkpoint", found[0].id, DIVERGE_AT)
         ]

@@ -14,7 +14,16 @@ from tensorpulse import wire
 from tensorpulse.events import AlertEvent
 from tensorpulse.topics import ALERTS_TOPIC, DEADLETTER_TOPIC, reductions_topic
 
-from .helpers import create_topic, metric_value, read_topic, scrape, train_record, wait_for, worker_process
+from .helpers import (
+    committed_past,
+    create_topic,
+    metric_value,
+    read_topic,
+    scrape,
+    train_record,
+    wait_for,
+    worker_process,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +84,13 @@ def test_worker_alerts_dead_letters_and_metrics(kafka_bootstrap: str, unique: st
             evs = [e for e in evs if e.job == job]
             return evs if len(evs) >= 2 else None
 
-        events = wait_for(alerts, 60, "a firing and a resolved ExplodingTensor event")
+        wait_for(alerts, 60, "a firing and a resolved ExplodingTensor event")
+        # Once the worker has committed past all 40 records, every alert it raised on them is on the
+        # topic: a rule that fired on a later step cannot be missed by reading too early.
+        wait_for(
+            lambda: committed_past(kafka_bootstrap, f"g-{unique}", job), 60, "the worker to commit past the job"
+        )
+        events = alerts()
         exploding = [e for e in events if e.rule == "ExplodingTensor"]
         assert [(e.status, e.step) for e in exploding] == [("firing", 30), ("resolved", 31)]
         assert exploding[0].tensors == ("gradient/fc.weight",) and exploding[0].severity == "critical"
