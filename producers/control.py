@@ -374,9 +374,9 @@ class ControlListener:
         end = self._clock()
         self.cpu_s += cpu
         # The GIL is held while handling, and on a busy machine the thread may be descheduled while it
-        # holds it: the wall time of the handling is what training waits, when it is longer than the
-        # CPU time (bench/control_flood.py: at load 18-34 a flood cost 1.26x in wall time against
-        # 1.02x in the training thread's CPU time when only CPU time was charged).
+        # holds it: the wall time of the handling is then what training waits (likely why, at load
+        # 10-35, a flood cost 1.26x in wall time but 1.02x in the training thread's CPU time when only
+        # CPU time was charged: bench/README.md, Hostile input).
         wait = self._budget.spend(max(cpu, end - now), end)
         if wait > 0:
             self.paced_s += wait
