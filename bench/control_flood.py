@@ -32,8 +32,8 @@ topic holding one harmless message (`none`) make a pair, in ABBA order (flood-no
 ...), N pairs per flood arm (`--arms`), so that the machine's drift falls on both blocks of a pair
 alike. Each block's listener starts before the block, which begins once the listener is reading
 (its `counts`). The first `--skip` steps are not timed, nor, for a paced listener on a flood, any
-step until its 50 ms start burst is spent: its `paced_s` turns positive (it has waited for its
-budget once; 3 s at most, since a listener whose bounded prefetch queue feeds it slower than its
+step until its start burst (BURST_S) is spent: its `paced_s` turns positive (it has waited for its
+budget once; BURST_WAIT_S at most, since a listener whose bounded prefetch queue feeds it slower than its
 budget may never wait). Once paced it wakes about every 0.5 s (RESUME_S of CPU time at MAX_BUSY_SHARE), and a
 block timed from that moment would start with a wait, so every block then runs a random 0-0.5 s
 more untimed (seeded), and a block is `--block-steps` steps (default 150: a few wakes), not the
