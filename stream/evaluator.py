@@ -170,13 +170,8 @@ class JobEvaluator:
             slot = rule_states.get(key)
             if slot is None:
                 slot = rule_states[key] = {"s": rule.initialize(), "f": False}
-            try:  # as _apply, inline: this loop runs every rule for every record
-                slot["s"], finding = rule.update(slot["s"], record)
-            except Exception as exc:
-                slot["s"] = rule.initialize()
-                if on_rule_error is None:
-                    raise
-                on_rule_error(spec.name, record, exc)
+            ok, finding = _apply(spec, slot, rule.update, record, record, on_rule_error)
+            if not ok:
                 continue
             if job_key:
                 tr = self._transition(

@@ -209,7 +209,7 @@ class Intake:
         source.close()
         self._source = source = self._source_consumer(scale)
         source.incremental_assign([TopicPartition(tp.topic, tp.partition, OFFSET_STORED) for tp in parts])
-        held = [TopicPartition(t, p) for parts in self.flow.held.values() for t, p in parts]
+        held = [TopicPartition(t, p) for tps in self.flow.held.values() for t, p in tps]
         if held:
             source.pause(held)
         log.info(
